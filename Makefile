@@ -1,0 +1,24 @@
+# The README's commands. Everything installs into .venv with the pinned CPU torch.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+PACKAGES := -e . -e plugins/umbrella_t1 -e plugins/umbrella_fmri -e plugins/umbrella_dmri
+
+.PHONY: install demo test test-fast
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	$(PIP) install -c constraints.txt $(PACKAGES)
+
+demo: install
+	$(VENV)/bin/umbrella train --modalities t1,dmri
+
+test: install
+	$(PIP) install -c constraints.txt -e ".[test]"
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"

@@ -1,0 +1,51 @@
+"""UMBRELLA: train LLaVA-style vision-language models on brain MRI.
+
+Plugins import what they need from here::
+
+    from umbrella_core import hookimpl, ModalitySpec
+
+Importing this package loads neither torch nor any plugin.
+"""
+
+from __future__ import annotations
+
+from umbrella_core.errors import (
+    ConfigError,
+    DataError,
+    DuplicateNameError,
+    ModelError,
+    PluginError,
+    TokenCountError,
+    UmbrellaError,
+)
+from umbrella_core.hookspecs import hookimpl
+from umbrella_core.types import (
+    IMAGE_PLACEHOLDER,
+    ImageRef,
+    LossTerm,
+    ModalitySpec,
+    PhantomFile,
+    StudyRecord,
+    Turn,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "hookimpl",
+    "ModalitySpec",
+    "PhantomFile",
+    "ImageRef",
+    "Turn",
+    "StudyRecord",
+    "LossTerm",
+    "IMAGE_PLACEHOLDER",
+    "UmbrellaError",
+    "PluginError",
+    "DuplicateNameError",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "TokenCountError",
+    "__version__",
+]

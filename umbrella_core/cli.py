@@ -1,0 +1,174 @@
+"""The ``umbrella`` command line.
+
+Errors from UMBRELLA become one line on stderr and exit status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from umbrella_core.errors import UmbrellaError
+
+__all__ = ["main", "build_parser"]
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from umbrella_core.plugins import ALLOW_ENV, BLOCK_ENV, get_plugin_manager
+
+    pm = get_plugin_manager()
+    infos = pm.plugins()
+    registry_error = None
+    try:
+        registry = pm.modality_registry()
+    except UmbrellaError as exc:
+        registry, registry_error = {}, str(exc)
+    if args.json:
+        payload = {
+            "plugins": [info.to_json() for info in infos],
+            "modalities": [
+                {
+                    "name": name,
+                    "aliases": list(p.item.aliases),
+                    "ndim": p.item.ndim,
+                    "channels": p.item.channels,
+                    "shape": list(p.item.shape),
+                    "patch_size": list(p.item.patch_size),
+                    "tokens": p.item.num_tokens,
+                    "plugin": p.plugin,
+                    "distribution": p.distribution,
+                    "version": p.version,
+                }
+                for name, p in registry.items()
+            ],
+            "errors": [registry_error] if registry_error else [],
+        }
+        print(json.dumps(payload, indent=2))
+        return 0
+    print("modalities")
+    if not registry:
+        print("  (none installed: pip install umbrella-t1 umbrella-fmri umbrella-dmri)")
+    for name, p in registry.items():
+        spec = p.item
+        aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        print(
+            f"  {name:<7} {p.distribution} {p.version}  {spec.ndim}D x{spec.channels}  "
+            f"shape {'x'.join(map(str, spec.shape))}  patch {'x'.join(map(str, spec.patch_size))}  "
+            f"{spec.num_tokens} tokens{aliases}"
+        )
+    print("plugins")
+    for info in infos:
+        line = f"  {info.name:<10} {info.distribution} {info.version}  [{info.status}]"
+        if info.hooks:
+            line += "  " + ", ".join(h.removeprefix("umbrella_") for h in info.hooks)
+        print(line)
+        if info.error:
+            print(f"      {info.error}")
+    if registry_error:
+        print(f"error: {registry_error}")
+    print(f"(block plugins with {BLOCK_ENV}=name,...; load only some with {ALLOW_ENV}=name,...)")
+    return 1 if registry_error else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from umbrella_core.config import load_config
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.train.run import train
+
+    overrides = list(args.set or [])
+    for flag, key in (
+        ("modalities", "data.modalities"),
+        ("model", "model.base"),
+        ("trainable", "model.trainable"),
+        ("output_dir", "trainer.output_dir"),
+        ("max_steps", "trainer.max_steps"),
+        ("batch_size", "trainer.batch_size"),
+        ("lr", "trainer.learning_rate"),
+        ("seed", "trainer.seed"),
+        ("demo_subjects", "data.demo_subjects"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.data:
+        overrides.append("data.studies=" + json.dumps(list(args.data)))
+    if args.no_progress:
+        overrides.append("trainer.progress=false")
+    config = load_config(args.config, overrides)
+    train(config, get_plugin_manager())
+    return 0
+
+
+def _cmd_demo_data(args: argparse.Namespace) -> int:
+    from umbrella_core.config import load_config
+    from umbrella_core.data.demo import write_demo
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.train.run import resolve_specs
+
+    overrides = [f"data.modalities={args.modalities}"] if args.modalities else []
+    config = load_config(None, overrides)
+    specs, _ = resolve_specs(config, get_plugin_manager(), demo=True)
+    manifest = write_demo(args.directory, specs, subjects=args.subjects, seed=args.seed)
+    print(f"wrote {args.subjects} subjects for each of {', '.join(specs)}: {manifest}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="umbrella",
+        description="Train LLaVA-style vision-language models on brain MRI.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list installed plugins and the modalities they provide")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("train", help="train a model (with no --data: on the built-in demo)")
+    p.add_argument("--config", help="YAML run configuration")
+    p.add_argument("--modalities", help="comma-separated modalities (default: every installed one)")
+    p.add_argument("--data", action="append", metavar="LOCATION",
+                   help="a study: manifest .json/.jsonl or a folder holding one (repeatable)")
+    p.add_argument("--model", help="base model: tiny (default) or a Llava checkpoint folder / hub id")
+    p.add_argument("--trainable", choices=["auto", "embedders", "projector", "full"])
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--demo-subjects", type=int, help="subjects per modality in the built-in demo")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override any setting, e.g. --set trainer.logging_steps=5")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("demo-data", help="write the demo study (phantom .nii.gz files + manifest)")
+    p.add_argument("directory")
+    p.add_argument("--modalities", help="comma-separated (default: every installed one)")
+    p.add_argument("--subjects", type=int, default=200, help="subjects per modality")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UmbrellaError as exc:
+        if args.debug:
+            raise
+        print(f"umbrella: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("umbrella: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Run configuration: attrs classes, loaded from YAML with command-line overrides.
+
+Every setting has a default, so ``umbrella train`` runs with none. A YAML file
+(``--config run.yaml``) sets any subset; ``--set section.key=value`` and the
+dedicated flags override it. Unknown keys and wrong types are errors naming the
+key, e.g. ``trainer.learning_rate: expected float, got 'fast'``.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from umbrella_core.errors import ConfigError
+
+__all__ = ["ModelConfig", "DataConfig", "TrainerConfig", "RunConfig", "load_config", "apply_overrides"]
+
+
+def _choice(*options: str) -> Any:
+    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+        if value not in options:
+            raise ConfigError(f"{attribute.name}: expected one of {', '.join(options)}, got {value!r}")
+
+    return check
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value <= 0:
+        raise ConfigError(f"{attribute.name}: must be positive, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class ModelConfig:
+    """``model`` section.
+
+    Attributes:
+        base: ``tiny`` (built-in, random weights, offline) or a Llava checkpoint folder / hub id.
+        trainable: ``embedders`` (the patch embedders, as in the original UMBRELLA),
+            ``projector`` (embedders + projector), ``full``, or ``auto``: ``full``
+            for the randomly initialised ``tiny`` model (it has nothing worth
+            freezing), ``embedders`` for a pretrained base.
+        max_length: Longest conversation in tokens, image tokens included.
+    """
+
+    base: str = "tiny"
+    trainable: str = attrs.field(default="auto", validator=_choice("auto", "embedders", "projector", "full"))
+    max_length: int = attrs.field(default=1024, validator=_positive)
+
+
+@attrs.frozen(kw_only=True)
+class DataConfig:
+    """``data`` section.
+
+    Attributes:
+        modalities: Modalities to train (names or aliases); empty: every installed one.
+        studies: Study locations (manifests, folders); empty: the built-in demo.
+        weights: Sampling weight per ``study/modality`` group; default: proportional to size.
+        geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
+        demo_subjects: Subjects per modality in the built-in demo (a fifth are held out).
+        workers: DataLoader worker processes.
+    """
+
+    modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    studies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    weights: dict[str, float] = attrs.field(factory=dict)
+    geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
+    demo_subjects: int = attrs.field(default=200, validator=_positive)
+    workers: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class TrainerConfig:
+    """``trainer`` section (what it does not set keeps the transformers default)."""
+
+    output_dir: str = "runs/umbrella"
+    max_steps: int = 240
+    epochs: float = 1.0
+    batch_size: int = attrs.field(default=16, validator=_positive)
+    learning_rate: float = attrs.field(default=2e-3, validator=_positive)
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    seed: int = 0
+    logging_steps: int = attrs.field(default=10, validator=_positive)
+    save_steps: int = 0
+    progress: bool = True
+
+
+@attrs.frozen(kw_only=True)
+class RunConfig:
+    model: ModelConfig = attrs.field(factory=ModelConfig)
+    data: DataConfig = attrs.field(factory=DataConfig)
+    trainer: TrainerConfig = attrs.field(factory=TrainerConfig)
+    loss: dict[str, Any] = attrs.field(factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if attrs.has(tp):
+        return structure(tp, value, key)
+    if origin in (tuple, list, Sequence):
+        if isinstance(value, str):
+            value = [v for v in (part.strip() for part in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return tuple(_convert(item, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def structure(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build attrs class ``cls`` from a mapping, naming the key of any problem."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in attrs.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown setting {where}{unknown[0]}; known: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _convert(hints[name], value, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults, then the YAML file (if any), then ``section.key=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, Mapping):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = dict(loaded or {})
+    data = apply_overrides(data, overrides)
+    return structure(RunConfig, data)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = value
+    return out

@@ -1,0 +1,94 @@
+"""Per-(study, modality) datasets of records, loading images through their modality plugin."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from umbrella_core.data.conversation import encode_conversation
+from umbrella_core.errors import DataError
+from umbrella_core.types import ModalitySpec, StudyRecord
+
+__all__ = ["RecordDataset", "load_image", "group_records"]
+
+
+def load_image(spec: ModalitySpec, paths: Sequence[str], where: str = "") -> Any:
+    """A model-ready float32 tensor ``(channels, *spec.shape)`` from the modality's loader."""
+    import numpy as np
+    import torch
+
+    array = spec.load(spec, tuple(paths))
+    array = np.asarray(array, dtype=np.float32)
+    if array.shape != spec.input_shape:
+        raise DataError(
+            f"{', '.join(paths)}: the {spec.name} loader returned shape {array.shape}, "
+            f"expected {spec.input_shape}{f' ({where})' if where else ''}"
+        )
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class RecordDataset:
+    """A map-style dataset over records of one study and one modality combination.
+
+    Item ``i`` is a dict with ``input_ids``, ``labels`` (lists of int), ``images``
+    (list of ``(modality, tensor)`` in placeholder order), ``key`` (the record's
+    modality key, for per-modality logging) and ``source``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[StudyRecord],
+        specs: Mapping[str, ModalitySpec],
+        *,
+        tokenizer: Any,
+        image_token_id: int,
+        max_length: int,
+        name: str = "",
+    ) -> None:
+        self.records = list(records)
+        self.specs = dict(specs)
+        self.tokenizer = tokenizer
+        self.image_token_id = image_token_id
+        self.max_length = max_length
+        self.name = name
+        self.tokens_per_modality = {n: s.num_tokens for n, s in self.specs.items()}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def encode(self, record: StudyRecord, *, add_generation_prompt: bool = False) -> Any:
+        return encode_conversation(
+            record.turns,
+            record.modalities,
+            tokenizer=self.tokenizer,
+            image_token_id=self.image_token_id,
+            tokens_per_modality=self.tokens_per_modality,
+            max_length=self.max_length,
+            add_generation_prompt=add_generation_prompt,
+            where=record.source or record.subject,
+        )
+
+    def images(self, record: StudyRecord) -> list[tuple[str, Any]]:
+        return [
+            (image.modality, load_image(self.specs[image.modality], image.paths, record.source))
+            for image in record.images
+        ]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        encoded = self.encode(record)
+        return {
+            "input_ids": encoded.input_ids,
+            "labels": encoded.labels,
+            "images": self.images(record),
+            "key": record.modality_key,
+            "source": record.source,
+        }
+
+
+def group_records(records: Sequence[StudyRecord]) -> dict[str, list[StudyRecord]]:
+    """Records grouped by ``study/modality_key``, in first-seen order."""
+    groups: dict[str, list[StudyRecord]] = {}
+    for record in records:
+        groups.setdefault(f"{record.study}/{record.modality_key}", []).append(record)
+    return groups

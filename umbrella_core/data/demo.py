@@ -1,0 +1,116 @@
+"""The built-in demo study: phantom NIfTI files whose answer depends on the image.
+
+For each modality, every subject gets a phantom from its plugin (written as
+real ``.nii.gz`` files) and the question the plugin asks about it; the answer
+is the phantom's label (for the first-party plugins: the hemisphere that holds
+a lesion), so a model that answers well above chance has learned from the
+images. A fifth of the subjects are held out (``split: test``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+from umbrella_core.errors import DataError
+from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec
+
+__all__ = ["write_demo", "demo_cache_dir", "cached_demo", "TEST_FRACTION"]
+
+TEST_FRACTION = 0.2
+FORMAT = 1
+
+
+def write_demo(
+    directory: str | os.PathLike,
+    specs: Mapping[str, ModalitySpec],
+    *,
+    subjects: int = 200,
+    seed: int = 0,
+) -> Path:
+    """Write the demo study into ``directory``; returns the manifest path."""
+    import nibabel as nib
+    import numpy as np
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for name in sorted(specs):
+        spec = specs[name]
+        if spec.phantom is None:
+            raise DataError(f"modality {name!r} has no phantom generator, so it cannot be in the demo")
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        labels = [spec.phantom_labels[i % len(spec.phantom_labels)] for i in range(subjects)]
+        labels = [labels[i] for i in rng.permutation(subjects)]
+        n_test = max(1, int(round(subjects * TEST_FRACTION)))
+        (root / name).mkdir(exist_ok=True)
+        for i, label in enumerate(labels):
+            subject = f"sub-{name}{i:04d}"
+            paths = []
+            for part in spec.phantom(spec, rng, label):
+                rel = f"{name}/{subject}_{part.suffix}.nii.gz"
+                nib.save(nib.Nifti1Image(part.data, part.affine), str(root / rel))
+                paths.append(rel)
+            lines.append(
+                {
+                    "subject": subject,
+                    "split": "test" if i >= subjects - n_test else "train",
+                    "images": [{"modality": name, "path": paths if len(paths) > 1 else paths[0]}],
+                    "conversation": [
+                        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{spec.phantom_question}"},
+                        {"role": "assistant", "content": label},
+                    ],
+                    "phenotypes": {"label": label},
+                }
+            )
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def demo_cache_dir() -> Path:
+    """Where demo studies are cached: ``$UMBRELLA_CACHE`` or ``$XDG_CACHE_HOME/umbrella``."""
+    base = os.environ.get("UMBRELLA_CACHE")
+    if base:
+        return Path(base)
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "umbrella"
+
+
+def cached_demo(
+    specs: Mapping[str, ModalitySpec],
+    provenance: Mapping[str, str],
+    *,
+    subjects: int,
+    seed: int = 0,
+) -> Path:
+    """The demo manifest for these modalities, written once into the cache and reused.
+
+    The cache key holds the modality names, the versions of the plugins that
+    provide them, the subject count and the seed, so upgrading a plugin writes
+    a fresh demo. Writing goes to a temporary folder renamed into place, so an
+    interrupted run never leaves a half-written demo behind.
+    """
+    key = json.dumps(
+        {"format": FORMAT, "modalities": sorted(specs), "provenance": dict(sorted(provenance.items())),
+         "subjects": subjects, "seed": seed},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    target = demo_cache_dir() / f"demo-{'-'.join(sorted(specs))}-{digest}"
+    manifest = target / "manifest.jsonl"
+    if manifest.is_file():
+        return manifest
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_demo(tmp, specs, subjects=subjects, seed=seed)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

@@ -1,0 +1,151 @@
+"""The UMBRELLA conversation manifest (JSON or JSONL).
+
+One record per sample::
+
+    {"subject": "sub-001",
+     "session": "ses-1",                      # optional
+     "split": "train",                        # optional: train | validation | test
+     "images": [{"modality": "t1", "path": "t1/sub-001_T1w.nii.gz"},
+                {"modality": "dmri", "path": ["sub-001_FA.nii.gz", "sub-001_MD.nii.gz"]}],
+     "conversation": [{"role": "user", "content": "<image>\\n<image>\\nDescribe both scans."},
+                      {"role": "assistant", "content": "..."}],
+     "phenotypes": {"age": 63, "sex": "F"}}   # optional
+
+A ``.jsonl`` file holds one record per line; a ``.json`` file holds a list of
+records or ``{"study": NAME, "records": [...]}``. Relative image paths are
+relative to the manifest's folder. Each ``<image>`` placeholder in the user
+turns stands for the next image, in order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from umbrella_core.errors import DataError
+from umbrella_core.types import IMAGE_PLACEHOLDER, ImageRef, StudyRecord, Turn
+
+__all__ = ["MANIFEST_NAMES", "find_manifest", "read_manifest", "record_from_json", "check_record"]
+
+MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
+
+
+def find_manifest(location: str) -> Path | None:
+    """The manifest file ``location`` points at, or None when it is not a manifest."""
+    if location.startswith("manifest:"):
+        location = location[len("manifest:"):]
+    path = Path(location).expanduser()
+    if path.is_file() and path.suffix in (".json", ".jsonl"):
+        return path
+    if path.is_dir():
+        for name in MANIFEST_NAMES:
+            if (path / name).is_file():
+                return path / name
+    return None
+
+
+def _require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if key not in obj:
+        raise DataError(f"{where}: field {key!r} is missing")
+    value = obj[key]
+    if not isinstance(value, kind):
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DataError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+    return value
+
+
+def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRecord:
+    """Turn one JSON record into a StudyRecord, naming ``where`` (file:line) on any problem."""
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+    subject = _require(obj, "subject", (str, int), where)
+    images = []
+    for i, image in enumerate(obj.get("images", [])):
+        field = f"images[{i}]"
+        if not isinstance(image, Mapping):
+            raise DataError(f"{where}: field {field!r} must be an object with modality and path")
+        modality = _require(image, "modality", str, f"{where}: {field}")
+        raw = _require(image, "path", (str, list), f"{where}: {field}")
+        paths = [raw] if isinstance(raw, str) else raw
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            raise DataError(f"{where}: field '{field}.path' must be a path or a list of paths")
+        images.append(ImageRef(modality=modality, paths=[str(root / p) for p in paths]))
+    turns = []
+    for i, turn in enumerate(_require(obj, "conversation", list, where)):
+        if not isinstance(turn, Mapping):
+            raise DataError(f"{where}: field 'conversation[{i}]' must be an object")
+        try:
+            turns.append(Turn(role=turn.get("role", ""), content=turn.get("content", "")))
+        except ValueError as exc:
+            raise DataError(f"{where}: field 'conversation[{i}].role': {exc}") from None
+    record = StudyRecord(
+        subject=subject,
+        session=obj.get("session"),
+        split=obj.get("split", "train"),
+        images=images,
+        turns=turns,
+        study=str(obj.get("study", study)),
+        phenotypes=dict(obj.get("phenotypes", {})),
+        source=where,
+    )
+    check_record(record)
+    return record
+
+
+def check_record(record: StudyRecord) -> None:
+    """Structural checks every record must pass, whatever reader produced it."""
+    where = record.source or f"subject {record.subject}"
+    if not any(t.role == "assistant" for t in record.turns):
+        raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+    placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns if t.role == "user")
+    in_assistant = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns if t.role != "user")
+    if in_assistant:
+        raise DataError(f"{where}: {IMAGE_PLACEHOLDER} may only appear in user turns")
+    if placeholders != len(record.images):
+        raise DataError(
+            f"{where}: the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
+            f"but the record lists {len(record.images)} image(s)"
+        )
+    if record.split not in ("train", "validation", "test"):
+        raise DataError(f"{where}: field 'split' must be train, validation or test, got {record.split!r}")
+
+
+def read_manifest(path: Path) -> Iterator[StudyRecord]:
+    """Yield the records of a JSON or JSONL manifest."""
+    root = path.parent
+    study = path.parent.name or "manifest"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the manifest: {exc.strerror or exc}") from None
+    if path.suffix == ".jsonl":
+        seen = 0
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            seen += 1
+            yield record_from_json(obj, root=root, where=f"{path}:{lineno}", study=study)
+        if not seen:
+            raise DataError(f"{path}: the manifest holds no records")
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+    if isinstance(obj, Mapping):
+        study = str(obj.get("study", study))
+        records = _require(obj, "records", list, str(path))
+    elif isinstance(obj, list):
+        records = obj
+    else:
+        raise DataError(f"{path}: expected a list of records or an object with 'records'")
+    if not records:
+        raise DataError(f"{path}: the manifest holds no records")
+    for i, item in enumerate(records):
+        yield record_from_json(item, root=root, where=f"{path}: records[{i}]", study=study)

@@ -1,0 +1,17 @@
+"""The built-in study reader for UMBRELLA conversation manifests (JSON and JSONL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from umbrella_core import hookimpl
+from umbrella_core.data.manifest import find_manifest, read_manifest
+from umbrella_core.types import StudyRecord
+
+
+@hookimpl(trylast=True)
+def umbrella_study_reader(location: str) -> Iterable[StudyRecord] | None:
+    path = find_manifest(location)
+    if path is None:
+        return None
+    return read_manifest(path)

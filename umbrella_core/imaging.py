@@ -1,0 +1,583 @@
+"""Modality-agnostic NIfTI helpers shared by the modality plugins.
+
+Reading and writing (:func:`load_nifti`, :func:`save_nifti`), reorientation
+(:func:`reorient`), resampling (:func:`resize`), intensity normalisation
+(:func:`robust_normalise`, :func:`zscore_time`) and the building blocks of the
+synthetic phantoms (:func:`head_phantom`, :func:`blob`, :func:`hemisphere_centre`,
+:func:`bias_field`, :func:`rician_noise`, :func:`random_orientation`).
+
+Nothing here knows about a particular modality: plugins combine these pieces
+with their own contrasts and conventions. numpy and nibabel are imported with
+the module; torch only inside :func:`resize`, so a plugin that imports this
+module at hook time does not pull torch into ``umbrella plugins``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+import nibabel as nib
+import numpy as np
+from nibabel import orientations as nio
+
+from umbrella_core.errors import DataError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "RAS",
+    "PHANTOM_ORIENTATIONS",
+    "as_paths",
+    "load_nifti",
+    "save_nifti",
+    "reorient",
+    "resize",
+    "robust_normalise",
+    "zscore_time",
+    "HeadPhantom",
+    "head_phantom",
+    "world_grid",
+    "blob",
+    "hemisphere_centre",
+    "bias_field",
+    "rician_noise",
+    "random_orientation",
+]
+
+#: Axis codes of the canonical orientation every loader returns: the first axis
+#: increases to the Right, the second to the Anterior, the third to the Superior.
+RAS: tuple[str, str, str] = ("R", "A", "S")
+
+#: Orientations phantoms are written in. Scanners and pipelines store volumes in
+#: all of these (LAS: FSL/SPM radiological; LPS: DICOM/ITK; LIA: FreeSurfer;
+#: PIR: sagittal acquisitions), so a loader that ignores the affine gets the
+#: hemisphere wrong on most of them.
+PHANTOM_ORIENTATIONS: tuple[tuple[str, str, str], ...] = (
+    ("R", "A", "S"),
+    ("L", "A", "S"),
+    ("L", "P", "S"),
+    ("L", "I", "A"),
+    ("P", "I", "R"),
+)
+
+# Errors nibabel, gzip and zlib raise for files that are not NIfTI, are
+# truncated or cannot be decoded. Anything else is a bug and should surface.
+_DECODE_ERRORS = (
+    OSError,
+    EOFError,
+    ValueError,
+    zlib.error,
+    nib.filebasedimages.ImageFileError,
+    nib.spatialimages.HeaderDataError,
+)
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing
+# ---------------------------------------------------------------------------
+
+
+def as_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
+    """The file(s) a loader was given, as a tuple of strings (one path or several)."""
+    if isinstance(paths, (str, os.PathLike)):
+        return (os.fspath(paths),)
+    return tuple(os.fspath(p) for p in paths)
+
+
+def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+    """Read a NIfTI file as float32 data in the closest canonical (RAS) orientation.
+
+    The voxel axes are permuted and flipped (no interpolation) so that the first
+    three axes run to the Right, Anterior and Superior; trailing axes (time,
+    volumes) are kept as they are. Scaling (``scl_slope``/``scl_inter``) is
+    applied while reading, directly in float32.
+
+    Args:
+        path: A ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        ``(data, affine)``: a C-contiguous float32 array of at least three
+        dimensions and the 4x4 voxel-to-world affine of that array.
+
+    Raises:
+        DataError: The file is missing, is not a NIfTI image, cannot be decoded
+            (truncated or corrupt gzip, data shorter than the header says), has
+            fewer than three dimensions, holds NaN or infinite voxels, or has a
+            non-finite or singular affine. The message names the file.
+    """
+    name = os.fspath(path)
+    if not os.path.exists(name):
+        raise DataError(f"{name}: file not found")
+    if os.path.isdir(name):
+        raise DataError(f"{name}: is a folder, expected a NIfTI file")
+    try:
+        img = nib.load(name)
+    except _DECODE_ERRORS as error:
+        raise DataError(f"{name}: not a readable NIfTI file ({_reason(error)})") from error
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise DataError(f"{name}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_affine(name, affine)
+    try:
+        # asarray with a dtype scales in float32: get_fdata would build a
+        # float64 copy twice the size of what we keep.
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except _DECODE_ERRORS as error:
+        raise DataError(f"{name}: cannot decode the image data ({_reason(error)})") from error
+    if data.ndim < 3:
+        raise DataError(f"{name}: expected a 3D or 4D image, got shape {data.shape}")
+    if data.size == 0:
+        raise DataError(f"{name}: image is empty (shape {data.shape})")
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int(data.size - np.count_nonzero(finite))
+        raise DataError(f"{name}: {bad} of {data.size} voxels are NaN or infinite")
+    data, affine = reorient(data, affine, RAS)
+    # Flips are negative-stride views; torch.from_numpy and most consumers
+    # need positive strides, and a contiguous copy is cheap next to decoding.
+    return np.ascontiguousarray(data), affine
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def _check_affine(name: str, affine: NDArray[np.float64]) -> None:
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(f"{name}: the affine (voxel-to-world matrix) is not finite")
+    linear = affine[:3, :3]
+    scale = float(np.abs(linear).max())
+    # Relative test: a 1 mm and a 1 um voxel grid are both legitimate.
+    if scale == 0.0 or abs(float(np.linalg.det(linear))) <= (1e-6 * scale) ** 3:
+        raise DataError(
+            f"{name}: the affine (voxel-to-world matrix) is singular, so the orientation "
+            "is unknown; fix the sform/qform of the file"
+        )
+
+
+def save_nifti(
+    path: str | os.PathLike[str],
+    data: ArrayLike,
+    affine: ArrayLike,
+    *,
+    tr: float | None = None,
+) -> str:
+    """Write ``data`` as a NIfTI-1 file (gzip-compressed when the name ends in ``.gz``).
+
+    The data type is kept (an int16 array is stored as int16), the affine is
+    written as both sform and qform with the "scanner" code, and units are mm
+    and seconds.
+
+    Args:
+        path: Target file, usually ``*.nii.gz``. Parent folders are created.
+        data: Array in file layout.
+        affine: 4x4 voxel-to-world matrix.
+        tr: Repetition time in seconds, stored in ``pixdim[4]`` of 4D images.
+
+    Returns:
+        The path written, as a string.
+    """
+    name = os.fspath(path)
+    array = np.asanyarray(data)
+    matrix = np.asarray(affine, dtype=np.float64)
+    img = nib.Nifti1Image(array, matrix)
+    img.set_sform(matrix, code=1)
+    img.set_qform(matrix, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    if tr is not None and array.ndim >= 4:
+        zooms = list(img.header.get_zooms())
+        zooms[3] = float(tr)
+        img.header.set_zooms(zooms)
+    parent = os.path.dirname(name)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    nib.save(img, name)
+    return name
+
+
+def reorient(
+    data: NDArray[np.generic],
+    affine: ArrayLike,
+    axcodes: Sequence[str] = RAS,
+) -> tuple[NDArray[np.generic], NDArray[np.float64]]:
+    """Permute and flip the first three axes of ``data`` to ``axcodes``.
+
+    The world position of every voxel is unchanged: the returned affine maps
+    the new voxel grid to the same world coordinates. Oblique affines go to the
+    closest orientation, like :func:`nibabel.as_closest_canonical`.
+
+    Args:
+        data: Array with at least three dimensions; trailing axes are left alone.
+        affine: 4x4 voxel-to-world matrix of ``data``.
+        axcodes: Target codes, e.g. ``("L", "P", "S")``.
+
+    Returns:
+        ``(data, affine)``; ``data`` may be a view with negative strides.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)
+    start = nio.io_orientation(matrix)
+    transform = nio.ornt_transform(start, nio.axcodes2ornt(tuple(axcodes)))
+    if np.array_equal(transform, [[0, 1], [1, 1], [2, 1]]):
+        return data, matrix
+    new_data = nio.apply_orientation(data, transform)
+    new_affine = matrix @ nio.inv_ornt_aff(transform, data.shape[:3])
+    return new_data, new_affine
+
+
+# ---------------------------------------------------------------------------
+# Resampling and intensity
+# ---------------------------------------------------------------------------
+
+_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def resize(array: ArrayLike, shape: Sequence[int]) -> NDArray[np.float32]:
+    """Resample the leading ``len(shape)`` axes of ``array`` to ``shape``.
+
+    Linear interpolation (trilinear for volumes) with ``align_corners=False``,
+    so the field of view is kept and voxel centres are resampled, as image
+    resampling tools do. Trailing axes (time points, channels) are carried
+    along unchanged: a ``(X, Y, Z, T)`` series resized to ``(x, y, z)`` gives
+    ``(x, y, z, T)``.
+
+    Args:
+        array: Array whose first ``len(shape)`` axes are spatial.
+        shape: Target size of the spatial axes (1 to 3 entries).
+
+    Returns:
+        A float32 array of shape ``(*shape, *array.shape[len(shape):])``.
+    """
+    data = np.asarray(array, dtype=np.float32)
+    target = tuple(int(s) for s in shape)
+    spatial = len(target)
+    if spatial not in _MODES:
+        raise ValueError(f"resize: shape must have 1 to 3 entries, got {target}")
+    if data.ndim < spatial:
+        raise ValueError(f"resize: array of shape {data.shape} has fewer than {spatial} axes")
+    if any(s <= 0 for s in target):
+        raise ValueError(f"resize: target shape {target} must be positive")
+    rest = data.shape[spatial:]
+    if data.shape[:spatial] == target:
+        return np.ascontiguousarray(data)
+
+    import torch
+    import torch.nn.functional as F
+
+    extra = math.prod(rest)
+    # Trailing axes become interpolate's channel axis, which it does not resample.
+    source = np.ascontiguousarray(data).reshape(*data.shape[:spatial], extra)
+    tensor = torch.from_numpy(source).movedim(-1, 0).unsqueeze(0)
+    with torch.no_grad():
+        out = F.interpolate(tensor, size=target, mode=_MODES[spatial], align_corners=False)
+    result = out.squeeze(0).movedim(0, -1).reshape(*target, *rest)
+    return np.ascontiguousarray(result.numpy())
+
+
+def robust_normalise(
+    array: ArrayLike, lower: float = 0.5, upper: float = 99.5
+) -> NDArray[np.float32]:
+    """Clip to the ``lower``/``upper`` percentiles and scale to [0, 1].
+
+    Percentiles are taken over the nonzero voxels when there are any, so that a
+    zero-filled background (skull-stripped or masked images) does not pull the
+    lower bound down. A constant image becomes all zeros.
+
+    Args:
+        array: Any array.
+        lower: Lower percentile (0-100), mapped to 0.
+        upper: Upper percentile (0-100), mapped to 1.
+
+    Returns:
+        A float32 array of the same shape with values in [0, 1].
+    """
+    if not 0.0 <= lower < upper <= 100.0:
+        raise ValueError(f"robust_normalise: need 0 <= lower < upper <= 100, got {lower}, {upper}")
+    data = np.asarray(array, dtype=np.float32)
+    values = data[data != 0]
+    if values.size == 0:
+        values = data.reshape(-1)
+    if values.size == 0:
+        return np.zeros_like(data)
+    lo, hi = (float(v) for v in np.percentile(values, [lower, upper]))
+    if not hi > lo:
+        return np.zeros_like(data)
+    out = (data - np.float32(lo)) * np.float32(1.0 / (hi - lo))
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def zscore_time(series: ArrayLike, eps: float = 1e-6) -> NDArray[np.float32]:
+    """Z-score every voxel's time course (the last axis).
+
+    Voxels whose standard deviation is below ``eps`` (constant background, a
+    dead voxel) become 0 rather than noise amplified by a tiny divisor.
+
+    Args:
+        series: Array whose last axis is time.
+        eps: Standard deviations at or below this count as constant.
+
+    Returns:
+        A float32 array of the same shape: mean 0 and standard deviation 1 along
+        the last axis, or 0 for constant voxels.
+    """
+    data = np.asarray(series, dtype=np.float32)
+    mean = data.mean(axis=-1, keepdims=True)
+    centred = data - mean
+    std = np.sqrt(np.mean(centred * centred, axis=-1, keepdims=True))
+    constant = std <= eps
+    scale = np.where(constant, np.float32(0.0), 1.0 / np.where(constant, 1.0, std))
+    return (centred * scale.astype(np.float32)).astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------
+# Phantom building blocks
+# ---------------------------------------------------------------------------
+
+
+@attrs.frozen(eq=False)
+class HeadPhantom:
+    """A smooth synthetic head on a RAS voxel grid.
+
+    The tissue maps are partial-volume fractions in [0, 1] (they sum to at most
+    1 per voxel; the remainder is air or bone). World ``x = 0`` is the
+    mid-sagittal plane: negative ``x`` is the left hemisphere.
+
+    Attributes:
+        affine: 4x4 RAS voxel-to-world matrix (mm).
+        wm: White-matter fraction.
+        gm: Grey-matter fraction (a folded cortical ribbon).
+        csf: Cerebrospinal fluid (around the brain and in the ventricles).
+        scalp: Scalp and subcutaneous fat, outside the skull.
+        brain_radii: Semi-axes of the brain in mm along x, y and z.
+    """
+
+    affine: NDArray[np.float64]
+    wm: NDArray[np.float32]
+    gm: NDArray[np.float32]
+    csf: NDArray[np.float32]
+    scalp: NDArray[np.float32]
+    brain_radii: tuple[float, float, float]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.wm.shape)  # type: ignore[return-value]
+
+    @property
+    def brain(self) -> NDArray[np.float32]:
+        """Brain tissue fraction (grey plus white matter)."""
+        return self.wm + self.gm
+
+    def image(self, contrasts: Mapping[str, float]) -> NDArray[np.float32]:
+        """Mix the tissue maps with one intensity per tissue (missing tissues are 0).
+
+        Args:
+            contrasts: Intensity per tissue name: ``wm``, ``gm``, ``csf``, ``scalp``.
+        """
+        known = {"wm", "gm", "csf", "scalp"}
+        unknown = set(contrasts) - known
+        if unknown:
+            raise ValueError(f"unknown tissues {sorted(unknown)}; known: {sorted(known)}")
+        out = np.zeros(self.shape, dtype=np.float32)
+        for tissue, value in contrasts.items():
+            out += np.float32(value) * getattr(self, tissue)
+        return out
+
+
+def world_grid(shape: Sequence[int], affine: ArrayLike) -> NDArray[np.float32]:
+    """World coordinates (mm) of every voxel centre, shape ``(*shape[:3], 3)``."""
+    matrix = np.asarray(affine, dtype=np.float64)
+    axes = [np.arange(n, dtype=np.float64) for n in shape[:3]]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1)
+    return (ijk @ matrix[:3, :3].T + matrix[:3, 3]).astype(np.float32)
+
+
+def _soft(distance: NDArray[np.float32], width: float) -> NDArray[np.float32]:
+    # A logistic edge rising from 10 % to 90 % over about ``width``: partial
+    # volume at tissue borders instead of staircase aliasing.
+    width = width / 4.4
+    scaled = np.clip(-distance / np.float32(width), -60.0, 60.0)  # exp overflows past ~88
+    return (1.0 / (1.0 + np.exp(scaled))).astype(np.float32)
+
+
+def _folding(
+    rng: np.random.Generator, direction: NDArray[np.float32], amplitude: float, waves: int = 12
+) -> NDArray[np.float32]:
+    """A smooth random function on the sphere of directions, for gyri and sulci."""
+    out = np.zeros(direction.shape[:-1], dtype=np.float32)
+    for _ in range(waves):
+        frequency = rng.normal(size=3)
+        frequency *= rng.uniform(6.0, 12.0) / np.linalg.norm(frequency)
+        phase = rng.uniform(0.0, 2.0 * np.pi)
+        out += np.sin(direction @ frequency.astype(np.float32) + np.float32(phase))
+    return out * np.float32(amplitude / math.sqrt(waves / 2.0))
+
+
+def head_phantom(
+    rng: np.random.Generator,
+    shape: Sequence[int],
+    voxel_size: Sequence[float],
+    *,
+    fill: float = 0.85,
+) -> HeadPhantom:
+    """Build a smooth, subject-specific synthetic head.
+
+    An ellipsoidal head (scalp, skull, CSF) around a brain with a folded
+    cortical ribbon, white matter and two ventricles. Head size, position in the
+    field of view and folding pattern vary with ``rng``; the head centre is at
+    world ``(0, 0, 0)``.
+
+    Args:
+        rng: Source of randomness (the phantom is a function of its state).
+        shape: Grid size ``(X, Y, Z)``.
+        voxel_size: Voxel size in mm along each axis.
+        fill: Fraction of the field of view the head spans along each axis.
+
+    Returns:
+        A :class:`HeadPhantom` on a RAS grid.
+    """
+    dims = tuple(int(s) for s in shape[:3])
+    zooms = np.asarray(voxel_size, dtype=np.float64)[:3]
+    fov = np.asarray(dims) * zooms
+    shift = rng.uniform(-1.5, 1.5, size=3) * zooms  # head not exactly centred in the FOV
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(zooms)
+    affine[:3, 3] = -(np.asarray(dims) - 1) / 2.0 * zooms + shift
+
+    head = fov * fill / 2.0 * rng.uniform(0.94, 1.04, size=3)
+    xyz = world_grid(dims, affine)
+    scaled = xyz / head.astype(np.float32)
+    r = np.sqrt(np.sum(scaled * scaled, axis=-1))
+    direction = scaled / np.maximum(r, 1e-3)[..., None]
+    width = float(zooms.min() / head.min())  # about one voxel, in units of r
+
+    brain_edge = 0.86 + _folding(rng, direction, 0.025)
+    white_edge = brain_edge - 0.13 + _folding(rng, direction, 0.045)
+    inside_head = _soft(1.0 - r, width)
+    inside_skull = _soft(0.93 - r, width)
+    brain = _soft(brain_edge - r, width)
+    white = _soft(white_edge - r, width)
+
+    # Two ventricles, mirror images across the mid-sagittal plane.
+    ventricles = np.zeros(dims, dtype=np.float32)
+    vent_radii = np.array([0.09, 0.28, 0.14], dtype=np.float32) * rng.uniform(0.85, 1.2)
+    for side in (-1.0, 1.0):
+        centre = np.array([0.11 * side, -0.02, 0.08], dtype=np.float32)
+        d = np.sqrt(np.sum(((scaled - centre) / vent_radii) ** 2, axis=-1))
+        ventricles = np.maximum(ventricles, _soft(1.0 - d, width / vent_radii.min()))
+
+    wm = white * (1.0 - ventricles)
+    gm = brain - white
+    csf = (inside_skull - brain) + white * ventricles
+    scalp = inside_head - _soft(0.965 - r, width)
+    return HeadPhantom(
+        affine=affine,
+        wm=wm.astype(np.float32),
+        gm=np.clip(gm, 0.0, 1.0).astype(np.float32),
+        csf=np.clip(csf, 0.0, 1.0).astype(np.float32),
+        scalp=np.clip(scalp, 0.0, 1.0).astype(np.float32),
+        brain_radii=tuple(float(h * 0.86) for h in head),  # type: ignore[arg-type]
+    )
+
+
+def hemisphere_centre(
+    rng: np.random.Generator,
+    phantom: HeadPhantom,
+    side: str,
+    *,
+    depth: tuple[float, float] = (0.3, 0.55),
+) -> NDArray[np.float64]:
+    """A random world point (mm) inside the ``left`` or ``right`` hemisphere.
+
+    The lateral offset is a fraction ``depth`` of the brain's half-width, so the
+    point stays off the midline and inside the brain; the anterior-posterior and
+    superior-inferior positions vary too.
+
+    Args:
+        rng: Source of randomness.
+        phantom: The head the point lies in.
+        side: ``"left"`` (world x < 0) or ``"right"`` (world x > 0).
+        depth: Range of the lateral offset, as a fraction of the brain half-width.
+    """
+    sign = {"left": -1.0, "right": 1.0}.get(str(side).lower())
+    if sign is None:
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    rx, ry, rz = phantom.brain_radii
+    return np.array(
+        [
+            sign * rng.uniform(*depth) * rx,
+            rng.uniform(-0.35, 0.35) * ry,
+            rng.uniform(-0.25, 0.35) * rz,
+        ]
+    )
+
+
+def blob(
+    shape: Sequence[int],
+    affine: ArrayLike,
+    centre: Sequence[float],
+    radius: float,
+) -> NDArray[np.float32]:
+    """A soft-edged sphere in world coordinates: 1 inside, 0 outside.
+
+    Args:
+        shape: Grid size ``(X, Y, Z)``.
+        affine: Voxel-to-world matrix of the grid.
+        centre: Sphere centre in world mm.
+        radius: Sphere radius in mm.
+
+    Returns:
+        A float32 weight map of ``shape`` with an edge about one voxel wide.
+    """
+    matrix = np.asarray(affine, dtype=np.float64)
+    xyz = world_grid(shape, matrix)
+    distance = np.sqrt(np.sum((xyz - np.asarray(centre, dtype=np.float32)) ** 2, axis=-1))
+    voxel = float(np.sqrt((matrix[:3, :3] ** 2).sum(axis=0)).min())
+    return _soft(np.float32(radius) - distance, voxel)
+
+
+def bias_field(
+    rng: np.random.Generator, shape: Sequence[int], strength: float = 0.1
+) -> NDArray[np.float32]:
+    """A smooth multiplicative intensity inhomogeneity around 1 (receive-coil bias).
+
+    Args:
+        rng: Source of randomness.
+        shape: Grid size ``(X, Y, Z)``.
+        strength: Rough relative amplitude (0.1 is about +-10 %).
+    """
+    axes = [np.linspace(-1.0, 1.0, int(n), dtype=np.float32) for n in shape[:3]]
+    x, y, z = np.meshgrid(*axes, indexing="ij")
+    linear = rng.normal(size=3) * strength / 2.0
+    quadratic = rng.normal(size=3) * strength / 3.0
+    log_field = (
+        linear[0] * x + linear[1] * y + linear[2] * z
+        + quadratic[0] * x * x + quadratic[1] * y * y + quadratic[2] * z * z
+    )
+    return np.exp(log_field).astype(np.float32)
+
+
+def rician_noise(
+    rng: np.random.Generator, image: ArrayLike, sigma: float
+) -> NDArray[np.float32]:
+    """Magnitude of ``image`` plus complex Gaussian noise, as in MR magnitude images.
+
+    The background gets the Rayleigh floor real scans have instead of zeros.
+    """
+    data = np.asarray(image, dtype=np.float32)
+    real = data + rng.normal(0.0, sigma, size=data.shape).astype(np.float32)
+    imag = rng.normal(0.0, sigma, size=data.shape).astype(np.float32)
+    return np.sqrt(real * real + imag * imag)
+
+
+def random_orientation(
+    rng: np.random.Generator,
+    choices: Sequence[tuple[str, str, str]] = PHANTOM_ORIENTATIONS,
+) -> tuple[str, str, str]:
+    """Pick the orientation a phantom is written in (see :data:`PHANTOM_ORIENTATIONS`)."""
+    return tuple(choices[int(rng.integers(len(choices)))])  # type: ignore[return-value]

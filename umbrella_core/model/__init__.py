@@ -1,0 +1,1 @@
+"""Model assembly: patch embedders, the vision body, projector and language model."""

@@ -1,0 +1,292 @@
+"""The UMBRELLA model: a transformers Llava model whose vision tower embeds 3D/4D patches.
+
+The vision tower's patch embedding is replaced by :class:`ModalityEmbeddings`
+(one embedder per active modality). Tokens of each modality go through the
+shared vision body (the tower's transformer layers) and the multimodal
+projector, and are spliced into the text embeddings at the image placeholders
+of each sample, in order. One next-token loss trains everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from umbrella_core.data.conversation import IGNORE_INDEX
+from umbrella_core.errors import ModelError, TokenCountError
+from umbrella_core.model.embeddings import ModalityEmbeddings
+from umbrella_core.types import LossTerm, ModalitySpec
+
+__all__ = ["UmbrellaModel", "UmbrellaOutput", "TRAINABLE_SETS"]
+
+TRAINABLE_SETS = ("embedders", "projector", "full")
+
+
+@dataclass
+class UmbrellaOutput(ModelOutput):
+    """What :meth:`UmbrellaModel.forward` returns.
+
+    Attributes:
+        loss: Unified NLL plus every loss-hook term (weighted); None without labels.
+        logits: ``(B, L, vocab)``.
+        nll: The unified next-token NLL (mean over learned tokens).
+        key_losses: Mean NLL per sample modality key (``t1``, ``t1+dmri``) in this batch.
+        key_tokens: Number of learned tokens per key (to average across steps).
+        terms: Each loss-hook term, unweighted.
+        image_features: Projected image tokens per modality present, ``(n, N, D)``.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
+    key_losses: dict[str, float] | None = None
+    key_tokens: dict[str, int] | None = None
+    terms: dict[str, torch.Tensor] | None = None
+    image_features: dict[str, torch.Tensor] | None = field(default=None)
+
+
+def _vision_tower(llava: nn.Module) -> nn.Module:
+    tower = llava.model.vision_tower
+    return getattr(tower, "vision_model", tower)
+
+
+class UmbrellaModel(nn.Module):
+    """A Llava model with per-modality 3D/4D patch embedders.
+
+    Args:
+        llava: A ``LlavaForConditionalGeneration``.
+        specs: Active modalities in canonical order (name → spec).
+        embedders: Patch embedder per active modality.
+        image_token_id: Id of the image placeholder token.
+        loss_terms: Extra terms from the loss hook.
+    """
+
+    def __init__(
+        self,
+        llava: nn.Module,
+        specs: Mapping[str, ModalitySpec],
+        embedders: Mapping[str, nn.Module],
+        *,
+        image_token_id: int,
+        loss_terms: Sequence[LossTerm] = (),
+    ) -> None:
+        super().__init__()
+        if not specs:
+            raise ModelError("no active modality: install a modality plugin or check --modalities")
+        self.llava = llava
+        self.config = llava.config
+        # Our embedders emit no CLS token: keep every token (see ARCHITECTURE pitfalls).
+        self.config.vision_feature_select_strategy = "full"
+        self.image_token_id = int(image_token_id)
+        self.loss_terms = list(loss_terms)
+        tower = _vision_tower(llava)
+        hidden = int(getattr(tower.config, "hidden_size", llava.config.vision_config.hidden_size))
+        for name, module in embedders.items():
+            if sum(p.numel() for p in module.parameters()) == 0:
+                raise ModelError(f"the {name} patch embedder has no parameters")
+        tower.embeddings = ModalityEmbeddings(specs, embedders)
+        self.vision_hidden_size = hidden
+
+    # -- structure ------------------------------------------------------------
+
+    @property
+    def embeddings(self) -> ModalityEmbeddings:
+        return _vision_tower(self.llava).embeddings
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.embeddings.order
+
+    @property
+    def specs(self) -> dict[str, ModalitySpec]:
+        return self.embeddings.specs
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role: ``embedders``, ``projector``, ``vision``, ``language``, ``unused``.
+
+        ``unused`` holds vision-tower parameters that LLaVA never runs (the pooled
+        output's ``post_layernorm``); they never train, or DDP would wait for
+        their gradients forever.
+        """
+        tower = _vision_tower(self.llava)
+        embed_ids = {id(p) for p in self.embeddings.parameters()}
+        proj_ids = {id(p) for p in self.llava.model.multi_modal_projector.parameters()}
+        body = [tower.encoder] + ([tower.pre_layrnorm] if hasattr(tower, "pre_layrnorm") else [])
+        vision_ids = {id(p) for m in body for p in m.parameters()}
+        tower_ids = {id(p) for p in self.llava.model.vision_tower.parameters()}
+        groups: dict[str, list[nn.Parameter]] = {
+            k: [] for k in ("embedders", "projector", "vision", "language", "unused")
+        }
+        for p in self.parameters():
+            key = (
+                "embedders" if id(p) in embed_ids
+                else "projector" if id(p) in proj_ids
+                else "vision" if id(p) in vision_ids
+                else "unused" if id(p) in tower_ids
+                else "language"
+            )
+            groups[key].append(p)
+        return groups
+
+    def set_trainable(self, which: str) -> None:
+        """Choose what trains: ``embedders``, ``projector`` (embedders + projector) or ``full``."""
+        if which not in TRAINABLE_SETS:
+            raise ModelError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, got {which!r}")
+        keep = {"embedders": {"embedders"}, "projector": {"embedders", "projector"}}.get(
+            which, {"embedders", "projector", "vision", "language"}
+        )
+        for group, params in self.parameter_groups().items():
+            for p in params:
+                p.requires_grad_(group in keep)
+
+    # -- vision path ----------------------------------------------------------
+
+    def _vision_body(self, tokens: torch.Tensor) -> torch.Tensor:
+        tower = _vision_tower(self.llava)
+        hidden = tower.pre_layrnorm(tokens) if hasattr(tower, "pre_layrnorm") else tokens
+        states = [hidden]
+        for layer in tower.encoder.layers:
+            out = layer(hidden, None)
+            hidden = out[0] if isinstance(out, tuple) else out
+            states.append(hidden)
+        layer_index = self.config.vision_feature_layer
+        if isinstance(layer_index, int):
+            selected = states[layer_index]
+        else:
+            selected = torch.cat([states[i] for i in layer_index], dim=-1)
+        return self.llava.model.multi_modal_projector(selected)
+
+    def image_features(
+        self, pixel_values: Mapping[str, torch.Tensor] | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Projected features per present modality, and the coverage term (exactly 0.0).
+
+        Every active embedder runs, in canonical order, on every call: absent
+        modalities embed a single zero image whose output enters the loss
+        multiplied by exactly 0.0 (I4). Their parameters get exact-zero
+        gradients and DDP/ZeRO see the same modules used in the same order on
+        every rank.
+        """
+        pixel_values = dict(pixel_values or {})
+        unknown = set(pixel_values) - set(self.modalities)
+        if unknown:
+            raise ModelError(
+                f"batch holds modality {sorted(unknown)} but the model has embedders for "
+                f"{', '.join(self.modalities)}"
+            )
+        param = next(self.embeddings.parameters())
+        features: dict[str, torch.Tensor] = {}
+        dummy = torch.zeros((), device=param.device, dtype=torch.float32)
+        absent_tokens = None
+        for modality in self.modalities:
+            spec = self.specs[modality]
+            images = pixel_values.get(modality)
+            if images is not None and images.shape[0] > 0:
+                if tuple(images.shape[1:]) != spec.input_shape:
+                    raise ModelError(
+                        f"{modality} images have shape {tuple(images.shape[1:])}, the model "
+                        f"expects {spec.input_shape}"
+                    )
+                tokens = self.embeddings.embed(modality, images.to(param.dtype))
+                features[modality] = self._vision_body(tokens)
+            else:
+                zero = torch.zeros((1, *spec.input_shape), device=param.device, dtype=param.dtype)
+                tokens = self.embeddings.embed(modality, zero)
+                dummy = dummy + tokens.float().sum()
+                absent_tokens = tokens if absent_tokens is None else absent_tokens
+        if not features and absent_tokens is not None:
+            # A text-only batch: the shared body and projector must still be in the graph.
+            dummy = dummy + self._vision_body(absent_tokens).float().sum()
+        return features, dummy * 0.0
+
+    def splice(
+        self,
+        input_ids: torch.Tensor,
+        features: Mapping[str, torch.Tensor],
+        image_modalities: Sequence[str],
+    ) -> torch.Tensor:
+        """Text embeddings with each image's features at its placeholder tokens (I3)."""
+        embeds = self.llava.get_input_embeddings()(input_ids)
+        mask = input_ids == self.image_token_id
+        n_placeholders = int(mask.sum())
+        taken = {m: 0 for m in features}
+        ordered = []
+        for modality in image_modalities:
+            if modality not in features or taken[modality] >= features[modality].shape[0]:
+                raise TokenCountError(f"image of modality {modality!r} has no features in this batch")
+            ordered.append(features[modality][taken[modality]])
+            taken[modality] += 1
+        n_features = sum(f.shape[0] for f in ordered)
+        if n_placeholders != n_features or any(taken[m] != features[m].shape[0] for m in features):
+            per = ", ".join(
+                f"{m}: {features[m].shape[0]} image(s) x {features[m].shape[1]} tokens" for m in features
+            )
+            raise TokenCountError(
+                f"the batch has {n_placeholders} image placeholder tokens but its images give "
+                f"{n_features} feature tokens ({per or 'no images'}); each <image> must expand "
+                "to exactly its modality's token count"
+            )
+        if not ordered:
+            return embeds
+        flat = torch.cat(ordered, dim=0).to(embeds.dtype)
+        return embeds.masked_scatter(mask.unsqueeze(-1), flat)
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: Mapping[str, torch.Tensor] | None = None,
+        image_modalities: Sequence[str] | None = None,
+        sample_keys: Sequence[str] | None = None,
+        **_: Any,
+    ) -> UmbrellaOutput:
+        features, coverage = self.image_features(pixel_values)
+        embeds = self.splice(input_ids, features, image_modalities or [])
+        out = self.llava(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        logits = out.logits
+        result = UmbrellaOutput(logits=logits, image_features=features)
+        if labels is None:
+            return result
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:].to(logits.device)
+        token_loss = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.shape[-1]),
+            shift_labels.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        ).view(shift_labels.shape)
+        learned = shift_labels != IGNORE_INDEX
+        n_learned = learned.sum()
+        nll = token_loss.sum() / n_learned.clamp(min=1)
+        loss = nll + coverage
+        terms: dict[str, torch.Tensor] = {}
+        result.nll = nll
+        result.loss = loss
+        for term in self.loss_terms:
+            value = term.compute(result, {"input_ids": input_ids, "labels": labels,
+                                          "pixel_values": pixel_values,
+                                          "image_modalities": image_modalities})
+            terms[term.name] = value
+            loss = loss + term.weight * value
+        result.loss = loss
+        result.terms = terms
+        if sample_keys is not None:
+            per_row = token_loss.detach().sum(dim=1)
+            rows = learned.sum(dim=1)
+            key_sum: dict[str, float] = {}
+            key_tokens: dict[str, int] = {}
+            for key, s, n in zip(sample_keys, per_row.tolist(), rows.tolist()):
+                key_sum[key] = key_sum.get(key, 0.0) + s
+                key_tokens[key] = key_tokens.get(key, 0) + int(n)
+            result.key_losses = {k: key_sum[k] / max(key_tokens[k], 1) for k in key_sum}
+            result.key_tokens = key_tokens
+        return result

@@ -1,0 +1,1 @@
+"""Training: configuration, the Trainer subclass, the run, evaluation."""

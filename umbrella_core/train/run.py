@@ -1,0 +1,283 @@
+"""``umbrella train``: from a configuration to a trained, evaluated checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from umbrella_core.config import RunConfig
+from umbrella_core.data.dataset import RecordDataset, group_records
+from umbrella_core.errors import ConfigError, DataError
+from umbrella_core.plugins import PluginManager
+from umbrella_core.types import ModalitySpec, StudyRecord
+
+__all__ = ["Prepared", "resolve_specs", "prepare", "train"]
+
+
+@attrs.define
+class Prepared:
+    """Everything a training run is made of, before the first step."""
+
+    config: RunConfig
+    specs: dict[str, ModalitySpec]
+    provenance: dict[str, tuple[str, str, str]]
+    model: Any
+    tokenizer: Any
+    train_sets: list[RecordDataset]
+    eval_set: RecordDataset | None
+    studies: list[str]
+    skipped: dict[str, int]
+    trainable: str
+    base_is_random: bool
+
+
+def resolve_specs(
+    config: RunConfig, pm: PluginManager, *, demo: bool
+) -> tuple[dict[str, ModalitySpec], dict[str, tuple[str, str, str]]]:
+    """Active modalities in canonical (sorted) order, with the run's geometry."""
+    names = config.data.modalities or tuple(pm.modality_registry())
+    if not names:
+        raise ConfigError("no modality plugin is installed: pip install umbrella-t1 (or another)")
+    provided = {}
+    for name in names:
+        p = pm.resolve_modality(name)
+        provided[p.item.name] = p
+    specs: dict[str, ModalitySpec] = {}
+    provenance: dict[str, tuple[str, str, str]] = {}
+    unknown = set(config.data.geometry) - set(provided)
+    if unknown:
+        raise ConfigError(f"data.geometry: {sorted(unknown)[0]!r} is not an active modality")
+    for name in sorted(provided):
+        spec = provided[name].item
+        if demo:
+            spec = spec.for_demo()
+        override = config.data.geometry.get(name, {})
+        bad = set(override) - {"shape", "patch_size"}
+        if bad:
+            raise ConfigError(f"data.geometry.{name}: unknown key {sorted(bad)[0]!r} (shape, patch_size)")
+        try:
+            spec = spec.with_geometry(override.get("shape"), override.get("patch_size"))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"data.geometry.{name}: {exc}") from None
+        specs[name] = spec
+        provenance[name] = (provided[name].plugin, provided[name].distribution, provided[name].version)
+    return specs, provenance
+
+
+def _check_files(records: list[StudyRecord]) -> None:
+    missing = [
+        (record.source, path)
+        for record in records
+        for image in record.images
+        for path in image.paths
+        if not os.path.isfile(path)
+    ]
+    if missing:
+        source, path = missing[0]
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"{path}: image file not found, listed in {source}{more}")
+
+
+def prepare(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print) -> Prepared:
+    """Resolve plugins, read studies, build the model; nothing is trained yet."""
+    from umbrella_core.data.demo import cached_demo
+    from umbrella_core.model.build import build_model, load_base
+
+    demo = not config.data.studies
+    specs, provenance = resolve_specs(config, pm, demo=demo)
+    studies = list(config.data.studies)
+    if demo:
+        log(f"no --data given: using the built-in demo ({config.data.demo_subjects} subjects per modality)")
+        manifest = cached_demo(
+            specs,
+            {n: f"{d}=={v}" for n, (_, d, v) in provenance.items()},
+            subjects=config.data.demo_subjects,
+            seed=0,
+        )
+        studies = [str(manifest)]
+    records: list[StudyRecord] = []
+    skipped: dict[str, int] = {}
+    for location in studies:
+        for record in pm.read_study(location):
+            inactive = [m for m in record.modalities if m not in specs]
+            if inactive:
+                # Modalities may be named by alias in a manifest.
+                try:
+                    names = [pm.resolve_modality(m).item.name for m in record.modalities]
+                except Exception:
+                    names = record.modalities
+                if all(n in specs for n in names):
+                    record = attrs.evolve(
+                        record,
+                        images=[attrs.evolve(i, modality=n) for i, n in zip(record.images, names)],
+                    )
+                else:
+                    skipped[record.modality_key] = skipped.get(record.modality_key, 0) + 1
+                    continue
+            records.append(record)
+    if not records:
+        raise DataError(
+            f"no record of the active modalities ({', '.join(specs)}) in {', '.join(studies)}"
+        )
+    _check_files(records)
+
+    llava, tokenizer, is_random = load_base(config.model.base, seed=config.trainer.seed)
+    terms = pm.loss_terms(tuple(specs), dict(config.loss))
+    model = build_model(llava, specs, pm.patch_embedder, loss_terms=terms, seed=config.trainer.seed)
+    trainable = config.model.trainable
+    if trainable == "auto":
+        trainable = "full" if is_random else "embedders"
+    model.set_trainable(trainable)
+
+    def dataset(group: list[StudyRecord], name: str) -> RecordDataset:
+        return RecordDataset(
+            group, specs, tokenizer=tokenizer, image_token_id=model.image_token_id,
+            max_length=config.model.max_length, name=name,
+        )
+
+    train_groups = group_records([r for r in records if r.split == "train"])
+    if not train_groups:
+        raise DataError(f"no training record (split: train) in {', '.join(studies)}")
+    train_sets = [dataset(group, name) for name, group in train_groups.items()]
+    held_out = [r for r in records if r.split != "train"]
+    eval_set = dataset(held_out, "held-out") if held_out else None
+    # Encode every conversation once now: a bad record stops the run before step 1 (I6).
+    for ds in train_sets + ([eval_set] if eval_set else []):
+        for record in ds.records:
+            ds.encode(record)
+    return Prepared(
+        config=config, specs=specs, provenance=provenance, model=model, tokenizer=tokenizer,
+        train_sets=train_sets, eval_set=eval_set, studies=studies, skipped=skipped,
+        trainable=trainable, base_is_random=is_random,
+    )
+
+
+def summary(prep: Prepared) -> str:
+    """The start-of-run summary: modalities and plugins, parameters, samples."""
+    model = prep.model
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = ["UMBRELLA training run", f"  base model   {prep.config.model.base}"
+             + (" (random weights, built-in)" if prep.base_is_random else "")]
+    lines.append(f"  trainable    {prep.trainable}: {trainable:,} of {total:,} parameters "
+                 f"({trainable / total:.1%})")
+    lines.append("  modalities")
+    counts: dict[str, int] = {}
+    for ds in prep.train_sets:
+        for record in ds.records:
+            for m in set(record.modalities):
+                counts[m] = counts.get(m, 0) + 1
+    for name, spec in prep.specs.items():
+        plugin, dist, version = prep.provenance[name]
+        lines.append(
+            f"    {name:<8} {dist} {version}  shape {'x'.join(map(str, spec.input_shape))}  "
+            f"patch {'x'.join(map(str, spec.patch_size))}  {spec.num_tokens} tokens/image  "
+            f"{counts.get(name, 0)} training samples"
+        )
+    lines.append("  studies")
+    for ds in prep.train_sets:
+        lines.append(f"    {ds.name:<24} {len(ds)} samples")
+    if prep.eval_set is not None:
+        lines.append(f"    {'(held out)':<24} {len(prep.eval_set)} samples")
+    for key, n in sorted(prep.skipped.items()):
+        lines.append(f"  skipped {n} record(s) of {key}: modality not active in this run")
+    return "\n".join(lines)
+
+
+def train(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run training end to end; returns the final metrics (also written to ``metrics.json``)."""
+    import torch
+    from torch.utils.data import ConcatDataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers import TrainingArguments
+    from transformers.integrations import TensorBoardCallback
+    from transformers.utils import logging as hf_logging
+
+    from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.data.interleave import Interleaving
+    from umbrella_core.model.build import save_checkpoint
+    from umbrella_core.train.evaluate import answer_accuracy, format_table
+    from umbrella_core.train.trainer import UmbrellaTrainer
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(config.trainer.seed)
+    prep = prepare(config, pm, log=log)
+    log(summary(prep))
+    t = config.trainer
+    out_dir = Path(t.output_dir).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = [float(config.data.weights.get(ds.name, len(ds))) for ds in prep.train_sets]
+    interleaving = Interleaving([len(ds) for ds in prep.train_sets], weights)
+    collator = UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs))
+    logging_dir = out_dir / "tensorboard"
+    args = TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        num_train_epochs=t.epochs,
+        per_device_train_batch_size=t.batch_size,
+        learning_rate=t.learning_rate,
+        warmup_steps=int(math.ceil(t.warmup_ratio * max(t.max_steps, 1))) if t.max_steps > 0 else 0,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type="cosine",
+        logging_steps=t.logging_steps,
+        report_to="none",  # TensorBoard is added below, writing where we say
+        save_strategy="steps" if t.save_steps > 0 else "no",
+        save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_only_model=True,
+        seed=t.seed,
+        data_seed=t.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=config.data.workers,
+        disable_tqdm=not t.progress,
+        use_cpu=not torch.cuda.is_available(),
+        label_names=["labels"],
+    )
+    run_meta = {
+        "config": config.to_dict(),
+        "studies": prep.studies,
+        "trainable": prep.trainable,
+        "base_model": config.model.base,
+    }
+    trainer = UmbrellaTrainer(
+        model=prep.model,
+        args=args,
+        train_dataset=ConcatDataset(prep.train_sets),
+        data_collator=collator,
+        processing_class=prep.tokenizer,
+        interleaving=interleaving,
+        provenance=prep.provenance,
+        run_meta=run_meta,
+        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(str(logging_dir)))],
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    elapsed = time.perf_counter() - started
+    final_dir = out_dir / "final"
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "train_seconds": round(elapsed, 1),
+    }
+    if prep.eval_set is not None:
+        results = answer_accuracy(prep.model, prep.eval_set, collator, batch_size=t.batch_size)
+        metrics["held_out"] = results
+        log("held-out answers (greedy answer equals the reference):")
+        log(format_table(results))
+        with SummaryWriter(str(logging_dir)) as writer:
+            for key, r in results.items():
+                writer.add_scalar(f"eval/accuracy/{key}", r["accuracy"], result.global_step)
+                writer.add_scalar(f"eval/loss/{key}", r["loss"], result.global_step)
+    save_checkpoint(prep.model, prep.tokenizer, final_dir, provenance=prep.provenance,
+                    extra=run_meta | {"metrics": metrics})
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"checkpoint:  {final_dir}")
+    log(f"tensorboard: {logging_dir}   (tensorboard --logdir {logging_dir})")
+    return metrics

@@ -1,0 +1,226 @@
+"""Value classes that plugins return and the core passes around.
+
+They are plain attrs classes and import neither torch nor numpy, so that
+``import umbrella_core`` and ``umbrella plugins`` stay fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "ModalitySpec",
+    "PhantomFile",
+    "ImageRef",
+    "Turn",
+    "StudyRecord",
+    "LossTerm",
+    "IMAGE_PLACEHOLDER",
+]
+
+#: The placeholder that marks where an image goes in a user turn.
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def _lower(value: str) -> str:
+    return str(value).strip().lower()
+
+
+def _int_tuple(value: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(v) for v in value)
+
+
+def _check_geometry(instance: "ModalitySpec", attribute: attrs.Attribute, value: Any) -> None:
+    ndim = instance.ndim
+    if ndim not in (3, 4):
+        raise ValueError(f"modality {instance.name!r}: ndim must be 3 or 4, got {ndim}")
+    if len(instance.shape) != ndim:
+        raise ValueError(
+            f"modality {instance.name!r}: shape {instance.shape} must have {ndim} entries"
+        )
+    if len(instance.patch_size) != ndim:
+        raise ValueError(
+            f"modality {instance.name!r}: patch_size {instance.patch_size} must have {ndim} entries"
+        )
+    for size, patch in zip(instance.shape, instance.patch_size):
+        if patch <= 0 or size <= 0 or size % patch:
+            raise ValueError(
+                f"modality {instance.name!r}: shape {instance.shape} is not divisible by "
+                f"patch_size {instance.patch_size}"
+            )
+
+
+@attrs.frozen(kw_only=True)
+class PhantomFile:
+    """One file of a synthetic sample: ``data`` (numpy array in file layout) and its affine.
+
+    ``suffix`` names the file (``T1w``, ``bold``, ``FA``); a sample with several
+    files (one per dMRI map, say) lists them in channel order.
+    """
+
+    suffix: str
+    data: Any
+    affine: Any
+
+
+@attrs.frozen(kw_only=True)
+class ModalitySpec:
+    """Everything the core needs to know about one imaging modality.
+
+    Attributes:
+        name: Canonical lower-case name carried in every batch (``t1``).
+        ndim: Spatial dimensions of one channel: 3 for (x, y, z), 4 for (x, y, z, t).
+        shape: Model input shape per channel, e.g. ``(96, 96, 96)``.
+        patch_size: Patch size per axis; ``shape`` must be divisible by it.
+        channels: Channels per image (e.g. 2 for dMRI FA and MD maps).
+        load: ``load(spec, paths) -> numpy.ndarray`` of dtype float32 and shape
+            ``(channels, *shape)``: reads the file(s), reorients, brings the volume
+            to ``shape`` and normalises intensity. Must raise
+            :class:`umbrella_core.errors.DataError` naming the file on bad input.
+        phantom: ``phantom(spec, rng, label) -> list[PhantomFile]``: a synthetic
+            sample whose content depends on ``label`` (one of ``phantom_labels``).
+        phantom_labels: The answers the phantom task can have.
+        phantom_question: The question whose answer is the phantom's label.
+        aliases: Other names users may type (``T1w``, ``sMRI``); matched case-insensitively.
+        file_patterns: Glob patterns of files of this modality (``*_T1w.nii.gz``).
+        description: One line for ``umbrella plugins``.
+        demo_shape: Input shape the built-in demo trains at (small, for CPU); defaults to ``shape``.
+        demo_patch_size: Patch size the built-in demo uses; defaults to ``patch_size``.
+    """
+
+    name: str = attrs.field(converter=_lower)
+    ndim: int = attrs.field(converter=int)
+    shape: tuple[int, ...] = attrs.field(converter=_int_tuple, validator=_check_geometry)
+    patch_size: tuple[int, ...] = attrs.field(converter=_int_tuple, validator=_check_geometry)
+    channels: int = attrs.field(default=1, converter=int)
+    load: Callable[..., Any] = attrs.field(eq=False, repr=False)
+    phantom: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
+    phantom_labels: tuple[str, ...] = attrs.field(default=("left", "right"), converter=tuple)
+    phantom_question: str = "Which hemisphere holds the lesion?"
+    aliases: tuple[str, ...] = attrs.field(
+        default=(), converter=lambda v: tuple(_lower(a) for a in v)
+    )
+    file_patterns: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    description: str = ""
+    demo_shape: tuple[int, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_int_tuple)
+    )
+    demo_patch_size: tuple[int, ...] | None = attrs.field(
+        default=None, converter=attrs.converters.optional(_int_tuple)
+    )
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Number of patches along each axis."""
+        return tuple(s // p for s, p in zip(self.shape, self.patch_size))
+
+    @property
+    def num_tokens(self) -> int:
+        """Image tokens one image of this modality becomes (invariant I3)."""
+        return math.prod(self.grid)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one model-ready image: ``(channels, *shape)``."""
+        return (self.channels, *self.shape)
+
+    def with_geometry(
+        self, shape: Sequence[int] | None = None, patch_size: Sequence[int] | None = None
+    ) -> "ModalitySpec":
+        """A copy with another input shape and/or patch size (validated)."""
+        changes: dict[str, Any] = {}
+        if shape is not None:
+            changes["shape"] = shape
+        if patch_size is not None:
+            changes["patch_size"] = patch_size
+        return attrs.evolve(self, **changes)
+
+    def for_demo(self) -> "ModalitySpec":
+        """A copy with the demo geometry (``demo_shape``/``demo_patch_size``) where declared."""
+        return self.with_geometry(self.demo_shape, self.demo_patch_size)
+
+
+def _paths(value: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str, ...]:
+    if isinstance(value, (str, os.PathLike)):
+        return (os.fspath(value),)
+    return tuple(os.fspath(v) for v in value)
+
+
+@attrs.frozen(kw_only=True)
+class ImageRef:
+    """One image of a record: its modality name and its file(s), one per channel or one in all."""
+
+    modality: str = attrs.field(converter=_lower)
+    paths: tuple[str, ...] = attrs.field(converter=_paths)
+
+
+_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
+
+
+def _role(value: str) -> str:
+    role = _ROLES.get(_lower(value))
+    if role is None:
+        raise ValueError(f"role must be user or assistant, got {value!r}")
+    return role
+
+
+@attrs.frozen(kw_only=True)
+class Turn:
+    """One turn of a conversation. ``human``/``gpt`` are accepted as ``user``/``assistant``."""
+
+    role: str = attrs.field(converter=_role)
+    content: str = attrs.field(converter=str)
+
+
+@attrs.frozen(kw_only=True)
+class StudyRecord:
+    """One training sample as a study reader yields it.
+
+    Attributes:
+        subject: Subject identifier.
+        images: The images, in the order their placeholders appear in the conversation.
+        turns: The conversation; at least one assistant turn.
+        study: Name of the study the record comes from.
+        session: Session identifier, if any.
+        split: ``train``, ``validation`` or ``test``.
+        phenotypes: Phenotype values (age, sex, diagnosis, ...).
+        source: Where the record was read (``manifest.jsonl:12``), for error messages.
+    """
+
+    subject: str = attrs.field(converter=str)
+    images: tuple[ImageRef, ...] = attrs.field(converter=tuple)
+    turns: tuple[Turn, ...] = attrs.field(converter=tuple)
+    study: str = "default"
+    session: str | None = None
+    split: str = attrs.field(default="train", converter=_lower)
+    phenotypes: Mapping[str, Any] = attrs.field(factory=dict)
+    source: str = ""
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(image.modality for image in self.images)
+
+    @property
+    def modality_key(self) -> str:
+        """The modalities of the record joined by ``+`` (``t1`` or ``t1+dmri``), for logging."""
+        return "+".join(dict.fromkeys(self.modalities)) or "text"
+
+
+@attrs.frozen(kw_only=True)
+class LossTerm:
+    """A term added to the unified next-token loss.
+
+    ``compute(outputs, batch)`` returns a scalar tensor; ``outputs`` is the
+    model's :class:`umbrella_core.model.umbrella.UmbrellaOutput` (logits,
+    labels, image features per modality) and ``batch`` the collated batch.
+    The term is multiplied by ``weight`` and logged under ``loss/<name>``.
+    """
+
+    name: str = attrs.field(converter=_lower)
+    compute: Callable[..., Any] = attrs.field(eq=False, repr=False)
+    weight: float = attrs.field(default=1.0, converter=float)
