@@ -78,7 +78,7 @@ class TrainerConfig:
     """``trainer`` section (what it does not set keeps the transformers default)."""
 
     output_dir: str = "runs/umbrella"
-    max_steps: int = 240
+    max_steps: int = 400
     epochs: float = 1.0
     batch_size: int = attrs.field(default=16, validator=_positive)
     learning_rate: float = attrs.field(default=2e-3, validator=_positive)

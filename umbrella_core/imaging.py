@@ -39,12 +39,14 @@ __all__ = [
     "reorient",
     "resize",
     "robust_normalise",
+    "zscore_masked",
     "zscore_time",
     "HeadPhantom",
     "head_phantom",
     "world_grid",
     "blob",
     "hemisphere_centre",
+    "hemisphere_mask",
     "bias_field",
     "rician_noise",
     "random_orientation",
@@ -312,6 +314,36 @@ def robust_normalise(
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def zscore_masked(array: ArrayLike, mask: ArrayLike) -> NDArray[np.float32]:
+    """Z-score the voxels inside ``mask`` and set the others to exactly 0.
+
+    This is the usual input normalisation for MR images (nnU-Net's, for one):
+    tissue is centred on 0 with unit spread, whatever the scanner's units, and
+    the background is a constant 0 rather than a large negative offset that
+    every patch would share.
+
+    Args:
+        array: Any array.
+        mask: Boolean array of the same shape: the foreground.
+
+    Returns:
+        A float32 array of the same shape; all zeros when the mask is empty or
+        the foreground is constant.
+    """
+    data = np.asarray(array, dtype=np.float32)
+    inside = np.asarray(mask, dtype=bool)
+    if inside.shape != data.shape:
+        raise ValueError(f"zscore_masked: mask shape {inside.shape} != array shape {data.shape}")
+    out = np.zeros_like(data)
+    values = data[inside]
+    if values.size == 0:
+        return out
+    std = float(values.std())
+    if std > 0.0:
+        out[inside] = (values - np.float32(values.mean())) / np.float32(std)
+    return out
+
+
 def zscore_time(series: ArrayLike, eps: float = 1e-6) -> NDArray[np.float32]:
     """Z-score every voxel's time course (the last axis).
 
@@ -424,19 +456,26 @@ def head_phantom(
     voxel_size: Sequence[float],
     *,
     fill: float = 0.85,
+    position_jitter: float = 0.5,
+    size_jitter: float = 0.02,
 ) -> HeadPhantom:
     """Build a smooth, subject-specific synthetic head.
 
     An ellipsoidal head (scalp, skull, CSF) around a brain with a folded
     cortical ribbon, white matter and two ventricles. Head size, position in the
     field of view and folding pattern vary with ``rng``; the head centre is at
-    world ``(0, 0, 0)``.
+    world ``(0, 0, 0)``. The default jitter is small, as in images aligned to a
+    template: the demo's few training steps must go to the finding, not to
+    head placement.
 
     Args:
         rng: Source of randomness (the phantom is a function of its state).
         shape: Grid size ``(X, Y, Z)``.
         voxel_size: Voxel size in mm along each axis.
         fill: Fraction of the field of view the head spans along each axis.
+        position_jitter: Largest offset of the head from the centre of the
+            field of view, in voxels per axis.
+        size_jitter: Largest relative change of the head's semi-axes.
 
     Returns:
         A :class:`HeadPhantom` on a RAS grid.
@@ -444,12 +483,12 @@ def head_phantom(
     dims = tuple(int(s) for s in shape[:3])
     zooms = np.asarray(voxel_size, dtype=np.float64)[:3]
     fov = np.asarray(dims) * zooms
-    shift = rng.uniform(-1.5, 1.5, size=3) * zooms  # head not exactly centred in the FOV
+    shift = rng.uniform(-position_jitter, position_jitter, size=3) * zooms
     affine = np.eye(4)
     affine[:3, :3] = np.diag(zooms)
     affine[:3, 3] = -(np.asarray(dims) - 1) / 2.0 * zooms + shift
 
-    head = fov * fill / 2.0 * rng.uniform(0.94, 1.04, size=3)
+    head = fov * fill / 2.0 * rng.uniform(1.0 - size_jitter, 1.0 + size_jitter, size=3)
     xyz = world_grid(dims, affine)
     scaled = xyz / head.astype(np.float32)
     r = np.sqrt(np.sum(scaled * scaled, axis=-1))
@@ -517,6 +556,24 @@ def hemisphere_centre(
     )
 
 
+def hemisphere_mask(phantom: HeadPhantom, side: str) -> NDArray[np.float32]:
+    """A soft mask of one side of the mid-sagittal plane (world x = 0).
+
+    Multiplying a lesion's surroundings by it keeps them in their hemisphere,
+    as the falx does for oedema.
+
+    Args:
+        phantom: The head whose grid the mask is on.
+        side: ``"left"`` (world x < 0) or ``"right"`` (world x > 0).
+    """
+    sign = {"left": -1.0, "right": 1.0}.get(str(side).lower())
+    if sign is None:
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    x = world_grid(phantom.shape, phantom.affine)[..., 0]
+    voxel = float(np.sqrt((phantom.affine[:3, :3] ** 2).sum(axis=0)).min())
+    return _soft(np.float32(sign) * x, voxel)
+
+
 def blob(
     shape: Sequence[int],
     affine: ArrayLike,
@@ -556,15 +613,17 @@ def bias_field(
     linear = rng.normal(size=3) * strength / 2.0
     quadratic = rng.normal(size=3) * strength / 3.0
     log_field = (
-        linear[0] * x + linear[1] * y + linear[2] * z
-        + quadratic[0] * x * x + quadratic[1] * y * y + quadratic[2] * z * z
+        linear[0] * x
+        + linear[1] * y
+        + linear[2] * z
+        + quadratic[0] * x * x
+        + quadratic[1] * y * y
+        + quadratic[2] * z * z
     )
     return np.exp(log_field).astype(np.float32)
 
 
-def rician_noise(
-    rng: np.random.Generator, image: ArrayLike, sigma: float
-) -> NDArray[np.float32]:
+def rician_noise(rng: np.random.Generator, image: ArrayLike, sigma: float) -> NDArray[np.float32]:
     """Magnitude of ``image`` plus complex Gaussian noise, as in MR magnitude images.
 
     The background gets the Rayleigh floor real scans have instead of zeros.

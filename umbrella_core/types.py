@@ -60,12 +60,14 @@ class PhantomFile:
     """One file of a synthetic sample: ``data`` (numpy array in file layout) and its affine.
 
     ``suffix`` names the file (``T1w``, ``bold``, ``FA``); a sample with several
-    files (one per dMRI map, say) lists them in channel order.
+    files (one per dMRI map, say) lists them in channel order. ``tr`` is the
+    repetition time in seconds of a 4D series, written to the header.
     """
 
     suffix: str
     data: Any
     affine: Any
+    tr: float | None = None
 
 
 @attrs.frozen(kw_only=True)

@@ -34,8 +34,9 @@ def write_demo(
     seed: int = 0,
 ) -> Path:
     """Write the demo study into ``directory``; returns the manifest path."""
-    import nibabel as nib
     import numpy as np
+
+    from umbrella_core.imaging import save_nifti
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -54,7 +55,7 @@ def write_demo(
             paths = []
             for part in spec.phantom(spec, rng, label):
                 rel = f"{name}/{subject}_{part.suffix}.nii.gz"
-                nib.save(nib.Nifti1Image(part.data, part.affine), str(root / rel))
+                save_nifti(root / rel, part.data, part.affine, tr=part.tr)
                 paths.append(rel)
             lines.append(
                 {

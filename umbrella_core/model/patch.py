@@ -34,7 +34,9 @@ def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
     patch = tuple(int(p) for p in patch_size)
     n = len(patch)
     if x.dim() != n + 2:
-        raise ValueError(f"patchify: expected a {n + 2}D tensor (B, C, {n} dims), got {tuple(x.shape)}")
+        raise ValueError(
+            f"patchify: expected a {n + 2}D tensor (B, C, {n} dims), got {tuple(x.shape)}"
+        )
     batch, channels, *dims = x.shape
     if any(d % p for d, p in zip(dims, patch)):
         raise ValueError(f"patchify: dims {tuple(dims)} are not divisible by patch size {patch}")
@@ -57,18 +59,23 @@ class PatchEmbedding(nn.Module):
     ``Conv3d``; four (``x, y, z, t``), for which torch has no convolution, use
     :func:`patchify` followed by ``nn.Linear``, which is the same operation.
 
-    A LayerNorm follows the projection: the modalities feed one shared vision
-    body, and their inputs live on different scales (T1 in [0, 1], z-scored fMRI
-    with unit variance per voxel, dMRI maps), so normalising each token keeps the
-    body's input scale the same for all of them and steadies early training.
-    Learned position embeddings (truncated normal, std 0.02) are added after it.
+    Learned position embeddings (truncated normal, std 0.02, as in ViT) are
+    added to the projected patches.
+
+    ``norm=True`` puts a LayerNorm after the projection. It is off by default:
+    the vision body's transformer layers normalise their inputs (pre-LN; CLIP
+    also has a LayerNorm before its first layer), and on the demo phantoms a
+    per-token LayerNorm made a linear probe on the tokens generalise worse (it
+    discards each patch's overall intensity, which is what a lesion changes).
+    Turn it on for a vision body
+    that does not normalise its input.
 
     Args:
         in_channels: Channels per image.
         shape: Input shape per channel (3 or 4 entries).
         patch_size: Patch size per axis; ``shape`` must be divisible by it.
         hidden_size: Token width.
-        norm: Whether to apply the LayerNorm described above.
+        norm: Whether to apply a LayerNorm to the projected patches (see above).
     """
 
     def __init__(
@@ -78,7 +85,7 @@ class PatchEmbedding(nn.Module):
         patch_size: Sequence[int],
         hidden_size: int,
         *,
-        norm: bool = True,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = int(in_channels)
@@ -92,7 +99,8 @@ class PatchEmbedding(nn.Module):
             )
         if any(p <= 0 or s % p for s, p in zip(self.shape, self.patch_size)):
             raise ValueError(
-                f"PatchEmbedding: shape {self.shape} is not divisible by patch_size {self.patch_size}"
+                f"PatchEmbedding: shape {self.shape} is not divisible by "
+                f"patch_size {self.patch_size}"
             )
         if self.in_channels <= 0 or self.hidden_size <= 0:
             raise ValueError("PatchEmbedding: in_channels and hidden_size must be positive")
@@ -116,9 +124,9 @@ class PatchEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embed a batch: ``(B, C, *shape)`` -> ``(B, num_tokens, hidden_size)``."""
         if x.dim() != len(self.shape) + 2 or tuple(x.shape[1:]) != self.expected_input_shape:
+            expected = ", ".join(map(str, self.expected_input_shape))
             raise ValueError(
-                f"PatchEmbedding: expected input (B, {', '.join(map(str, self.expected_input_shape))}),"
-                f" got {tuple(x.shape)}"
+                f"PatchEmbedding: expected input (B, {expected}), got {tuple(x.shape)}"
             )
         if isinstance(self.proj, nn.Conv3d):
             tokens = self.proj(x).flatten(2).transpose(1, 2)

@@ -1,0 +1,216 @@
+"""Tests of the fMRI plugin: its spec and hooks, its loader on phantoms and real series."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pluggy
+import pytest
+from nibabel.testing import data_path
+from umbrella_fmri import plugin
+from umbrella_fmri.phantom import block_design, make_bold_phantom
+from umbrella_fmri.plugin import FMRI
+from umbrella_fmri.preprocess import BACKGROUND_FRACTION
+
+from umbrella_core import DataError, ModalitySpec, hookspecs, imaging
+
+ANATOMICAL = os.path.join(data_path, "anatomical.nii")
+FUNCTIONAL = os.path.join(data_path, "functional.nii")
+EXAMPLE4D = os.path.join(data_path, "example4d.nii.gz")
+DEMO = FMRI.for_demo()
+
+
+def _write(files, folder: Path, stem: str = "sub-01") -> list[str]:
+    return [
+        imaging.save_nifti(folder / f"{stem}_{f.suffix}.nii.gz", f.data, f.affine, tr=2.0)
+        for f in files
+    ]
+
+
+def _activation_x(series: np.ndarray) -> int:
+    """x index of the peak correlation with the task paradigm, averaged over y and z."""
+    frames = series.shape[-1]
+    paradigm = block_design(frames, 2.0)
+    paradigm = (paradigm - paradigm.mean()) / paradigm.std()
+    correlation = (series * paradigm).mean(axis=-1)
+    return int(np.argmax(correlation.mean(axis=(1, 2))))
+
+
+# ---------------------------------------------------------------------------
+# Spec and hooks
+# ---------------------------------------------------------------------------
+
+
+def test_spec_metadata() -> None:
+    assert FMRI.name == "fmri" and FMRI.ndim == 4 and FMRI.channels == 1
+    assert set(FMRI.aliases) == {"bold", "rsfmri", "func"}
+    assert FMRI.shape == (64, 64, 48, 24) and FMRI.num_tokens == 4 * 4 * 3 * 6
+    assert DEMO.shape == (24, 24, 24, 8) and DEMO.num_tokens == 54
+    assert "*_bold.nii.gz" in FMRI.file_patterns
+    assert FMRI.phantom_labels == ("left", "right")
+    assert "hemisphere" in FMRI.phantom_question
+
+
+def test_entry_point_is_installed() -> None:
+    points = importlib.metadata.entry_points(group="umbrella")
+    assert any(p.name == "fmri" and p.value == "umbrella_fmri.plugin" for p in points)
+
+
+def test_hooks_match_the_hookspecs() -> None:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin)
+    pm.check_pending()
+    assert pm.hook.umbrella_modalities() == [[FMRI]]
+
+
+def test_patch_embedder_ignores_other_modalities() -> None:
+    other = ModalitySpec(name="t1", ndim=3, shape=(8, 8, 8), patch_size=(4, 4, 4), load=len)
+    assert plugin.umbrella_patch_embedder(other, 16) is None
+
+
+@pytest.mark.parametrize(
+    "shape, patch, tokens",
+    [((24, 24, 24, 8), (8, 8, 8, 4), 54), ((16, 16, 8, 12), (8, 8, 4, 4), 24)],
+)
+def test_patch_embedder_follows_the_configured_geometry(shape, patch, tokens) -> None:
+    import torch
+
+    spec = FMRI.with_geometry(shape, patch)
+    module = plugin.umbrella_patch_embedder(spec, 16)
+    x = torch.randn(2, *spec.input_shape, requires_grad=True)
+    out = module(x)
+    assert out.shape == (2, tokens, 16) == (2, spec.num_tokens, 16)
+    out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in module.parameters())
+
+
+def test_importing_the_plugin_does_not_import_torch_or_nibabel() -> None:
+    code = (
+        "import sys, umbrella_fmri.plugin as p; p.umbrella_modalities(); "
+        "print(sorted(m for m in ('torch', 'nibabel') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------
+# Phantom written to disk, then loaded
+# ---------------------------------------------------------------------------
+
+
+def test_phantom_is_twice_the_window_and_loads_z_scored(tmp_path: Path) -> None:
+    files = DEMO.phantom(DEMO, np.random.default_rng(0), "left")
+    assert [f.suffix for f in files] == ["bold"]
+    assert files[0].data.ndim == 4 and files[0].data.shape[3] == 2 * DEMO.shape[3]
+    series = DEMO.load(DEMO, _write(files, tmp_path))
+    assert series.shape == (1, 24, 24, 24, 8) and series.dtype == np.float32
+    assert np.isfinite(series).all()
+    std = series[0].std(axis=-1)
+    brain = std > 0
+    assert 0.1 < brain.mean() < 0.9  # background is zeroed, the head is not
+    np.testing.assert_allclose(series[0][brain].mean(axis=-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(std[brain], 1.0, atol=1e-3)
+    assert (series[0][~brain] == 0).all()
+
+
+@pytest.mark.parametrize("orientation", [("R", "A", "S"), ("L", "A", "S")])
+@pytest.mark.parametrize("label", ["left", "right"])
+def test_activation_side_survives_writing_and_loading(tmp_path: Path, orientation, label) -> None:
+    for seed in range(3):
+        files = make_bold_phantom(
+            np.random.default_rng(seed), label, frames=16, orientation=orientation
+        )
+        assert nib.aff2axcodes(files[0].affine) == orientation
+        series = DEMO.load(DEMO, _write(files, tmp_path, f"s{seed}"))[0]
+        x = _activation_x(series)
+        assert (x < 12) == (label == "left"), (seed, x)
+
+
+def test_ignoring_the_affine_puts_a_las_activation_on_the_wrong_side(tmp_path: Path) -> None:
+    files = make_bold_phantom(
+        np.random.default_rng(0), "left", frames=8, orientation=("L", "A", "S")
+    )
+    raw = np.asarray(nib.load(_write(files, tmp_path)[0]).dataobj, dtype=np.float32)
+    assert _activation_x(imaging.zscore_time(raw)) > raw.shape[0] / 2
+
+
+@pytest.mark.parametrize("orientation", [("L", "P", "S"), ("P", "I", "R")])
+def test_every_orientation_loads_to_the_same_input(tmp_path: Path, orientation) -> None:
+    a = make_bold_phantom(np.random.default_rng(3), "left", frames=8, orientation=imaging.RAS)
+    b = make_bold_phantom(np.random.default_rng(3), "left", frames=8, orientation=orientation)
+    np.testing.assert_array_equal(
+        DEMO.load(DEMO, _write(a, tmp_path, "a")), DEMO.load(DEMO, _write(b, tmp_path, "b"))
+    )
+
+
+def test_the_window_is_the_first_frames(tmp_path: Path) -> None:
+    files = make_bold_phantom(np.random.default_rng(1), "right", frames=12, orientation=imaging.RAS)
+    full = _write(files, tmp_path, "full")
+    data = files[0].data
+    head = _write([attr_replace(files[0], data[..., :8])], tmp_path, "head")
+    tail = _write([attr_replace(files[0], data[..., 4:12])], tmp_path, "tail")
+    np.testing.assert_array_equal(DEMO.load(DEMO, full), DEMO.load(DEMO, head))
+    assert not np.array_equal(DEMO.load(DEMO, full), DEMO.load(DEMO, tail))
+
+
+def attr_replace(file, data):
+    import attrs
+
+    return attrs.evolve(file, data=np.ascontiguousarray(data))
+
+
+# ---------------------------------------------------------------------------
+# Real series shipped with nibabel
+# ---------------------------------------------------------------------------
+
+
+def test_real_functional_series_loads_with_a_window_of_up_to_20_frames() -> None:
+    spec = FMRI.with_geometry((16, 16, 8, 12), (8, 8, 4, 4))
+    series = spec.load(spec, [FUNCTIONAL])
+    assert series.shape == (1, 16, 16, 8, 12) and series.dtype == np.float32
+    canonical = nib.as_closest_canonical(nib.load(FUNCTIONAL)).get_fdata()[..., :12]
+    window = imaging.resize(canonical, (16, 16, 8))
+    mean = window.mean(axis=-1)
+    brain = mean >= BACKGROUND_FRACTION * np.percentile(mean, 98)
+    expected = np.where(brain[..., None], imaging.zscore_time(window), 0.0)
+    np.testing.assert_allclose(series[0], expected, atol=1e-4)
+    assert brain.mean() > 0.5
+    whole = FMRI.with_geometry((16, 16, 8, 20), (8, 8, 4, 4))
+    assert whole.load(whole, FUNCTIONAL).shape == (1, 16, 16, 8, 20)
+
+
+def test_real_series_is_flipped_to_ras() -> None:
+    # functional.nii is LAS: at native size the output is the raw series mirrored on x.
+    spec = FMRI.with_geometry((17, 21, 3, 20), (17, 21, 3, 4))
+    raw = np.asarray(nib.load(FUNCTIONAL).dataobj, dtype=np.float32)[::-1]
+    series = spec.load(spec, FUNCTIONAL)[0]
+    z = imaging.zscore_time(raw)
+    brain = series.std(axis=-1) > 0
+    np.testing.assert_allclose(series[brain], z[brain], atol=1e-4)
+
+
+def test_a_series_shorter_than_the_window_is_refused_naming_the_file() -> None:
+    spec = FMRI.with_geometry((32, 32, 16, 4), (8, 8, 8, 4))
+    with pytest.raises(
+        DataError, match=r"example4d.nii.gz: the series has 2 frames, fewer than the 4 frames"
+    ):
+        spec.load(spec, [EXAMPLE4D])
+    short = FMRI.with_geometry((32, 32, 16, 2), (8, 8, 8, 2))
+    assert short.load(short, [EXAMPLE4D]).shape == (1, 32, 32, 16, 2)
+
+
+def test_a_3d_volume_is_refused_naming_the_file() -> None:
+    with pytest.raises(DataError, match=r"anatomical.nii: expected a 4D series \(x, y, z, time\)"):
+        DEMO.load(DEMO, [ANATOMICAL])
+
+
+def test_more_than_one_file_is_refused() -> None:
+    with pytest.raises(DataError, match="fmri takes one 4D file per image, got 2"):
+        DEMO.load(DEMO, [FUNCTIONAL, FUNCTIONAL])

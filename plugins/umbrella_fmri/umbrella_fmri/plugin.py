@@ -1,0 +1,66 @@
+"""Hook implementations of the fMRI plugin.
+
+Importing this module is cheap (no torch, no nibabel): ``umbrella plugins``
+imports it just to list what it provides. The loader, the phantom and the
+patch embedder import their dependencies when they are first used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from umbrella_core import ModalitySpec, PhantomFile, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    from torch import nn
+
+
+def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
+    """``ModalitySpec.load`` of ``fmri``; see :func:`umbrella_fmri.preprocess.load_bold`."""
+    from umbrella_fmri.preprocess import load_bold
+
+    return load_bold(spec, paths)
+
+
+def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
+    """``ModalitySpec.phantom`` of ``fmri``: a series twice as long as the model's window."""
+    from umbrella_fmri.phantom import make_bold_phantom
+
+    return make_bold_phantom(rng, label, frames=2 * spec.shape[3])
+
+
+FMRI = ModalitySpec(
+    name="fmri",
+    ndim=4,
+    # (x, y, z, t): a 3-4 mm BOLD grid and a window of 24 frames (48 s at TR 2 s).
+    # Patches of 16^3 voxels x 4 frames give 4 * 4 * 3 * 6 = 288 tokens.
+    shape=(64, 64, 48, 24),
+    patch_size=(16, 16, 16, 4),
+    channels=1,
+    load=load,
+    phantom=phantom,
+    phantom_labels=("left", "right"),
+    phantom_question="Which hemisphere shows the task activation?",
+    aliases=("bold", "rsfmri", "func"),
+    file_patterns=("*_bold.nii.gz", "*_bold.nii"),
+    description="BOLD fMRI: a window of frames of a 4D series, RAS, resampled, z-scored per voxel",
+    # 3 * 3 * 3 * 2 = 54 tokens for the CPU demo.
+    demo_shape=(24, 24, 24, 8),
+    demo_patch_size=(8, 8, 8, 4),
+)
+
+
+@hookimpl
+def umbrella_modalities() -> list[ModalitySpec]:
+    return [FMRI]
+
+
+@hookimpl
+def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module | None:
+    if spec.name != FMRI.name:
+        return None
+    from umbrella_core.model.patch import PatchEmbedding
+
+    return PatchEmbedding(spec.channels, spec.shape, spec.patch_size, hidden_size)

@@ -1,0 +1,65 @@
+"""Hook implementations of the T1 plugin.
+
+Importing this module is cheap (no torch, no nibabel): ``umbrella plugins``
+imports it just to list what it provides. The loader, the phantom and the
+patch embedder import their dependencies when they are first used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from umbrella_core import ModalitySpec, PhantomFile, hookimpl
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    from torch import nn
+
+
+def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
+    """``ModalitySpec.load`` of ``t1``; see :func:`umbrella_t1.preprocess.load_t1`."""
+    from umbrella_t1.preprocess import load_t1
+
+    return load_t1(spec, paths)
+
+
+def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
+    """``ModalitySpec.phantom`` of ``t1``; see :func:`umbrella_t1.phantom.make_t1_phantom`."""
+    from umbrella_t1.phantom import make_t1_phantom
+
+    return make_t1_phantom(rng, label)
+
+
+T1 = ModalitySpec(
+    name="t1",
+    ndim=3,
+    # 128^3 keeps a 1 mm adult head at about 1.5 mm; 16^3 patches give 512 tokens.
+    shape=(128, 128, 128),
+    patch_size=(16, 16, 16),
+    channels=1,
+    load=load,
+    phantom=phantom,
+    phantom_labels=("left", "right"),
+    phantom_question="Which hemisphere holds the lesion?",
+    aliases=("t1w", "smri", "anat"),
+    file_patterns=("*_T1w.nii.gz", "*_T1w.nii"),
+    description="T1-weighted structural MRI: one 3D volume, RAS, resampled, percentile-normalised",
+    # 64 tokens: small enough for the CPU demo, large enough to see a lesion.
+    demo_shape=(32, 32, 32),
+    demo_patch_size=(8, 8, 8),
+)
+
+
+@hookimpl
+def umbrella_modalities() -> list[ModalitySpec]:
+    return [T1]
+
+
+@hookimpl
+def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module | None:
+    if spec.name != T1.name:
+        return None
+    from umbrella_core.model.patch import PatchEmbedding
+
+    return PatchEmbedding(spec.channels, spec.shape, spec.patch_size, hidden_size)
