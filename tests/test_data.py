@@ -18,10 +18,14 @@ from umbrella_core.types import Turn
 
 RECORD = {
     "subject": "sub-01",
-    "images": [{"modality": "t1", "path": "anat/sub-01_T1w.nii.gz"},
-               {"modality": "dmri", "path": ["dwi/sub-01_FA.nii.gz", "dwi/sub-01_MD.nii.gz"]}],
-    "conversation": [{"role": "user", "content": "<image><image>\nCompare."},
-                     {"role": "assistant", "content": "Similar."}],
+    "images": [
+        {"modality": "t1", "path": "anat/sub-01_T1w.nii.gz"},
+        {"modality": "dmri", "path": ["dwi/sub-01_FA.nii.gz", "dwi/sub-01_MD.nii.gz"]},
+    ],
+    "conversation": [
+        {"role": "user", "content": "<image><image>\nCompare."},
+        {"role": "assistant", "content": "Similar."},
+    ],
     "phenotypes": {"age": 63},
 }
 
@@ -32,7 +36,9 @@ def tokenizer():
 
 
 def test_jsonl_and_json_manifests_give_the_same_records(tmp_path):
-    (tmp_path / "m.jsonl").write_text(json.dumps(RECORD) + "\n\n" + json.dumps(RECORD | {"subject": "sub-02"}) + "\n")
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps(RECORD) + "\n\n" + json.dumps(RECORD | {"subject": "sub-02"}) + "\n"
+    )
     (tmp_path / "m.json").write_text(json.dumps({"study": "cohort", "records": [RECORD]}))
     jsonl = list(read_manifest(tmp_path / "m.jsonl"))
     (record,) = list(read_manifest(tmp_path / "m.json"))
@@ -47,10 +53,22 @@ def test_jsonl_and_json_manifests_give_the_same_records(tmp_path):
     "line, message",
     [
         ("{not json", r"m.jsonl:2: invalid JSON"),
-        (json.dumps({k: v for k, v in RECORD.items() if k != "subject"}), r"m.jsonl:2: field 'subject' is missing"),
-        (json.dumps(RECORD | {"conversation": RECORD["conversation"][:1]}), r"m.jsonl:2: .*no assistant turn"),
-        (json.dumps(RECORD | {"images": RECORD["images"][:1]}), r"m.jsonl:2: .*2 <image> placeholder\(s\) but the record lists 1"),
-        (json.dumps(RECORD | {"conversation": [{"role": "robot", "content": "x"}]}), r"conversation\[0\].role"),
+        (
+            json.dumps({k: v for k, v in RECORD.items() if k != "subject"}),
+            r"m.jsonl:2: field 'subject' is missing",
+        ),
+        (
+            json.dumps(RECORD | {"conversation": RECORD["conversation"][:1]}),
+            r"m.jsonl:2: .*no assistant turn",
+        ),
+        (
+            json.dumps(RECORD | {"images": RECORD["images"][:1]}),
+            r"m.jsonl:2: .*2 <image> placeholder\(s\) but the record lists 1",
+        ),
+        (
+            json.dumps(RECORD | {"conversation": [{"role": "robot", "content": "x"}]}),
+            r"conversation\[0\].role",
+        ),
     ],
 )
 def test_bad_manifest_lines_name_file_line_and_field(tmp_path, line, message):
@@ -67,32 +85,56 @@ def test_empty_manifest_is_an_error(tmp_path):
 
 def test_encoding_expands_each_placeholder_to_its_modality_token_count_and_masks_labels(tokenizer):
     enc = encode_conversation(
-        [Turn(role="user", content="<image> and <image>?"), Turn(role="assistant", content="yes"),
-         Turn(role="user", content="sure?"), Turn(role="assistant", content="no")],
-        ["t1", "fmri"], tokenizer=tokenizer, image_token_id=4,
-        tokens_per_modality={"t1": 5, "fmri": 7}, max_length=512,
+        [
+            Turn(role="user", content="<image> and <image>?"),
+            Turn(role="assistant", content="yes"),
+            Turn(role="user", content="sure?"),
+            Turn(role="assistant", content="no"),
+        ],
+        ["t1", "fmri"],
+        tokenizer=tokenizer,
+        image_token_id=4,
+        tokens_per_modality={"t1": 5, "fmri": 7},
+        max_length=512,
     )
     assert enc.input_ids.count(4) == 12
-    learned = [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
+    learned = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX]
     assert tokenizer.decode(learned) == "yes</s>no</s>"
 
 
 def test_too_long_conversation_and_placeholder_mismatch(tokenizer):
     turns = [Turn(role="user", content="<image>"), Turn(role="assistant", content="ok")]
     with pytest.raises(DataError, match="at most 20"):
-        encode_conversation(turns, ["t1"], tokenizer=tokenizer, image_token_id=4,
-                            tokens_per_modality={"t1": 64}, max_length=20, where="m.jsonl:3")
+        encode_conversation(
+            turns,
+            ["t1"],
+            tokenizer=tokenizer,
+            image_token_id=4,
+            tokens_per_modality={"t1": 64},
+            max_length=20,
+            where="m.jsonl:3",
+        )
     with pytest.raises(TokenCountError, match="2 image"):
-        encode_conversation(turns, ["t1", "t1"], tokenizer=tokenizer, image_token_id=4,
-                            tokens_per_modality={"t1": 4}, max_length=512)
+        encode_conversation(
+            turns,
+            ["t1", "t1"],
+            tokenizer=tokenizer,
+            image_token_id=4,
+            tokens_per_modality={"t1": 4},
+            max_length=512,
+        )
 
 
 def test_collator_groups_a_mixed_batch_by_modality_and_pads(tokenizer):
     t1_a, t1_b, dmri = torch.rand(1, 8, 8, 8), torch.rand(1, 8, 8, 8), torch.rand(2, 8, 8, 8)
     items = [
         {"input_ids": [1, 5, 6], "labels": [-100, -100, 6], "images": [("t1", t1_a)], "key": "t1"},
-        {"input_ids": [1, 7, 8, 9, 10], "labels": [-100, -100, 8, 9, 10],
-         "images": [("dmri", dmri), ("t1", t1_b)], "key": "dmri+t1"},
+        {
+            "input_ids": [1, 7, 8, 9, 10],
+            "labels": [-100, -100, 8, 9, 10],
+            "images": [("dmri", dmri), ("t1", t1_b)],
+            "key": "dmri+t1",
+        },
         {"input_ids": [1, 2], "labels": [-100, 2], "images": [], "key": "text"},
     ]
     batch = UmbrellaCollator(pad_token_id=0, modality_order=("dmri", "fmri", "t1"))(items)

@@ -28,9 +28,20 @@ def demo_run(tmp_path_factory):
     env = dict(os.environ)
     env.setdefault("UMBRELLA_CACHE", str(out / "cache"))
     result = subprocess.run(
-        [sys.executable, "-m", "umbrella_core.cli", "train", "--modalities", "t1,dmri",
-         "--output-dir", str(out / "run"), "--no-progress"],
-        capture_output=True, text=True, env=env,
+        [
+            sys.executable,
+            "-m",
+            "umbrella_core.cli",
+            "train",
+            "--modalities",
+            "t1,dmri",
+            "--output-dir",
+            str(out / "run"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return out / "run", result.stdout

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import sysconfig
 import venv
 from pathlib import Path
@@ -42,7 +41,9 @@ def scratch_env(tmp_path_factory):
     python = env_dir / "bin" / "python"
     child_site = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     (Path(child_site) / "_umbrella_test_mirror.pth").write_text(
         f"import site; site.addsitedir({str(mirror)!r})\n"
@@ -71,9 +72,19 @@ def _modalities(run, umbrella) -> dict:
 
 def _train(run, umbrella, base, modalities: str) -> subprocess.CompletedProcess:
     return run(
-        str(umbrella), "train", "--modalities", modalities, "--max-steps", "2",
-        "--demo-subjects", "6", "--batch-size", "2", "--no-progress",
-        "--output-dir", str(base / f"run-{modalities.replace(',', '-')}"),
+        str(umbrella),
+        "train",
+        "--modalities",
+        modalities,
+        "--max-steps",
+        "2",
+        "--demo-subjects",
+        "6",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--output-dir",
+        str(base / f"run-{modalities.replace(',', '-')}"),
     )
 
 
@@ -81,11 +92,23 @@ def test_install_uninstall_reinstall_a_modality_plugin(scratch_env):
     run, pip, umbrella, base = scratch_env
     assert _modalities(run, umbrella) == {}  # core alone: no modality yet
 
-    pip("install", "--no-deps", "-e", str(ROOT / "plugins/umbrella_t1"),
-        "-e", str(ROOT / "plugins/umbrella_fmri"), "-e", str(ROOT / "plugins/umbrella_dmri"))
+    pip(
+        "install",
+        "--no-deps",
+        "-e",
+        str(ROOT / "plugins/umbrella_t1"),
+        "-e",
+        str(ROOT / "plugins/umbrella_fmri"),
+        "-e",
+        str(ROOT / "plugins/umbrella_dmri"),
+    )
     found = _modalities(run, umbrella)
     assert set(found) == {"t1", "fmri", "dmri"}
-    assert {m["distribution"] for m in found.values()} == {"umbrella-t1", "umbrella-fmri", "umbrella-dmri"}
+    assert {m["distribution"] for m in found.values()} == {
+        "umbrella-t1",
+        "umbrella-fmri",
+        "umbrella-dmri",
+    }
     assert all(m["version"] == "0.1.0" for m in found.values())
 
     pip("uninstall", "-y", "umbrella-fmri")

@@ -23,7 +23,10 @@ def assembled(toy_pm):
 def _item(tokenizer, model, images, answer="left"):
     placeholders = "".join("<image>" for _ in images)
     enc = encode_conversation(
-        [Turn(role="user", content=f"{placeholders}\nWhich side?"), Turn(role="assistant", content=answer)],
+        [
+            Turn(role="user", content=f"{placeholders}\nWhich side?"),
+            Turn(role="assistant", content=answer),
+        ],
         [m for m, _ in images],
         tokenizer=tokenizer,
         image_token_id=model.image_token_id,
@@ -39,11 +42,17 @@ def _batch(model, tokenizer, *items):
 
 
 @pytest.mark.parametrize("trainable", ["embedders", "projector", "full"])
-def test_t1_only_batch_gives_every_trainable_parameter_a_gradient_and_dmri_exact_zero(assembled, trainable):
+def test_t1_only_batch_gives_every_trainable_parameter_a_gradient_and_dmri_exact_zero(
+    assembled, trainable
+):
     model, tokenizer, specs = assembled
     model.set_trainable(trainable)
     torch.manual_seed(0)
-    batch = _batch(model, tokenizer, *[_item(tokenizer, model, [("t1", torch.randn(1, 8, 8, 8))]) for _ in range(3)])
+    batch = _batch(
+        model,
+        tokenizer,
+        *[_item(tokenizer, model, [("t1", torch.randn(1, 8, 8, 8))]) for _ in range(3)],
+    )
     out = model(**batch)
     assert torch.equal(out.loss, out.nll)  # the coverage term adds exactly 0.0, not 1e-7
     out.loss.backward()
@@ -66,8 +75,11 @@ def test_sgd_step_on_t1_batch_leaves_dmri_embedder_bit_identical(assembled):
     for name, param in model.embeddings.embedders.named_parameters():
         if name.startswith("dmri."):
             assert torch.equal(param, before[name]), name
-    assert any(not torch.equal(p, before[n]) for n, p in model.embeddings.embedders.named_parameters()
-               if n.startswith("t1."))
+    assert any(
+        not torch.equal(p, before[n])
+        for n, p in model.embeddings.embedders.named_parameters()
+        if n.startswith("t1.")
+    )
 
 
 def test_text_only_batch_keeps_vision_body_and_projector_in_the_graph(assembled):
@@ -86,6 +98,7 @@ def test_dmri_batch_of_3d_volumes_is_never_routed_to_t1(assembled):
     def record(name):
         def hook(module, args, output):
             seen.setdefault(name, []).append(args[0].detach().clone())
+
         return hook
 
     for name, embedder in model.embeddings.embedders.items():
@@ -113,7 +126,9 @@ def test_placeholder_and_feature_count_mismatch_is_a_clear_error(assembled):
     model, tokenizer, _ = assembled
     item = _item(tokenizer, model, [("t1", torch.rand(1, 8, 8, 8))])
     first = item["input_ids"].index(model.image_token_id)
-    item["input_ids"] = item["input_ids"][:first] + item["input_ids"][first + 1:]  # one token short
+    item["input_ids"] = (
+        item["input_ids"][:first] + item["input_ids"][first + 1 :]
+    )  # one token short
     item["labels"] = item["labels"][:-1]
     with pytest.raises(TokenCountError, match=r"7 image placeholder tokens but its images give 8"):
         model(**_batch(model, tokenizer, item))
@@ -157,7 +172,9 @@ def test_from_pretrained_round_trip_of_a_saved_tiny_llava(tmp_path, toy_pm):
     tokenizer.save_pretrained(tmp_path / "base")
     loaded, loaded_tok, is_random = load_base(str(tmp_path / "base"))
     assert not is_random
-    for (name, p), (_, q) in zip(llava.state_dict().items(), loaded.state_dict().items()):
+    for (name, p), (_, q) in zip(
+        llava.state_dict().items(), loaded.state_dict().items(), strict=False
+    ):
         assert torch.equal(p, q), name
     assert loaded_tok("left")["input_ids"] == tokenizer("left")["input_ids"]
     specs = {"t1": toy_pm.resolve_modality("t1").item}
@@ -179,10 +196,42 @@ def test_checkpoint_round_trip_and_missing_plugin(tmp_path, assembled, toy_pm):
     save_checkpoint(model, tokenizer, tmp_path / "ckpt", provenance=provenance)
     assert not list(tmp_path.glob("*.pt")) and not list((tmp_path / "ckpt").glob("*.bin"))
     loaded, _, meta = load_checkpoint(tmp_path / "ckpt", toy_pm)
-    for (name, p), (_, q) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (name, p), (_, q) in zip(
+        model.state_dict().items(), loaded.state_dict().items(), strict=False
+    ):
         assert torch.equal(p, q), name
     from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager
 
     only_t1 = fresh_plugin_manager(ToyModalityPlugin(toy_pm.resolve_modality("t1").item))
     with pytest.raises(ModelError, match="umbrella-dmri"):
         load_checkpoint(tmp_path / "ckpt", only_t1)
+
+
+def test_loss_hook_terms_are_added_with_their_weight(toy_specs):
+    from umbrella_core import LossTerm, hookimpl
+    from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager
+
+    class FeatureNorm:
+        @hookimpl
+        def umbrella_loss_terms(self, modalities, settings):
+            weight = settings.get("feature_norm", 0.0)
+            return [
+                LossTerm(
+                    name="feature_norm",
+                    weight=weight,
+                    compute=lambda out, batch: sum(
+                        f.pow(2).mean() for f in out.image_features.values()
+                    ),
+                )
+            ]
+
+    pm = fresh_plugin_manager(ToyModalityPlugin(*toy_specs), FeatureNorm())
+    terms = pm.loss_terms(("dmri", "t1"), {"feature_norm": 0.5})
+    specs = {name: pm.resolve_modality(name).item for name in ("dmri", "t1")}
+    llava, tokenizer, _ = load_base("tiny")
+    model = build_model(llava, specs, pm.patch_embedder, loss_terms=terms)
+    batch = _batch(model, tokenizer, _item(tokenizer, model, [("t1", torch.rand(1, 8, 8, 8))]))
+    out = model(**batch)
+    expected = out.nll + 0.5 * out.terms["feature_norm"]
+    assert out.terms["feature_norm"] > 0
+    assert torch.allclose(out.loss, expected)

@@ -44,8 +44,12 @@ def test_unknown_hook_is_reported_with_signature_and_plugin_is_not_kept():
 
 def test_duplicate_modality_name_names_both_distributions():
     pm = PluginManager(load_entry_points=False)
-    pm.register(ToyModalityPlugin(toy_modality("t1")), name="a", distribution="umbrella-t1", version="0.1")
-    pm.register(ToyModalityPlugin(toy_modality("T1")), name="b", distribution="acme-t1", version="2.0")
+    pm.register(
+        ToyModalityPlugin(toy_modality("t1")), name="a", distribution="umbrella-t1", version="0.1"
+    )
+    pm.register(
+        ToyModalityPlugin(toy_modality("T1")), name="b", distribution="acme-t1", version="2.0"
+    )
     with pytest.raises(DuplicateNameError) as err:
         pm.modality_registry()
     assert "umbrella-t1" in str(err.value) and "acme-t1" in str(err.value)
@@ -104,7 +108,9 @@ def _broken_module():
 def fake_entry_points(monkeypatch):
     eps = [
         _FakeEntryPoint("good", "good_plugin", _FakeDist("umbrella-good", "1.2"), _good_module),
-        _FakeEntryPoint("broken", "broken_plugin", _FakeDist("umbrella-broken", "0.3"), _broken_module),
+        _FakeEntryPoint(
+            "broken", "broken_plugin", _FakeDist("umbrella-broken", "0.3"), _broken_module
+        ),
     ]
     monkeypatch.setattr("umbrella_core.plugins.metadata.entry_points", lambda group: eps)
     return eps
@@ -181,7 +187,9 @@ def test_import_and_plugins_command_do_not_import_torch():
 def test_plugins_json_lists_installed_first_party_modalities():
     out = subprocess.run(
         [sys.executable, "-m", "umbrella_core.cli", "plugins", "--json"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     payload = json.loads(out)
     modalities = {m["name"]: m for m in payload["modalities"]}

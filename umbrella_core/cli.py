@@ -131,9 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model (with no --data: on the built-in demo)")
     p.add_argument("--config", help="YAML run configuration")
     p.add_argument("--modalities", help="comma-separated modalities (default: every installed one)")
-    p.add_argument("--data", action="append", metavar="LOCATION",
-                   help="a study: manifest .json/.jsonl or a folder holding one (repeatable)")
-    p.add_argument("--model", help="base model: tiny (default) or a Llava checkpoint folder / hub id")
+    p.add_argument(
+        "--data",
+        action="append",
+        metavar="LOCATION",
+        help="a study: manifest .json/.jsonl or a folder holding one (repeatable)",
+    )
+    p.add_argument(
+        "--model", help="base model: tiny (default) or a Llava checkpoint folder / hub id"
+    )
     p.add_argument("--trainable", choices=["auto", "embedders", "projector", "full"])
     p.add_argument("--output-dir")
     p.add_argument("--max-steps", type=int)
@@ -141,8 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--demo-subjects", type=int, help="subjects per modality in the built-in demo")
-    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                   help="override any setting, e.g. --set trainer.logging_steps=5")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override any setting, e.g. --set trainer.logging_steps=5",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 

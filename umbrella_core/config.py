@@ -18,13 +18,22 @@ import yaml
 
 from umbrella_core.errors import ConfigError
 
-__all__ = ["ModelConfig", "DataConfig", "TrainerConfig", "RunConfig", "load_config", "apply_overrides"]
+__all__ = [
+    "ModelConfig",
+    "DataConfig",
+    "TrainerConfig",
+    "RunConfig",
+    "load_config",
+    "apply_overrides",
+]
 
 
 def _choice(*options: str) -> Any:
     def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value not in options:
-            raise ConfigError(f"{attribute.name}: expected one of {', '.join(options)}, got {value!r}")
+            raise ConfigError(
+                f"{attribute.name}: expected one of {', '.join(options)}, got {value!r}"
+            )
 
     return check
 
@@ -48,7 +57,9 @@ class ModelConfig:
     """
 
     base: str = "tiny"
-    trainable: str = attrs.field(default="auto", validator=_choice("auto", "embedders", "projector", "full"))
+    trainable: str = attrs.field(
+        default="auto", validator=_choice("auto", "embedders", "projector", "full")
+    )
     max_length: int = attrs.field(default=1024, validator=_positive)
 
 
@@ -151,9 +162,7 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
     unknown = sorted(set(data) - names)
     if unknown:
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(
-            f"unknown setting {where}{unknown[0]}; known: {', '.join(sorted(names))}"
-        )
+        raise ConfigError(f"unknown setting {where}{unknown[0]}; known: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -171,7 +180,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+            raise ConfigError(
+                f"{path}: cannot read the config file: {exc.strerror or exc}"
+            ) from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, Mapping):

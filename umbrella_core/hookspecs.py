@@ -38,7 +38,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def umbrella_modalities() -> "Iterable[ModalitySpec]":
+def umbrella_modalities() -> Iterable[ModalitySpec]:
     """Declare the imaging modalities this plugin provides.
 
     Returns:
@@ -57,7 +57,7 @@ def umbrella_modalities() -> "Iterable[ModalitySpec]":
 
 
 @hookspec(firstresult=True)
-def umbrella_patch_embedder(spec: "ModalitySpec", hidden_size: int) -> "nn.Module | None":
+def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module | None:
     """Build the patch embedder of one modality.
 
     Args:
@@ -82,7 +82,7 @@ def umbrella_patch_embedder(spec: "ModalitySpec", hidden_size: int) -> "nn.Modul
 
 
 @hookspec(firstresult=True)
-def umbrella_study_reader(location: str) -> "Iterable[StudyRecord] | None":
+def umbrella_study_reader(location: str) -> Iterable[StudyRecord] | None:
     """Read a study: a folder, a manifest file, or anything a plugin recognises.
 
     Args:
@@ -107,7 +107,9 @@ def umbrella_study_reader(location: str) -> "Iterable[StudyRecord] | None":
 
 
 @hookspec
-def umbrella_loss_terms(modalities: tuple[str, ...], settings: dict[str, Any]) -> "Iterable[LossTerm]":
+def umbrella_loss_terms(
+    modalities: tuple[str, ...], settings: dict[str, Any]
+) -> Iterable[LossTerm]:
     """Add terms to the unified next-token loss.
 
     Args:

@@ -131,9 +131,7 @@ class PluginManager:
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as exc:
-            raise PluginError(
-                f"plugin {name!r} ({distribution}) is invalid: {exc}"
-            ) from exc
+            raise PluginError(f"plugin {name!r} ({distribution}) is invalid: {exc}") from exc
         self._dist_of[name] = (distribution, version)
         self._infos[name] = PluginInfo(
             name=name,
@@ -185,8 +183,12 @@ class PluginManager:
             if keys & blocked or (allowed and not keys & allowed):
                 why = f"blocked by {BLOCK_ENV}" if keys & blocked else f"not in {ALLOW_ENV}"
                 self._infos[ep.name] = PluginInfo(
-                    name=ep.name, distribution=dist, version=version, module=ep.value,
-                    status="blocked", error=why,
+                    name=ep.name,
+                    distribution=dist,
+                    version=version,
+                    module=ep.value,
+                    status="blocked",
+                    error=why,
                 )
                 continue
             try:
@@ -194,8 +196,12 @@ class PluginManager:
                 self.register(plugin, name=ep.name, distribution=dist, version=version)
             except Exception as exc:  # a broken plugin must not take the others down
                 self._infos[ep.name] = PluginInfo(
-                    name=ep.name, distribution=dist, version=version, module=ep.value,
-                    status="broken", error=f"{type(exc).__name__}: {exc}",
+                    name=ep.name,
+                    distribution=dist,
+                    version=version,
+                    module=ep.value,
+                    status="broken",
+                    error=f"{type(exc).__name__}: {exc}",
                 )
 
     # -- queries --------------------------------------------------------------
@@ -217,9 +223,7 @@ class PluginManager:
             hooks: tuple[str, ...] = ()
             if info.status == "loaded":
                 plugin = self.pm.get_plugin(name)
-                hooks = tuple(
-                    sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
-                )
+                hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
             out.append(attrs.evolve(info, hooks=hooks, modalities=tuple(by_plugin.get(name, ()))))
         return out
 

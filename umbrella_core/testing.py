@@ -22,9 +22,9 @@ __all__ = ["toy_modality", "ToyModalityPlugin", "fresh_plugin_manager"]
 
 
 def _toy_load(spec: ModalitySpec, paths: tuple[str, ...]) -> Any:
-    from umbrella_core.imaging import load_nifti, resize
-
     import numpy as np
+
+    from umbrella_core.imaging import load_nifti, resize
 
     channels = []
     for path in paths:

@@ -35,7 +35,7 @@ def _int_tuple(value: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _check_geometry(instance: "ModalitySpec", attribute: attrs.Attribute, value: Any) -> None:
+def _check_geometry(instance: ModalitySpec, attribute: attrs.Attribute, value: Any) -> None:
     ndim = instance.ndim
     if ndim not in (3, 4):
         raise ValueError(f"modality {instance.name!r}: ndim must be 3 or 4, got {ndim}")
@@ -47,7 +47,7 @@ def _check_geometry(instance: "ModalitySpec", attribute: attrs.Attribute, value:
         raise ValueError(
             f"modality {instance.name!r}: patch_size {instance.patch_size} must have {ndim} entries"
         )
-    for size, patch in zip(instance.shape, instance.patch_size):
+    for size, patch in zip(instance.shape, instance.patch_size, strict=False):
         if patch <= 0 or size <= 0 or size % patch:
             raise ValueError(
                 f"modality {instance.name!r}: shape {instance.shape} is not divisible by "
@@ -119,7 +119,7 @@ class ModalitySpec:
     @property
     def grid(self) -> tuple[int, ...]:
         """Number of patches along each axis."""
-        return tuple(s // p for s, p in zip(self.shape, self.patch_size))
+        return tuple(s // p for s, p in zip(self.shape, self.patch_size, strict=False))
 
     @property
     def num_tokens(self) -> int:
@@ -133,7 +133,7 @@ class ModalitySpec:
 
     def with_geometry(
         self, shape: Sequence[int] | None = None, patch_size: Sequence[int] | None = None
-    ) -> "ModalitySpec":
+    ) -> ModalitySpec:
         """A copy with another input shape and/or patch size (validated)."""
         changes: dict[str, Any] = {}
         if shape is not None:
@@ -142,7 +142,7 @@ class ModalitySpec:
             changes["patch_size"] = patch_size
         return attrs.evolve(self, **changes)
 
-    def for_demo(self) -> "ModalitySpec":
+    def for_demo(self) -> ModalitySpec:
         """A copy with the demo geometry (``demo_shape``/``demo_patch_size``) where declared."""
         return self.with_geometry(self.demo_shape, self.demo_patch_size)
 

@@ -88,7 +88,9 @@ def encode_conversation(
                         f"{where}: more {IMAGE_PLACEHOLDER} placeholders than images"
                     )
                 if modality not in tokens_per_modality:
-                    raise DataError(f"{where}: image of modality {modality!r} is not active in this run")
+                    raise DataError(
+                        f"{where}: image of modality {modality!r} is not active in this run"
+                    )
                 used += 1
                 add([image_token_id] * tokens_per_modality[modality], False)
                 add(_text_ids(tokenizer, piece), False)
@@ -104,7 +106,8 @@ def encode_conversation(
         add(_text_ids(tokenizer, ASSISTANT_PREFIX), False)
     if used != len(image_modalities):
         raise TokenCountError(
-            f"{where}: {len(image_modalities)} image(s) but {used} {IMAGE_PLACEHOLDER} placeholder(s)"
+            f"{where}: {len(image_modalities)} image(s) but "
+            f"{used} {IMAGE_PLACEHOLDER} placeholder(s)"
         )
     if len(ids) > max_length:
         raise DataError(

@@ -44,7 +44,9 @@ def write_demo(
     for name in sorted(specs):
         spec = specs[name]
         if spec.phantom is None:
-            raise DataError(f"modality {name!r} has no phantom generator, so it cannot be in the demo")
+            raise DataError(
+                f"modality {name!r} has no phantom generator, so it cannot be in the demo"
+            )
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
         labels = [spec.phantom_labels[i % len(spec.phantom_labels)] for i in range(subjects)]
         labels = [labels[i] for i in rng.permutation(subjects)]
@@ -63,7 +65,10 @@ def write_demo(
                     "split": "test" if i >= subjects - n_test else "train",
                     "images": [{"modality": name, "path": paths if len(paths) > 1 else paths[0]}],
                     "conversation": [
-                        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{spec.phantom_question}"},
+                        {
+                            "role": "user",
+                            "content": f"{IMAGE_PLACEHOLDER}\n{spec.phantom_question}",
+                        },
                         {"role": "assistant", "content": label},
                     ],
                     "phenotypes": {"label": label},
@@ -98,8 +103,13 @@ def cached_demo(
     interrupted run never leaves a half-written demo behind.
     """
     key = json.dumps(
-        {"format": FORMAT, "modalities": sorted(specs), "provenance": dict(sorted(provenance.items())),
-         "subjects": subjects, "seed": seed},
+        {
+            "format": FORMAT,
+            "modalities": sorted(specs),
+            "provenance": dict(sorted(provenance.items())),
+            "subjects": subjects,
+            "seed": seed,
+        },
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]

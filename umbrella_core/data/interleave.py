@@ -32,7 +32,9 @@ class Interleaving:
         self.sizes = [int(s) for s in sizes]
         w = np.asarray(weights if weights is not None else self.sizes, dtype=np.float64)
         if w.shape != (len(self.sizes),) or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be {len(self.sizes)} non-negative numbers, got {weights}")
+            raise ValueError(
+                f"weights must be {len(self.sizes)} non-negative numbers, got {weights}"
+            )
         self.weights = w / w.sum()
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
 
@@ -60,7 +62,9 @@ class Interleaving:
 class InterleavedSampler:
     """A torch Sampler yielding :meth:`Interleaving.epoch_order`; ``set_epoch`` moves it on."""
 
-    def __init__(self, interleaving: Interleaving, seed: int = 0, length: int | None = None) -> None:
+    def __init__(
+        self, interleaving: Interleaving, seed: int = 0, length: int | None = None
+    ) -> None:
         self.interleaving = interleaving
         self.seed = int(seed)
         self.length = length

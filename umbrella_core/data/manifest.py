@@ -35,7 +35,7 @@ MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
 def find_manifest(location: str) -> Path | None:
     """The manifest file ``location`` points at, or None when it is not a manifest."""
     if location.startswith("manifest:"):
-        location = location[len("manifest:"):]
+        location = location[len("manifest:") :]
     path = Path(location).expanduser()
     if path.is_file() and path.suffix in (".json", ".jsonl"):
         return path
@@ -109,7 +109,9 @@ def check_record(record: StudyRecord) -> None:
             f"but the record lists {len(record.images)} image(s)"
         )
     if record.split not in ("train", "validation", "test"):
-        raise DataError(f"{where}: field 'split' must be train, validation or test, got {record.split!r}")
+        raise DataError(
+            f"{where}: field 'split' must be train, validation or test, got {record.split!r}"
+        )
 
 
 def read_manifest(path: Path) -> Iterator[StudyRecord]:
@@ -128,7 +130,9 @@ def read_manifest(path: Path) -> Iterator[StudyRecord]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+                raise DataError(
+                    f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+                ) from None
             seen += 1
             yield record_from_json(obj, root=root, where=f"{path}:{lineno}", study=study)
         if not seen:
@@ -137,7 +141,9 @@ def read_manifest(path: Path) -> Iterator[StudyRecord]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        raise DataError(
+            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+        ) from None
     if isinstance(obj, Mapping):
         study = str(obj.get("study", study))
         records = _require(obj, "records", list, str(path))

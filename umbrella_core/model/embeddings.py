@@ -1,4 +1,4 @@
-"""The module that takes the vision tower's patch-embedding slot: one embedder per active modality."""
+"""What takes the vision tower's patch-embedding slot: one embedder per active modality."""
 
 from __future__ import annotations
 
@@ -20,7 +20,9 @@ class ModalityEmbeddings(nn.Module):
     it, every step (I4).
     """
 
-    def __init__(self, specs: Mapping[str, ModalitySpec], embedders: Mapping[str, nn.Module]) -> None:
+    def __init__(
+        self, specs: Mapping[str, ModalitySpec], embedders: Mapping[str, nn.Module]
+    ) -> None:
         super().__init__()
         self.order = tuple(specs)
         self.specs = dict(specs)

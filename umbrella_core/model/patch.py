@@ -38,11 +38,11 @@ def patchify(x: torch.Tensor, patch_size: Sequence[int]) -> torch.Tensor:
             f"patchify: expected a {n + 2}D tensor (B, C, {n} dims), got {tuple(x.shape)}"
         )
     batch, channels, *dims = x.shape
-    if any(d % p for d, p in zip(dims, patch)):
+    if any(d % p for d, p in zip(dims, patch, strict=False)):
         raise ValueError(f"patchify: dims {tuple(dims)} are not divisible by patch size {patch}")
-    grid = [d // p for d, p in zip(dims, patch)]
+    grid = [d // p for d, p in zip(dims, patch, strict=False)]
     split: list[int] = []
-    for g, p in zip(grid, patch):
+    for g, p in zip(grid, patch, strict=False):
         split += [g, p]
     x = x.reshape(batch, channels, *split)
     # (B, C, g0, p0, g1, p1, ...) -> (B, g0, g1, ..., C, p0, p1, ...)
@@ -97,14 +97,14 @@ class PatchEmbedding(nn.Module):
                 f"PatchEmbedding: shape {self.shape} and patch_size {self.patch_size} must both "
                 "have 3 or 4 entries"
             )
-        if any(p <= 0 or s % p for s, p in zip(self.shape, self.patch_size)):
+        if any(p <= 0 or s % p for s, p in zip(self.shape, self.patch_size, strict=False)):
             raise ValueError(
                 f"PatchEmbedding: shape {self.shape} is not divisible by "
                 f"patch_size {self.patch_size}"
             )
         if self.in_channels <= 0 or self.hidden_size <= 0:
             raise ValueError("PatchEmbedding: in_channels and hidden_size must be positive")
-        self.grid = tuple(s // p for s, p in zip(self.shape, self.patch_size))
+        self.grid = tuple(s // p for s, p in zip(self.shape, self.patch_size, strict=False))
         self.num_tokens = math.prod(self.grid)
         if len(self.shape) == 3:
             self.proj: nn.Module = nn.Conv3d(

@@ -42,7 +42,8 @@ def ensure_image_token(tokenizer: Any, image_token_id: int | None = None) -> int
         from umbrella_core.errors import ModelError
 
         raise ModelError(
-            f"the tokenizer has no {IMAGE_TOKEN} token; a LLaVA checkpoint's tokenizer must define it"
+            f"the tokenizer has no {IMAGE_TOKEN} token; "
+            "a LLaVA checkpoint's tokenizer must define it"
         )
     if image_token_id is not None and token_id != image_token_id:
         from umbrella_core.errors import ModelError

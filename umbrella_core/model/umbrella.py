@@ -125,10 +125,14 @@ class UmbrellaModel(nn.Module):
         }
         for p in self.parameters():
             key = (
-                "embedders" if id(p) in embed_ids
-                else "projector" if id(p) in proj_ids
-                else "vision" if id(p) in vision_ids
-                else "unused" if id(p) in tower_ids
+                "embedders"
+                if id(p) in embed_ids
+                else "projector"
+                if id(p) in proj_ids
+                else "vision"
+                if id(p) in vision_ids
+                else "unused"
+                if id(p) in tower_ids
                 else "language"
             )
             groups[key].append(p)
@@ -219,13 +223,16 @@ class UmbrellaModel(nn.Module):
         ordered = []
         for modality in image_modalities:
             if modality not in features or taken[modality] >= features[modality].shape[0]:
-                raise TokenCountError(f"image of modality {modality!r} has no features in this batch")
+                raise TokenCountError(
+                    f"image of modality {modality!r} has no features in this batch"
+                )
             ordered.append(features[modality][taken[modality]])
             taken[modality] += 1
         n_features = sum(f.shape[0] for f in ordered)
         if n_placeholders != n_features or any(taken[m] != features[m].shape[0] for m in features):
             per = ", ".join(
-                f"{m}: {features[m].shape[0]} image(s) x {features[m].shape[1]} tokens" for m in features
+                f"{m}: {features[m].shape[0]} image(s) x {features[m].shape[1]} tokens"
+                for m in features
             )
             raise TokenCountError(
                 f"the batch has {n_placeholders} image placeholder tokens but its images give "
@@ -272,9 +279,15 @@ class UmbrellaModel(nn.Module):
         result.nll = nll
         result.loss = loss
         for term in self.loss_terms:
-            value = term.compute(result, {"input_ids": input_ids, "labels": labels,
-                                          "pixel_values": pixel_values,
-                                          "image_modalities": image_modalities})
+            value = term.compute(
+                result,
+                {
+                    "input_ids": input_ids,
+                    "labels": labels,
+                    "pixel_values": pixel_values,
+                    "image_modalities": image_modalities,
+                },
+            )
             terms[term.name] = value
             loss = loss + term.weight * value
         result.loss = loss
@@ -284,7 +297,7 @@ class UmbrellaModel(nn.Module):
             rows = learned.sum(dim=1)
             key_sum: dict[str, float] = {}
             key_tokens: dict[str, int] = {}
-            for key, s, n in zip(sample_keys, per_row.tolist(), rows.tolist()):
+            for key, s, n in zip(sample_keys, per_row.tolist(), rows.tolist(), strict=False):
                 key_sum[key] = key_sum.get(key, 0.0) + s
                 key_tokens[key] = key_tokens.get(key, 0) + int(n)
             result.key_losses = {k: key_sum[k] / max(key_tokens[k], 1) for k in key_sum}

@@ -33,8 +33,13 @@ def answer_accuracy(
             items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             batch = collator(items)
             batch = {
-                k: (v.to(device) if isinstance(v, torch.Tensor) else
-                    {m: t.to(device) for m, t in v.items()} if isinstance(v, dict) else v)
+                k: (
+                    v.to(device)
+                    if isinstance(v, torch.Tensor)
+                    else {m: t.to(device) for m, t in v.items()}
+                    if isinstance(v, dict)
+                    else v
+                )
                 for k, v in batch.items()
             }
             out = model(**batch)
@@ -43,21 +48,30 @@ def answer_accuracy(
             learned = target != IGNORE_INDEX
             correct = ((predicted == target) | ~learned).all(dim=1)
             token_loss = torch.nn.functional.cross_entropy(
-                out.logits[:, :-1].float().transpose(1, 2), target, ignore_index=IGNORE_INDEX,
+                out.logits[:, :-1].float().transpose(1, 2),
+                target,
+                ignore_index=IGNORE_INDEX,
                 reduction="none",
             )
             per_row = token_loss.sum(1) / learned.sum(1).clamp(min=1)
-            for key, ok, loss in zip(batch["sample_keys"], correct.tolist(), per_row.tolist()):
+            for key, ok, loss in zip(
+                batch["sample_keys"], correct.tolist(), per_row.tolist(), strict=False
+            ):
                 s = stats.setdefault(key, [0.0, 0.0, 0.0])
                 s[0] += float(ok)
                 s[1] += loss
                 s[2] += 1
     finally:
         model.train(was_training)
-    return {k: {"accuracy": s[0] / s[2], "loss": s[1] / s[2], "n": int(s[2])} for k, s in sorted(stats.items())}
+    return {
+        k: {"accuracy": s[0] / s[2], "loss": s[1] / s[2], "n": int(s[2])}
+        for k, s in sorted(stats.items())
+    }
 
 
-def format_table(results: dict[str, dict[str, float]], chance: Sequence[float] | None = None) -> str:
+def format_table(
+    results: dict[str, dict[str, float]], chance: Sequence[float] | None = None
+) -> str:
     lines = [f"{'modality':<14}{'n':>6}{'accuracy':>10}{'loss':>9}"]
     for key, r in results.items():
         lines.append(f"{key:<14}{r['n']:>6}{r['accuracy']:>10.1%}{r['loss']:>9.4f}")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,13 +61,19 @@ def resolve_specs(
         override = config.data.geometry.get(name, {})
         bad = set(override) - {"shape", "patch_size"}
         if bad:
-            raise ConfigError(f"data.geometry.{name}: unknown key {sorted(bad)[0]!r} (shape, patch_size)")
+            raise ConfigError(
+                f"data.geometry.{name}: unknown key {sorted(bad)[0]!r} (shape, patch_size)"
+            )
         try:
             spec = spec.with_geometry(override.get("shape"), override.get("patch_size"))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"data.geometry.{name}: {exc}") from None
         specs[name] = spec
-        provenance[name] = (provided[name].plugin, provided[name].distribution, provided[name].version)
+        provenance[name] = (
+            provided[name].plugin,
+            provided[name].distribution,
+            provided[name].version,
+        )
     return specs, provenance
 
 
@@ -86,7 +91,9 @@ def _check_files(records: list[StudyRecord]) -> None:
         raise DataError(f"{path}: image file not found, listed in {source}{more}")
 
 
-def prepare(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print) -> Prepared:
+def prepare(
+    config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
+) -> Prepared:
     """Resolve plugins, read studies, build the model; nothing is trained yet."""
     from umbrella_core.data.demo import cached_demo
     from umbrella_core.model.build import build_model, load_base
@@ -95,7 +102,10 @@ def prepare(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] 
     specs, provenance = resolve_specs(config, pm, demo=demo)
     studies = list(config.data.studies)
     if demo:
-        log(f"no --data given: using the built-in demo ({config.data.demo_subjects} subjects per modality)")
+        log(
+            "no --data given: using the built-in demo "
+            f"({config.data.demo_subjects} subjects per modality)"
+        )
         manifest = cached_demo(
             specs,
             {n: f"{d}=={v}" for n, (_, d, v) in provenance.items()},
@@ -117,7 +127,10 @@ def prepare(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] 
                 if all(n in specs for n in names):
                     record = attrs.evolve(
                         record,
-                        images=[attrs.evolve(i, modality=n) for i, n in zip(record.images, names)],
+                        images=[
+                            attrs.evolve(i, modality=n)
+                            for i, n in zip(record.images, names, strict=False)
+                        ],
                     )
                 else:
                     skipped[record.modality_key] = skipped.get(record.modality_key, 0) + 1
@@ -139,8 +152,12 @@ def prepare(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] 
 
     def dataset(group: list[StudyRecord], name: str) -> RecordDataset:
         return RecordDataset(
-            group, specs, tokenizer=tokenizer, image_token_id=model.image_token_id,
-            max_length=config.model.max_length, name=name,
+            group,
+            specs,
+            tokenizer=tokenizer,
+            image_token_id=model.image_token_id,
+            max_length=config.model.max_length,
+            name=name,
         )
 
     train_groups = group_records([r for r in records if r.split == "train"])
@@ -154,9 +171,17 @@ def prepare(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] 
         for record in ds.records:
             ds.encode(record)
     return Prepared(
-        config=config, specs=specs, provenance=provenance, model=model, tokenizer=tokenizer,
-        train_sets=train_sets, eval_set=eval_set, studies=studies, skipped=skipped,
-        trainable=trainable, base_is_random=is_random,
+        config=config,
+        specs=specs,
+        provenance=provenance,
+        model=model,
+        tokenizer=tokenizer,
+        train_sets=train_sets,
+        eval_set=eval_set,
+        studies=studies,
+        skipped=skipped,
+        trainable=trainable,
+        base_is_random=is_random,
     )
 
 
@@ -165,10 +190,15 @@ def summary(prep: Prepared) -> str:
     model = prep.model
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = ["UMBRELLA training run", f"  base model   {prep.config.model.base}"
-             + (" (random weights, built-in)" if prep.base_is_random else "")]
-    lines.append(f"  trainable    {prep.trainable}: {trainable:,} of {total:,} parameters "
-                 f"({trainable / total:.1%})")
+    lines = [
+        "UMBRELLA training run",
+        f"  base model   {prep.config.model.base}"
+        + (" (random weights, built-in)" if prep.base_is_random else ""),
+    ]
+    lines.append(
+        f"  trainable    {prep.trainable}: {trainable:,} of {total:,} parameters "
+        f"({trainable / total:.1%})"
+    )
     lines.append("  modalities")
     counts: dict[str, int] = {}
     for ds in prep.train_sets:
@@ -192,7 +222,9 @@ def summary(prep: Prepared) -> str:
     return "\n".join(lines)
 
 
-def train(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+def train(
+    config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
     """Run training end to end; returns the final metrics (also written to ``metrics.json``)."""
     import torch
     from torch.utils.data import ConcatDataset
@@ -275,8 +307,13 @@ def train(config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = 
             for key, r in results.items():
                 writer.add_scalar(f"eval/accuracy/{key}", r["accuracy"], result.global_step)
                 writer.add_scalar(f"eval/loss/{key}", r["loss"], result.global_step)
-    save_checkpoint(prep.model, prep.tokenizer, final_dir, provenance=prep.provenance,
-                    extra=run_meta | {"metrics": metrics})
+    save_checkpoint(
+        prep.model,
+        prep.tokenizer,
+        final_dir,
+        provenance=prep.provenance,
+        extra=run_meta | {"metrics": metrics},
+    )
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"checkpoint:  {final_dir}")
     log(f"tensorboard: {logging_dir}   (tensorboard --logdir {logging_dir})")

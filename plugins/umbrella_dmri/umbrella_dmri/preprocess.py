@@ -100,7 +100,7 @@ def load_dmri(
     resized = [resize(volume, spec.shape) for _, _, volume in volumes]
     brain = np.logical_or.reduce([r != 0 for r in resized])
     out = np.empty((channels, *spec.shape), dtype=np.float32)
-    for index, ((name, _, _), volume) in enumerate(zip(volumes, resized)):
+    for index, ((name, _, _), volume) in enumerate(zip(volumes, resized, strict=False)):
         out[index] = _normalise(name, volume, brain)
     return out
 
@@ -114,13 +114,13 @@ def _in_map_order(files: tuple[str, ...], maps: tuple[str, ...]) -> tuple[str, .
             f"the file names announce the maps {', '.join(map(str, announced))}, expected "
             f"{', '.join(maps)}: {', '.join(files)}"
         )
-    by_map = dict(zip(announced, files))
+    by_map = dict(zip(announced, files, strict=False))
     return tuple(by_map[m] for m in maps)
 
 
 def _separate_maps(spec: ModalitySpec, files: tuple[str, ...]) -> list[tuple[str, str, np.ndarray]]:
     volumes = []
-    for name, path in zip(MAPS, files):
+    for name, path in zip(MAPS, files, strict=False):
         data, _ = load_nifti(path)
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]

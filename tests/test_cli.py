@@ -1,0 +1,129 @@
+"""The command line as a user meets it: demo data, errors as one line, configuration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import pytest
+
+from umbrella_core.cli import main
+from umbrella_core.config import load_config
+from umbrella_core.errors import ConfigError
+
+
+def _umbrella(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "umbrella_core.cli", *args], capture_output=True, text=True, **kwargs
+    )
+
+
+def test_demo_data_writes_real_nifti_files_and_a_manifest(tmp_path):
+    assert main(["demo-data", str(tmp_path), "--subjects", "5"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert {r["images"][0]["modality"] for r in records} == {"t1", "fmri", "dmri"}
+    assert len(records) == 15
+    assert sum(r["split"] == "test" for r in records) == 3  # one held out per modality
+    for record in records:
+        paths = record["images"][0]["path"]
+        for path in [paths] if isinstance(paths, str) else paths:
+            image = nib.load(tmp_path / path)
+            assert image.shape and (tmp_path / path).name.endswith(".nii.gz")
+        assert record["conversation"][1]["content"] in ("left", "right")
+    bold = next(r for r in records if r["images"][0]["modality"] == "fmri")
+    header = nib.load(tmp_path / bold["images"][0]["path"]).header
+    assert len(header.get_data_shape()) == 4 and header.get_zooms()[3] > 0  # TR is written
+
+
+def test_unknown_modality_is_one_clear_line_and_exit_2(tmp_path):
+    result = _umbrella("train", "--modalities", "t1,pet", "--output-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown modality 'pet'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_setting_names_the_key(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  learning_rate: fast\n")
+    result = _umbrella("train", "--config", str(config))
+    assert result.returncode == 2 and "trainer.learning_rate: expected float" in result.stderr
+
+
+def test_missing_image_stops_before_training_naming_file_and_manifest(tmp_path):
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps(
+            {
+                "subject": "s1",
+                "images": [{"modality": "t1", "path": "gone_T1w.nii.gz"}],
+                "conversation": [
+                    {"role": "user", "content": "<image>\nSide?"},
+                    {"role": "assistant", "content": "left"},
+                ],
+            }
+        )
+        + "\n"
+    )
+    result = _umbrella(
+        "train",
+        "--data",
+        str(tmp_path / "m.jsonl"),
+        "--modalities",
+        "t1",
+        "--output-dir",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 2
+    assert "gone_T1w.nii.gz: image file not found" in result.stderr and "m.jsonl:1" in result.stderr
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_yaml_then_overrides(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model:\n  trainable: projector\ntrainer:\n  batch_size: 4\n  learning_rate: 1e-4\n"
+    )
+    loaded = load_config(config, ["trainer.batch_size=8", "data.modalities=t1,dmri"])
+    assert loaded.model.trainable == "projector"
+    assert loaded.trainer.batch_size == 8 and loaded.trainer.learning_rate == 1e-4
+    assert loaded.data.modalities == ("t1", "dmri")
+    with pytest.raises(ConfigError, match="unknown setting model.trainabel"):
+        load_config(None, ["model.trainabel=full"])
+    with pytest.raises(ConfigError, match="trainer.batch_size: must be positive"):
+        load_config(None, ["trainer.batch_size=0"])
+
+
+@pytest.mark.slow
+def test_train_from_a_saved_llava_folder_trains_only_the_embedders(tmp_path):
+    from umbrella_core.model.build import load_base
+
+    llava, tokenizer, _ = load_base("tiny", seed=5)
+    llava.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    env = {**__import__("os").environ, "UMBRELLA_CACHE": str(tmp_path / "cache")}
+    result = _umbrella(
+        "train",
+        "--model",
+        str(tmp_path / "base"),
+        "--modalities",
+        "dmri",
+        "--max-steps",
+        "3",
+        "--demo-subjects",
+        "5",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--output-dir",
+        str(tmp_path / "run"),
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trainable    embedders" in result.stdout
+    from safetensors.torch import load_file
+
+    trained = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    base = llava.state_dict()
+    lm_key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert __import__("torch").equal(trained[f"llava.{lm_key}"], base[lm_key])  # frozen
