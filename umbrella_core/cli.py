@@ -93,8 +93,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.data:
-        overrides.append("data.studies=" + json.dumps(list(args.data)))
+    if args.study:
+        overrides.append("data.studies=" + json.dumps(list(args.study)))
     if args.no_progress:
         overrides.append("trainer.progress=false")
     config = load_config(args.config, overrides)
@@ -132,10 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run configuration")
     p.add_argument("--modalities", help="comma-separated modalities (default: every installed one)")
     p.add_argument(
+        "--study",
         "--data",
+        dest="study",
         action="append",
         metavar="LOCATION",
-        help="a study: manifest .json/.jsonl or a folder holding one (repeatable)",
+        help="a study: a manifest .json/.jsonl, a folder holding one, or kind:PATH "
+        "for a study plugin (bids:/data/ds); repeatable",
     )
     p.add_argument(
         "--model", help="base model: tiny (default) or a Llava checkpoint folder / hub id"

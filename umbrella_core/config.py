@@ -19,6 +19,7 @@ import yaml
 from umbrella_core.errors import ConfigError
 
 __all__ = [
+    "StudyConfig",
     "ModelConfig",
     "DataConfig",
     "TrainerConfig",
@@ -64,20 +65,58 @@ class ModelConfig:
 
 
 @attrs.frozen(kw_only=True)
+class StudyConfig:
+    """One study: where it is, its sampling weight, and options for its reader.
+
+    In YAML a study is a location string (``bids:/data/ds000030``) or a mapping
+    ``{location: ..., weight: 2.0, tasks: [sex, age]}``; keys other than
+    ``location`` and ``weight`` are passed to the study reader as ``options``.
+    """
+
+    location: str
+    weight: float | None = None
+    options: dict[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def from_value(cls, value: Any, key: str) -> StudyConfig:
+        if isinstance(value, StudyConfig):
+            return value
+        if isinstance(value, str) and value:
+            return cls(location=value)
+        if not isinstance(value, Mapping) or not isinstance(value.get("location"), str):
+            raise ConfigError(
+                f"{key}: expected a location or a mapping with 'location', got {value!r}"
+            )
+        weight = value.get("weight")
+        if weight is not None and (
+            isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0
+        ):
+            raise ConfigError(f"{key}.weight: expected a positive number, got {weight!r}")
+        options = {k: v for k, v in value.items() if k not in ("location", "weight")}
+        return cls(
+            location=value["location"],
+            weight=None if weight is None else float(weight),
+            options=options,
+        )
+
+
+@attrs.frozen(kw_only=True)
 class DataConfig:
     """``data`` section.
 
     Attributes:
         modalities: Modalities to train (names or aliases); empty: every installed one.
-        studies: Study locations (manifests, folders); empty: the built-in demo.
-        weights: Sampling weight per ``study/modality`` group; default: proportional to size.
+        studies: Studies (see :class:`StudyConfig`); empty: the built-in demo. A study
+            with a ``weight`` gets that share of the draws (relative to the other
+            weighted studies), split among its modality groups by size.
+        weights: Sampling weight per ``study/modality`` group; overrides study weights.
         geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
         demo_subjects: Subjects per modality in the built-in demo (a fifth are held out).
         workers: DataLoader worker processes.
     """
 
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    studies: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=tuple)
     weights: dict[str, float] = attrs.field(factory=dict)
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     demo_subjects: int = attrs.field(default=200, validator=_positive)
@@ -118,6 +157,8 @@ def _type_name(tp: Any) -> str:
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if tp is StudyConfig:
+        return StudyConfig.from_value(value, key)
     if attrs.has(tp):
         return structure(tp, value, key)
     if origin in (tuple, list, Sequence):

@@ -16,7 +16,7 @@ or that asks for an argument the hook does not have, is reported at start-up
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -82,12 +82,17 @@ def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module |
 
 
 @hookspec(firstresult=True)
-def umbrella_study_reader(location: str) -> Iterable[StudyRecord] | None:
+def umbrella_study_reader(
+    location: str, options: Mapping[str, Any]
+) -> Iterable[StudyRecord] | None:
     """Read a study: a folder, a manifest file, or anything a plugin recognises.
 
     Args:
-        location: What the user gave to ``--data`` (a path, possibly with a
-            ``kind:`` prefix such as ``manifest:/data/study.jsonl``).
+        location: What the user gave to ``--study``/``--data`` (a path, possibly
+            with a ``kind:`` prefix such as ``bids:/data/ds000001``).
+        options: The study's settings from the run configuration (for example
+            ``{"tasks": ["sex", "age"]}``): everything but ``location`` and
+            ``weight``; empty when none were given. (Since 0.2.)
 
     Returns:
         An iterable of StudyRecord (a generator is fine; it is consumed once),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -297,10 +297,12 @@ class PluginManager:
             )
         return module
 
-    def read_study(self, location: str) -> Iterable[StudyRecord]:
+    def read_study(
+        self, location: str, options: Mapping[str, Any] | None = None
+    ) -> Iterable[StudyRecord]:
         """Records of the study at ``location`` from the first reader that recognises it."""
         self.load_entry_points()
-        records = self.pm.hook.umbrella_study_reader(location=location)
+        records = self.pm.hook.umbrella_study_reader(location=location, options=dict(options or {}))
         if records is None:
             raise PluginError(
                 f"no installed study reader recognises {location!r}; give a manifest "

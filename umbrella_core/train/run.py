@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.config import RunConfig
+from umbrella_core.config import RunConfig, StudyConfig
 from umbrella_core.data.dataset import RecordDataset, group_records
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.plugins import PluginManager
@@ -33,6 +33,7 @@ class Prepared:
     train_sets: list[RecordDataset]
     eval_set: RecordDataset | None
     studies: list[str]
+    weights: list[float]
     skipped: dict[str, int]
     trainable: str
     base_is_random: bool
@@ -112,11 +113,13 @@ def prepare(
             subjects=config.data.demo_subjects,
             seed=0,
         )
-        studies = [str(manifest)]
+        studies = [StudyConfig(location=str(manifest))]
     records: list[StudyRecord] = []
+    per_study: list[list[StudyRecord]] = []
     skipped: dict[str, int] = {}
-    for location in studies:
-        for record in pm.read_study(location):
+    for study in studies:
+        per_study.append([])
+        for record in pm.read_study(study.location, study.options):
             inactive = [m for m in record.modalities if m not in specs]
             if inactive:
                 # Modalities may be named by alias in a manifest.
@@ -136,9 +139,11 @@ def prepare(
                     skipped[record.modality_key] = skipped.get(record.modality_key, 0) + 1
                     continue
             records.append(record)
+            per_study[-1].append(record)
+    locations = [study.location for study in studies]
     if not records:
         raise DataError(
-            f"no record of the active modalities ({', '.join(specs)}) in {', '.join(studies)}"
+            f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
         )
     _check_files(records)
 
@@ -160,10 +165,20 @@ def prepare(
             name=name,
         )
 
-    train_groups = group_records([r for r in records if r.split == "train"])
-    if not train_groups:
-        raise DataError(f"no training record (split: train) in {', '.join(studies)}")
-    train_sets = [dataset(group, name) for name, group in train_groups.items()]
+    train_sets: list[RecordDataset] = []
+    weights: list[float] = []
+    weighted = [s.weight for s in studies if s.weight is not None]
+    default_weight = (sum(weighted) / len(weighted)) if weighted else None
+    for study, study_records in zip(studies, per_study, strict=True):
+        groups = group_records([r for r in study_records if r.split == "train"])
+        total = sum(len(g) for g in groups.values())
+        for name, group in groups.items():
+            share = study.weight if study.weight is not None else default_weight
+            weight = len(group) if share is None else share * len(group) / total
+            train_sets.append(dataset(group, name))
+            weights.append(float(config.data.weights.get(name, weight)))
+    if not train_sets:
+        raise DataError(f"no training record (split: train) in {', '.join(locations)}")
     held_out = [r for r in records if r.split != "train"]
     eval_set = dataset(held_out, "held-out") if held_out else None
     # Encode every conversation once now: a bad record stops the run before step 1 (I6).
@@ -178,7 +193,8 @@ def prepare(
         tokenizer=tokenizer,
         train_sets=train_sets,
         eval_set=eval_set,
-        studies=studies,
+        studies=locations,
+        weights=weights,
         skipped=skipped,
         trainable=trainable,
         base_is_random=is_random,
@@ -213,8 +229,9 @@ def summary(prep: Prepared) -> str:
             f"{counts.get(name, 0)} training samples"
         )
     lines.append("  studies")
-    for ds in prep.train_sets:
-        lines.append(f"    {ds.name:<24} {len(ds)} samples")
+    total_weight = sum(prep.weights)
+    for ds, weight in zip(prep.train_sets, prep.weights, strict=True):
+        lines.append(f"    {ds.name:<24} {len(ds)} samples, {weight / total_weight:.0%} of draws")
     if prep.eval_set is not None:
         lines.append(f"    {'(held out)':<24} {len(prep.eval_set)} samples")
     for key, n in sorted(prep.skipped.items()):
@@ -246,8 +263,7 @@ def train(
     t = config.trainer
     out_dir = Path(t.output_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = [float(config.data.weights.get(ds.name, len(ds))) for ds in prep.train_sets]
-    interleaving = Interleaving([len(ds) for ds in prep.train_sets], weights)
+    interleaving = Interleaving([len(ds) for ds in prep.train_sets], prep.weights)
     collator = UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs))
     logging_dir = out_dir / "tensorboard"
     args = TrainingArguments(
