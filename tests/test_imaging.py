@@ -345,3 +345,13 @@ def test_head_phantom_jitter_moves_the_head() -> None:
     ]
     np.testing.assert_allclose(still[0].affine, still[1].affine)
     assert not np.allclose(moved[0].affine, moved[1].affine)
+
+
+@pytest.mark.parametrize("name", ["example4d.nii.gz", "example_nifti2.nii.gz"])
+def test_in_memory_gzip_path_gives_what_nibabel_gives(name):
+    from nibabel.testing import data_path
+
+    reference = nib.as_closest_canonical(nib.load(data_path / name))
+    data, affine = imaging.load_nifti(data_path / name)
+    assert np.array_equal(data, np.asarray(reference.dataobj, dtype=np.float32))
+    assert np.allclose(affine, reference.affine)

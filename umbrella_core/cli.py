@@ -97,6 +97,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append("data.studies=" + json.dumps(list(args.study)))
     if args.no_progress:
         overrides.append("trainer.progress=false")
+    if args.cache:
+        overrides.append("data.cache=true")
     config = load_config(args.config, overrides)
     train(config, get_plugin_manager())
     return 0
@@ -114,6 +116,52 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     manifest = write_demo(args.directory, specs, subjects=args.subjects, seed=args.seed)
     print(f"wrote {args.subjects} subjects for each of {', '.join(specs)}: {manifest}")
     return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from umbrella_core.validate import validate_locations
+
+    report = validate_locations(args.locations)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        for problem in report.problems:
+            print(problem)
+        print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from umbrella_core.config import load_config
+    from umbrella_core.data.cache import PreprocessedCache, build_cache, default_cache_root
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.train.run import read_studies
+
+    overrides = list(args.set or [])
+    if args.modalities:
+        overrides.append(f"data.modalities={args.modalities}")
+    if args.study:
+        overrides.append("data.studies=" + json.dumps(list(args.study)))
+    config = load_config(args.config, overrides)
+    root = args.cache_dir or config.data.cache_dir or default_cache_root()
+    if args.action == "info":
+        info = PreprocessedCache(root, {}).info()
+        print(f"cache: {root}")
+        for modality, entry in info.items():
+            print(f"  {modality:<8} {entry['entries']} images, {entry['bytes'] / 2**20:.1f} MiB")
+        return 0
+    data = read_studies(config, get_plugin_manager())
+    cache = PreprocessedCache(root, data.versions())
+    images = [
+        (data.specs[image.modality], tuple(image.paths))
+        for record in data.records
+        for image in record.images
+    ]
+    done, problems = build_cache(cache, images, workers=args.workers)
+    for problem in problems:
+        print(problem)
+    print(f"cache: {root}: {done} images ready, {len(problems)} could not be read")
+    return 1 if problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any setting, e.g. --set trainer.logging_steps=5",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--cache", action="store_true", help="use the preprocessed-image cache (data.cache)"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("demo-data", help="write the demo study (phantom .nii.gz files + manifest)")
@@ -165,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", type=int, default=200, help="subjects per modality")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo_data)
+
+    p = sub.add_parser(
+        "validate",
+        help="check studies (records, conversations, image files) and report every problem",
+    )
+    p.add_argument("locations", nargs="+", metavar="LOCATION", help="a study, as for train --study")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser(
+        "cache", help="build or inspect the preprocessed-image cache (decode each file once)"
+    )
+    p.add_argument("action", choices=["build", "info"])
+    p.add_argument("--study", "--data", dest="study", action="append", metavar="LOCATION")
+    p.add_argument("--modalities", help="comma-separated (default: every installed one)")
+    p.add_argument("--config", help="YAML run configuration (its geometry decides the shapes)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.add_argument("--cache-dir", help="default: data.cache_dir or $UMBRELLA_CACHE/preprocessed")
+    p.add_argument("--workers", type=int, default=1, help="processes that preprocess")
+    p.set_defaults(func=_cmd_cache)
     return parser
 
 

@@ -113,6 +113,8 @@ class DataConfig:
         geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
         demo_subjects: Subjects per modality in the built-in demo (a fifth are held out).
         workers: DataLoader worker processes.
+        cache: Keep preprocessed images in the on-disk cache (decode each file once).
+        cache_dir: Where; default ``$UMBRELLA_CACHE/preprocessed``.
     """
 
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -121,6 +123,8 @@ class DataConfig:
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     demo_subjects: int = attrs.field(default=200, validator=_positive)
     workers: int = 0
+    cache: bool = False
+    cache_dir: str = ""
 
 
 @attrs.frozen(kw_only=True)

@@ -14,6 +14,7 @@ module at hook time does not pull torch into ``umbrella plugins``.
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
 import zlib
@@ -119,7 +120,7 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
     if os.path.isdir(name):
         raise DataError(f"{name}: is a folder, expected a NIfTI file")
     try:
-        img = nib.load(name)
+        img = _read_image(name)
     except _DECODE_ERRORS as error:
         raise DataError(f"{name}: not a readable NIfTI file ({_reason(error)})") from error
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
@@ -136,14 +137,53 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
         raise DataError(f"{name}: expected a 3D or 4D image, got shape {data.shape}")
     if data.size == 0:
         raise DataError(f"{name}: image is empty (shape {data.shape})")
-    finite = np.isfinite(data)
-    if not finite.all():
+    # Integers scaled by finite factors cannot be NaN or infinite: skip the scan.
+    stored_integer = np.issubdtype(img.get_data_dtype(), np.integer)
+    slope, inter = img.header.get_slope_inter()
+    scaling_finite = all(v is None or np.isfinite(v) for v in (slope, inter))
+    finite = True if stored_integer and scaling_finite else np.isfinite(data)
+    if finite is not True and not finite.all():
         bad = int(data.size - np.count_nonzero(finite))
         raise DataError(f"{name}: {bad} of {data.size} voxels are NaN or infinite")
     data, affine = reorient(data, affine, RAS)
     # Flips are negative-stride views; torch.from_numpy and most consumers
     # need positive strides, and a contiguous copy is cheap next to decoding.
     return np.ascontiguousarray(data), affine
+
+
+def _gunzip(raw: bytes) -> bytes:
+    """Decompress a whole gzip stream, with ISA-L when it is installed.
+
+    Decompressing dominates the time to read a ``.nii.gz``; ISA-L's inflate is
+    about twice as fast as zlib's, and taking the file in one call avoids the
+    small reads nibabel's streaming reader makes.
+    """
+    try:
+        from isal import igzip
+    except ImportError:  # pragma: no cover - isal is a dependency; stdlib is the fallback
+        return gzip.decompress(raw)
+    return igzip.decompress(raw)
+
+
+def _read_image(name: str) -> nib.spatialimages.SpatialImage:
+    """The image at ``name``: gzip files are inflated in memory in one call."""
+    if not name.endswith(".gz"):
+        return nib.load(name)
+    with open(name, "rb") as handle:
+        raw = handle.read()
+    data = _gunzip(raw)
+    klass = nib.Nifti2Image if _is_nifti2(data) else nib.Nifti1Image
+    try:
+        return klass.from_bytes(data)
+    except _DECODE_ERRORS:
+        # Not a single-file NIfTI: let nibabel say what the file is.
+        return nib.load(name)
+
+
+def _is_nifti2(data: bytes) -> bool:
+    """Whether the header size field (either byte order) says NIfTI-2 (540) rather than 348."""
+    head = data[:4]
+    return 540 in (int.from_bytes(head, "little"), int.from_bytes(head, "big"))
 
 
 def _reason(error: BaseException) -> str:
@@ -282,6 +322,10 @@ def resize(array: ArrayLike, shape: Sequence[int]) -> NDArray[np.float32]:
     return np.ascontiguousarray(result.numpy())
 
 
+#: Voxels above which :func:`robust_normalise` estimates percentiles from a sample.
+PERCENTILE_SAMPLE = 1 << 18
+
+
 def robust_normalise(
     array: ArrayLike, lower: float = 0.5, upper: float = 99.5
 ) -> NDArray[np.float32]:
@@ -289,7 +333,10 @@ def robust_normalise(
 
     Percentiles are taken over the nonzero voxels when there are any, so that a
     zero-filled background (skull-stripped or masked images) does not pull the
-    lower bound down. A constant image becomes all zeros.
+    lower bound down. A constant image becomes all zeros. Above
+    :data:`PERCENTILE_SAMPLE` voxels the percentiles are estimated from an
+    evenly strided sample of that size: sorting millions of voxels costs more
+    than decoding them, and the clip points move by a fraction of a grey level.
 
     Args:
         array: Any array.
@@ -302,9 +349,12 @@ def robust_normalise(
     if not 0.0 <= lower < upper <= 100.0:
         raise ValueError(f"robust_normalise: need 0 <= lower < upper <= 100, got {lower}, {upper}")
     data = np.asarray(array, dtype=np.float32)
-    values = data[data != 0]
+    flat = data.reshape(-1)
+    if flat.size > PERCENTILE_SAMPLE:
+        flat = flat[:: -(-flat.size // PERCENTILE_SAMPLE)]
+    values = flat[flat != 0]
     if values.size == 0:
-        values = data.reshape(-1)
+        values = flat
     if values.size == 0:
         return np.zeros_like(data)
     lo, hi = (float(v) for v in np.percentile(values, [lower, upper]))

@@ -41,7 +41,12 @@ BLOCK_ENV = "UMBRELLA_BLOCK_PLUGINS"
 ALLOW_ENV = "UMBRELLA_LOAD_PLUGINS"
 
 #: Built-in plugins: modules of ``umbrella_core.default_plugins`` using the public hooks.
-DEFAULT_PLUGINS = ("umbrella_core.default_plugins.manifest",)
+# Order matters: of two ``trylast`` readers pluggy asks the earlier registered one first,
+# and the BrainVLM reader must see a .json file before the manifest reader does.
+DEFAULT_PLUGINS = (
+    "umbrella_core.default_plugins.brainvlm",
+    "umbrella_core.default_plugins.manifest",
+)
 
 CORE_DISTRIBUTION = "umbrella-core"
 

@@ -12,19 +12,28 @@ from umbrella_core.types import ModalitySpec, StudyRecord
 __all__ = ["RecordDataset", "load_image", "group_records"]
 
 
-def load_image(spec: ModalitySpec, paths: Sequence[str], where: str = "") -> Any:
-    """A model-ready float32 tensor ``(channels, *spec.shape)`` from the modality's loader."""
+def load_image(spec: ModalitySpec, paths: Sequence[str], where: str = "", cache: Any = None) -> Any:
+    """A model-ready float32 tensor ``(channels, *spec.shape)`` from the modality's loader.
+
+    With a :class:`~umbrella_core.data.cache.PreprocessedCache` the array comes
+    from the cache when it holds it (no decoding), and is stored there otherwise.
+    """
     import numpy as np
     import torch
 
-    array = spec.load(spec, tuple(paths))
+    if cache is not None:
+        array = cache.load(spec, tuple(paths))
+    else:
+        array = spec.load(spec, tuple(paths))
     array = np.asarray(array, dtype=np.float32)
     if array.shape != spec.input_shape:
         raise DataError(
             f"{', '.join(paths)}: the {spec.name} loader returned shape {array.shape}, "
             f"expected {spec.input_shape}{f' ({where})' if where else ''}"
         )
-    return torch.from_numpy(np.ascontiguousarray(array))
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        array = np.array(array, dtype=np.float32, order="C")  # out of the memory map
+    return torch.from_numpy(array)
 
 
 class RecordDataset:
@@ -44,6 +53,7 @@ class RecordDataset:
         image_token_id: int,
         max_length: int,
         name: str = "",
+        cache: Any = None,
     ) -> None:
         self.records = list(records)
         self.specs = dict(specs)
@@ -51,6 +61,7 @@ class RecordDataset:
         self.image_token_id = image_token_id
         self.max_length = max_length
         self.name = name
+        self.cache = cache
         self.tokens_per_modality = {n: s.num_tokens for n, s in self.specs.items()}
 
     def __len__(self) -> int:
@@ -70,7 +81,10 @@ class RecordDataset:
 
     def images(self, record: StudyRecord) -> list[tuple[str, Any]]:
         return [
-            (image.modality, load_image(self.specs[image.modality], image.paths, record.source))
+            (
+                image.modality,
+                load_image(self.specs[image.modality], image.paths, record.source, self.cache),
+            )
             for image in record.images
         ]
 

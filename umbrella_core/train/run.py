@@ -18,7 +18,7 @@ from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.plugins import PluginManager
 from umbrella_core.types import ModalitySpec, StudyRecord
 
-__all__ = ["Prepared", "resolve_specs", "prepare", "train"]
+__all__ = ["Prepared", "StudyData", "resolve_specs", "read_studies", "prepare", "train"]
 
 
 @attrs.define
@@ -92,12 +92,37 @@ def _check_files(records: list[StudyRecord]) -> None:
         raise DataError(f"{path}: image file not found, listed in {source}{more}")
 
 
-def prepare(
+@attrs.define
+class StudyData:
+    """The records of a run's studies, with the active modalities they use."""
+
+    specs: dict[str, ModalitySpec]
+    provenance: dict[str, tuple[str, str, str]]
+    studies: list[StudyConfig]
+    per_study: list[list[StudyRecord]]
+    skipped: dict[str, int]
+
+    @property
+    def locations(self) -> list[str]:
+        return [study.location for study in self.studies]
+
+    @property
+    def records(self) -> list[StudyRecord]:
+        return [r for records in self.per_study for r in records]
+
+    def versions(self) -> dict[str, str]:
+        return {n: f"{d}=={v}" for n, (_, d, v) in self.provenance.items()}
+
+
+def read_studies(
     config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
-) -> Prepared:
-    """Resolve plugins, read studies, build the model; nothing is trained yet."""
+) -> StudyData:
+    """Resolve the active modalities and read every study's records (the demo without studies).
+
+    Records of inactive modalities are counted in ``skipped``; images named by
+    alias get their canonical modality name; every image file must exist.
+    """
     from umbrella_core.data.demo import cached_demo
-    from umbrella_core.model.build import build_model, load_base
 
     demo = not config.data.studies
     specs, provenance = resolve_specs(config, pm, demo=demo)
@@ -146,6 +171,18 @@ def prepare(
             f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
         )
     _check_files(records)
+    return StudyData(specs, provenance, studies, per_study, skipped)
+
+
+def prepare(
+    config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
+) -> Prepared:
+    """Resolve plugins, read studies, build the model; nothing is trained yet."""
+    from umbrella_core.model.build import build_model, load_base
+
+    data = read_studies(config, pm, log=log)
+    specs, provenance, studies = data.specs, data.provenance, data.studies
+    per_study, skipped, locations = data.per_study, data.skipped, data.locations
 
     llava, tokenizer, is_random = load_base(config.model.base, seed=config.trainer.seed)
     terms = pm.loss_terms(tuple(specs), dict(config.loss))
@@ -155,6 +192,12 @@ def prepare(
         trainable = "full" if is_random else "embedders"
     model.set_trainable(trainable)
 
+    cache = None
+    if config.data.cache:
+        from umbrella_core.data.cache import PreprocessedCache, default_cache_root
+
+        cache = PreprocessedCache(config.data.cache_dir or default_cache_root(), data.versions())
+
     def dataset(group: list[StudyRecord], name: str) -> RecordDataset:
         return RecordDataset(
             group,
@@ -163,6 +206,7 @@ def prepare(
             image_token_id=model.image_token_id,
             max_length=config.model.max_length,
             name=name,
+            cache=cache,
         )
 
     train_sets: list[RecordDataset] = []
@@ -179,7 +223,7 @@ def prepare(
             weights.append(float(config.data.weights.get(name, weight)))
     if not train_sets:
         raise DataError(f"no training record (split: train) in {', '.join(locations)}")
-    held_out = [r for r in records if r.split != "train"]
+    held_out = [r for r in data.records if r.split != "train"]
     eval_set = dataset(held_out, "held-out") if held_out else None
     # Encode every conversation once now: a bad record stops the run before step 1 (I6).
     for ds in train_sets + ([eval_set] if eval_set else []):

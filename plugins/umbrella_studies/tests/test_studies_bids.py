@@ -1,0 +1,203 @@
+"""The BIDS reader, the task templates, recognition and bad input."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from umbrella_studies import last_stats
+
+from umbrella_core.errors import ConfigError, DataError, PluginError
+
+PARTICIPANTS = (
+    "participant_id\tage\tsex\tdx\tsite\n"
+    "sub-01\t63.4\tM\tcontrol\tA\n"
+    "sub-02\t41\tF\tpatient\tB\n"
+    "sub-03\tn/a\t2\tn/a\tA\n"
+    "sub-04\t70\tF\tcontrol\tn/a\n"
+)
+
+
+@pytest.fixture
+def bids(tmp_path, nifti, text, jsonfile) -> Path:
+    root = tmp_path / "ds"
+    jsonfile(root / "dataset_description.json", {"Name": "Tiny BIDS", "BIDSVersion": "1.8.0"})
+    text(root / "participants.tsv", PARTICIPANTS)
+    jsonfile(root / "task-rest_bold.json", {"RepetitionTime": 2.0, "TaskName": "rest"})
+    for sub in ("01", "02", "03", "04"):
+        nifti(root / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz")
+    nifti(root / "sub-01/func/sub-01_task-rest_bold.nii.gz", (4, 4, 4, 3))
+    jsonfile(root / "sub-01/func/sub-01_task-rest_bold.json", {"EchoTime": 0.03})
+    # sub-01 has FA/MD maps in derivatives; sub-02 only raw DWI.
+    nifti(root / "sub-01/dwi/sub-01_dwi.nii.gz", (4, 4, 4, 5))
+    nifti(root / "derivatives/dtifit/sub-01/dwi/sub-01_desc-FA_dwimap.nii.gz")
+    nifti(root / "derivatives/dtifit/sub-01/dwi/sub-01_desc-MD_dwimap.nii.gz")
+    nifti(root / "sub-02/dwi/sub-02_dwi.nii.gz", (4, 4, 4, 5))
+    return root
+
+
+def test_sex_task_records(pm, bids):
+    records = list(pm.read_study("bids:" + str(bids), {"tasks": ["sex"]}))
+    by_key = {(r.subject, r.modalities): r for r in records}
+    assert sorted({r.subject for r in records}) == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    t1 = by_key[("sub-01", ("t1",))]
+    assert t1.study == "Tiny BIDS"
+    assert t1.split == "train"
+    assert t1.images[0].paths == (str(bids / "sub-01/anat/sub-01_T1w.nii.gz"),)
+    assert t1.turns[0].content == "<image>\nWhat is the sex of this subject?"
+    assert t1.turns[1].content == "male"
+    assert t1.phenotypes["age"] == 63.4 and t1.phenotypes["site"] == "A"
+    assert t1.source.startswith(str(bids / "sub-01/anat/sub-01_T1w.nii.gz"))
+    assert "participants.tsv:2" in t1.source
+    # "2" codes female in the default mapping.
+    assert by_key[("sub-03", ("t1",))].turns[1].content == "female"
+    dmri = by_key[("sub-01", ("dmri",))]
+    assert [Path(p).name for p in dmri.images[0].paths] == [
+        "sub-01_desc-FA_dwimap.nii.gz",
+        "sub-01_desc-MD_dwimap.nii.gz",
+    ]
+    assert by_key[("sub-02", ("dmri",))].images[0].paths[0].endswith("sub-02_dwi.nii.gz")
+    bold = by_key[("sub-01", ("fmri",))]
+    # The top-level sidecar is inherited, the file's own is merged over it.
+    assert bold.phenotypes["_sidecar"] == {
+        "RepetitionTime": 2.0,
+        "TaskName": "rest",
+        "EchoTime": 0.03,
+    }
+
+
+def test_unprefixed_bids_folder_and_default_tasks(pm, bids):
+    records = list(pm.read_study(str(bids)))
+    tasks = {r.turns[0].content.split("\n", 1)[1] for r in records}
+    assert tasks == {
+        "What is the sex of this subject?",
+        "How old is the subject?",
+        "What is the diagnosis of this subject?",
+        "Are these two subjects of the same sex?",
+    }
+    stats = last_stats(str(bids))[str(bids)]
+    # sub-03's age and diagnosis are n/a: its one T1 is skipped for both.
+    assert stats.skipped["age"] == 1 and stats.skipped["diagnosis"] == 1
+    assert stats.made["sex"] == 7
+    ages = {r.subject: r.turns[1].content for r in records if "old" in r.turns[0].content}
+    assert ages["sub-01"] == "63 years" and ages["sub-02"] == "41 years"
+
+
+def test_sex_comparison_pairs(pm, bids):
+    options = {"tasks": ["sex_comparison"], "modalities": ["t1"], "seed": 3}
+    records = list(pm.read_study("bids:" + str(bids), options))
+    # Four T1 subjects (1 male, 3 female): two pairs, one same-sex, one not.
+    assert len(records) == 2
+    assert sorted(r.turns[1].content for r in records) == ["no", "yes"]
+    for record in records:
+        assert record.turns[0].content == "<image> <image>\nAre these two subjects of the same sex?"
+        assert len(record.images) == 2 and record.modalities == ("t1", "t1")
+        a, b = record.phenotypes["subjects"]
+        assert a != b and record.subject == f"{a}+{b}"
+        same = record.phenotypes["sex"][0] == record.phenotypes["sex"][1]
+        assert record.turns[1].content == ("yes" if same else "no")
+    again = list(pm.read_study("bids:" + str(bids), options))
+    assert [r.subject for r in again] == [r.subject for r in records]
+
+
+def test_column_task_split_and_overrides(pm, bids, text):
+    records = list(
+        pm.read_study(
+            "bids:" + str(bids), {"tasks": ["column:site"], "modalities": "t1", "split": "test"}
+        )
+    )
+    assert {r.subject: r.turns[1].content for r in records} == {
+        "sub-01": "A",
+        "sub-02": "B",
+        "sub-03": "A",
+    }
+    assert records[0].turns[0].content == "<image>\nWhat is the site of this subject?"
+    assert {r.split for r in records} == {"test"}
+    assert last_stats(str(bids))[str(bids)].skipped["column:site"] == 1
+    text(
+        bids / "participants.tsv",
+        "participant_id\tgender\tsplit\nsub-01\t0\tvalidation\nsub-02\t1\ttrain\n",
+    )
+    options = {"tasks": ["sex"], "sex_column": "gender", "sex_map": {0: "female", 1: "male"}}
+    records = [r for r in pm.read_study("bids:" + str(bids), options) if r.modalities == ("t1",)]
+    assert {r.subject: (r.turns[1].content, r.split) for r in records} == {
+        "sub-01": ("female", "validation"),
+        "sub-02": ("male", "train"),
+    }
+
+
+def test_foreign_and_manifest_folders_are_not_ours(pm, tmp_path, text, jsonfile):
+    import umbrella_studies.plugin as plugin
+
+    assert plugin.umbrella_study_reader(str(tmp_path), {}) is None
+    assert plugin.umbrella_study_reader("s3://bucket/x", {}) is None
+    jsonfile(tmp_path / "dataset_description.json", {"Name": "x"})
+    text(
+        tmp_path / "manifest.jsonl",
+        '{"subject": "s", "images": [], "conversation": '
+        '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
+    )
+    assert plugin.umbrella_study_reader(str(tmp_path), {}) is None
+    assert [r.subject for r in pm.read_study(str(tmp_path))] == ["s"]
+    with pytest.raises(PluginError):
+        pm.read_study(str(tmp_path / "nothing"))
+    with pytest.raises(DataError, match="no such folder"):
+        pm.read_study("bids:" + str(tmp_path / "nothing"))
+
+
+def test_malformed_participants_names_file_and_line(pm, bids, text):
+    text(bids / "participants.tsv", "participant_id\tsex\nsub-01\tM\nsub-02\tF\textra\n")
+    with pytest.raises(DataError, match=r"participants\.tsv:3: expected 2 fields"):
+        list(pm.read_study("bids:" + str(bids), {"tasks": ["sex"]}))
+    text(bids / "participants.tsv", "participant_id\tsex\nsub-01\tM\nsub-01\tF\n")
+    with pytest.raises(DataError, match=r"participants\.tsv:3: .*twice.*participants\.tsv:2"):
+        list(pm.read_study("bids:" + str(bids), {}))
+    text(bids / "participants.tsv", "participant_id\tsplit\nsub-01\tholdout\n")
+    with pytest.raises(DataError, match=r"participants\.tsv:2: column 'split'"):
+        list(pm.read_study("bids:" + str(bids), {"tasks": ["column:split"]}))
+
+
+def test_missing_phenotypes_is_a_clear_error(pm, bids):
+    (bids / "participants.tsv").unlink()
+    with pytest.raises(
+        DataError, match=f"no conversation could be made: {bids}: no phenotype file"
+    ):
+        list(pm.read_study("bids:" + str(bids), {}))
+    with pytest.raises(DataError, match=f"no conversation could be made: {bids}: sex: 7 no sex"):
+        list(pm.read_study("bids:" + str(bids), {"tasks": ["sex"]}))
+    with pytest.raises(ConfigError, match="unknown task 'height'"):
+        list(pm.read_study("bids:" + str(bids), {"tasks": ["height"]}))
+
+
+def test_bad_sidecar_names_file_and_line(pm, bids, text):
+    text(bids / "task-rest_bold.json", '{"RepetitionTime": 2.0,\n oops}')
+    with pytest.raises(DataError, match=r"task-rest_bold\.json:2: invalid JSON"):
+        list(pm.read_study("bids:" + str(bids), {"tasks": ["sex"]}))
+
+
+def test_real_images_load_with_modality_plugins(tmp_path, pm, text, jsonfile):
+    nibabel_testing = pytest.importorskip("nibabel.testing")
+    from umbrella_core.plugins import get_plugin_manager
+
+    data = Path(nibabel_testing.data_path)
+    root = tmp_path / "real"
+    (root / "sub-01/anat").mkdir(parents=True)
+    (root / "sub-01/func").mkdir(parents=True)
+    shutil.copy(data / "anatomical.nii", root / "sub-01/anat/sub-01_T1w.nii")
+    shutil.copy(data / "functional.nii", root / "sub-01/func/sub-01_task-rest_bold.nii")
+    jsonfile(root / "sub-01/func/sub-01_task-rest_bold.json", {"RepetitionTime": 2.0})
+    jsonfile(root / "dataset_description.json", {"Name": "real"})
+    text(root / "participants.tsv", "participant_id\tsex\tage\nsub-01\tF\t30\n")
+    records = list(pm.read_study(str(root), {"tasks": ["sex"]}))
+    assert [r.modalities for r in records] == [("t1",), ("fmri",)]
+    assert records[1].phenotypes["_sidecar"]["RepetitionTime"] == 2.0
+    installed = get_plugin_manager()
+    geometry = {"t1": ((32, 32, 32), (8, 8, 8)), "fmri": ((16, 16, 8, 8), (8, 8, 4, 4))}
+    for record in records:
+        (image,) = record.images
+        spec = installed.resolve_modality(image.modality).item.with_geometry(
+            *geometry[image.modality]
+        )
+        array = spec.load(spec, image.paths)
+        assert array.shape == spec.input_shape

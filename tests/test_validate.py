@@ -1,0 +1,167 @@
+"""``umbrella validate``: every problem of a study in one run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from umbrella_core.cli import main
+from umbrella_core.data.demo import write_demo
+from umbrella_core.imaging import save_nifti
+from umbrella_core.plugins import get_plugin_manager
+from umbrella_core.types import ImageRef, StudyRecord, Turn
+from umbrella_core.validate import Problem, validate_locations, validate_records
+
+
+@pytest.fixture(scope="module")
+def pm():
+    return get_plugin_manager()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, pm):
+    """A clean demo study with two t1 and two fmri subjects (demo geometry)."""
+    specs = {n: pm.resolve_modality(n).item.for_demo() for n in ("t1", "fmri")}
+    return write_demo(tmp_path_factory.mktemp("demo"), specs, subjects=2)
+
+
+def record(modality, path, *, user="<image>\nWhich side?", assistant="left"):
+    turns = [{"role": "user", "content": user}]
+    if assistant is not None:
+        turns.append({"role": "assistant", "content": assistant})
+    return {
+        "subject": "sub-x",
+        "images": [{"modality": modality, "path": path}],
+        "conversation": turns,
+    }
+
+
+def test_the_clean_demo_passes(demo, capsys):
+    assert main(["validate", str(demo)]) == 0
+    assert capsys.readouterr().out.strip() == "checked 4 records, 4 images: 0 problems in 0 records"
+
+
+@pytest.fixture
+def broken(tmp_path, demo):
+    """A manifest whose lines 2-11 each hold one problem; line 1 is fine."""
+    t1 = demo.parent / "t1" / "sub-t10000_T1w.nii.gz"
+    shutil.copy(t1, tmp_path / "good.nii.gz")
+    raw = t1.read_bytes()
+    (tmp_path / "truncated.nii.gz").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "text.nii.gz").write_text("not an image\n")
+    volume = np.ones((8, 8, 8), dtype=np.float32)
+    volume[2, 3, 4] = np.nan
+    save_nifti(tmp_path / "nan.nii.gz", volume, np.eye(4))
+    save_nifti(tmp_path / "huge.nii.gz", np.ones((8, 8, 8), np.float32), np.diag([30, 30, 30, 1]))
+    lines = [
+        json.dumps(record("t1", "good.nii.gz")),  # 1
+        json.dumps(record("t1", "missing.nii.gz")),  # 2
+        json.dumps(record("t1", "truncated.nii.gz")),  # 3
+        json.dumps(record("t1", "text.nii.gz")),  # 4
+        json.dumps(record("t1", "nan.nii.gz")),  # 5
+        json.dumps(record("fmri", "good.nii.gz")),  # 6: a 3D volume given as fMRI
+        json.dumps(record("t1", "good.nii.gz", assistant=None)),  # 7
+        json.dumps(record("t1", "good.nii.gz", user="<image><image>")),  # 8
+        '{"subject": "sub-x", "images": [',  # 9
+        json.dumps(record("pet", "good.nii.gz")),  # 10
+        json.dumps(record("T1w", "huge.nii.gz")),  # 11
+    ]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+EXPECTED = {
+    2: ("images[0].path", "missing.nii.gz: file not found"),
+    3: ("images[0].path", "truncated.nii.gz"),
+    4: ("images[0].path", "text.nii.gz: not a readable NIfTI file"),
+    5: ("images[0].path", "nan.nii.gz: 1 of 512 voxels are NaN or infinite"),
+    6: ("images[0].path", "good.nii.gz: expected a 4D series"),
+    7: ("conversation", "no assistant turn"),
+    8: ("conversation", "2 <image> placeholder(s) but the record lists 1 image(s)"),
+    9: ("json", "invalid JSON"),
+    10: ("images[0].modality", "unknown modality 'pet'"),
+    11: ("images[0].path", "huge.nii.gz: voxel size 30 x 30 x 30 mm is outside"),
+}
+
+
+def test_every_problem_is_reported_with_file_line_and_field(broken, capsys):
+    assert main(["validate", str(broken)]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    problems, summary = lines[:-1], lines[-1]
+    assert len(problems) == len(EXPECTED), "\n".join(problems)
+    for problem, (lineno, (field, message)) in zip(problems, sorted(EXPECTED.items()), strict=True):
+        assert problem.startswith(f"{broken}:{lineno}: {field}: "), problem
+        assert message in problem, problem
+    # Lines 7-9 are refused by the reader; the other 8 records list one image each.
+    assert summary == "checked 11 records, 8 images: 10 problems in 10 records"
+
+
+def test_json_output(broken, capsys):
+    assert main(["validate", "--json", str(broken)]) == 1
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["ok"] is False and payload["records"] == 11 and payload["problem_records"] == 10
+    first = payload["problems"][0]
+    assert first["source"] == f"{broken}:2" and first["field"] == "images[0].path"
+
+
+def test_several_studies_and_unreadable_ones(tmp_path, demo, capsys):
+    missing = tmp_path / "nowhere.jsonl"
+    listed = tmp_path / "listed.json"
+    listed.write_text(json.dumps({"records": [{"images": []}, {"subject": 1}]}))
+    report = validate_locations([str(demo), str(missing), str(listed)])
+    fields = [(p.source, p.field) for p in report.problems]
+    assert (str(missing), "study") in fields
+    assert (f"{listed}: records[0]", "subject") in fields
+    assert (f"{listed}: records[1]", "conversation") in fields
+    assert report.records == 6 and report.bad_records == 2
+
+
+def test_brainvlm_files_are_checked_record_by_record(tmp_path, demo):
+    t1 = demo.parent / "t1" / "sub-t10000_T1w.nii.gz"
+    good = {
+        "modality_paths": {"T1": str(t1)},
+        "conversations": [{"from": "human", "value": "Side?"}, {"from": "gpt", "value": "left"}],
+    }
+    path = tmp_path / "bvlm.jsonl"
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps(good),
+                json.dumps(good | {"modality_paths": {"T1": "gone.nii.gz"}}),
+                json.dumps(good | {"conversations": []}),
+            ]
+        )
+    )
+    report = validate_locations([str(path)])
+    assert [(p.source, p.field) for p in report.problems] == [
+        (f"{path}:2", "images[0].path"),
+        (f"{path}:3", "conversation"),
+    ]
+
+
+def test_validate_records_for_callers_with_records(pm, demo):
+    t1 = str(demo.parent / "t1" / "sub-t10000_T1w.nii.gz")
+    records = [
+        StudyRecord(
+            subject="a",
+            images=[ImageRef(modality="t1", paths=[t1])],
+            turns=[Turn(role="user", content="<image>"), Turn(role="assistant", content="x")],
+            source="mine:1",
+        ),
+        StudyRecord(
+            subject="b",
+            images=[ImageRef(modality="t1", paths=[t1, t1])],
+            turns=[Turn(role="user", content="no image"), Turn(role="assistant", content="x")],
+        ),
+    ]
+    problems = validate_records(records, pm, workers=2)
+    assert [(p.source, p.field) for p in problems] == [
+        ("subject b", "conversation"),
+        ("subject b", "images[0].path"),
+    ]
+    assert all(isinstance(p, Problem) for p in problems)
+    assert "t1 has 1 channel(s), got 2 files" in problems[1].message

@@ -1,0 +1,398 @@
+"""Check studies before training: every problem at once, not the first one.
+
+``umbrella validate PATH...`` reads each study through the installed study
+readers (a manifest, a BrainVLM file, ``bids:...``, anything a plugin
+recognises) and reports, per record:
+
+* records the reader refuses (bad JSON line, missing field, no assistant turn,
+  ``<image>`` placeholders that do not match the images). For the built-in
+  manifest and BrainVLM readers each record is read on its own, so one bad line
+  does not hide the others; a third-party reader stops at its first error,
+  which is reported;
+* modality names no installed plugin provides (``images[i].modality``);
+* image files that are missing, do not decode, do not fit the modality, hold
+  NaN/infinite values, have a singular or non-finite affine, or an absurd voxel
+  size (outside :data:`VOXEL_SIZE_RANGE`) (``images[i].path``).
+
+Images are checked by the modality's own loader at its **demo geometry**
+(``ModalitySpec.for_demo``): decoding and the loader's checks (file count,
+dimensions, value range) run in full, only the final resampling is to a small
+grid, which keeps the check fast. Files shared by several records are decoded
+once.
+
+Each problem prints as ``SOURCE: FIELD: MESSAGE`` where SOURCE is
+``FILE:LINE`` (JSONL), ``FILE: records[i]`` (JSON) or the study location;
+:func:`validate_records` is the part training can call on records it already has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from umbrella_core.data.brainvlm import BrainVLMStudy
+from umbrella_core.data.manifest import _require, find_manifest, read_manifest, record_from_json
+from umbrella_core.errors import DataError, UmbrellaError
+from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, StudyRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from umbrella_core.plugins import PluginManager
+
+__all__ = [
+    "VOXEL_SIZE_RANGE",
+    "Problem",
+    "Report",
+    "validate_records",
+    "validate_locations",
+    "read_study_tolerantly",
+]
+
+#: Voxel sizes (mm) outside this range are reported: no brain MRI has 20 mm
+#: voxels, and below 0.05 mm the header almost certainly holds metres or an error.
+VOXEL_SIZE_RANGE = (0.05, 20.0)
+
+#: Study-level problems (the study cannot be read at all) carry this field.
+STUDY_FIELD = "study"
+
+
+@attrs.frozen
+class Problem:
+    """One thing wrong with a study.
+
+    Attributes:
+        source: Where: ``FILE:LINE``, ``FILE: records[i]`` or the study location.
+        field: The field at fault (``images[0].path``, ``conversation``, ``study``).
+        message: What is wrong; messages about image files name the file.
+    """
+
+    source: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (self.source, self.field, self.message) if part)
+
+    def to_json(self) -> dict[str, str]:
+        return attrs.asdict(self)
+
+
+@attrs.frozen
+class Report:
+    """What :func:`validate_locations` found.
+
+    Attributes:
+        problems: Every problem, in study and record order.
+        records: Records checked, those the reader refused included.
+        images: Images listed by the records that could be read.
+    """
+
+    problems: tuple[Problem, ...]
+    records: int
+    images: int
+
+    @property
+    def bad_records(self) -> int:
+        """Records with at least one problem."""
+        return len({p.source for p in self.problems if p.field != STUDY_FIELD})
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        return (
+            f"checked {self.records} records, {self.images} images: "
+            f"{len(self.problems)} problems in {self.bad_records} records"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "records": self.records,
+            "images": self.images,
+            "problem_records": self.bad_records,
+            "problems": [p.to_json() for p in self.problems],
+        }
+
+
+# ---------------------------------------------------------------------------
+# Reader errors as problems
+# ---------------------------------------------------------------------------
+
+# "FILE:LINE: rest" (JSONL) or "FILE: records[i]: rest" (JSON), as the readers write them.
+_SOURCE = re.compile(r"^(?P<source>.+?(?::\d+| records\[\d+\])): (?P<rest>.*)$", re.DOTALL)
+# "images[1]: field 'path' ..." names a field inside a list item.
+_ITEM = re.compile(r"^(?P<item>[\w.]+\[\d+\]): (?P<rest>.*)$", re.DOTALL)
+_FIELD = re.compile(r"field '(?P<field>[^']+)'")
+
+
+def problem_from_error(error: BaseException, source: str = "") -> Problem:
+    """A Problem from a reader's or loader's error, splitting off where and which field.
+
+    Args:
+        error: The error; its message starts with ``FILE:LINE:`` or ``FILE: records[i]:``
+            when a reader raised it.
+        source: Where it happened, when the message does not say.
+    """
+    message = str(error)
+    if source and message.startswith(source + ": "):
+        rest = message[len(source) + 2 :]
+    elif (match := _SOURCE.match(message)) is not None:
+        source, rest = match["source"], match["rest"]
+    else:
+        rest = message
+    item = ""
+    if (match := _ITEM.match(rest)) is not None:
+        item, rest = match["item"], match["rest"]
+    if (match := _FIELD.search(rest)) is not None:
+        field = f"{item}.{match['field']}" if item else match["field"]
+    elif item:
+        field = item
+    elif "assistant turn" in rest or IMAGE_PLACEHOLDER in rest:
+        field = "conversation"
+    elif rest.startswith("invalid JSON"):
+        field = "json"
+    else:
+        field = "record"
+    return Problem(source=source, field=field, message=rest)
+
+
+# ---------------------------------------------------------------------------
+# Reading studies record by record
+# ---------------------------------------------------------------------------
+
+
+def _manifest_records(path: Path, on_error: Callable[[DataError], None]) -> Iterator[StudyRecord]:
+    """The records of an UMBRELLA manifest, each bad record going to ``on_error``.
+
+    The same format as :func:`umbrella_core.data.manifest.read_manifest`, which
+    stops at the first bad record; here every line is parsed on its own.
+    """
+    root = path.parent
+    study = path.parent.name or "manifest"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise DataError(f"{path}: cannot read the manifest: {reason}") from None
+    seen = 0
+    if path.suffix == ".jsonl":
+        items: Iterable[tuple[str, Any]] = _jsonl_items(path, text, on_error)
+    else:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+            ) from None
+        if isinstance(obj, Mapping):
+            study = str(obj.get("study", study))
+            records = _require(obj, "records", list, str(path))
+        elif isinstance(obj, list):
+            records = obj
+        else:
+            raise DataError(f"{path}: expected a list of records or an object with 'records'")
+        items = ((f"{path}: records[{i}]", item) for i, item in enumerate(records))
+    for where, item in items:
+        seen += 1
+        if item is _BAD_LINE:
+            continue
+        try:
+            yield record_from_json(item, root=root, where=where, study=study)
+        except DataError as error:
+            on_error(error)
+    if not seen:
+        raise DataError(f"{path}: the manifest holds no records")
+
+
+_BAD_LINE = object()
+
+
+def _jsonl_items(
+    path: Path, text: str, on_error: Callable[[DataError], None]
+) -> Iterator[tuple[str, Any]]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"{path}:{lineno}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            on_error(DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"))
+            yield f"{path}:{lineno}", _BAD_LINE
+
+
+def read_study_tolerantly(
+    location: str, pm: PluginManager, options: Mapping[str, Any] | None = None
+) -> tuple[list[StudyRecord], list[Problem], int]:
+    """Read a study as training would, collecting record errors instead of stopping.
+
+    The reader is chosen by ``pm.read_study`` (so plugin precedence is the
+    training run's); when it is a built-in reader, records are read one by one.
+
+    Returns:
+        ``(records, problems, refused)``: the usable records, the problems of the
+        others and of the study itself, and how many records the reader refused.
+    """
+    problems: list[Problem] = []
+    refused = 0
+
+    def on_error(error: DataError) -> None:
+        nonlocal refused
+        refused += 1
+        problems.append(problem_from_error(error))
+
+    records: list[StudyRecord] = []
+    try:
+        study = pm.read_study(location, dict(options or {}))
+        if isinstance(study, BrainVLMStudy):
+            study = study.records(on_error)
+        elif getattr(study, "gi_code", None) is read_manifest.__code__:
+            # The built-in manifest reader answered (manifest.py stays as it is, and
+            # its generator stops at the first bad record): read the same file here.
+            path = find_manifest(location)
+            if path is not None:
+                study.close()  # type: ignore[union-attr]
+                study = _manifest_records(path, on_error)
+        for record in study:
+            records.append(record)
+    except UmbrellaError as error:
+        problem = problem_from_error(error)
+        if not problem.source:
+            problem = Problem(location, STUDY_FIELD, problem.message)
+        problems.append(problem)
+    except Exception as error:  # a plugin's reader bug must not hide the other studies
+        problems.append(Problem(location, STUDY_FIELD, f"{type(error).__name__}: {error}"))
+    return records, problems, refused
+
+
+# ---------------------------------------------------------------------------
+# Checking records and images
+# ---------------------------------------------------------------------------
+
+
+def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
+    """What is wrong with one image (empty when nothing), each message naming the file."""
+    import nibabel as nib
+    import numpy as np
+
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        return [f"{p}: file not found" for p in missing]
+    messages = []
+    if len(paths) > spec.channels:
+        # Loaders that take the first files only would hide the extra ones.
+        return [
+            f"{spec.name} has {spec.channels} channel(s), got {len(paths)} files: "
+            f"{', '.join(paths)}"
+        ]
+    try:
+        array = np.asarray(spec.load(spec, paths), dtype=np.float32)
+    except DataError as error:
+        messages.append(str(error))
+    except Exception as error:  # a loader bug is still a problem to report, not a crash
+        messages.append(
+            f"{', '.join(paths)}: the {spec.name} loader failed: {type(error).__name__}: {error}"
+        )
+    else:
+        if array.shape != spec.input_shape:
+            messages.append(
+                f"{', '.join(paths)}: the {spec.name} loader returned shape {array.shape}, "
+                f"expected {spec.input_shape}"
+            )
+        elif not np.isfinite(array).all():
+            messages.append(f"{', '.join(paths)}: NaN or infinite values after preprocessing")
+    low, high = VOXEL_SIZE_RANGE
+    for path in paths:
+        try:
+            zooms = nib.load(path).header.get_zooms()[:3]
+        except Exception:
+            continue  # undecodable: the loader has said so
+        if any(not low <= float(z) <= high for z in zooms):
+            sizes = " x ".join(f"{float(z):g}" for z in zooms)
+            messages.append(
+                f"{path}: voxel size {sizes} mm is outside {low:g}-{high:g} mm; "
+                "check the header's pixdim and units"
+            )
+    return messages
+
+
+def validate_records(
+    records: Iterable[StudyRecord], pm: PluginManager, *, workers: int | None = None
+) -> list[Problem]:
+    """Check records: structure, modality names and every image file.
+
+    Args:
+        records: Records as a study reader yields them.
+        pm: The plugin manager whose modalities resolve the names and load the files.
+        workers: Threads decoding images (default: up to 4).
+
+    Returns:
+        The problems, in record order; empty when every record is usable.
+    """
+    from umbrella_core.data.manifest import check_record
+    from umbrella_core.errors import PluginError
+
+    found: list[tuple[int, int, Problem]] = []
+    jobs: dict[tuple[str, tuple[str, ...]], list[tuple[int, str, int]]] = {}
+    specs: dict[str, ModalitySpec] = {}
+    for index, record in enumerate(records):
+        source = record.source or f"subject {record.subject}"
+        try:
+            check_record(record)
+        except DataError as error:
+            found.append((index, -1, problem_from_error(error, source)))
+        for i, image in enumerate(record.images):
+            try:
+                spec = pm.resolve_modality(image.modality).item
+            except PluginError as error:
+                found.append((index, i, Problem(source, f"images[{i}].modality", str(error))))
+                continue
+            specs.setdefault(spec.name, spec.for_demo())
+            jobs.setdefault((spec.name, image.paths), []).append((index, source, i))
+    workers = workers or min(4, os.cpu_count() or 1)
+    keys = list(jobs)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda key: _check_image(specs[key[0]], key[1]), keys)
+        for key, messages in zip(keys, results, strict=True):
+            for index, source, i in jobs[key]:
+                for message in messages:
+                    found.append((index, i, Problem(source, f"images[{i}].path", message)))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [problem for _, _, problem in found]
+
+
+def validate_locations(
+    locations: Sequence[str], pm: PluginManager | None = None, *, workers: int | None = None
+) -> Report:
+    """Read and check every study at ``locations``; see the module docstring."""
+    if pm is None:
+        from umbrella_core.plugins import get_plugin_manager
+
+        pm = get_plugin_manager()
+    problems: list[Problem] = []
+    n_records = n_images = 0
+    for location in locations:
+        records, read_problems, refused = read_study_tolerantly(location, pm)
+        # Keep file order: a refused line 3 comes before a missing file on line 5.
+        checked = validate_records(records, pm, workers=workers)
+        problems.extend(_in_source_order(read_problems + checked))
+        n_records += len(records) + refused
+        n_images += sum(len(r.images) for r in records)
+    return Report(problems=tuple(problems), records=n_records, images=n_images)
+
+
+def _in_source_order(problems: list[Problem]) -> list[Problem]:
+    def key(problem: Problem) -> tuple[int, int]:
+        number = re.search(r"(?::(\d+)$| records\[(\d+)\]$)", problem.source)
+        if number is None:
+            return (0, 0)
+        return (1, int(number.group(1) or number.group(2)))
+
+    return sorted(problems, key=key)  # stable: a record's own problems keep their order
