@@ -127,3 +127,65 @@ def test_train_from_a_saved_llava_folder_trains_only_the_embedders(tmp_path):
     base = llava.state_dict()
     lm_key = "model.language_model.layers.0.self_attn.q_proj.weight"
     assert __import__("torch").equal(trained[f"llava.{lm_key}"], base[lm_key])  # frozen
+
+
+def _study_with_one_bad_record(tmp_path):
+    from umbrella_core.data.demo import write_demo
+    from umbrella_core.plugins import get_plugin_manager
+
+    spec = get_plugin_manager().resolve_modality("dmri").item.for_demo()
+    manifest = write_demo(tmp_path / "study", {"dmri": spec}, subjects=6)
+    lines = manifest.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["images"][0]["path"] = ["dmri/missing_FA.nii.gz", "dmri/missing_MD.nii.gz"]
+    lines[0] = json.dumps(record)
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_bad_sample_stops_before_step_1_by_default(tmp_path, monkeypatch):
+    manifest = _study_with_one_bad_record(tmp_path)
+    out = tmp_path / "out"
+    result = _umbrella(
+        "train",
+        "--study",
+        str(manifest),
+        "--modalities",
+        "dmri",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+    )
+    assert result.returncode == 2
+    assert "2 problem(s) in the data; nothing was trained" in result.stderr
+    assert "manifest.jsonl:1" in result.stderr and "missing_FA.nii.gz" in result.stderr
+    assert not (out / "final").exists()
+
+
+@pytest.mark.slow
+def test_bad_sample_is_skipped_and_counted_when_asked(tmp_path):
+    manifest = _study_with_one_bad_record(tmp_path)
+    out = tmp_path / "out"
+    result = _umbrella(
+        "train",
+        "--study",
+        str(manifest),
+        "--modalities",
+        "dmri",
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--no-progress",
+        "--output-dir",
+        str(out),
+        "--set",
+        "data.on_bad=skip",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipping 2 bad sample(s)" in result.stdout
+    bad = json.loads((out / "bad_samples.json").read_text())
+    assert {b["source"] for b in bad} == {f"{manifest}:1"}
+    assert (out / "final" / "model.safetensors").is_file()

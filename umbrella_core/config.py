@@ -113,6 +113,10 @@ class DataConfig:
         geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
         demo_subjects: Subjects per modality in the built-in demo (a fifth are held out).
         workers: DataLoader worker processes.
+        check: Checks before step 1: ``files`` (files exist, conversations fit),
+            ``full`` (also decode every image, as ``umbrella validate``) or ``none``.
+        on_bad: ``stop`` (default: no training while any sample is bad) or ``skip``
+            (train without them; they are listed in ``bad_samples.json``).
         cache: Keep preprocessed images in the on-disk cache (decode each file once).
         cache_dir: Where; default ``$UMBRELLA_CACHE/preprocessed``.
     """
@@ -123,6 +127,8 @@ class DataConfig:
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     demo_subjects: int = attrs.field(default=200, validator=_positive)
     workers: int = 0
+    check: str = attrs.field(default="files", validator=_choice("none", "files", "full"))
+    on_bad: str = attrs.field(default="stop", validator=_choice("stop", "skip"))
     cache: bool = False
     cache_dir: str = ""
 

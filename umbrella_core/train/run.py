@@ -35,6 +35,7 @@ class Prepared:
     studies: list[str]
     weights: list[float]
     skipped: dict[str, int]
+    problems: list[Any]
     trainable: str
     base_is_random: bool
 
@@ -78,18 +79,48 @@ def resolve_specs(
     return specs, provenance
 
 
-def _check_files(records: list[StudyRecord]) -> None:
-    missing = [
-        (record.source, path)
-        for record in records
-        for image in record.images
-        for path in image.paths
-        if not os.path.isfile(path)
-    ]
-    if missing:
-        source, path = missing[0]
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise DataError(f"{path}: image file not found, listed in {source}{more}")
+def screen_records(
+    per_study: list[list[StudyRecord]],
+    *,
+    check: str,
+    encode: Callable[[StudyRecord], Any],
+    pm: PluginManager,
+) -> tuple[list[list[StudyRecord]], list[Any]]:
+    """Split records into usable ones and problems, before step 1 (I6).
+
+    ``check`` is ``files`` (every image file exists, every conversation encodes
+    within the model's length) or ``full`` (also decode and preprocess every
+    image, as ``umbrella validate`` does) or ``none`` (encoding only).
+    """
+    from umbrella_core.validate import Problem, problem_from_error, validate_records
+
+    problems: list[Problem] = []
+    bad: set[int] = set()
+    everything = [r for records in per_study for r in records]
+    for record in everything:
+        source = record.source or f"subject {record.subject}"
+        if check in ("files", "full"):
+            for i, image in enumerate(record.images):
+                for path in image.paths:
+                    if not os.path.isfile(path):
+                        problems.append(
+                            Problem(source, f"images[{i}].path", f"{path}: image file not found")
+                        )
+                        bad.add(id(record))
+        try:
+            encode(record)
+        except DataError as error:
+            problems.append(problem_from_error(error, source))
+            bad.add(id(record))
+    if check == "full":
+        by_source = {r.source: r for r in everything if id(r) not in bad}
+        for problem in validate_records([r for r in everything if id(r) not in bad], pm):
+            problems.append(problem)
+            record = by_source.get(problem.source)
+            if record is not None:
+                bad.add(id(record))
+    kept = [[r for r in records if id(r) not in bad] for records in per_study]
+    return kept, problems
 
 
 @attrs.define
@@ -170,7 +201,6 @@ def read_studies(
         raise DataError(
             f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
         )
-    _check_files(records)
     return StudyData(specs, provenance, studies, per_study, skipped)
 
 
@@ -197,6 +227,27 @@ def prepare(
         from umbrella_core.data.cache import PreprocessedCache, default_cache_root
 
         cache = PreprocessedCache(config.data.cache_dir or default_cache_root(), data.versions())
+
+    probe = RecordDataset(
+        [],
+        specs,
+        tokenizer=tokenizer,
+        image_token_id=model.image_token_id,
+        max_length=config.model.max_length,
+    )
+    per_study, problems = screen_records(
+        per_study, check=config.data.check, encode=probe.encode, pm=pm
+    )
+    if problems and config.data.on_bad == "stop":
+        shown = "\n  ".join(str(p) for p in problems[:5])
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise DataError(
+            f"{len(problems)} problem(s) in the data; nothing was trained "
+            f"(set data.on_bad=skip to train without the bad samples):\n  {shown}{more}"
+        )
+    if problems:
+        log(f"skipping {len(problems)} bad sample(s) (data.on_bad=skip); first: {problems[0]}")
+    data = attrs.evolve(data, per_study=per_study)
 
     def dataset(group: list[StudyRecord], name: str) -> RecordDataset:
         return RecordDataset(
@@ -225,10 +276,6 @@ def prepare(
         raise DataError(f"no training record (split: train) in {', '.join(locations)}")
     held_out = [r for r in data.records if r.split != "train"]
     eval_set = dataset(held_out, "held-out") if held_out else None
-    # Encode every conversation once now: a bad record stops the run before step 1 (I6).
-    for ds in train_sets + ([eval_set] if eval_set else []):
-        for record in ds.records:
-            ds.encode(record)
     return Prepared(
         config=config,
         specs=specs,
@@ -240,6 +287,7 @@ def prepare(
         studies=locations,
         weights=weights,
         skipped=skipped,
+        problems=problems,
         trainable=trainable,
         base_is_random=is_random,
     )
@@ -280,6 +328,10 @@ def summary(prep: Prepared) -> str:
         lines.append(f"    {'(held out)':<24} {len(prep.eval_set)} samples")
     for key, n in sorted(prep.skipped.items()):
         lines.append(f"  skipped {n} record(s) of {key}: modality not active in this run")
+    if prep.problems:
+        lines.append(
+            f"  skipped {len(prep.problems)} bad sample(s), listed in OUTPUT_DIR/bad_samples.json"
+        )
     return "\n".join(lines)
 
 
@@ -307,6 +359,10 @@ def train(
     t = config.trainer
     out_dir = Path(t.output_dir).expanduser().resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if prep.problems:
+        (out_dir / "bad_samples.json").write_text(
+            json.dumps([p.to_json() for p in prep.problems], indent=2) + "\n"
+        )
     interleaving = Interleaving([len(ds) for ds in prep.train_sets], prep.weights)
     collator = UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs))
     logging_dir = out_dir / "tensorboard"
