@@ -355,3 +355,16 @@ def test_in_memory_gzip_path_gives_what_nibabel_gives(name):
     data, affine = imaging.load_nifti(data_path / name)
     assert np.array_equal(data, np.asarray(reference.dataobj, dtype=np.float32))
     assert np.allclose(affine, reference.affine)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.float32, ">i2"])
+def test_in_memory_path_applies_scaling_and_byte_order_like_nibabel(tmp_path, dtype):
+    data = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 200).astype(dtype)
+    img = nib.Nifti1Image(data, np.diag([-2.0, 2.0, 2.0, 1.0]))
+    img.header.set_slope_inter(2.5, -10.0)
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(img, path)
+    reference = nib.as_closest_canonical(nib.load(path))
+    loaded, _ = imaging.load_nifti(path)
+    assert np.allclose(loaded, np.asarray(reference.dataobj, dtype=np.float32))
+    assert loaded.min() == pytest.approx(-10.0)

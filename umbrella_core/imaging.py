@@ -15,6 +15,7 @@ module at hook time does not pull torch into ``umbrella plugins``.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import zlib
@@ -130,7 +131,7 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
     try:
         # asarray with a dtype scales in float32: get_fdata would build a
         # float64 copy twice the size of what we keep.
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data = _voxels_float32(img)
     except _DECODE_ERRORS as error:
         raise DataError(f"{name}: cannot decode the image data ({_reason(error)})") from error
     if data.ndim < 3:
@@ -163,6 +164,43 @@ def _gunzip(raw: bytes) -> bytes:
     except ImportError:  # pragma: no cover - isal is a dependency; stdlib is the fallback
         return gzip.decompress(raw)
     return igzip.decompress(raw)
+
+
+def _voxels_float32(img: nib.spatialimages.SpatialImage) -> NDArray[np.float32]:
+    """The scaled voxels as float32, read straight from an in-memory file when possible.
+
+    For an image made by :func:`_read_image` from bytes, the voxels are viewed
+    in place with ``np.frombuffer`` and converted once; nibabel's array proxy
+    would first copy them out of the file object. Other images (and dtypes
+    that need nibabel's handling) go through the proxy.
+    """
+    holder = img.file_map.get("image")
+    stream = getattr(holder, "fileobj", None)
+    proxy = img.dataobj
+    dtype = np.dtype(getattr(proxy, "dtype", img.header.get_data_dtype()))
+    offset = getattr(proxy, "offset", None)
+    order = getattr(proxy, "order", "F")
+    if (
+        isinstance(stream, io.BytesIO)
+        and offset is not None
+        and dtype.kind in "iuf"
+        and dtype.fields is None
+    ):
+        shape = proxy.shape
+        count = math.prod(shape)
+        buffer = stream.getbuffer()
+        if offset + count * dtype.itemsize <= len(buffer):
+            raw = np.frombuffer(buffer, dtype=dtype, count=count, offset=int(offset))
+            data = raw.reshape(shape, order=order).astype(np.float32)
+            slope, inter = float(proxy.slope), float(proxy.inter)
+            if slope != 1.0:
+                data *= np.float32(slope)
+            if inter != 0.0:
+                data += np.float32(inter)
+            return data
+    # asarray with a dtype scales in float32: get_fdata would build a
+    # float64 copy twice the size of what we keep.
+    return np.asarray(img.dataobj, dtype=np.float32)
 
 
 def _read_image(name: str) -> nib.spatialimages.SpatialImage:
