@@ -91,6 +91,17 @@ class ModalitySpec:
         aliases: Other names users may type (``T1w``, ``sMRI``); matched case-insensitively.
         file_patterns: Glob patterns of files of this modality (``*_T1w.nii.gz``).
         description: One line for ``umbrella plugins``.
+        series: For modalities whose files hold more than one model input along
+            their last axis (fMRI series): ``series(spec, paths) -> numpy.ndarray``
+            of shape ``(channels, *shape[:-1], frames)``, the whole file
+            preprocessed once (per-subject statistics over all frames). A model
+            input is a window of ``shape[-1]`` frames of it.
+        frames: ``frames(spec, paths) -> int``, the frames in the file, read
+            from the header without decoding the data.
+        window_stride: Frames between the starts of consecutive windows; with
+            ``series`` and ``frames`` set, each file gives
+            ``1 + (frames - shape[-1]) // window_stride`` samples. None: one
+            window per file (``load``).
         demo_shape: Input shape the built-in demo trains at (small, for CPU); defaults to ``shape``.
         demo_patch_size: Patch size the built-in demo uses; defaults to ``patch_size``.
     """
@@ -109,6 +120,9 @@ class ModalitySpec:
     )
     file_patterns: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     description: str = ""
+    series: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
+    frames: Callable[..., int] | None = attrs.field(default=None, eq=False, repr=False)
+    window_stride: int | None = attrs.field(default=None, converter=attrs.converters.optional(int))
     demo_shape: tuple[int, ...] | None = attrs.field(
         default=None, converter=attrs.converters.optional(_int_tuple)
     )
@@ -127,6 +141,25 @@ class ModalitySpec:
         return math.prod(self.grid)
 
     @property
+    def windowed(self) -> bool:
+        """Whether a file gives several model inputs (windows of its last axis)."""
+        return (
+            self.series is not None and self.frames is not None and self.window_stride is not None
+        )
+
+    def window_count(self, frames: int) -> int:
+        """Windows of ``shape[-1]`` frames, ``window_stride`` apart, in ``frames`` frames."""
+        length = self.shape[-1]
+        if frames < length:
+            return 0
+        if not self.window_stride:
+            return 1
+        return 1 + (frames - length) // self.window_stride
+
+    def window_start(self, index: int) -> int:
+        return index * (self.window_stride or 0)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one model-ready image: ``(channels, *shape)``."""
         return (self.channels, *self.shape)
@@ -143,8 +176,13 @@ class ModalitySpec:
         return attrs.evolve(self, **changes)
 
     def for_demo(self) -> ModalitySpec:
-        """A copy with the demo geometry (``demo_shape``/``demo_patch_size``) where declared."""
-        return self.with_geometry(self.demo_shape, self.demo_patch_size)
+        """A copy with the demo geometry (``demo_shape``/``demo_patch_size``) where declared.
+
+        Demo files are short: they give one window each.
+        """
+        return attrs.evolve(
+            self.with_geometry(self.demo_shape, self.demo_patch_size), window_stride=None
+        )
 
 
 def _paths(value: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str, ...]:

@@ -58,7 +58,8 @@ class PreprocessedCache:
         self.versions = dict(versions)
         self.stats = CacheStats()
 
-    def key(self, spec: ModalitySpec, paths: Sequence[str]) -> str:
+    def key(self, spec: ModalitySpec, paths: Sequence[str], *, series: bool = False) -> str:
+        """The entry name: a hash of the files' identity, the geometry and the plugin."""
         files = []
         for path in paths:
             absolute = os.path.abspath(path)
@@ -70,8 +71,10 @@ class PreprocessedCache:
         identity = {
             "format": FORMAT,
             "modality": spec.name,
-            "shape": list(spec.shape),
-            "patch_size": list(spec.patch_size),
+            # A series does not depend on the window length or the patches.
+            "shape": list(spec.shape[:-1] if series else spec.shape),
+            "patch_size": [] if series else list(spec.patch_size),
+            "series": series,
             "channels": spec.channels,
             "plugin": self.versions.get(spec.name, ""),
             "files": files,
@@ -95,6 +98,46 @@ class PreprocessedCache:
         array = np.ascontiguousarray(spec.load(spec, tuple(paths)), dtype=np.float32)
         self._store(entry, array)
         return array
+
+    def window(self, spec: ModalitySpec, paths: Sequence[str], index: int) -> np.ndarray:
+        """Window ``index`` of a windowed modality's series, ``(channels, *spec.shape)``.
+
+        The series is preprocessed once and stored cut into its windows,
+        ``(windows, channels, *spec.shape)``: a window is one contiguous block
+        already in model layout, so reading it touches only its own pages and
+        needs no transpose. Overlapping windows (stride below the window
+        length) are stored once per window, trading disk for read speed.
+        """
+        key = self.key(spec, paths, series=True)
+        entry = self.root / spec.name / f"{key}-w{spec.shape[-1]}s{spec.window_stride}.npy"
+        try:
+            stored = np.load(entry, mmap_mode="r")
+        except (FileNotFoundError, ValueError, OSError):
+            stored = None
+        if stored is not None and tuple(stored.shape[1:]) == spec.input_shape:
+            self.stats.hits += 1
+        else:
+            self.stats.misses += 1
+            series = np.asarray(spec.series(spec, tuple(paths)), dtype=np.float32)
+            length, count = spec.shape[-1], spec.window_count(series.shape[-1])
+            if count == 0:
+                raise DataError(
+                    f"{', '.join(paths)}: {series.shape[-1]} frames, fewer than the {length} "
+                    f"of one {spec.name} window"
+                )
+            stored = np.stack(
+                [
+                    series[..., spec.window_start(i) : spec.window_start(i) + length]
+                    for i in range(count)
+                ]
+            )
+            self._store(entry, stored)
+        if not 0 <= index < stored.shape[0]:
+            raise DataError(
+                f"{', '.join(paths)}: window {index} does not exist; the series gives "
+                f"{stored.shape[0]} windows"
+            )
+        return np.array(stored[index])
 
     def _store(self, entry: Path, array: np.ndarray) -> None:
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -123,7 +166,10 @@ class PreprocessedCache:
 
 def _fill(cache: PreprocessedCache, spec: ModalitySpec, paths: tuple[str, ...]) -> str | None:
     try:
-        cache.load(spec, paths)
+        if spec.windowed:
+            cache.window(spec, paths, 0)
+        else:
+            cache.load(spec, paths)
     except DataError as exc:
         return str(exc)
     return None

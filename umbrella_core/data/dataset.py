@@ -12,16 +12,32 @@ from umbrella_core.types import ModalitySpec, StudyRecord
 __all__ = ["RecordDataset", "load_image", "group_records"]
 
 
-def load_image(spec: ModalitySpec, paths: Sequence[str], where: str = "", cache: Any = None) -> Any:
+def load_image(
+    spec: ModalitySpec,
+    paths: Sequence[str],
+    where: str = "",
+    cache: Any = None,
+    window: int | None = None,
+) -> Any:
     """A model-ready float32 tensor ``(channels, *spec.shape)`` from the modality's loader.
 
     With a :class:`~umbrella_core.data.cache.PreprocessedCache` the array comes
     from the cache when it holds it (no decoding), and is stored there otherwise.
+    ``window`` picks a window of a windowed modality's series (see
+    :attr:`ModalitySpec.windowed`); without a cache the whole series is
+    preprocessed for it, so long series want the cache.
     """
     import numpy as np
     import torch
 
-    if cache is not None:
+    if window is not None and spec.windowed:
+        if cache is not None:
+            array = cache.window(spec, tuple(paths), window)
+        else:
+            series = spec.series(spec, tuple(paths))
+            start = spec.window_start(window)
+            array = np.asarray(series)[..., start : start + spec.shape[-1]]
+    elif cache is not None:
         array = cache.load(spec, tuple(paths))
     else:
         array = spec.load(spec, tuple(paths))
@@ -63,9 +79,34 @@ class RecordDataset:
         self.name = name
         self.cache = cache
         self.tokens_per_modality = {n: s.num_tokens for n, s in self.specs.items()}
+        self.items = self._windows()
+
+    def _windows(self) -> list[tuple[int, int | None]]:
+        """(record, window) per sample: a record whose images include a windowed
+        modality gives one sample per window (the fewest over its windowed
+        images); other records give one sample."""
+        items: list[tuple[int, int | None]] = []
+        for index, record in enumerate(self.records):
+            counts = []
+            for image in record.images:
+                spec = self.specs.get(image.modality)
+                if spec is not None and spec.windowed:
+                    frames = spec.frames(spec, tuple(image.paths))
+                    count = spec.window_count(frames)
+                    if count == 0:
+                        raise DataError(
+                            f"{', '.join(image.paths)}: {frames} frames, fewer than the "
+                            f"{spec.shape[-1]} of one {spec.name} window ({record.source})"
+                        )
+                    counts.append(count)
+            if counts:
+                items.extend((index, w) for w in range(min(counts)))
+            else:
+                items.append((index, None))
+        return items
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.items)
 
     def encode(self, record: StudyRecord, *, add_generation_prompt: bool = False) -> Any:
         return encode_conversation(
@@ -79,22 +120,25 @@ class RecordDataset:
             where=record.source or record.subject,
         )
 
-    def images(self, record: StudyRecord) -> list[tuple[str, Any]]:
+    def images(self, record: StudyRecord, window: int | None = None) -> list[tuple[str, Any]]:
         return [
             (
                 image.modality,
-                load_image(self.specs[image.modality], image.paths, record.source, self.cache),
+                load_image(
+                    self.specs[image.modality], image.paths, record.source, self.cache, window
+                ),
             )
             for image in record.images
         ]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.records[index]
+        record_index, window = self.items[index]
+        record = self.records[record_index]
         encoded = self.encode(record)
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
-            "images": self.images(record),
+            "images": self.images(record, window),
             "key": record.modality_key,
             "source": record.source,
         }

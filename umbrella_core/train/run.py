@@ -61,13 +61,16 @@ def resolve_specs(
         if demo:
             spec = spec.for_demo()
         override = config.data.geometry.get(name, {})
-        bad = set(override) - {"shape", "patch_size"}
+        bad = set(override) - {"shape", "patch_size", "window_stride"}
         if bad:
             raise ConfigError(
-                f"data.geometry.{name}: unknown key {sorted(bad)[0]!r} (shape, patch_size)"
+                f"data.geometry.{name}: unknown key {sorted(bad)[0]!r} "
+                "(shape, patch_size, window_stride)"
             )
         try:
             spec = spec.with_geometry(override.get("shape"), override.get("patch_size"))
+            if "window_stride" in override:
+                spec = attrs.evolve(spec, window_stride=override["window_stride"])
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"data.geometry.{name}: {exc}") from None
         specs[name] = spec

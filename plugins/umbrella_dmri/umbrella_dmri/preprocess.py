@@ -1,4 +1,4 @@
-"""From FA and MD maps (two 3D files or one 4D file) to a model input."""
+"""From FA and MD maps (two 3D files or one 4D file), or a raw DWI series, to a model input."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from umbrella_core import DataError, ModalitySpec
 from umbrella_core.imaging import as_paths, load_nifti, resize, robust_normalise, zscore_masked
+from umbrella_dmri import dwi
 
 __all__ = ["MAPS", "FA_LIMIT", "FA_CENTRE", "FA_SCALE", "load_dmri", "map_of"]
 
@@ -59,6 +60,16 @@ def load_dmri(
       :func:`map_of`), the files are put in channel order by name, so the order
       a folder listing gives does not matter.
     * One 4D file whose last axis holds the ``channels`` maps in channel order.
+    * A raw diffusion-weighted series: one 4D file with its b-values and
+      gradient directions, found next to it (``sub-01_dwi.nii.gz`` with
+      ``sub-01_dwi.bval`` and ``sub-01_dwi.bvec``, or FSL's ``bvals``/``bvecs``)
+      or given as extra paths (``[dwi.nii.gz, dwi.bval, dwi.bvec]``, any order).
+      A 4D file is a series when gradient files go with it; one with more
+      volumes than ``channels`` must be. A diffusion tensor is fitted at the
+      native resolution inside a ``median_otsu`` brain mask and gives FA and
+      MD (mm^2/s), which then go through the same steps as maps read from
+      files (see :mod:`umbrella_dmri.dwi`). The fit takes seconds to a minute
+      for a whole-brain series: ``umbrella cache build`` does it once per file.
 
     The maps are expected brain-masked (zero outside the brain), as tensor
     fitting tools write them when given a mask. Each map is reoriented to RAS
@@ -78,21 +89,34 @@ def load_dmri(
     Raises:
         DataError: A wrong number of files or volumes, maps of different
             shapes, two files announcing the same map, an FA map outside
-            [0, 1], or an unreadable file. The message names the file(s).
+            [0, 1], or an unreadable file; for a series, missing gradient
+            files, a b-value count other than the volume count, a direction
+            table of the wrong shape, no b=0 volume, too few directions, or
+            non-finite values. The message names the file(s).
     """
     channels = spec.channels
     if not 1 <= channels <= len(MAPS):
         raise ValueError(f"{spec.name}: channels must be 1 to {len(MAPS)} ({', '.join(MAPS)})")
     maps = MAPS[:channels]
     files = as_paths(paths)
-    if len(files) == channels:
-        volumes = _separate_maps(spec, _in_map_order(files, maps))
+    images, gradients = dwi.split_gradients(files)
+    if gradients["bval"] or gradients["bvec"]:
+        volumes = _raw_dwi(spec, files, images, gradients, maps)
     elif len(files) == 1:
-        volumes = _stacked_maps(spec, files[0], maps)
+        data, _ = load_nifti(files[0])
+        if _is_raw_dwi(data, files[0], channels):
+            volumes = _raw_dwi(spec, files, images, gradients, maps, data)
+        elif channels == 1:
+            volumes = _separate_maps(spec, files, [data])
+        else:
+            volumes = _stacked_maps(spec, files[0], maps, data)
+    elif len(files) == channels:
+        volumes = _separate_maps(spec, _in_map_order(files, maps))
     else:
         raise DataError(
-            f"{spec.name} takes {channels} 3D files ({', '.join(maps)}) or one 4D file with "
-            f"{channels} volumes, got {len(files)} files: {', '.join(files) or 'none'}"
+            f"{spec.name} takes {channels} 3D files ({', '.join(maps)}) or one 4D file (the "
+            f"{channels} maps, or a raw DWI series with its .bval and .bvec), got "
+            f"{len(files)} files: {', '.join(files) or 'none'}"
         )
     for name, path, volume in volumes:
         if name == "FA":
@@ -118,10 +142,12 @@ def _in_map_order(files: tuple[str, ...], maps: tuple[str, ...]) -> tuple[str, .
     return tuple(by_map[m] for m in maps)
 
 
-def _separate_maps(spec: ModalitySpec, files: tuple[str, ...]) -> list[tuple[str, str, np.ndarray]]:
-    volumes = []
-    for name, path in zip(MAPS, files, strict=False):
-        data, _ = load_nifti(path)
+def _separate_maps(
+    spec: ModalitySpec, files: Sequence[str], loaded: Sequence[np.ndarray] = ()
+) -> list[tuple[str, str, np.ndarray]]:
+    volumes: list[tuple[str, str, np.ndarray]] = []
+    for index, (name, path) in enumerate(zip(MAPS, files, strict=False)):
+        data = loaded[index] if index < len(loaded) else load_nifti(path)[0]
         while data.ndim > 3 and data.shape[-1] == 1:
             data = data[..., 0]
         if data.ndim != 3:
@@ -139,19 +165,73 @@ def _separate_maps(spec: ModalitySpec, files: tuple[str, ...]) -> list[tuple[str
 
 
 def _stacked_maps(
-    spec: ModalitySpec, path: str, maps: tuple[str, ...]
+    spec: ModalitySpec, path: str, maps: tuple[str, ...], data: np.ndarray
 ) -> list[tuple[str, str, np.ndarray]]:
-    data, _ = load_nifti(path)
     count = data.shape[3] if data.ndim == 4 else 1 if data.ndim == 3 else -1
     if data.ndim not in (3, 4) or count != len(maps):
         raise DataError(
             f"{path}: expected {len(maps)} maps ({', '.join(maps)}) stacked on the 4th axis, got "
-            f"shape {data.shape}; give one 4D file with {len(maps)} volumes or "
-            f"{len(maps)} 3D files"
+            f"shape {data.shape}; give one 4D file with {len(maps)} volumes, "
+            f"{len(maps)} 3D files, or a raw DWI series with its .bval and .bvec"
         )
     if data.ndim == 3:
         return [(maps[0], path, data)]
     return [(name, path, data[..., i]) for i, name in enumerate(maps)]
+
+
+def _is_raw_dwi(data: np.ndarray, path: str, channels: int) -> bool:
+    """Whether a single 4D file is a DWI series rather than stacked maps.
+
+    A series has its gradient files next to it; one with more volumes than
+    there are maps cannot be maps, so it is a series whose gradient files are
+    missing (and :func:`_raw_dwi` says which).
+    """
+    if data.ndim != 4 or data.shape[3] < 2:
+        return False
+    return data.shape[3] > channels or any(f is not None for f in dwi.find_gradients(path))
+
+
+def _raw_dwi(
+    spec: ModalitySpec,
+    files: Sequence[str],
+    images: Sequence[str],
+    gradients: dict[str, list[str]],
+    maps: tuple[str, ...],
+    data: np.ndarray | None = None,
+) -> list[tuple[str, str, np.ndarray]]:
+    """FA and MD fitted from one DWI series and its b-values and directions."""
+    if len(images) != 1 or len(gradients["bval"]) > 1 or len(gradients["bvec"]) > 1:
+        raise DataError(
+            f"a raw DWI series is one 4D NIfTI file with at most one .bval and one .bvec "
+            f"file, got {len(files)} files: {', '.join(files)}"
+        )
+    image = images[0]
+    if data is None:
+        data, _ = load_nifti(image)
+    if data.ndim != 4 or data.shape[3] < 2:
+        raise DataError(
+            f"{image}: expected a 4D diffusion-weighted series to go with "
+            f"{', '.join(gradients['bval'] + gradients['bvec'])}, got shape {data.shape}"
+        )
+    found = dwi.find_gradients(image)
+    expected = dwi.expected_gradients(image)
+    located = []
+    for index, kind in enumerate(("bval", "bvec")):
+        path = gradients[kind][0] if gradients[kind] else found[index]
+        if path is None:
+            raise DataError(
+                f"{image}: expected {len(maps)} maps ({', '.join(maps)}) stacked on the 4th "
+                f"axis or a raw DWI series, got shape {data.shape} and no {kind} file "
+                f"({expected[index]} not found); put the .bval and .bvec next to the series "
+                "with the same name, or give them as extra paths [series, bval, bvec]"
+            )
+        located.append(path)
+    bval_path, bvec_path = located
+    count = data.shape[3]
+    bvals = dwi.read_bvals(bval_path, count, image)
+    bvecs = dwi.read_bvecs(bvec_path, count, image)
+    fa, md = dwi.fit_dti(data, bvals, bvecs, image=image, bval_path=bval_path, bvec_path=bvec_path)
+    return [(name, image, volume) for name, volume in zip(maps, (fa, md), strict=False)]
 
 
 def _check_fa(path: str, volume: np.ndarray) -> None:

@@ -24,6 +24,20 @@ def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
     return load_bold(spec, paths)
 
 
+def series(spec: ModalitySpec, paths: Sequence[str]) -> Any:
+    """``ModalitySpec.series`` of ``fmri``; see :func:`umbrella_fmri.preprocess.bold_series`."""
+    from umbrella_fmri.preprocess import bold_series
+
+    return bold_series(spec, paths)
+
+
+def frames(spec: ModalitySpec, paths: Sequence[str]) -> int:
+    """``ModalitySpec.frames`` of ``fmri``: the series length from the header."""
+    from umbrella_fmri.preprocess import bold_frames
+
+    return bold_frames(spec, paths)
+
+
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
     """``ModalitySpec.phantom`` of ``fmri``: a series twice as long as the model's window."""
     from umbrella_fmri.phantom import make_bold_phantom
@@ -40,6 +54,10 @@ FMRI = ModalitySpec(
     patch_size=(16, 16, 16, 4),
     channels=1,
     load=load,
+    series=series,
+    frames=frames,
+    # Non-overlapping windows: a 200-frame series gives 8 samples of 24 frames.
+    window_stride=24,
     phantom=phantom,
     phantom_labels=("left", "right"),
     phantom_question="Which hemisphere shows the task activation?",

@@ -1,0 +1,88 @@
+"""Windowed modalities: a long fMRI series gives one sample per window."""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+import pytest
+
+from umbrella_core.data.cache import PreprocessedCache
+from umbrella_core.data.dataset import RecordDataset, load_image
+from umbrella_core.errors import DataError
+from umbrella_core.imaging import save_nifti
+from umbrella_core.model.tokenizer import build_byte_tokenizer
+from umbrella_core.plugins import get_plugin_manager
+from umbrella_core.types import ImageRef, StudyRecord, Turn
+
+
+@pytest.fixture
+def fmri():
+    spec = get_plugin_manager().resolve_modality("fmri").item
+    return attrs.evolve(spec.with_geometry((16, 16, 16, 8), (8, 8, 8, 4)), window_stride=8)
+
+
+@pytest.fixture
+def series_file(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = 44
+    data = (1000 + 50 * rng.standard_normal((20, 20, 12, frames))).astype(np.int16)
+    data[..., ::2] += 30  # a signal that alternates frame by frame
+    return save_nifti(
+        tmp_path / "sub-01_task-rest_bold.nii.gz", data, np.diag([3, 3, 3, 1]), tr=2.0
+    )
+
+
+def _record(path):
+    return StudyRecord(
+        subject="sub-01",
+        images=[ImageRef(modality="fmri", paths=[path])],
+        turns=[Turn(role="user", content="<image>\nRest?"), Turn(role="assistant", content="yes")],
+        source="test",
+    )
+
+
+def test_a_long_series_gives_one_sample_per_window(fmri, series_file):
+    dataset = RecordDataset(
+        [_record(series_file)],
+        {"fmri": fmri},
+        tokenizer=build_byte_tokenizer(),
+        image_token_id=4,
+        max_length=512,
+    )
+    assert len(dataset) == 1 + (44 - 8) // 8 == 5
+    windows = [dataset[i]["images"][0][1].numpy() for i in range(len(dataset))]
+    whole = fmri.series(fmri, (series_file,))[0]
+    for i, window in enumerate(windows):
+        assert window.shape == (1, 16, 16, 16, 8)
+        assert np.allclose(window[0], whole[..., 8 * i : 8 * i + 8])
+    # One z-score over the whole series: windows are not each re-centred.
+    assert not np.allclose(windows[0].mean(axis=-1), 0, atol=1e-3)
+
+
+def test_cached_window_equals_uncached_and_reads_only_its_frames(fmri, series_file, tmp_path):
+    cache = PreprocessedCache(tmp_path / "cache", {"fmri": "test"})
+    for index in range(5):
+        direct = load_image(fmri, (series_file,), window=index).numpy()
+        cached = load_image(fmri, (series_file,), cache=cache, window=index).numpy()
+        assert np.array_equal(direct, cached)
+    assert cache.stats.misses == 1 and cache.stats.hits == 4
+    (entry,) = (tmp_path / "cache" / "fmri").glob("*-w8s8.npy")
+    stored = np.load(entry, mmap_mode="r")
+    assert stored.shape == (5, 1, 16, 16, 16, 8)  # window-major: one window is one block
+
+
+def test_series_shorter_than_a_window_is_refused_naming_the_file(fmri, tmp_path):
+    short = save_nifti(tmp_path / "short_bold.nii.gz", np.zeros((8, 8, 8, 5), np.int16), np.eye(4))
+    with pytest.raises(DataError, match=r"short_bold.nii.gz: 5 frames, fewer than the 8"):
+        RecordDataset(
+            [_record(short)],
+            {"fmri": fmri},
+            tokenizer=build_byte_tokenizer(),
+            image_token_id=4,
+            max_length=512,
+        )
+
+
+def test_demo_geometry_takes_one_window_per_file(fmri):
+    assert not fmri.for_demo().windowed
+    assert fmri.windowed and fmri.window_count(44) == 5 and fmri.window_count(7) == 0
