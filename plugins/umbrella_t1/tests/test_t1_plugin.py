@@ -14,9 +14,9 @@ import pluggy
 import pytest
 from nibabel.testing import data_path
 from umbrella_t1 import plugin
-from umbrella_t1.phantom import make_t1_phantom
+from umbrella_t1.phantom import T1_CONTRAST, make_t1_phantom
 from umbrella_t1.plugin import T1
-from umbrella_t1.preprocess import FOREGROUND_THRESHOLD, LOWER_PERCENTILE, UPPER_PERCENTILE
+from umbrella_t1.preprocess import find_brain_mask, load_t1, output_spacing, t1_loader
 
 from umbrella_core import DataError, ModalitySpec, hookspecs, imaging
 
@@ -31,11 +31,32 @@ def _write(files, folder: Path, stem: str = "sub-01") -> list[str]:
     ]
 
 
-def _expected(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The documented pipeline, written out: resize, clip to percentiles, z-score the head."""
-    unit = imaging.robust_normalise(imaging.resize(raw, shape), LOWER_PERCENTILE, UPPER_PERCENTILE)
-    head = unit > FOREGROUND_THRESHOLD
-    return np.where(head, (unit - unit[head].mean()) / unit[head].std(), 0.0)
+def _extent(volume: np.ndarray) -> list[tuple[int, int]]:
+    """First and last index of the nonzero voxels along each axis."""
+    out = []
+    for axis in range(volume.ndim):
+        others = tuple(a for a in range(volume.ndim) if a != axis)
+        found = np.flatnonzero(np.any(volume != 0, axis=others))
+        out.append((int(found[0]), int(found[-1])))
+    return out
+
+
+def _best_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Correlation of ``a`` and ``b`` at the best shift of up to one voxel per axis."""
+    inner = (slice(2, -2),) * 3
+    return max(
+        float(np.corrcoef(a[inner].ravel(), np.roll(b, (i, j, k), (0, 1, 2))[inner].ravel())[0, 1])
+        for i in (-1, 0, 1)
+        for j in (-1, 0, 1)
+        for k in (-1, 0, 1)
+    )
+
+
+def _clean_head(folder: Path, name: str, shape, voxel: float, seed: int = 3) -> tuple[str, object]:
+    """A noise-free phantom head (the same anatomy in world mm whatever the grid), written."""
+    head = imaging.head_phantom(np.random.default_rng(seed), shape, (voxel,) * 3, position_jitter=0)
+    data = np.rint(head.image(T1_CONTRAST) * 1000).astype(np.int16)
+    return imaging.save_nifti(folder / f"{name}_T1w.nii.gz", data, head.affine), head
 
 
 def _lesion_x(volume: np.ndarray, size: int = 3) -> int:
@@ -170,6 +191,174 @@ def test_phantom_is_deterministic_and_orientation_is_random() -> None:
 
 
 # ---------------------------------------------------------------------------
+# Spacing, centring and padding
+# ---------------------------------------------------------------------------
+
+
+def test_output_spacing_rule() -> None:
+    # The target spacing when the head fits, else just enough for its longest side.
+    assert output_spacing((150.0, 180.0, 160.0), (128, 128, 128), 1.5) == 1.5
+    assert output_spacing((150.0, 192.0, 160.0), (32, 32, 32), 1.5) == pytest.approx(6.0)
+    assert output_spacing((100.0, 100.0, 50.0), (64, 64, 16), 1.0) == pytest.approx(3.125)
+
+
+def test_spacing_is_honoured_whatever_the_voxel_size(tmp_path: Path) -> None:
+    # The same head at 1 mm and at 2 mm, resampled to 2 mm, gives nearly the same input.
+    fine, _ = _clean_head(tmp_path, "fine", (120, 140, 120), 1.0)
+    coarse, _ = _clean_head(tmp_path, "coarse", (60, 70, 60), 2.0)
+    spec = T1.with_geometry((64, 72, 64), (8, 8, 8))
+    a = load_t1(spec, fine, spacing=2.0)[0]
+    b = load_t1(spec, coarse, spacing=2.0)[0]
+    # The head (about 102 x 119 x 102 mm) spans the same number of 2 mm voxels.
+    for (a0, a1), (b0, b1) in zip(_extent(a), _extent(b), strict=True):
+        assert abs((a1 - a0) - (b1 - b0)) <= 1
+        assert 48 <= a1 - a0 <= 62
+    # The placement can differ by one voxel (the centre is found from the data).
+    assert (
+        _best_correlation(a, b) > 0.93
+    )  # the rest: half-voxel phase and partial volume at the folds
+    # Ignoring the voxel size (the whole field of view to the shape, as before) would not be.
+    assert abs(_extent(load_t1(spec, fine, spacing=1.0)[0])[0][1] - _extent(a)[0][1]) > 5
+
+
+def test_configured_spacing_through_a_loader(tmp_path: Path) -> None:
+    path, _ = _clean_head(tmp_path, "x", (60, 70, 60), 2.0)
+    spec = T1.with_geometry((64, 64, 64), (8, 8, 8))
+    custom = ModalitySpec(**{**_fields(spec), "load": t1_loader(3.0)})
+    np.testing.assert_array_equal(custom.load(custom, [path]), load_t1(spec, path, spacing=3.0))
+    with pytest.raises(ValueError, match="spacing must be positive"):
+        t1_loader(0)
+
+
+def _fields(spec: ModalitySpec) -> dict:
+    import attrs
+
+    return attrs.asdict(spec, recurse=False)
+
+
+def test_off_centre_head_is_not_cropped_away(tmp_path: Path) -> None:
+    # A head in one corner of a large, empty field of view: centring on the
+    # array would cut it; centring on the head gives the same input as alone.
+    files = make_t1_phantom(np.random.default_rng(2), "right", orientation=imaging.RAS)
+    alone = _write(files, tmp_path, "alone")[0]
+    big = np.zeros((120, 140, 120), dtype=np.int16)
+    big[-48:, :56, -48:] = files[0].data
+    affine = files[0].affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.array([72.0, 0.0, 72.0])
+    corner = imaging.save_nifti(tmp_path / "corner_T1w.nii.gz", big, affine)
+    a = DEMO.load(DEMO, [alone])[0]
+    b = DEMO.load(DEMO, [corner])[0]
+    assert np.count_nonzero(b) == pytest.approx(np.count_nonzero(a), rel=0.05)
+    # The resampling grid follows the source grid: up to a voxel of placement differs.
+    assert _best_correlation(a, b) > 0.93
+    assert _lesion_x(b) >= 16  # still the right hemisphere
+
+
+def test_small_head_is_zero_padded(tmp_path: Path) -> None:
+    # A 168 x 196 x 168 mm field of view at 3.5 mm in a 64^3 grid (224 mm): padding all round.
+    files = make_t1_phantom(np.random.default_rng(0), "left", orientation=("L", "P", "S"))
+    spec = T1.with_geometry((64, 64, 64), (8, 8, 8))
+    volume = load_t1(spec, _write(files, tmp_path), spacing=3.5)[0]
+    assert volume.shape == (64, 64, 64)
+    for (lo, hi), size in zip(_extent(volume), (48, 56, 48), strict=True):
+        assert lo >= 1 and hi <= 62  # the border is padding, exactly 0
+        assert (hi - lo) <= size
+    assert np.all(volume[0] == 0) and np.all(volume[-1] == 0)
+    assert np.all(volume[:, 0] == 0) and np.all(volume[:, -1] == 0)
+
+
+# ---------------------------------------------------------------------------
+# Brain masks
+# ---------------------------------------------------------------------------
+
+
+def _head_and_mask(folder: Path, mask_name: str | None = "sub-01_desc-brain_mask"):
+    path, head = _clean_head(folder, "sub-01", (48, 56, 48), 3.5)
+    mask = (head.brain > 0.5).astype(np.uint8)
+    mask_path = None
+    if mask_name is not None:
+        mask_path = imaging.save_nifti(folder / f"{mask_name}.nii.gz", mask, head.affine)
+    return path, mask_path, head
+
+
+def test_mask_given_as_second_path_is_applied(tmp_path: Path) -> None:
+    path, mask_path, _ = _head_and_mask(tmp_path, "brain")
+    spec = T1.with_geometry((48, 48, 48), (8, 8, 8))  # the brain fits at 3.5 mm
+    masked = load_t1(spec, [path, mask_path], spacing=3.5)[0]
+    whole = load_t1(spec, [path], spacing=3.5)[0]
+    inside = masked != 0
+    # The scalp and CSF are gone; the statistics are those of the brain.
+    assert 0.3 * np.count_nonzero(whole) < np.count_nonzero(masked) < np.count_nonzero(whole)
+    assert abs(float(masked[inside].mean())) < 1e-4
+    assert float(masked[inside].std()) == pytest.approx(1.0, abs=1e-3)
+    # At the native spacing the input is nonzero exactly on the mask's voxels.
+    mask, _ = imaging.load_nifti(mask_path)
+    assert np.count_nonzero(masked) == pytest.approx(np.count_nonzero(mask), rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "mask_name", ["sub-01_desc-brain_mask", "sub-01_brainmask", "sub-01_T1w_mask"]
+)
+def test_mask_next_to_the_t1_is_found(tmp_path: Path, mask_name: str) -> None:
+    path, mask_path, _ = _head_and_mask(tmp_path, mask_name)
+    assert find_brain_mask(path) == mask_path
+    spec = T1.with_geometry((32, 32, 32), (8, 8, 8))
+    np.testing.assert_array_equal(spec.load(spec, [path]), spec.load(spec, [path, mask_path]))
+
+
+def test_no_mask_next_to_the_t1_means_none() -> None:
+    assert find_brain_mask("/nowhere/sub-01_T1w.nii.gz") is None
+    folder = Path(data_path)
+    assert find_brain_mask(folder / "anatomical.nii") is None
+
+
+def test_find_brain_mask_drops_desc_entity(tmp_path: Path) -> None:
+    t1 = tmp_path / "sub-01_ses-1_desc-preproc_T1w.nii.gz"
+    mask = tmp_path / "sub-01_ses-1_desc-brain_mask.nii.gz"
+    t1.write_bytes(b"")
+    mask.write_bytes(b"")
+    assert find_brain_mask(t1) == str(mask)
+
+
+def test_mask_in_another_orientation_of_the_same_grid_is_accepted(tmp_path: Path) -> None:
+    path, mask_path, head = _head_and_mask(tmp_path, "brain")
+    mask = (head.brain > 0.5).astype(np.uint8)
+    las, las_affine = imaging.reorient(mask, head.affine, ("L", "A", "S"))
+    other = imaging.save_nifti(tmp_path / "las.nii.gz", np.ascontiguousarray(las), las_affine)
+    spec = T1.with_geometry((32, 32, 32), (8, 8, 8))
+    np.testing.assert_array_equal(
+        spec.load(spec, [path, other]), spec.load(spec, [path, mask_path])
+    )
+
+
+def test_mask_on_another_grid_is_refused_naming_both_files(tmp_path: Path) -> None:
+    path, _, head = _head_and_mask(tmp_path, None)
+    small = imaging.save_nifti(
+        tmp_path / "small_mask.nii.gz", np.ones((24, 28, 24), np.uint8), head.affine
+    )
+    with pytest.raises(
+        DataError, match=r"small_mask.nii.gz: .*another voxel grid than .*sub-01_T1w.nii.gz"
+    ):
+        DEMO.load(DEMO, [path, small])
+    moved = head.affine.copy()
+    moved[0, 3] += 7.0
+    shifted = imaging.save_nifti(
+        tmp_path / "moved_mask.nii.gz", np.ones(head.shape, np.uint8), moved
+    )
+    with pytest.raises(DataError, match=r"moved_mask.nii.gz: .*sub-01_T1w.nii.gz"):
+        DEMO.load(DEMO, [path, shifted])
+
+
+def test_empty_mask_is_refused(tmp_path: Path) -> None:
+    path, _, head = _head_and_mask(tmp_path, None)
+    empty = imaging.save_nifti(
+        tmp_path / "empty.nii.gz", np.zeros(head.shape, np.uint8), head.affine
+    )
+    with pytest.raises(DataError, match="empty.nii.gz: the brain mask is empty"):
+        DEMO.load(DEMO, [path, empty])
+
+
+# ---------------------------------------------------------------------------
 # Real files shipped with nibabel
 # ---------------------------------------------------------------------------
 
@@ -178,17 +367,42 @@ def test_real_anatomical_loads_to_the_configured_shape() -> None:
     spec = T1.with_geometry((32, 40, 24), (8, 8, 8))
     volume = spec.load(spec, [ANATOMICAL])
     assert volume.shape == (1, 32, 40, 24) and volume.dtype == np.float32
-    canonical = nib.as_closest_canonical(nib.load(ANATOMICAL)).get_fdata()
-    np.testing.assert_allclose(volume[0], _expected(canonical, (32, 40, 24)), atol=1e-4)
+    head = volume != 0
+    assert 0.3 < head.mean() and abs(float(volume[head].mean())) < 1e-4
+    assert float(volume[head].std()) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_real_anatomical_is_flipped_to_ras() -> None:
-    # anatomical.nii is LAS: at the native size the loader's output is the raw data mirrored on x.
-    raw = np.asarray(nib.load(ANATOMICAL).dataobj, dtype=np.float32)
+def test_real_anatomical_is_flipped_to_ras(tmp_path: Path) -> None:
+    # anatomical.nii is LAS (2 mm): the loader must give what the RAS copy of it gives,
+    # and not what the raw voxels with a RAS affine (the affine ignored) give.
+    img = nib.load(ANATOMICAL)
+    canonical = nib.as_closest_canonical(img)
+    assert nib.aff2axcodes(canonical.affine) == ("R", "A", "S")
+    ras = imaging.save_nifti(
+        tmp_path / "ras_T1w.nii.gz", np.asarray(canonical.dataobj), canonical.affine
+    )
+    ignored = np.abs(img.affine)
+    ignored[:3, 3] = img.affine[:3, 3]
+    naive = imaging.save_nifti(tmp_path / "naive_T1w.nii.gz", np.asarray(img.dataobj), ignored)
+    spec = T1.with_geometry((32, 40, 24), (8, 8, 8))
+    volume = spec.load(spec, ANATOMICAL)
+    np.testing.assert_array_equal(volume, spec.load(spec, ras))
+    mirrored = spec.load(spec, naive)
+    assert not np.allclose(volume, mirrored, atol=0.1)
+    assert np.corrcoef(volume[0].ravel(), mirrored[0, ::-1].ravel())[0, 1] > 0.8
+
+
+def test_real_anatomical_keeps_its_2mm_spacing() -> None:
+    # At spacing 2 mm and its own shape, the 66 x 82 x 50 mm head is not resized.
+    raw, _ = imaging.load_nifti(ANATOMICAL)
     spec = T1.with_geometry((33, 41, 25), (3, 41, 25))
-    volume = spec.load(spec, ANATOMICAL)[0]
-    np.testing.assert_allclose(volume, _expected(raw[::-1], raw.shape), atol=1e-4)
-    assert not np.allclose(volume, _expected(raw, raw.shape), atol=1e-2)
+    volume = load_t1(spec, ANATOMICAL, spacing=2.0)[0]
+    head = volume != 0
+    assert head.mean() > 0.3
+    # Resampling at the native spacing is the identity: the nonzero voxels are the raw
+    # voxels, possibly moved by whole voxels to centre the head.
+    raw_head = raw > np.percentile(raw[raw != 0], 0.5) + 0.1 * np.ptp(raw)
+    assert abs(int(head.sum()) - int(raw_head.sum())) < 0.05 * raw_head.sum()
 
 
 def test_singleton_fourth_axis_is_accepted(tmp_path: Path) -> None:
@@ -207,9 +421,9 @@ def test_a_series_is_refused_naming_the_file() -> None:
         DEMO.load(DEMO, [FUNCTIONAL])
 
 
-def test_more_than_one_file_is_refused() -> None:
-    with pytest.raises(DataError, match="t1 takes one file per image, got 2: .*anatomical.nii"):
-        DEMO.load(DEMO, [ANATOMICAL, ANATOMICAL])
+def test_more_than_two_files_are_refused() -> None:
+    with pytest.raises(DataError, match="t1 takes one file per image.*got 3: .*anatomical.nii"):
+        DEMO.load(DEMO, [ANATOMICAL, ANATOMICAL, ANATOMICAL])
 
 
 def test_unreadable_file_error_names_it(tmp_path: Path) -> None:

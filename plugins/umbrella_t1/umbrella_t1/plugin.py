@@ -34,7 +34,7 @@ def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[Ph
 T1 = ModalitySpec(
     name="t1",
     ndim=3,
-    # 128^3 keeps a 1 mm adult head at about 1.5 mm; 16^3 patches give 512 tokens.
+    # 128^3 at 1.5 mm (preprocess.T1_SPACING) is a 192 mm field of view; 16^3 patches: 512 tokens.
     shape=(128, 128, 128),
     patch_size=(16, 16, 16),
     channels=1,
@@ -44,7 +44,7 @@ T1 = ModalitySpec(
     phantom_question="Which hemisphere holds the lesion?",
     aliases=("t1w", "smri", "anat"),
     file_patterns=("*_T1w.nii.gz", "*_T1w.nii"),
-    description="T1-weighted structural MRI: one 3D volume, RAS, resampled, percentile-normalised",
+    description="T1-weighted structural MRI: one 3D volume, RAS, 1.5 mm, head-centred, normalised",
     # 64 tokens: small enough for the CPU demo, large enough to see a lesion.
     demo_shape=(32, 32, 32),
     demo_patch_size=(8, 8, 8),
