@@ -106,8 +106,9 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
         path: A ``.nii`` or ``.nii.gz`` file.
 
     Returns:
-        ``(data, affine)``: a C-contiguous float32 array of at least three
-        dimensions and the 4x4 voxel-to-world affine of that array.
+        ``(data, affine)``: a float32 array of at least three dimensions, with
+        positive strides in the file's memory order (x fastest, as NIfTI stores
+        it), and the 4x4 voxel-to-world affine of that array.
 
     Raises:
         DataError: The file is missing, is not a NIfTI image, cannot be decoded
@@ -147,9 +148,12 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
         bad = int(data.size - np.count_nonzero(finite))
         raise DataError(f"{name}: {bad} of {data.size} voxels are NaN or infinite")
     data, affine = reorient(data, affine, RAS)
-    # Flips are negative-stride views; torch.from_numpy and most consumers
-    # need positive strides, and a contiguous copy is cheap next to decoding.
-    return np.ascontiguousarray(data), affine
+    # Flips are negative-stride views, which torch.from_numpy refuses. Copy
+    # them in the file's own memory order ("K"): turning NIfTI's x-fastest
+    # layout into C order would be a full transpose, slower than the decode.
+    if any(step < 0 for step in data.strides):
+        data = np.array(data, order="K")
+    return data, affine
 
 
 def _gunzip(raw: bytes) -> bytes:
@@ -351,6 +355,15 @@ def resize(array: ArrayLike, shape: Sequence[int]) -> NDArray[np.float32]:
     import torch.nn.functional as F
 
     extra = math.prod(rest)
+    if not rest and data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
+        # NIfTI voxels are x-fastest: resample the reversed-axes view, which is
+        # C-contiguous, instead of transposing the full-size input.
+        tensor = torch.from_numpy(data.T)[None, None]
+        with torch.no_grad():
+            out = F.interpolate(
+                tensor, size=target[::-1], mode=_MODES[spatial], align_corners=False
+            )
+        return np.ascontiguousarray(out[0, 0].numpy().T)
     # Trailing axes become interpolate's channel axis, which it does not resample.
     source = np.ascontiguousarray(data).reshape(*data.shape[:spatial], extra)
     tensor = torch.from_numpy(source).movedim(-1, 0).unsqueeze(0)
