@@ -86,3 +86,32 @@ def test_series_shorter_than_a_window_is_refused_naming_the_file(fmri, tmp_path)
 def test_demo_geometry_takes_one_window_per_file(fmri):
     assert not fmri.for_demo().windowed
     assert fmri.windowed and fmri.window_count(44) == 5 and fmri.window_count(7) == 0
+
+
+def test_repetition_time_from_sidecar_or_header_and_resampling(fmri, series_file, tmp_path):
+    import json
+
+    from umbrella_fmri.plugin import with_target_tr
+    from umbrella_fmri.preprocess import repetition_time
+
+    assert repetition_time(series_file) == pytest.approx(2.0)  # header, seconds
+    sidecar = tmp_path / "sub-01_task-rest_bold.json"
+    sidecar.write_text(json.dumps({"RepetitionTime": 1.0}))
+    assert repetition_time(series_file) == pytest.approx(1.0)  # the sidecar wins
+    sidecar.unlink()
+    faster = with_target_tr(fmri, 1.0)  # 2 s -> 1 s: twice the frames
+    assert faster.frames(faster, (series_file,)) == 87
+    series = faster.series(faster, (series_file,))
+    assert series.shape == (1, 16, 16, 16, 87)
+    cache = PreprocessedCache(tmp_path / "cache", {"fmri": "test"})
+    assert cache.key(faster, (series_file,), series=True) != cache.key(
+        fmri, (series_file,), series=True
+    )
+    no_tr = save_nifti(tmp_path / "nott_bold.nii.gz", np.zeros((8, 8, 8, 20), np.int16), np.eye(4))
+    import nibabel as nib
+
+    img = nib.load(no_tr)
+    img.header.set_zooms((1.0, 1.0, 1.0, 0.0))
+    nib.save(img, no_tr)
+    with pytest.raises(DataError, match=r"nott_bold.nii.gz: no repetition time"):
+        faster.frames(faster, (no_tr,))

@@ -3,8 +3,10 @@
 An entry is the model-ready float32 array a modality's loader returns, stored
 as ``.npy`` under ``ROOT/<modality>/<key>.npy``. The key hashes everything the
 array depends on: each file's absolute path, size and modification time; the
-modality's name, shape, patch size and channels; and the version of the
-distribution that provides the modality (its preprocessing code). Changing a
+modality's name, shape, patch size and channels; settings bound to its loader
+(``functools.partial`` keywords); and the version of the distribution that
+provides the modality (its preprocessing code: plugins bump it when
+preprocessing changes). Changing a
 file, the geometry or the plugin therefore misses the cache instead of serving
 stale data. Entries are written to a temporary name and renamed into place, so
 concurrent processes (DataLoader workers, ranks) never read half a file, and a
@@ -30,6 +32,11 @@ from umbrella_core.types import ModalitySpec
 __all__ = ["PreprocessedCache", "default_cache_root", "CacheStats"]
 
 FORMAT = 1
+
+
+def _bound_settings(function: Any) -> list[list[str]]:
+    keywords = getattr(function, "keywords", None) or {}
+    return sorted([str(k), repr(v)] for k, v in keywords.items())
 
 
 def default_cache_root() -> Path:
@@ -75,6 +82,9 @@ class PreprocessedCache:
             "shape": list(spec.shape[:-1] if series else spec.shape),
             "patch_size": [] if series else list(spec.patch_size),
             "series": series,
+            # Settings bound to the loader (functools.partial keywords, such as a
+            # target spacing or repetition time) change the output too.
+            "settings": _bound_settings(spec.series if series else spec.load),
             "channels": spec.channels,
             "plugin": self.versions.get(spec.name, ""),
             "files": files,

@@ -24,18 +24,36 @@ def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
     return load_bold(spec, paths)
 
 
-def series(spec: ModalitySpec, paths: Sequence[str]) -> Any:
+def series(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = None) -> Any:
     """``ModalitySpec.series`` of ``fmri``; see :func:`umbrella_fmri.preprocess.bold_series`."""
     from umbrella_fmri.preprocess import bold_series
 
-    return bold_series(spec, paths)
+    return bold_series(spec, paths, target_tr=target_tr)
 
 
-def frames(spec: ModalitySpec, paths: Sequence[str]) -> int:
+def frames(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = None) -> int:
     """``ModalitySpec.frames`` of ``fmri``: the series length from the header."""
     from umbrella_fmri.preprocess import bold_frames
 
-    return bold_frames(spec, paths)
+    return bold_frames(spec, paths, target_tr=target_tr)
+
+
+def with_target_tr(spec: ModalitySpec, target_tr: float) -> ModalitySpec:
+    """``spec`` resampling every series in time to ``target_tr`` seconds before windowing.
+
+    For example ``with_target_tr(FMRI, 0.8)`` makes a 24-frame window 19.2 s
+    long in every cohort. The functions stay picklable (DataLoader workers,
+    ``umbrella cache build --workers``).
+    """
+    import functools
+
+    import attrs
+
+    return attrs.evolve(
+        spec,
+        series=functools.partial(series, target_tr=target_tr),
+        frames=functools.partial(frames, target_tr=target_tr),
+    )
 
 
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:

@@ -10,7 +10,13 @@ import numpy as np
 from umbrella_core import DataError, ModalitySpec
 from umbrella_core.imaging import as_paths, load_nifti, resize, zscore_time
 
-__all__ = ["load_bold", "bold_series", "bold_frames", "BACKGROUND_FRACTION"]
+__all__ = [
+    "load_bold",
+    "bold_series",
+    "bold_frames",
+    "repetition_time",
+    "BACKGROUND_FRACTION",
+]
 
 #: Voxels whose mean over the window is below this fraction of the 98th
 #: percentile of voxel means are background (air, outside the head).
@@ -83,8 +89,73 @@ def _one_series(spec: ModalitySpec, paths: str | os.PathLike[str] | Sequence[str
     return files[0]
 
 
-def bold_frames(spec: ModalitySpec, paths: str | os.PathLike[str] | Sequence[str]) -> int:
-    """Frames in the series, from the header alone (nothing is decoded).
+def repetition_time(path: str | os.PathLike[str]) -> float | None:
+    """The repetition time in seconds: the BIDS sidecar's ``RepetitionTime``, else the header.
+
+    The sidecar is the ``.json`` file with the image's name; the header's
+    ``pixdim[4]`` is converted from its time unit (ms and us are common in the
+    wild). None when neither gives a positive value.
+
+    Raises:
+        DataError: The sidecar exists but is not valid JSON. Names the file.
+    """
+    import json
+
+    import nibabel as nib
+
+    name = os.fspath(path)
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+    sidecar = stem + ".json"
+    if os.path.isfile(sidecar):
+        try:
+            with open(sidecar, encoding="utf-8") as handle:
+                value = json.load(handle).get("RepetitionTime")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise DataError(f"{sidecar}: not a valid JSON sidecar ({error})") from None
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+    header = nib.load(name).header
+    zooms = header.get_zooms()
+    if len(zooms) < 4 or not zooms[3] > 0:
+        return None
+    unit = header.get_xyzt_units()[1]
+    return float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+
+
+def _resampled_frames(frames: int, tr: float, target_tr: float) -> int:
+    return int(np.floor((frames - 1) * tr / target_tr + 1e-9)) + 1
+
+
+def _resample_time(data: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
+    """Linear interpolation of the last axis from ``tr`` to ``target_tr`` seconds."""
+    count = _resampled_frames(data.shape[-1], tr, target_tr)
+    position = np.arange(count) * (target_tr / tr)
+    low = np.minimum(np.floor(position).astype(np.int64), data.shape[-1] - 1)
+    high = np.minimum(low + 1, data.shape[-1] - 1)
+    weight = (position - low).astype(np.float32)
+    return data[..., low] * (1.0 - weight) + data[..., high] * weight
+
+
+def _target_tr(path: str, target_tr: float | None) -> float | None:
+    """The source TR when the series must be resampled to ``target_tr``, else None."""
+    if target_tr is None:
+        return None
+    tr = repetition_time(path)
+    if tr is None:
+        raise DataError(
+            f"{path}: no repetition time in the header or a JSON sidecar, so the series "
+            f"cannot be resampled to TR {target_tr} s; add RepetitionTime to the sidecar"
+        )
+    return None if abs(tr - target_tr) < 1e-6 else tr
+
+
+def bold_frames(
+    spec: ModalitySpec,
+    paths: str | os.PathLike[str] | Sequence[str],
+    *,
+    target_tr: float | None = None,
+) -> int:
+    """Frames in the series (after resampling to ``target_tr``), from the header alone.
 
     Raises:
         DataError: Not one file, not readable as NIfTI, or not 4D. Names the file.
@@ -98,11 +169,22 @@ def bold_frames(spec: ModalitySpec, paths: str | os.PathLike[str] | Sequence[str
         raise DataError(f"{path}: not a readable NIfTI file ({error})") from None
     if len(shape) != 4:
         raise DataError(f"{path}: expected a 4D series (x, y, z, time), got shape {shape}")
-    return int(shape[3])
+    tr = _target_tr(path, target_tr)
+    return int(shape[3]) if tr is None else _resampled_frames(int(shape[3]), tr, target_tr)
 
 
-def bold_series(spec: ModalitySpec, paths: str | os.PathLike[str] | Sequence[str]) -> np.ndarray:
+def bold_series(
+    spec: ModalitySpec,
+    paths: str | os.PathLike[str] | Sequence[str],
+    *,
+    target_tr: float | None = None,
+) -> np.ndarray:
     """The whole series preprocessed once, ``(1, x, y, z, frames)`` float32.
+
+    With ``target_tr`` (seconds) the series is first resampled in time, by
+    linear interpolation, from its own repetition time (sidecar or header, see
+    :func:`repetition_time`) so that a window spans the same seconds in every
+    cohort (UK Biobank's 0.735 s and ABIDE's 2 s, say).
 
     As :func:`load_bold`, but over every frame: the per-voxel mean and standard
     deviation of the z-score, and the background threshold, are the subject's
@@ -113,6 +195,9 @@ def bold_series(spec: ModalitySpec, paths: str | os.PathLike[str] | Sequence[str
     data, _ = load_nifti(path)
     if data.ndim != 4:
         raise DataError(f"{path}: expected a 4D series (x, y, z, time), got shape {data.shape}")
+    tr = _target_tr(path, target_tr)
+    if tr is not None:
+        data = _resample_time(data, tr, target_tr)
     if data.shape[3] < spec.shape[3]:
         raise DataError(
             f"{path}: the series has {data.shape[3]} frames, fewer than the {spec.shape[3]} "
