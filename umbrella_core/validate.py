@@ -27,7 +27,6 @@ Each problem prints as ``SOURCE: FIELD: MESSAGE`` where SOURCE is
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from umbrella_core.data.brainvlm import BrainVLMStudy
-from umbrella_core.data.manifest import _require, find_manifest, read_manifest, record_from_json
+from umbrella_core.data.manifest import find_manifest, read_manifest
 from umbrella_core.errors import DataError, UmbrellaError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, StudyRecord
 
@@ -170,62 +169,8 @@ def problem_from_error(error: BaseException, source: str = "") -> Problem:
 
 
 def _manifest_records(path: Path, on_error: Callable[[DataError], None]) -> Iterator[StudyRecord]:
-    """The records of an UMBRELLA manifest, each bad record going to ``on_error``.
-
-    The same format as :func:`umbrella_core.data.manifest.read_manifest`, which
-    stops at the first bad record; here every line is parsed on its own.
-    """
-    root = path.parent
-    study = path.parent.name or "manifest"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or exc
-        raise DataError(f"{path}: cannot read the manifest: {reason}") from None
-    seen = 0
-    if path.suffix == ".jsonl":
-        items: Iterable[tuple[str, Any]] = _jsonl_items(path, text, on_error)
-    else:
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
-            ) from None
-        if isinstance(obj, Mapping):
-            study = str(obj.get("study", study))
-            records = _require(obj, "records", list, str(path))
-        elif isinstance(obj, list):
-            records = obj
-        else:
-            raise DataError(f"{path}: expected a list of records or an object with 'records'")
-        items = ((f"{path}: records[{i}]", item) for i, item in enumerate(records))
-    for where, item in items:
-        seen += 1
-        if item is _BAD_LINE:
-            continue
-        try:
-            yield record_from_json(item, root=root, where=where, study=study)
-        except DataError as error:
-            on_error(error)
-    if not seen:
-        raise DataError(f"{path}: the manifest holds no records")
-
-
-_BAD_LINE = object()
-
-
-def _jsonl_items(
-    path: Path, text: str, on_error: Callable[[DataError], None]
-) -> Iterator[tuple[str, Any]]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            yield f"{path}:{lineno}", json.loads(line)
-        except json.JSONDecodeError as exc:
-            on_error(DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"))
-            yield f"{path}:{lineno}", _BAD_LINE
+    """The records of an UMBRELLA manifest, each bad line or record going to ``on_error``."""
+    return read_manifest(path, on_error)
 
 
 def read_study_tolerantly(

@@ -20,7 +20,7 @@ turns stands for the next image, in order.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,44 +114,68 @@ def check_record(record: StudyRecord) -> None:
         )
 
 
-def read_manifest(path: Path) -> Iterator[StudyRecord]:
-    """Yield the records of a JSON or JSONL manifest."""
+def read_manifest(
+    path: Path, on_error: Callable[[DataError], None] | None = None
+) -> Iterator[StudyRecord]:
+    """Yield the records of a JSON or JSONL manifest.
+
+    Args:
+        path: The manifest.
+        on_error: Without it, the first bad line or record raises. With it,
+            each bad line or record is passed to it and reading goes on
+            (``umbrella validate`` reports them all). Errors about the whole
+            file (unreadable, not JSON, no records) always raise.
+    """
+
+    def fail(error: DataError) -> None:
+        if on_error is None:
+            raise error
+        on_error(error)
+
     root = path.parent
     study = path.parent.name or "manifest"
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read the manifest: {exc.strerror or exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise DataError(f"{path}: cannot read the manifest: {reason}") from None
+    items: list[tuple[str, Any]] = []
     if path.suffix == ".jsonl":
-        seen = 0
         for lineno, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                items.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
-                ) from None
-            seen += 1
-            yield record_from_json(obj, root=root, where=f"{path}:{lineno}", study=study)
-        if not seen:
-            raise DataError(f"{path}: the manifest holds no records")
-        return
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
-        ) from None
-    if isinstance(obj, Mapping):
-        study = str(obj.get("study", study))
-        records = _require(obj, "records", list, str(path))
-    elif isinstance(obj, list):
-        records = obj
+                items.append((f"{path}:{lineno}", _BAD_LINE))
+                fail(DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"))
     else:
-        raise DataError(f"{path}: expected a list of records or an object with 'records'")
-    if not records:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+            ) from None
+        if isinstance(obj, Mapping):
+            study = str(obj.get("study", study))
+            records = _require(obj, "records", list, str(path))
+        elif isinstance(obj, list):
+            records = obj
+        else:
+            raise DataError(f"{path}: expected a list of records or an object with 'records'")
+        items = [(f"{path}: records[{i}]", item) for i, item in enumerate(records)]
+    if not items:
         raise DataError(f"{path}: the manifest holds no records")
-    for i, item in enumerate(records):
-        yield record_from_json(item, root=root, where=f"{path}: records[{i}]", study=study)
+    for where, item in items:
+        if item is _BAD_LINE:
+            continue
+        try:
+            record = record_from_json(item, root=root, where=where, study=study)
+        except DataError as error:
+            fail(error)
+            continue
+        yield record
+
+
+#: Marks a JSONL line that did not parse (reported through ``on_error``).
+_BAD_LINE = object()
