@@ -161,3 +161,29 @@ def test_interleaving_is_deterministic_weighted_and_covers_each_source():
     assert sorted(small[:20].tolist()) == list(range(100, 120))
     proportional = Interleaving([100, 20]).epoch_order(seed=0, epoch=0)
     assert sorted(proportional.tolist()) == list(range(120))  # by size: each sample once per epoch
+
+
+def test_study_weights_split_draws_between_studies_by_weight(tmp_path, toy_pm):
+    from umbrella_core.config import load_config
+    from umbrella_core.data.demo import write_demo
+    from umbrella_core.train.run import prepare
+
+    spec = toy_pm.resolve_modality("t1").item
+    big = write_demo(tmp_path / "big", {"t1": spec}, subjects=40)
+    small = write_demo(tmp_path / "small", {"t1": spec}, subjects=10)
+    studies = json.dumps(
+        [{"location": str(big), "weight": 1.0}, {"location": str(small), "weight": 3.0}]
+    )
+    config = load_config(None, [f"data.studies={studies}", "data.modalities=t1"])
+    prep = prepare(config, toy_pm, log=lambda _: None)
+    sizes = [len(ds) for ds in prep.train_sets]
+    assert sizes == [32, 8]  # a fifth of each held out
+    assert prep.weights[1] / prep.weights[0] == pytest.approx(3.0)
+    unweighted = prepare(
+        load_config(
+            None, [f"data.studies={json.dumps([str(big), str(small)])}", "data.modalities=t1"]
+        ),
+        toy_pm,
+        log=lambda _: None,
+    )
+    assert unweighted.weights == [32.0, 8.0]  # by size

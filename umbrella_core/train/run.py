@@ -269,11 +269,13 @@ def prepare(
     default_weight = (sum(weighted) / len(weighted)) if weighted else None
     for study, study_records in zip(studies, per_study, strict=True):
         groups = group_records([r for r in study_records if r.split == "train"])
-        total = sum(len(g) for g in groups.values())
-        for name, group in groups.items():
-            share = study.weight if study.weight is not None else default_weight
-            weight = len(group) if share is None else share * len(group) / total
-            train_sets.append(dataset(group, name))
+        # Sizes in samples, not records: a long fMRI series is several windows.
+        sets = {name: dataset(group, name) for name, group in groups.items()}
+        total = sum(len(ds) for ds in sets.values())
+        share = study.weight if study.weight is not None else default_weight
+        for name, ds in sets.items():
+            weight = len(ds) if share is None else share * len(ds) / total
+            train_sets.append(ds)
             weights.append(float(config.data.weights.get(name, weight)))
     if not train_sets:
         raise DataError(f"no training record (split: train) in {', '.join(locations)}")
