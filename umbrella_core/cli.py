@@ -73,14 +73,23 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 1 if registry_error else 0
 
 
+def _data_overrides(args: argparse.Namespace) -> list[str]:
+    """``--set`` values, then ``--modalities`` and ``--study`` as configuration overrides."""
+    overrides = list(args.set or [])
+    if args.modalities:
+        overrides.append(f"data.modalities={args.modalities}")
+    if args.study:
+        overrides.append("data.studies=" + json.dumps(list(args.study)))
+    return overrides
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
     from umbrella_core.plugins import get_plugin_manager
     from umbrella_core.train.run import train
 
-    overrides = list(args.set or [])
+    overrides = _data_overrides(args)
     for flag, key in (
-        ("modalities", "data.modalities"),
         ("model", "model.base"),
         ("trainable", "model.trainable"),
         ("output_dir", "trainer.output_dir"),
@@ -93,8 +102,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.study:
-        overrides.append("data.studies=" + json.dumps(list(args.study)))
     if args.no_progress:
         overrides.append("trainer.progress=false")
     if args.cache:
@@ -137,12 +144,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from umbrella_core.plugins import get_plugin_manager
     from umbrella_core.train.run import read_studies
 
-    overrides = list(args.set or [])
-    if args.modalities:
-        overrides.append(f"data.modalities={args.modalities}")
-    if args.study:
-        overrides.append("data.studies=" + json.dumps(list(args.study)))
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, _data_overrides(args))
     root = args.cache_dir or config.data.cache_dir or default_cache_root()
     if args.action == "info":
         info = PreprocessedCache(root, {}).info()

@@ -5,6 +5,9 @@
 * :class:`ToyModalityPlugin` registers toy modalities and a patch embedder for them.
 * :func:`fresh_plugin_manager` gives a manager with the built-ins and no
   installed entry points, so a test sees only what it registers.
+* :func:`registered_hooks`, :func:`embed_and_backpropagate` and
+  :func:`modules_imported_by` are the checks every modality plugin's tests run
+  on itself.
 
 Importing this module does not import torch.
 """
@@ -18,7 +21,14 @@ from umbrella_core.hookspecs import hookimpl
 from umbrella_core.plugins import PluginManager
 from umbrella_core.types import ModalitySpec, PhantomFile
 
-__all__ = ["toy_modality", "ToyModalityPlugin", "fresh_plugin_manager"]
+__all__ = [
+    "toy_modality",
+    "ToyModalityPlugin",
+    "fresh_plugin_manager",
+    "registered_hooks",
+    "embed_and_backpropagate",
+    "modules_imported_by",
+]
 
 
 def _toy_load(spec: ModalitySpec, paths: tuple[str, ...]) -> Any:
@@ -100,3 +110,64 @@ def fresh_plugin_manager(*plugins: object) -> PluginManager:
     for i, plugin in enumerate(plugins):
         pm.register(plugin, name=f"test-plugin-{i}", distribution=f"test-dist-{i}", version="0.0")
     return pm
+
+
+def registered_hooks(plugin: object) -> Any:
+    """A bare pluggy hook relay with ``plugin`` registered and checked.
+
+    ``check_pending`` fails when the plugin implements an ``umbrella_*``
+    function that is not a hook, or asks for an argument a hook does not have.
+    """
+    import pluggy
+
+    from umbrella_core import hookspecs
+
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(plugin)
+    pm.check_pending()
+    return pm.hook
+
+
+def embed_and_backpropagate(
+    plugin: object, spec: ModalitySpec, *, hidden_size: int = 16, batch: int = 2
+) -> tuple[Any, Any, Any]:
+    """Run ``plugin``'s patch embedder for ``spec`` on random input and backpropagate.
+
+    Asserts what the core relies on: the output is ``(batch, spec.num_tokens,
+    hidden_size)`` and gradients reach the input and every parameter.
+
+    Returns:
+        ``(module, input, output)`` for further checks.
+    """
+    import torch
+
+    module = plugin.umbrella_patch_embedder(spec=spec, hidden_size=hidden_size)
+    assert module is not None, f"no patch embedder for {spec.name!r}"
+    x = torch.randn(batch, *spec.input_shape, requires_grad=True)
+    out = module(x)
+    assert out.shape == (batch, spec.num_tokens, hidden_size), tuple(out.shape)
+    out.sum().backward()
+    assert x.grad is not None
+    assert all(p.grad is not None for p in module.parameters())
+    return module, x, out
+
+
+def modules_imported_by(code: str, modules: Sequence[str] = ("torch", "nibabel")) -> list[str]:
+    """Which of ``modules`` a fresh interpreter has imported after running ``code``.
+
+    Plugins are imported by ``umbrella plugins``, which must stay fast: their
+    module import should pull in nothing heavy.
+    """
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        f"{code}\nimport json, sys\n"
+        f"print(json.dumps(sorted(m for m in {list(modules)!r} if m in sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])

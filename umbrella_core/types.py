@@ -159,6 +159,11 @@ class ModalitySpec:
     def window_start(self, index: int) -> int:
         return index * (self.window_stride or 0)
 
+    def window_slice(self, index: int) -> slice:
+        """The frames of window ``index``, for indexing the last axis of a series."""
+        start = self.window_start(index)
+        return slice(start, start + self.shape[-1])
+
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one model-ready image: ``(channels, *shape)``."""

@@ -135,12 +135,7 @@ class PreprocessedCache:
                     f"{', '.join(paths)}: {series.shape[-1]} frames, fewer than the {length} "
                     f"of one {spec.name} window"
                 )
-            stored = np.stack(
-                [
-                    series[..., spec.window_start(i) : spec.window_start(i) + length]
-                    for i in range(count)
-                ]
-            )
+            stored = np.stack([series[..., spec.window_slice(i)] for i in range(count)])
             self._store(entry, stored)
         if not 0 <= index < stored.shape[0]:
             raise DataError(

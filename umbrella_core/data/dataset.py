@@ -34,9 +34,7 @@ def load_image(
         if cache is not None:
             array = cache.window(spec, tuple(paths), window)
         else:
-            series = spec.series(spec, tuple(paths))
-            start = spec.window_start(window)
-            array = np.asarray(series)[..., start : start + spec.shape[-1]]
+            array = np.asarray(spec.series(spec, tuple(paths)))[..., spec.window_slice(window)]
     elif cache is not None:
         array = cache.load(spec, tuple(paths))
     else:

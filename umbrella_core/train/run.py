@@ -145,7 +145,12 @@ class StudyData:
         return [r for records in self.per_study for r in records]
 
     def versions(self) -> dict[str, str]:
-        return {n: f"{d}=={v}" for n, (_, d, v) in self.provenance.items()}
+        return plugin_versions(self.provenance)
+
+
+def plugin_versions(provenance: dict[str, tuple[str, str, str]]) -> dict[str, str]:
+    """Modality → ``distribution==version`` of its plugin, for cache keys."""
+    return {n: f"{d}=={v}" for n, (_, d, v) in provenance.items()}
 
 
 def read_studies(
@@ -154,7 +159,8 @@ def read_studies(
     """Resolve the active modalities and read every study's records (the demo without studies).
 
     Records of inactive modalities are counted in ``skipped``; images named by
-    alias get their canonical modality name; every image file must exist.
+    alias get their canonical modality name. Files are checked later, by
+    :func:`screen_records`.
     """
     from umbrella_core.data.demo import cached_demo
 
@@ -163,12 +169,12 @@ def read_studies(
     studies = list(config.data.studies)
     if demo:
         log(
-            "no --data given: using the built-in demo "
+            "no --study given: using the built-in demo "
             f"({config.data.demo_subjects} subjects per modality)"
         )
         manifest = cached_demo(
             specs,
-            {n: f"{d}=={v}" for n, (_, d, v) in provenance.items()},
+            plugin_versions(provenance),
             subjects=config.data.demo_subjects,
             seed=0,
         )

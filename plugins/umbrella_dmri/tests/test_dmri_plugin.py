@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pluggy
 import pytest
 from nibabel.testing import data_path
 from umbrella_dmri import plugin
@@ -18,7 +15,8 @@ from umbrella_dmri.phantom import make_dmri_phantom
 from umbrella_dmri.plugin import DMRI
 from umbrella_dmri.preprocess import FA_CENTRE, FA_SCALE, map_of
 
-from umbrella_core import DataError, hookspecs, imaging
+from umbrella_core import DataError, imaging
+from umbrella_core.testing import embed_and_backpropagate, modules_imported_by, registered_hooks
 
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")
 DEMO = DMRI.for_demo()
@@ -76,11 +74,7 @@ def test_entry_point_is_installed() -> None:
 
 
 def test_hooks_match_the_hookspecs() -> None:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    pm.register(plugin)
-    pm.check_pending()
-    assert pm.hook.umbrella_modalities() == [[DMRI]]
+    assert registered_hooks(plugin).umbrella_modalities() == [[DMRI]]
 
 
 def test_patch_embedder_ignores_other_modalities() -> None:
@@ -98,23 +92,16 @@ def test_patch_embedder_takes_both_maps_as_channels(shape, patch, tokens) -> Non
     import torch
 
     spec = DMRI.with_geometry(shape, patch)
-    module = plugin.umbrella_patch_embedder(spec, 16)
-    x = torch.randn(2, 2, *shape, requires_grad=True)
-    out = module(x)
-    assert out.shape == (2, tokens, 16) == (2, spec.num_tokens, 16)
-    out.sum().backward()
-    assert x.grad is not None and x.grad[:, 1].abs().sum() > 0  # the MD channel is used
+    module, x, out = embed_and_backpropagate(plugin, spec, hidden_size=16)
+    assert x.shape == (2, 2, *shape) and out.shape == (2, tokens, 16)
+    assert x.grad[:, 1].abs().sum() > 0  # the MD channel is used
     with pytest.raises(ValueError, match="expected input"):
         module(torch.randn(2, 1, *shape))
 
 
 def test_importing_the_plugin_does_not_import_torch_or_nibabel() -> None:
-    code = (
-        "import sys, umbrella_dmri.plugin as p; p.umbrella_modalities(); "
-        "print(sorted(m for m in ('torch', 'nibabel') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "import umbrella_dmri.plugin as p; p.umbrella_modalities()"
+    assert modules_imported_by(code, ("torch", "nibabel")) == []
 
 
 # ---------------------------------------------------------------------------

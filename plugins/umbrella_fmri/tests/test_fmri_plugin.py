@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pluggy
 import pytest
 from nibabel.testing import data_path
 from umbrella_fmri import plugin
@@ -18,7 +15,8 @@ from umbrella_fmri.phantom import block_design, make_bold_phantom
 from umbrella_fmri.plugin import FMRI
 from umbrella_fmri.preprocess import BACKGROUND_FRACTION
 
-from umbrella_core import DataError, ModalitySpec, hookspecs, imaging
+from umbrella_core import DataError, ModalitySpec, imaging
+from umbrella_core.testing import embed_and_backpropagate, modules_imported_by, registered_hooks
 
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")
 FUNCTIONAL = os.path.join(data_path, "functional.nii")
@@ -63,11 +61,7 @@ def test_entry_point_is_installed() -> None:
 
 
 def test_hooks_match_the_hookspecs() -> None:
-    pm = pluggy.PluginManager(hookspecs.PROJECT)
-    pm.add_hookspecs(hookspecs)
-    pm.register(plugin)
-    pm.check_pending()
-    assert pm.hook.umbrella_modalities() == [[FMRI]]
+    assert registered_hooks(plugin).umbrella_modalities() == [[FMRI]]
 
 
 def test_patch_embedder_ignores_other_modalities() -> None:
@@ -80,24 +74,14 @@ def test_patch_embedder_ignores_other_modalities() -> None:
     [((24, 24, 24, 8), (8, 8, 8, 4), 54), ((16, 16, 8, 12), (8, 8, 4, 4), 24)],
 )
 def test_patch_embedder_follows_the_configured_geometry(shape, patch, tokens) -> None:
-    import torch
-
     spec = FMRI.with_geometry(shape, patch)
-    module = plugin.umbrella_patch_embedder(spec, 16)
-    x = torch.randn(2, *spec.input_shape, requires_grad=True)
-    out = module(x)
-    assert out.shape == (2, tokens, 16) == (2, spec.num_tokens, 16)
-    out.sum().backward()
-    assert x.grad is not None and all(p.grad is not None for p in module.parameters())
+    _, _, out = embed_and_backpropagate(plugin, spec, hidden_size=16)
+    assert out.shape == (2, tokens, 16)
 
 
 def test_importing_the_plugin_does_not_import_torch_or_nibabel() -> None:
-    code = (
-        "import sys, umbrella_fmri.plugin as p; p.umbrella_modalities(); "
-        "print(sorted(m for m in ('torch', 'nibabel') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    code = "import umbrella_fmri.plugin as p; p.umbrella_modalities()"
+    assert modules_imported_by(code, ("torch", "nibabel")) == []
 
 
 # ---------------------------------------------------------------------------
