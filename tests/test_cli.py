@@ -189,3 +189,45 @@ def test_bad_sample_is_skipped_and_counted_when_asked(tmp_path):
     bad = json.loads((out / "bad_samples.json").read_text())
     assert {b["source"] for b in bad} == {f"{manifest}:1"}
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def _specs(*overrides):
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.train.run import resolve_specs
+
+    return resolve_specs(load_config(None, list(overrides)), get_plugin_manager(), demo=True)[0]
+
+
+def test_preprocessing_settings_reach_the_plugins_loaders(tmp_path):
+    from umbrella_core.data.demo import write_demo
+
+    plain = _specs("data.modalities=t1,fmri")
+    tuned = _specs(
+        "data.modalities=t1,fmri",
+        "data.preprocessing.t1.spacing=9.0",
+        "data.preprocessing.fmri.target_tr=1.0",
+    )
+    manifest = write_demo(tmp_path, plain, subjects=1)
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    paths = {r["images"][0]["modality"]: [str(tmp_path / r["images"][0]["path"])] for r in records}
+    # A 9 mm grid shows a smaller head than the default spacing on the same 32^3 input.
+    coarse = tuned["t1"].load(tuned["t1"], paths["t1"])
+    fine = plain["t1"].load(plain["t1"], paths["t1"])
+    assert (coarse != 0).sum() < 0.5 * (fine != 0).sum()
+    # Resampled to TR 1 s, the demo's TR 2 s series has twice the frames (minus one).
+    frames = plain["fmri"].frames(plain["fmri"], paths["fmri"])
+    assert tuned["fmri"].frames(tuned["fmri"], paths["fmri"]) == 2 * frames - 1
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.preprocessing.t1.spaceing=1.0", "data.preprocessing.t1: unknown setting 'spaceing'"),
+        ("data.preprocessing.t1.spacing=-1", "spacing must be a positive number"),
+        ("data.preprocessing.dmri.spacing=1", "the dmri plugin takes no preprocessing settings"),
+        ("data.preprocessing.pet.x=1", "'pet' is not an active modality"),
+    ],
+)
+def test_bad_preprocessing_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _specs(override)

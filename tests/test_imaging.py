@@ -368,3 +368,62 @@ def test_in_memory_path_applies_scaling_and_byte_order_like_nibabel(tmp_path, dt
     loaded, _ = imaging.load_nifti(path)
     assert np.allclose(loaded, np.asarray(reference.dataobj, dtype=np.float32))
     assert loaded.min() == pytest.approx(-10.0)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_native_load_keeps_the_stored_type_and_matches_the_float_load(tmp_path, suffix):
+    data = np.random.default_rng(0).integers(-500, 3000, (7, 8, 9)).astype(np.int16)
+    path = tmp_path / f"las{suffix}"
+    nib.save(nib.Nifti1Image(data, np.diag([-2.0, 2.0, 2.0, 1.0])), path)
+    native, affine = imaging.load_nifti(path, native=True)
+    floats, float_affine = imaging.load_nifti(path)
+    assert native.dtype == np.int16 and floats.dtype == np.float32
+    np.testing.assert_array_equal(native, floats)
+    np.testing.assert_array_equal(affine, float_affine)
+    # Scaled files cannot stay integers: they come back as float32, scaled.
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_slope_inter(0.5, 1.0)
+    nib.save(img, tmp_path / f"scaled{suffix}")
+    scaled, _ = imaging.load_nifti(tmp_path / f"scaled{suffix}", native=True)
+    assert scaled.dtype == np.float32 and scaled.max() == pytest.approx(data.max() * 0.5 + 1.0)
+
+
+def test_resize_of_views_in_any_layout_gives_the_same_values() -> None:
+    volume = np.random.default_rng(1).normal(size=(20, 24, 22)).astype(np.float32)
+    reference = imaging.resize(np.ascontiguousarray(volume), (9, 11, 10))
+    for view in (
+        np.asfortranarray(volume),
+        np.asfortranarray(volume[::-1])[::-1],
+        np.asfortranarray(volume.transpose(2, 0, 1)).transpose(1, 2, 0),
+        np.asfortranarray(volume.astype(np.float64)),
+    ):
+        out = imaging.resize(view, (9, 11, 10))
+        assert out.dtype == np.float32 and min(out.strides) > 0
+        np.testing.assert_allclose(out, reference, atol=1e-5)
+
+
+def test_robust_zscore_equals_clip_then_zscore_and_is_exactly_zero_outside() -> None:
+    rng = np.random.default_rng(3)
+    volume = np.zeros((40, 44, 36), np.float32)
+    volume[5:35, 6:38, 4:30] = rng.normal(400.0, 60.0, (30, 32, 26))
+    volume[20, 20, 20] = 1e5  # an outlier the upper percentile clips
+    volume = np.asfortranarray(volume)
+    unit = imaging.robust_normalise(volume, lower=0.5, upper=99.9)
+    expected = imaging.zscore_masked(unit, unit > 0.1)
+    got = imaging.robust_zscore(volume.copy(order="F"), lower=0.5, upper=99.9, foreground=0.1)
+    # Percentiles come from a subgrid, so the clip points differ a little.
+    np.testing.assert_allclose(got, expected, atol=0.02)
+    assert float(got.max()) < 5.0
+    assert np.signbit(got[expected == 0]).sum() == 0 and (got[expected == 0] == 0).all()
+    mask = np.zeros(volume.shape, bool)
+    mask[10:30, 10:30, 10:25] = True
+    masked = imaging.robust_zscore(volume.copy(order="F"), lower=0.5, upper=99.9, mask=mask)
+    assert (masked[~mask] == 0).all()
+    assert float(masked[mask].mean()) == pytest.approx(0.0, abs=1e-4)
+    assert float(masked[mask].std()) == pytest.approx(1.0, abs=1e-4)
+    empty = imaging.robust_zscore(
+        np.zeros((8, 8, 8), np.float32), lower=1, upper=99, foreground=0.1
+    )
+    assert (empty == 0).all()
+    with pytest.raises(ValueError, match="exactly one"):
+        imaging.robust_zscore(volume, lower=1, upper=99)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -154,7 +155,7 @@ def test_validate_records_for_callers_with_records(pm, demo):
         ),
         StudyRecord(
             subject="b",
-            images=[ImageRef(modality="t1", paths=[t1, t1])],
+            images=[ImageRef(modality="t1", paths=[t1, t1, t1])],
             turns=[Turn(role="user", content="no image"), Turn(role="assistant", content="x")],
         ),
     ]
@@ -164,4 +165,19 @@ def test_validate_records_for_callers_with_records(pm, demo):
         ("subject b", "images[0].path"),
     ]
     assert all(isinstance(p, Problem) for p in problems)
-    assert "t1 has 1 channel(s), got 2 files" in problems[1].message
+    assert "optionally followed by a brain mask; got 3" in problems[1].message
+
+
+def test_an_image_with_several_files_is_judged_by_its_loader(pm, demo, tmp_path):
+    # A T1 with its brain mask is one valid image of two files.
+    t1 = str(demo.parent / "t1" / "sub-t10000_T1w.nii.gz")
+    img = nib.load(t1)
+    mask = np.asarray(img.dataobj) > np.percentile(np.asarray(img.dataobj), 60)
+    mask_path = str(tmp_path / "sub-t10000_desc-brain_mask.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), img.affine), mask_path)
+    record = StudyRecord(
+        subject="a",
+        images=[ImageRef(modality="t1", paths=[t1, mask_path])],
+        turns=[Turn(role="user", content="<image>"), Turn(role="assistant", content="x")],
+    )
+    assert validate_records([record], pm, workers=1) == []

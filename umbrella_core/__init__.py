@@ -27,6 +27,7 @@ from umbrella_core.types import (
     PhantomFile,
     StudyRecord,
     Turn,
+    positive_settings,
 )
 
 __version__ = "0.1.0"
@@ -40,6 +41,7 @@ __all__ = [
     "StudyRecord",
     "LossTerm",
     "IMAGE_PLACEHOLDER",
+    "positive_settings",
     "UmbrellaError",
     "PluginError",
     "DuplicateNameError",

@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from umbrella_core.errors import UmbrellaError
+from umbrella_core.errors import ConfigError, UmbrellaError
 
 __all__ = ["main", "build_parser"]
 
@@ -128,7 +129,21 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from umbrella_core.validate import validate_locations
 
-    report = validate_locations(args.locations)
+    locations: list[str | tuple[str, dict[str, Any]]] = list(args.locations)
+    specs = None
+    if args.config or args.set:
+        from umbrella_core.config import load_config
+        from umbrella_core.plugins import get_plugin_manager
+        from umbrella_core.train.run import resolve_specs
+
+        config = load_config(args.config, args.set or [])
+        locations += [(s.location, dict(s.options)) for s in config.data.studies]
+        specs, _ = resolve_specs(config, get_plugin_manager(), demo=False)
+    if not locations:
+        raise ConfigError(
+            "nothing to validate: give study locations, or a --config with data.studies"
+        )
+    report = validate_locations(locations, specs=specs)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -223,7 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
         "validate",
         help="check studies (records, conversations, image files) and report every problem",
     )
-    p.add_argument("locations", nargs="+", metavar="LOCATION", help="a study, as for train --study")
+    p.add_argument("locations", nargs="*", metavar="LOCATION", help="a study, as for train --study")
+    p.add_argument(
+        "--config",
+        help="a run's YAML config: also check its data.studies (with their reader options) "
+        "and apply its data.preprocessing settings",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config setting, as for train",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_validate)
 

@@ -70,7 +70,8 @@ class StudyConfig:
 
     In YAML a study is a location string (``bids:/data/ds000030``) or a mapping
     ``{location: ..., weight: 2.0, tasks: [sex, age]}``; keys other than
-    ``location`` and ``weight`` are passed to the study reader as ``options``.
+    ``location`` and ``weight`` are passed to the study reader as ``options``
+    (or put them under an ``options:`` mapping; both forms merge).
     """
 
     location: str
@@ -92,7 +93,12 @@ class StudyConfig:
             isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0
         ):
             raise ConfigError(f"{key}.weight: expected a positive number, got {weight!r}")
-        options = {k: v for k, v in value.items() if k not in ("location", "weight")}
+        options = {k: v for k, v in value.items() if k not in ("location", "weight", "options")}
+        nested = value.get("options")
+        if nested is not None:
+            if not isinstance(nested, Mapping):
+                raise ConfigError(f"{key}.options: expected a mapping, got {nested!r}")
+            options = {**dict(nested), **options}
         return cls(
             location=value["location"],
             weight=None if weight is None else float(weight),
@@ -111,6 +117,8 @@ class DataConfig:
             weighted studies), split among its modality groups by size.
         weights: Sampling weight per ``study/modality`` group; overrides study weights.
         geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
+        preprocessing: Per-modality preprocessing settings, as each plugin
+            defines them: ``{t1: {spacing: 1.0}, fmri: {target_tr: 0.8}}``.
         demo_subjects: Subjects per modality in the built-in demo (a fifth are held out).
         workers: DataLoader worker processes.
         check: Checks before step 1: ``files`` (files exist, conversations fit),
@@ -125,6 +133,7 @@ class DataConfig:
     studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=tuple)
     weights: dict[str, float] = attrs.field(factory=dict)
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
+    preprocessing: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     demo_subjects: int = attrs.field(default=200, validator=_positive)
     workers: int = 0
     check: str = attrs.field(default="files", validator=_choice("none", "files", "full"))

@@ -20,7 +20,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import nibabel as nib
@@ -42,6 +42,7 @@ __all__ = [
     "resize",
     "robust_normalise",
     "zscore_masked",
+    "robust_zscore",
     "zscore_time",
     "HeadPhantom",
     "head_phantom",
@@ -94,7 +95,9 @@ def as_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -
     return tuple(os.fspath(p) for p in paths)
 
 
-def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArray[np.float64]]:
+def load_nifti(
+    path: str | os.PathLike[str], *, native: bool = False
+) -> tuple[NDArray[Any], NDArray[np.float64]]:
     """Read a NIfTI file as float32 data in the closest canonical (RAS) orientation.
 
     The voxel axes are permuted and flipped (no interpolation) so that the first
@@ -104,11 +107,17 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
 
     Args:
         path: A ``.nii`` or ``.nii.gz`` file.
+        native: Keep the stored data type when the file has no scaling (an
+            int16 volume stays int16) and return the reoriented voxels as a
+            view, flips included (negative strides). For loaders that crop or
+            resample first and convert only what they keep: converting and
+            un-flipping a whole 1 mm volume costs as much as resampling it.
 
     Returns:
-        ``(data, affine)``: a float32 array of at least three dimensions, with
-        positive strides in the file's memory order (x fastest, as NIfTI stores
-        it), and the 4x4 voxel-to-world affine of that array.
+        ``(data, affine)``: an array of at least three dimensions (float32
+        unless ``native``), in the file's memory order (x fastest, as NIfTI
+        stores it) with positive strides unless ``native``, and the 4x4
+        voxel-to-world affine of that array.
 
     Raises:
         DataError: The file is missing, is not a NIfTI image, cannot be decoded
@@ -132,7 +141,7 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
     try:
         # asarray with a dtype scales in float32: get_fdata would build a
         # float64 copy twice the size of what we keep.
-        data = _voxels_float32(img)
+        data = _voxels(img, native=native)
     except _DECODE_ERRORS as error:
         raise DataError(f"{name}: cannot decode the image data ({_reason(error)})") from error
     if data.ndim < 3:
@@ -148,6 +157,8 @@ def load_nifti(path: str | os.PathLike[str]) -> tuple[NDArray[np.float32], NDArr
         bad = int(data.size - np.count_nonzero(finite))
         raise DataError(f"{name}: {bad} of {data.size} voxels are NaN or infinite")
     data, affine = reorient(data, affine, RAS)
+    if native:
+        return data, affine
     # Flips are negative-stride views, which torch.from_numpy refuses. Copy
     # them in the file's own memory order ("K"): turning NIfTI's x-fastest
     # layout into C order would be a full transpose, slower than the decode.
@@ -170,13 +181,14 @@ def _gunzip(raw: bytes) -> bytes:
     return igzip.decompress(raw)
 
 
-def _voxels_float32(img: nib.spatialimages.SpatialImage) -> NDArray[np.float32]:
+def _voxels(img: nib.spatialimages.SpatialImage, *, native: bool = False) -> NDArray[Any]:
     """The scaled voxels as float32, read straight from an in-memory file when possible.
 
     For an image made by :func:`_read_image` from bytes, the voxels are viewed
-    in place with ``np.frombuffer`` and converted once; nibabel's array proxy
-    would first copy them out of the file object. Other images (and dtypes
-    that need nibabel's handling) go through the proxy.
+    in place with ``np.frombuffer`` and converted once (``native`` and no
+    scaling: not converted at all); nibabel's array proxy would first copy them
+    out of the file object. Other images (and dtypes that need nibabel's
+    handling) go through the proxy.
     """
     holder = img.file_map.get("image")
     stream = getattr(holder, "fileobj", None)
@@ -195,16 +207,25 @@ def _voxels_float32(img: nib.spatialimages.SpatialImage) -> NDArray[np.float32]:
         buffer = stream.getbuffer()
         if offset + count * dtype.itemsize <= len(buffer):
             raw = np.frombuffer(buffer, dtype=dtype, count=count, offset=int(offset))
-            data = raw.reshape(shape, order=order).astype(np.float32)
             slope, inter = float(proxy.slope), float(proxy.inter)
+            if native and slope == 1.0 and inter == 0.0:
+                return raw.reshape(shape, order=order)
+            data = raw.reshape(shape, order=order).astype(np.float32)
             if slope != 1.0:
                 data *= np.float32(slope)
             if inter != 0.0:
                 data += np.float32(inter)
             return data
+    if native and getattr(proxy, "is_proxy", False) and not _scaled(proxy):
+        return np.asanyarray(proxy)
     # asarray with a dtype scales in float32: get_fdata would build a
     # float64 copy twice the size of what we keep.
     return np.asarray(img.dataobj, dtype=np.float32)
+
+
+def _scaled(proxy: Any) -> bool:
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    return not (float(slope) == 1.0 and float(inter) == 0.0)
 
 
 def _read_image(name: str) -> nib.spatialimages.SpatialImage:
@@ -331,41 +352,52 @@ def resize(array: ArrayLike, shape: Sequence[int]) -> NDArray[np.float32]:
     along unchanged: a ``(X, Y, Z, T)`` series resized to ``(x, y, z)`` gives
     ``(x, y, z, T)``.
 
+    A 3D volume that is not C-contiguous (NIfTI's x-fastest layout, as
+    :func:`load_nifti` returns it, or any view of one: crops, flips,
+    permutations, any numeric dtype) is converted to float32 once, in
+    x-fastest (Fortran) order, and resampled there; the result is x-fastest
+    too. Transposing a 1 mm volume to C order would cost as much as
+    resampling it, and every orientation of one image ends in the same
+    layout, so later reductions give bit-identical results.
+
     Args:
         array: Array whose first ``len(shape)`` axes are spatial.
         shape: Target size of the spatial axes (1 to 3 entries).
 
     Returns:
-        A float32 array of shape ``(*shape, *array.shape[len(shape):])``.
+        A float32 array of shape ``(*shape, *array.shape[len(shape):])`` with
+        positive strides.
     """
-    data = np.asarray(array, dtype=np.float32)
+    source = np.asarray(array)
     target = tuple(int(s) for s in shape)
     spatial = len(target)
     if spatial not in _MODES:
         raise ValueError(f"resize: shape must have 1 to 3 entries, got {target}")
-    if data.ndim < spatial:
-        raise ValueError(f"resize: array of shape {data.shape} has fewer than {spatial} axes")
+    if source.ndim < spatial:
+        raise ValueError(f"resize: array of shape {source.shape} has fewer than {spatial} axes")
     if any(s <= 0 for s in target):
         raise ValueError(f"resize: target shape {target} must be positive")
-    rest = data.shape[spatial:]
-    if data.shape[:spatial] == target:
-        return np.ascontiguousarray(data)
+    rest = source.shape[spatial:]
 
     import torch
     import torch.nn.functional as F
 
-    extra = math.prod(rest)
-    if not rest and data.ndim == 3 and data.flags.f_contiguous and not data.flags.c_contiguous:
-        # NIfTI voxels are x-fastest: resample the reversed-axes view, which is
-        # C-contiguous, instead of transposing the full-size input.
+    if not rest and source.ndim == 3 and not source.flags.c_contiguous:
+        # Resample the reversed-axes view, which is C-contiguous.
+        data = np.array(source, dtype=np.float32, order="F", copy=None)
+        if data.shape == target:
+            return data
         tensor = torch.from_numpy(data.T)[None, None]
         with torch.no_grad():
             out = F.interpolate(
                 tensor, size=target[::-1], mode=_MODES[spatial], align_corners=False
             )
-        return np.ascontiguousarray(out[0, 0].numpy().T)
+        return out[0, 0].numpy().T
+    data = np.asarray(source, dtype=np.float32)
+    if data.shape[:spatial] == target:
+        return np.ascontiguousarray(data)
     # Trailing axes become interpolate's channel axis, which it does not resample.
-    source = np.ascontiguousarray(data).reshape(*data.shape[:spatial], extra)
+    source = np.ascontiguousarray(data).reshape(*data.shape[:spatial], math.prod(rest))
     tensor = torch.from_numpy(source).movedim(-1, 0).unsqueeze(0)
     with torch.no_grad():
         out = F.interpolate(tensor, size=target, mode=_MODES[spatial], align_corners=False)
@@ -442,6 +474,85 @@ def zscore_masked(array: ArrayLike, mask: ArrayLike) -> NDArray[np.float32]:
     std = float(values.std())
     if std > 0.0:
         out[inside] = (values - np.float32(values.mean())) / np.float32(std)
+    return out
+
+
+def robust_zscore(
+    volume: NDArray[np.float32],
+    *,
+    lower: float,
+    upper: float,
+    foreground: float | None = None,
+    mask: NDArray[np.bool_] | None = None,
+    out: NDArray[np.float32] | None = None,
+) -> NDArray[np.float32]:
+    """Clip a volume to percentiles and z-score its foreground, in a few passes.
+
+    The result equals ``zscore_masked(robust_normalise(volume, lower, upper),
+    head)`` (up to float rounding), where ``head`` is ``mask`` when given and
+    otherwise the voxels above ``foreground`` of the clipped range; it costs
+    about a third as much. The percentiles are those of the nonzero voxels
+    (inside ``mask`` when given) of a regular 3D subgrid of about
+    :data:`PERCENTILE_SAMPLE` / 2 voxels; the mean and spread are over every
+    foreground voxel.
+
+    Args:
+        volume: A float32 3D array; it may be overwritten (clipped) in place.
+        lower: Lower clip percentile (0-100).
+        upper: Upper clip percentile (0-100).
+        foreground: Fraction of the clipped range above which a voxel is
+            foreground when there is no ``mask``.
+        mask: Boolean array of ``volume``'s shape: the foreground.
+        out: Where to write the result (any layout, ``volume``'s shape);
+            a new array in ``volume``'s layout when None.
+
+    Returns:
+        ``out``: the z-scored foreground, exactly 0 elsewhere (all zeros when
+        the foreground is empty or constant).
+    """
+    if not 0.0 <= lower < upper <= 100.0:
+        raise ValueError(f"robust_zscore: need 0 <= lower < upper <= 100, got {lower}, {upper}")
+    if (mask is None) == (foreground is None):
+        raise ValueError("robust_zscore: give exactly one of foreground= and mask=")
+    if not (volume.flags.c_contiguous or volume.flags.f_contiguous):
+        # The dot products below need flat views; one compact copy is cheaper.
+        volume = np.array(volume, dtype=np.float32, order="K")
+    if out is None:
+        out = np.empty_like(volume)
+    step = max(1, math.ceil((volume.size / (PERCENTILE_SAMPLE // 2)) ** (1.0 / 3.0)))
+    sample = volume[::step, ::step, ::step]
+    keep = sample != 0
+    if mask is not None:
+        keep &= mask[::step, ::step, ::step]
+    values = sample[keep]
+    if values.size == 0:
+        out[...] = 0.0
+        return out
+    lo, hi = (float(v) for v in np.percentile(values, [lower, upper]))
+    if not hi > lo:
+        out[...] = 0.0
+        return out
+    np.clip(volume, lo, hi, out=volume)
+    head = mask if mask is not None else volume > lo + float(foreground) * (hi - lo)
+    # Masked sums as dot products with a 0/1 float copy of the mask: numpy's
+    # boolean indexing and where= reductions are several times slower.
+    # One flattening order for every operand (volume's own, so it is a view).
+    order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
+    weight = head.astype(np.float32).ravel(order=order)
+    count = float(weight.sum())
+    if count == 0.0:
+        out[...] = 0.0
+        return out
+    flat = volume.ravel(order=order)
+    mean = float(np.dot(flat, weight)) / count
+    # where, not a product with the mask: that would leave -0.0 outside.
+    centred = np.where(head, volume - np.float32(mean), np.float32(0.0))
+    spread = centred.ravel(order=order)
+    variance = float(np.dot(spread, spread)) / count
+    if not variance > 0.0:
+        out[...] = 0.0
+        return out
+    np.multiply(centred, np.float32(1.0 / math.sqrt(variance)), out=out)
     return out
 
 

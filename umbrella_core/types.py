@@ -21,10 +21,32 @@ __all__ = [
     "StudyRecord",
     "LossTerm",
     "IMAGE_PLACEHOLDER",
+    "positive_settings",
 ]
 
 #: The placeholder that marks where an image goes in a user turn.
 IMAGE_PLACEHOLDER = "<image>"
+
+
+def positive_settings(
+    modality: str, settings: Mapping[str, Any], known: Sequence[str]
+) -> dict[str, float]:
+    """Check a ``ModalitySpec.configure`` mapping whose settings are positive numbers.
+
+    Raises:
+        ValueError: A setting not in ``known`` (the message lists them), or a
+            value that is not a positive number.
+    """
+    out = {}
+    for key, value in settings.items():
+        if key not in known:
+            raise ValueError(
+                f"unknown setting {key!r}; {modality} takes: {', '.join(sorted(known))}"
+            )
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{key} must be a positive number, got {value!r}")
+        out[key] = float(value)
+    return out
 
 
 def _lower(value: str) -> str:
@@ -102,6 +124,16 @@ class ModalitySpec:
             ``series`` and ``frames`` set, each file gives
             ``1 + (frames - shape[-1]) // window_stride`` samples. None: one
             window per file (``load``).
+        companions: ``companions(spec, paths) -> list[str]``: files the loader
+            reads besides ``paths`` because it finds them next to them (a brain
+            mask beside a T1, ``.bval``/``.bvec`` beside a DWI series, a JSON
+            sidecar); only those that exist. The preprocessed cache keys on
+            them too, so adding, editing or removing one is not served stale.
+        configure: ``configure(spec, settings) -> ModalitySpec``: the spec with
+            the run's preprocessing settings applied (``data.preprocessing.<name>``
+            in the config, e.g. ``{"spacing": 1.0}`` for ``t1``). Raises
+            ValueError naming an unknown setting or a bad value. None: the
+            modality takes no settings.
         demo_shape: Input shape the built-in demo trains at (small, for CPU); defaults to ``shape``.
         demo_patch_size: Patch size the built-in demo uses; defaults to ``patch_size``.
     """
@@ -123,6 +155,8 @@ class ModalitySpec:
     series: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
     frames: Callable[..., int] | None = attrs.field(default=None, eq=False, repr=False)
     window_stride: int | None = attrs.field(default=None, converter=attrs.converters.optional(int))
+    companions: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
+    configure: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
     demo_shape: tuple[int, ...] | None = attrs.field(
         default=None, converter=attrs.converters.optional(_int_tuple)
     )

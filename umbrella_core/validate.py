@@ -232,12 +232,8 @@ def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
     if missing:
         return [f"{p}: file not found" for p in missing]
     messages = []
-    if len(paths) > spec.channels:
-        # Loaders that take the first files only would hide the extra ones.
-        return [
-            f"{spec.name} has {spec.channels} channel(s), got {len(paths)} files: "
-            f"{', '.join(paths)}"
-        ]
+    # How many files an image takes is the loader's business (a T1 and its
+    # brain mask, a DWI series with .bval and .bvec): it refuses wrong counts.
     try:
         # The loader as training calls it, shape check included.
         array = load_image(spec, paths).numpy()
@@ -266,7 +262,11 @@ def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
 
 
 def validate_records(
-    records: Iterable[StudyRecord], pm: PluginManager, *, workers: int | None = None
+    records: Iterable[StudyRecord],
+    pm: PluginManager,
+    *,
+    workers: int | None = None,
+    specs: Mapping[str, ModalitySpec] | None = None,
 ) -> list[Problem]:
     """Check records: structure, modality names and every image file.
 
@@ -274,6 +274,8 @@ def validate_records(
         records: Records as a study reader yields them.
         pm: The plugin manager whose modalities resolve the names and load the files.
         workers: Threads decoding images (default: up to 4).
+        specs: The run's modality specs (with its preprocessing settings) by
+            name; modalities not in it are checked as their plugin provides them.
 
     Returns:
         The problems, in record order; empty when every record is usable.
@@ -283,7 +285,8 @@ def validate_records(
 
     found: list[tuple[int, int, Problem]] = []
     jobs: dict[tuple[str, tuple[str, ...]], list[tuple[int, str, int]]] = {}
-    specs: dict[str, ModalitySpec] = {}
+    run_specs = dict(specs or {})
+    specs = {}
     for index, record in enumerate(records):
         source = record.source or f"subject {record.subject}"
         try:
@@ -296,7 +299,7 @@ def validate_records(
             except PluginError as error:
                 found.append((index, i, Problem(source, f"images[{i}].modality", str(error))))
                 continue
-            specs.setdefault(spec.name, spec.for_demo())
+            specs.setdefault(spec.name, run_specs.get(spec.name, spec).for_demo())
             jobs.setdefault((spec.name, image.paths), []).append((index, source, i))
     workers = workers or min(4, os.cpu_count() or 1)
     keys = list(jobs)
@@ -311,19 +314,32 @@ def validate_records(
 
 
 def validate_locations(
-    locations: Sequence[str], pm: PluginManager | None = None, *, workers: int | None = None
+    locations: Sequence[str | tuple[str, Mapping[str, Any]]],
+    pm: PluginManager | None = None,
+    *,
+    workers: int | None = None,
+    specs: Mapping[str, ModalitySpec] | None = None,
 ) -> Report:
-    """Read and check every study at ``locations``; see the module docstring."""
+    """Read and check every study; see the module docstring.
+
+    Args:
+        locations: Study locations, or ``(location, reader options)`` pairs
+            (a config's ``data.studies``).
+        pm: The plugin manager (the installed plugins when None).
+        workers: Threads decoding images.
+        specs: The run's modality specs, as for :func:`validate_records`.
+    """
     if pm is None:
         from umbrella_core.plugins import get_plugin_manager
 
         pm = get_plugin_manager()
     problems: list[Problem] = []
     n_records = n_images = 0
-    for location in locations:
-        records, read_problems, refused = read_study_tolerantly(location, pm)
+    for item in locations:
+        location, options = (item, {}) if isinstance(item, str) else item
+        records, read_problems, refused = read_study_tolerantly(location, pm, options)
         # Keep file order: a refused line 3 comes before a missing file on line 5.
-        checked = validate_records(records, pm, workers=workers)
+        checked = validate_records(records, pm, workers=workers, specs=specs)
         problems.extend(_in_source_order(read_problems + checked))
         n_records += len(records) + refused
         n_images += sum(len(r.images) for r in records)

@@ -2,7 +2,8 @@
 
 An entry is the model-ready float32 array a modality's loader returns, stored
 as ``.npy`` under ``ROOT/<modality>/<key>.npy``. The key hashes everything the
-array depends on: each file's absolute path, size and modification time; the
+array depends on: the absolute path, size and modification time of each file
+and of the files the loader finds next to it (``ModalitySpec.companions``); the
 modality's name, shape, patch size and channels; settings bound to its loader
 (``functools.partial`` keywords); and the version of the distribution that
 provides the modality (its preprocessing code: plugins bump it when
@@ -39,6 +40,15 @@ def _bound_settings(function: Any) -> list[list[str]]:
     return sorted([str(k), repr(v)] for k, v in keywords.items())
 
 
+def _identity(path: str) -> list[Any]:
+    absolute = os.path.abspath(path)
+    try:
+        stat = os.stat(absolute)
+    except OSError:
+        raise DataError(f"{path}: file not found") from None
+    return [absolute, stat.st_size, stat.st_mtime_ns]
+
+
 def default_cache_root() -> Path:
     """``$UMBRELLA_CACHE/preprocessed`` (``~/.cache/umbrella/preprocessed`` by default)."""
     from umbrella_core.data.demo import demo_cache_dir
@@ -67,14 +77,9 @@ class PreprocessedCache:
 
     def key(self, spec: ModalitySpec, paths: Sequence[str], *, series: bool = False) -> str:
         """The entry name: a hash of the files' identity, the geometry and the plugin."""
-        files = []
-        for path in paths:
-            absolute = os.path.abspath(path)
-            try:
-                stat = os.stat(absolute)
-            except OSError:
-                raise DataError(f"{path}: file not found") from None
-            files.append([absolute, stat.st_size, stat.st_mtime_ns])
+        files = [_identity(path) for path in paths]
+        found = spec.companions(spec, tuple(paths)) if spec.companions is not None else []
+        companions = [_identity(path) for path in found]
         identity = {
             "format": FORMAT,
             "modality": spec.name,
@@ -88,6 +93,7 @@ class PreprocessedCache:
             "channels": spec.channels,
             "plugin": self.versions.get(spec.name, ""),
             "files": files,
+            "companions": companions,
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -40,6 +40,27 @@ class Prepared:
     base_is_random: bool
 
 
+def configure_spec(spec: ModalitySpec, settings: Any) -> ModalitySpec:
+    """``spec`` with ``data.preprocessing.<name>`` applied by its plugin's ``configure``."""
+    if not settings:
+        return spec
+    key = f"data.preprocessing.{spec.name}"
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{key}: expected a mapping of settings, got {settings!r}")
+    if spec.configure is None:
+        raise ConfigError(f"{key}: the {spec.name} plugin takes no preprocessing settings")
+    try:
+        configured = spec.configure(spec, dict(settings))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    if not isinstance(configured, ModalitySpec) or configured.name != spec.name:
+        raise ConfigError(
+            f"{key}: the {spec.name} plugin's configure returned {configured!r}, "
+            "not a ModalitySpec of that modality"
+        )
+    return configured
+
+
 def resolve_specs(
     config: RunConfig, pm: PluginManager, *, demo: bool
 ) -> tuple[dict[str, ModalitySpec], dict[str, tuple[str, str, str]]]:
@@ -53,9 +74,13 @@ def resolve_specs(
         provided[p.item.name] = p
     specs: dict[str, ModalitySpec] = {}
     provenance: dict[str, tuple[str, str, str]] = {}
-    unknown = set(config.data.geometry) - set(provided)
-    if unknown:
-        raise ConfigError(f"data.geometry: {sorted(unknown)[0]!r} is not an active modality")
+    for section in ("geometry", "preprocessing"):
+        unknown = set(getattr(config.data, section)) - set(provided)
+        if unknown:
+            raise ConfigError(
+                f"data.{section}: {sorted(unknown)[0]!r} is not an active modality "
+                f"(active: {', '.join(sorted(provided))})"
+            )
     for name in sorted(provided):
         spec = provided[name].item
         if demo:
@@ -73,6 +98,7 @@ def resolve_specs(
                 spec = attrs.evolve(spec, window_stride=override["window_stride"])
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"data.geometry.{name}: {exc}") from None
+        spec = configure_spec(spec, config.data.preprocessing.get(name))
         specs[name] = spec
         provenance[name] = (
             provided[name].plugin,
@@ -88,6 +114,7 @@ def screen_records(
     check: str,
     encode: Callable[[StudyRecord], Any],
     pm: PluginManager,
+    specs: dict[str, ModalitySpec] | None = None,
 ) -> tuple[list[list[StudyRecord]], list[Any]]:
     """Split records into usable ones and problems, before step 1 (I6).
 
@@ -117,7 +144,8 @@ def screen_records(
             bad.add(id(record))
     if check == "full":
         by_source = {r.source: r for r in everything if id(r) not in bad}
-        for problem in validate_records([r for r in everything if id(r) not in bad], pm):
+        usable = [r for r in everything if id(r) not in bad]
+        for problem in validate_records(usable, pm, specs=specs):
             problems.append(problem)
             record = by_source.get(problem.source)
             if record is not None:
@@ -245,7 +273,7 @@ def prepare(
         max_length=config.model.max_length,
     )
     per_study, problems = screen_records(
-        per_study, check=config.data.check, encode=probe.encode, pm=pm
+        per_study, check=config.data.check, encode=probe.encode, pm=pm, specs=specs
     )
     if problems and config.data.on_bad == "stop":
         shown = "\n  ".join(str(p) for p in problems[:5])

@@ -275,3 +275,17 @@ def test_gradient_file_names() -> None:
     assert dwi.gradient_kind("/a/sub-01_dwi.bval") == "bval"
     assert dwi.gradient_kind("/a/bvecs") == "bvec"
     assert dwi.gradient_kind("/a/sub-01_dwi.nii.gz") is None
+
+
+def test_cache_key_follows_the_gradient_files_found_next_to_the_series(tmp_path: Path) -> None:
+    from umbrella_dmri import plugin
+
+    from umbrella_core.data.cache import PreprocessedCache
+
+    image, bval, bvec = _copy_series("small_25", tmp_path)
+    cache = PreprocessedCache(tmp_path / "cache", {"dmri": "umbrella-dmri==test"})
+    assert plugin.companions(SPEC, [image]) == [bval, bvec]
+    key = cache.key(SPEC, [image])
+    with open(bval, "a", encoding="utf-8") as handle:
+        handle.write("\n")
+    assert cache.key(SPEC, [image]) != key

@@ -24,6 +24,15 @@ def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
     return load_dmri(spec, paths)
 
 
+def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
+    """The ``.bval``/``.bvec`` the loader finds next to a lone DWI series."""
+    from umbrella_dmri.dwi import find_gradients
+
+    if len(paths) != 1:
+        return []
+    return [path for path in find_gradients(paths[0]) if path is not None]
+
+
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
     """``ModalitySpec.phantom`` of ``dmri``; see :func:`umbrella_dmri.phantom.make_dmri_phantom`."""
     from umbrella_dmri.phantom import make_dmri_phantom
@@ -41,6 +50,7 @@ DMRI = ModalitySpec(
     # Channel 0 is fractional anisotropy (FA), channel 1 mean diffusivity (MD).
     channels=2,
     load=load,
+    companions=companions,
     phantom=phantom,
     phantom_labels=("left", "right"),
     phantom_question="Which hemisphere holds the lesion?",

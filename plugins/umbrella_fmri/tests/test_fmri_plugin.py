@@ -198,3 +198,22 @@ def test_a_3d_volume_is_refused_naming_the_file() -> None:
 def test_more_than_one_file_is_refused() -> None:
     with pytest.raises(DataError, match="fmri takes one 4D file per image, got 2"):
         DEMO.load(DEMO, [FUNCTIONAL, FUNCTIONAL])
+
+
+def test_cache_key_follows_the_json_sidecar(tmp_path: Path) -> None:
+    # The sidecar's RepetitionTime decides a resampled series: editing it must miss the cache.
+    import json
+
+    from umbrella_core.data.cache import PreprocessedCache
+
+    bold = str(tmp_path / "sub-01_task-rest_bold.nii.gz")
+    imaging.save_nifti(bold, np.ones((4, 4, 4, 30), np.int16), np.eye(4), tr=2.0)
+    cache = PreprocessedCache(tmp_path / "cache", {"fmri": "umbrella-fmri==test"})
+    keys = [cache.key(DEMO, [bold], series=True)]
+    sidecar = tmp_path / "sub-01_task-rest_bold.json"
+    sidecar.write_text(json.dumps({"RepetitionTime": 2.0}))
+    keys.append(cache.key(DEMO, [bold], series=True))
+    os.utime(sidecar, ns=(0, 10**18))
+    keys.append(cache.key(DEMO, [bold], series=True))
+    assert plugin.companions(DEMO, [bold]) == [str(sidecar)]
+    assert len(set(keys)) == 3

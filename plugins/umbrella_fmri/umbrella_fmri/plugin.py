@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core import ModalitySpec, PhantomFile, hookimpl
+from umbrella_core import ModalitySpec, PhantomFile, hookimpl, positive_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -29,6 +29,16 @@ def series(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = N
     from umbrella_fmri.preprocess import bold_series
 
     return bold_series(spec, paths, target_tr=target_tr)
+
+
+def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
+    """The BIDS JSON sidecar whose ``RepetitionTime`` the loader reads, when there is one."""
+    import os
+
+    from umbrella_fmri.preprocess import sidecar_of
+
+    found = [sidecar_of(path) for path in paths]
+    return [path for path in found if os.path.isfile(path)]
 
 
 def frames(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = None) -> int:
@@ -56,6 +66,12 @@ def with_target_tr(spec: ModalitySpec, target_tr: float) -> ModalitySpec:
     )
 
 
+def configure(spec: ModalitySpec, settings: dict[str, Any]) -> ModalitySpec:
+    """``data.preprocessing.fmri``: ``target_tr`` (seconds; see :func:`with_target_tr`)."""
+    target_tr = positive_settings(spec.name, settings, ("target_tr",)).get("target_tr")
+    return spec if target_tr is None else with_target_tr(spec, target_tr)
+
+
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
     """``ModalitySpec.phantom`` of ``fmri``: a series twice as long as the model's window."""
     from umbrella_fmri.phantom import make_bold_phantom
@@ -74,6 +90,8 @@ FMRI = ModalitySpec(
     load=load,
     series=series,
     frames=frames,
+    companions=companions,
+    configure=configure,
     # Non-overlapping windows: a 200-frame series gives 8 samples of 24 frames.
     window_stride=24,
     phantom=phantom,

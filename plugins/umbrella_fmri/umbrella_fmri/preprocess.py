@@ -15,6 +15,7 @@ __all__ = [
     "bold_series",
     "bold_frames",
     "repetition_time",
+    "sidecar_of",
     "BACKGROUND_FRACTION",
 ]
 
@@ -89,6 +90,13 @@ def _one_series(spec: ModalitySpec, paths: str | os.PathLike[str] | Sequence[str
     return files[0]
 
 
+def sidecar_of(path: str | os.PathLike[str]) -> str:
+    """The BIDS JSON sidecar's name for an image: ``sub-01_bold.nii.gz`` -> ``sub-01_bold.json``."""
+    name = os.fspath(path)
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
+    return stem + ".json"
+
+
 def repetition_time(path: str | os.PathLike[str]) -> float | None:
     """The repetition time in seconds: the BIDS sidecar's ``RepetitionTime``, else the header.
 
@@ -104,8 +112,7 @@ def repetition_time(path: str | os.PathLike[str]) -> float | None:
     import nibabel as nib
 
     name = os.fspath(path)
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else os.path.splitext(name)[0]
-    sidecar = stem + ".json"
+    sidecar = sidecar_of(name)
     if os.path.isfile(sidecar):
         try:
             with open(sidecar, encoding="utf-8") as handle:

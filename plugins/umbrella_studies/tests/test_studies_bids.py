@@ -201,3 +201,30 @@ def test_real_images_load_with_modality_plugins(tmp_path, pm, text, jsonfile):
         )
         array = spec.load(spec, image.paths)
         assert array.shape == spec.input_shape
+
+
+def test_validate_reads_the_studies_of_a_config_with_their_options(bids, tmp_path, capsys):
+    import json
+
+    from umbrella_core.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "data:\n  studies:\n"
+        f"    - location: bids:{bids}\n"
+        "      options: {tasks: [sex], modalities: [t1]}\n"
+    )
+    main(["validate", "--config", str(config), "--json"])
+    narrow = json.loads(capsys.readouterr().out)
+    main(["validate", f"bids:{bids}", "--json"])
+    everything = json.loads(capsys.readouterr().out)
+    # One sex question per T1 (4 subjects) with the options; every task and modality without.
+    assert narrow["records"] == 4
+    assert everything["records"] > narrow["records"]
+    assert main(["validate"]) == 2
+    assert "nothing to validate" in capsys.readouterr().err
+
+
+def test_a_misspelt_option_is_refused_naming_it(pm, bids):
+    with pytest.raises(ConfigError, match="unknown study option 'task'.*tasks"):
+        list(pm.read_study("bids:" + str(bids), {"task": ["sex"]}))

@@ -18,10 +18,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from umbrella_core import DataError, StudyRecord, hookimpl
+from umbrella_core import ConfigError, DataError, StudyRecord, hookimpl
 from umbrella_core.data.manifest import MANIFEST_NAMES
 
-__all__ = ["READERS", "umbrella_study_reader"]
+__all__ = ["READERS", "OPTIONS", "umbrella_study_reader"]
 
 #: Location prefix to the ``module:function`` reading it.
 READERS = {
@@ -52,6 +52,24 @@ def _kind(location: str) -> tuple[str, Path] | None:
     return None
 
 
+#: Reader options (README: "Options"), the same for every layout.
+OPTIONS = (
+    "tasks",
+    "split",
+    "seed",
+    "modalities",
+    "sex_column",
+    "age_column",
+    "diagnosis_column",
+    "sex_map",
+    "diagnosis_map",
+    "phenotypes",
+    "dmri_raw",
+    "study",
+    "ukb_t1",
+)
+
+
 @hookimpl
 def umbrella_study_reader(
     location: str, options: Mapping[str, Any]
@@ -61,6 +79,13 @@ def umbrella_study_reader(
     if found is None:
         return None
     kind, folder = found
+    unknown = sorted(set(options or {}) - set(OPTIONS))
+    if unknown:
+        # A misspelt option silently ignored would train on the wrong task.
+        raise ConfigError(
+            f"{location}: unknown study option {unknown[0]!r}; "
+            f"the {kind} reader takes: {', '.join(OPTIONS)}"
+        )
     if not folder.is_dir():
         raise DataError(f"{location}: no such folder")
     module_name, _, function = READERS[kind].partition(":")

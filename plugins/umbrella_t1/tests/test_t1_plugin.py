@@ -416,3 +416,22 @@ def test_unreadable_file_error_names_it(tmp_path: Path) -> None:
     path.write_bytes(b"\x1f\x8b truncated")
     with pytest.raises(DataError, match="sub-07_T1w.nii.gz"):
         DEMO.load(DEMO, [path])
+
+
+def test_cache_sees_a_brain_mask_added_next_to_a_cached_t1(tmp_path: Path) -> None:
+    from umbrella_core.data.cache import PreprocessedCache
+    from umbrella_core.data.dataset import load_image
+
+    files = make_t1_phantom(np.random.default_rng(5), "left")
+    (t1,) = _write(files, tmp_path)
+    assert t1.endswith("sub-01_T1w.nii.gz")
+    cache = PreprocessedCache(tmp_path / "cache", {"t1": "umbrella-t1==test"})
+    before = load_image(DEMO, [t1], cache=cache).numpy()
+    img = nib.load(t1)
+    mask = np.zeros(img.shape, np.uint8)
+    mask[:, : img.shape[1] // 2] = 1  # half the head: visibly different input
+    nib.save(nib.Nifti1Image(mask, img.affine), str(tmp_path / "sub-01_desc-brain_mask.nii.gz"))
+    after = load_image(DEMO, [t1], cache=cache).numpy()
+    assert cache.stats.misses == 2 and cache.stats.hits == 0
+    np.testing.assert_array_equal(after, DEMO.load(DEMO, [t1]))
+    assert not np.array_equal(before, after)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core import ModalitySpec, PhantomFile, hookimpl
+from umbrella_core import ModalitySpec, PhantomFile, hookimpl, positive_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -22,6 +22,24 @@ def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
     from umbrella_t1.preprocess import load_t1
 
     return load_t1(spec, paths)
+
+
+def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
+    """The brain mask the loader finds next to a lone T1 file (see ``find_brain_mask``)."""
+    from umbrella_t1.preprocess import find_brain_mask
+
+    mask = find_brain_mask(paths[0]) if len(paths) == 1 else None
+    return [mask] if mask is not None else []
+
+
+def configure(spec: ModalitySpec, settings: dict[str, Any]) -> ModalitySpec:
+    """``data.preprocessing.t1``: ``spacing`` (mm, isotropic target voxel size)."""
+    import attrs
+
+    from umbrella_t1.preprocess import t1_loader
+
+    spacing = positive_settings(spec.name, settings, ("spacing",)).get("spacing")
+    return spec if spacing is None else attrs.evolve(spec, load=t1_loader(spacing))
 
 
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
@@ -39,6 +57,8 @@ T1 = ModalitySpec(
     patch_size=(16, 16, 16),
     channels=1,
     load=load,
+    companions=companions,
+    configure=configure,
     phantom=phantom,
     phantom_labels=("left", "right"),
     phantom_question="Which hemisphere holds the lesion?",

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from umbrella_core import DataError, ModalitySpec
-from umbrella_core.imaging import as_paths, load_nifti, resize, robust_normalise, zscore_masked
+from umbrella_core.imaging import as_paths, load_nifti, resize, robust_zscore
 
 __all__ = [
     "load_t1",
@@ -157,13 +157,20 @@ def load_t1(
     dst = tuple(slice(s.start - o, s.stop - o) for s, o in zip(src, offset, strict=True))
 
     region = resize(data[tuple(crop)], size)[src]
+    out = np.zeros((1, *spec.shape), dtype=np.float32)
     if mask is not None:
         brain = resize(mask[tuple(crop)], size)[src] > 0.5
-        region = np.where(brain, region, np.float32(0.0))
-    unit = robust_normalise(region, lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE)
-    head = brain if mask is not None else unit > FOREGROUND_THRESHOLD
-    out = np.zeros((1, *spec.shape), dtype=np.float32)
-    out[(0, *dst)] = zscore_masked(unit, head)
+        robust_zscore(
+            region, lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE, mask=brain, out=out[(0, *dst)]
+        )
+    else:
+        robust_zscore(
+            region,
+            lower=LOWER_PERCENTILE,
+            upper=UPPER_PERCENTILE,
+            foreground=FOREGROUND_THRESHOLD,
+            out=out[(0, *dst)],
+        )
     return out
 
 
@@ -222,7 +229,8 @@ def find_brain_mask(path: str | os.PathLike[str]) -> str | None:
 
 
 def _read_volume(path: str, what: str) -> tuple[np.ndarray, np.ndarray]:
-    data, affine = load_nifti(path)
+    # Stored type, flips as views: only the cropped part is converted, by resize.
+    data, affine = load_nifti(path, native=True)
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
