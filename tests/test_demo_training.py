@@ -7,6 +7,7 @@ least 90% accuracy per modality, where chance is 50%.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import re
@@ -85,5 +86,6 @@ def test_demo_logs_per_modality_loss_to_tensorboard(demo_run):
 def test_demo_summary_names_modalities_plugins_and_parameters(demo_run):
     _, stdout = demo_run
     assert re.search(r"trainable\s+full: [\d,]+ of [\d,]+ parameters", stdout)
-    assert re.search(r"t1\s+umbrella-t1 0\.1\.0", stdout)
-    assert re.search(r"dmri\s+umbrella-dmri 0\.1\.0", stdout)
+    for name, distribution in (("t1", "umbrella-t1"), ("dmri", "umbrella-dmri")):
+        version = importlib.metadata.version(distribution)
+        assert re.search(rf"{name}\s+{distribution} {re.escape(version)}\s", stdout)

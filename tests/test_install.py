@@ -109,7 +109,10 @@ def test_install_uninstall_reinstall_a_modality_plugin(scratch_env):
         "umbrella-fmri",
         "umbrella-dmri",
     }
-    assert all(m["version"] == "0.1.0" for m in found.values())
+    for name, entry in found.items():
+        # The version each plugin's own pyproject.toml declares.
+        pyproject = (ROOT / f"plugins/umbrella_{name}/pyproject.toml").read_text()
+        assert f'\nversion = "{entry["version"]}"\n' in pyproject
 
     pip("uninstall", "-y", "umbrella-fmri")
     assert set(_modalities(run, umbrella)) == {"t1", "dmri"}

@@ -99,6 +99,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         ("lr", "trainer.learning_rate"),
         ("seed", "trainer.seed"),
         ("demo_subjects", "data.demo_subjects"),
+        ("deepspeed", "trainer.deepspeed"),
+        ("resume", "trainer.resume"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -107,6 +109,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         overrides.append("trainer.progress=false")
     if args.cache:
         overrides.append("data.cache=true")
+    if args.recipe:
+        from umbrella_core.train.recipes import recipe_stages
+
+        overrides.append("stages=" + json.dumps(list(recipe_stages(args.recipe))))
     config = load_config(args.config, overrides)
     train(config, get_plugin_manager())
     return 0
@@ -181,6 +187,45 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.train.generate import generate_answer, load_for_inference
+
+    pm = get_plugin_manager()
+    loaded = load_for_inference(args.checkpoint, pm)
+    installed = {name: p.item for name, p in pm.modality_registry().items()}
+    answer = generate_answer(
+        loaded,
+        [[f for f in image.split(",") if f] for image in args.image],
+        args.prompt,
+        modalities=args.modality or (),
+        max_new_tokens=args.max_new_tokens,
+        installed=installed,
+    )
+    print(answer)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.train.evaluate import evaluate_checkpoint, format_table
+
+    log = (lambda _: None) if args.json else print
+    results = evaluate_checkpoint(
+        args.checkpoint,
+        get_plugin_manager(),
+        studies=args.study or (),
+        split=args.split,
+        batch_size=args.batch_size,
+        log=log,
+    )
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print(format_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="umbrella",
@@ -208,7 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", help="base model: tiny (default) or a Llava checkpoint folder / hub id"
     )
-    p.add_argument("--trainable", choices=["auto", "embedders", "projector", "full"])
+    p.add_argument("--trainable", choices=["auto", "embedders", "projector", "lora", "full"])
+    p.add_argument(
+        "--recipe",
+        choices=["two-stage"],
+        help="train in stages, each from the previous one's checkpoint (OUTPUT_DIR/stage-N): "
+        "two-stage = embedders + projector, then LoRA on the language model too",
+    )
     p.add_argument("--output-dir")
     p.add_argument("--max-steps", type=int)
     p.add_argument("--batch-size", type=int)
@@ -220,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="SECTION.KEY=VALUE",
         help="override any setting, e.g. --set trainer.logging_steps=5",
+    )
+    p.add_argument(
+        "--deepspeed",
+        metavar="zero2|zero3|FILE",
+        help="train with DeepSpeed ZeRO (the shipped stage 2 or 3 config, or your JSON)",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        metavar="CHECKPOINT",
+        help="continue from the latest checkpoint in the output folder (or the one given), "
+        "with the same samples and losses as an uninterrupted run",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -264,6 +328,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="default: data.cache_dir or $UMBRELLA_CACHE/preprocessed")
     p.add_argument("--workers", type=int, default=1, help="processes that preprocess")
     p.set_defaults(func=_cmd_cache)
+
+    p = sub.add_parser("generate", help="answer a question about images with a trained checkpoint")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder (a run's final/ or best/)"
+    )
+    p.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        metavar="FILE[,FILE...]",
+        help="an image (repeatable, in placeholder order); commas join the files of one "
+        "multi-file image, e.g. sub-01_FA.nii.gz,sub-01_MD.nii.gz",
+    )
+    p.add_argument(
+        "--modality",
+        action="append",
+        help="modality of every image, or one per --image (default: from the file names)",
+    )
+    p.add_argument(
+        "--prompt", required=True, help="the question; <image> lines are put first if absent"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser(
+        "evaluate", help="per-modality held-out loss and answer accuracy of a checkpoint"
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder (a run's final/ or best/)"
+    )
+    p.add_argument(
+        "--study",
+        "--data",
+        dest="study",
+        action="append",
+        metavar="LOCATION",
+        help="evaluate on this study (repeatable; default: the checkpoint's own studies)",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        help="test (default), validation, train, or held-out (everything but train)",
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -20,6 +20,7 @@ from umbrella_core.errors import ConfigError
 
 __all__ = [
     "StudyConfig",
+    "LoraConfig",
     "ModelConfig",
     "DataConfig",
     "TrainerConfig",
@@ -44,24 +45,61 @@ def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
         raise ConfigError(f"{attribute.name}: must be positive, got {value!r}")
 
 
+def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{attribute.name}: expected a value in [0, 1), got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class LoraConfig:
+    """``model.lora`` section: the LoRA adapters of ``model.trainable: lora``.
+
+    Attributes:
+        r: Rank of each adapter.
+        alpha: Scaling numerator (the update is scaled by ``alpha / r``).
+        dropout: Dropout on the adapter's input while training.
+        target_modules: Names of the language model's linear layers that get an
+            adapter (attention ``q_proj,k_proj,v_proj,o_proj``; add
+            ``gate_proj,up_proj,down_proj`` for the MLP). Only the language model
+            is adapted, never the vision tower.
+    """
+
+    r: int = attrs.field(default=8, validator=_positive)
+    alpha: float = attrs.field(default=16.0, validator=_positive)
+    dropout: float = attrs.field(default=0.05, validator=_fraction)
+    target_modules: tuple[str, ...] = attrs.field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"), converter=tuple
+    )
+
+    @target_modules.validator
+    def _check_targets(self, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+        if not value:
+            raise ConfigError("target_modules: name at least one linear layer, e.g. q_proj")
+
+
 @attrs.frozen(kw_only=True)
 class ModelConfig:
     """``model`` section.
 
     Attributes:
-        base: ``tiny`` (built-in, random weights, offline) or a Llava checkpoint folder / hub id.
+        base: ``tiny`` (built-in, random weights, offline), a Llava checkpoint
+            folder / hub id, or an UMBRELLA checkpoint folder (a run's ``final/``:
+            its weights, embedders and LoRA adapters included, start this run).
         trainable: ``embedders`` (the patch embedders, as in the original UMBRELLA),
-            ``projector`` (embedders + projector), ``full``, or ``auto``: ``full``
-            for the randomly initialised ``tiny`` model (it has nothing worth
-            freezing), ``embedders`` for a pretrained base.
+            ``projector`` (embedders + projector), ``lora`` (LoRA adapters on the
+            language model, see ``lora``, plus embedders + projector), ``full``,
+            or ``auto``: ``full`` for the randomly initialised ``tiny`` model (it
+            has nothing worth freezing), ``embedders`` for a pretrained base.
         max_length: Longest conversation in tokens, image tokens included.
+        lora: LoRA settings (used by ``trainable: lora``).
     """
 
     base: str = "tiny"
     trainable: str = attrs.field(
-        default="auto", validator=_choice("auto", "embedders", "projector", "full")
+        default="auto", validator=_choice("auto", "embedders", "projector", "lora", "full")
     )
     max_length: int = attrs.field(default=1024, validator=_positive)
+    lora: LoraConfig = attrs.field(factory=LoraConfig)
 
 
 @attrs.frozen(kw_only=True)
@@ -116,6 +154,12 @@ class DataConfig:
             with a ``weight`` gets that share of the draws (relative to the other
             weighted studies), split among its modality groups by size.
         weights: Sampling weight per ``study/modality`` group; overrides study weights.
+        temperature: Where weights follow group sizes, they follow
+            ``size ** (1 / temperature)``: 1 is proportional to size (every
+            sample once an epoch), larger values move towards equal shares.
+        batching: ``mixed`` (any modalities in a batch) or ``modality`` (each
+            optimizer step, over all ranks, holds one modality: LLaVA's
+            group-by-modality).
         geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
         preprocessing: Per-modality preprocessing settings, as each plugin
             defines them: ``{t1: {spacing: 1.0}, fmri: {target_tr: 0.8}}``.
@@ -132,6 +176,8 @@ class DataConfig:
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=tuple)
     weights: dict[str, float] = attrs.field(factory=dict)
+    temperature: float = attrs.field(default=1.0, validator=_positive)
+    batching: str = attrs.field(default="mixed", validator=_choice("mixed", "modality"))
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     preprocessing: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     demo_subjects: int = attrs.field(default=200, validator=_positive)
@@ -144,19 +190,47 @@ class DataConfig:
 
 @attrs.frozen(kw_only=True)
 class TrainerConfig:
-    """``trainer`` section (what it does not set keeps the transformers default)."""
+    """``trainer`` section (what it does not set keeps the transformers default).
+
+    Attributes:
+        eval_strategy: When to evaluate on the held-out split: ``epoch``,
+            ``steps`` (every ``eval_steps``) or ``no``.
+        early_stopping_patience: Evaluations without improvement of
+            ``metric_for_best`` before training stops; 0: never.
+        metric_for_best: The evaluation metric that picks the best checkpoint
+            (``eval_loss``, lower is better, or ``eval_accuracy``).
+        generate_samples: Held-out samples whose generated answers are logged
+            to TensorBoard at each evaluation, with mid-slices of their images.
+        bf16: bfloat16 mixed precision (where the hardware supports it).
+        gradient_checkpointing: Recompute activations in the backward pass.
+        deepspeed: ``zero2``, ``zero3`` (the shipped configs) or a DeepSpeed
+            JSON file; empty: no DeepSpeed.
+        resume: ``auto`` (the latest checkpoint in ``output_dir``) or a
+            checkpoint folder to continue from; empty: start fresh.
+    """
 
     output_dir: str = "runs/umbrella"
     max_steps: int = 400
     epochs: float = 1.0
     batch_size: int = attrs.field(default=16, validator=_positive)
-    learning_rate: float = attrs.field(default=2e-3, validator=_positive)
+    learning_rate: float = attrs.field(default=1e-3, validator=_positive)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     seed: int = 0
     logging_steps: int = attrs.field(default=10, validator=_positive)
     save_steps: int = 0
     progress: bool = True
+    eval_strategy: str = attrs.field(default="epoch", validator=_choice("epoch", "steps", "no"))
+    eval_steps: int = 0
+    early_stopping_patience: int = 0
+    metric_for_best: str = attrs.field(
+        default="eval_loss", validator=_choice("eval_loss", "eval_accuracy")
+    )
+    generate_samples: int = 4
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    deepspeed: str = ""
+    resume: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -165,6 +239,9 @@ class RunConfig:
     data: DataConfig = attrs.field(factory=DataConfig)
     trainer: TrainerConfig = attrs.field(factory=TrainerConfig)
     loss: dict[str, Any] = attrs.field(factory=dict)
+    # Training stages run one after the other, each from the previous one's
+    # checkpoint: overrides of this config per stage (umbrella_core.train.recipes).
+    stages: tuple[dict[str, Any], ...] = attrs.field(default=(), converter=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
@@ -206,7 +283,10 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             pass
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
-    if tp is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+    if tp is str and isinstance(value, bool):
+        # YAML 1.1 reads a bare no/off/false as False: `eval_strategy: no` means "no".
+        return "no" if value is False else "yes"
+    if tp is str and isinstance(value, (str, int, float)):
         return str(value)
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
 

@@ -1,12 +1,21 @@
-"""Weighted, deterministic interleaving of per-(study, modality) datasets.
+"""Weighted, deterministic interleaving of per-(study, modality) datasets (I5).
 
 The order of an epoch is a pure function of ``(seed, epoch)``. Each source gets
 its share of the epoch's draws exactly (largest-remainder rounding of
 ``length * weight``), the shares are shuffled together, and each source's draws
 walk a fresh permutation of it (a source that runs out starts another). With
 the default weights (proportional to size) an epoch is therefore a permutation
-of all samples. Nothing random lives in a Dataset, so DataLoader workers
-cannot duplicate draws.
+of all samples.
+
+Ranks and workers: every rank computes the same global order, and the sampler
+cuts it into global batches of ``batch_size * world_size`` samples; rank ``r``
+takes the ``r``-th per-device batch of each (the split accelerate, and so the
+transformers Trainer, makes of a sampler's batches). The epoch is trimmed to
+whole global batches, so no rank wraps around to samples another rank already
+drew. DataLoader workers only receive indices from the sampler in the main
+process, and nothing random lives in a Dataset, so workers cannot duplicate
+draws either. Resuming mid-epoch is skipping the first ``k`` batches of the
+same order, which the Trainer does from its saved step.
 """
 
 from __future__ import annotations
@@ -15,7 +24,25 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-__all__ = ["Interleaving", "InterleavedSampler"]
+__all__ = ["Interleaving", "InterleavedSampler", "size_weights", "BATCHING"]
+
+#: ``mixed``: any modality in any batch; ``modality``: every global batch (one
+#: optimizer step on all ranks) holds one modality key, as LLaVA's
+#: group-by-modality.
+BATCHING = ("mixed", "modality")
+
+
+def size_weights(sizes: Sequence[int], temperature: float = 1.0) -> list[float]:
+    """Weights proportional to ``size ** (1 / temperature)``.
+
+    Temperature 1 samples in proportion to size (every sample once an epoch);
+    larger temperatures flatten the mixture towards uniform over sources, so a
+    small cohort is not drowned by a large one (as in multilingual models'
+    temperature sampling).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    return [float(s) ** (1.0 / float(temperature)) for s in sizes]
 
 
 class Interleaving:
@@ -24,9 +51,16 @@ class Interleaving:
     Args:
         sizes: Number of samples of each source.
         weights: Relative weight of each source (normalised); default: proportional to size.
+        keys: The modality key of each source (``t1``, ``t1+dmri``), for
+            modality-homogeneous batches; default: every source its own key.
     """
 
-    def __init__(self, sizes: Sequence[int], weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        sizes: Sequence[int],
+        weights: Sequence[float] | None = None,
+        keys: Sequence[str] | None = None,
+    ) -> None:
         if not sizes or any(s <= 0 for s in sizes):
             raise ValueError(f"every source needs at least one sample, got sizes {list(sizes)}")
         self.sizes = [int(s) for s in sizes]
@@ -37,10 +71,19 @@ class Interleaving:
             )
         self.weights = w / w.sum()
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
+        self.keys = (
+            [str(k) for k in keys] if keys is not None else [str(i) for i in range(len(sizes))]
+        )
+        if len(self.keys) != len(self.sizes):
+            raise ValueError(f"need {len(self.sizes)} keys, got {len(self.keys)}")
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.sizes))
 
     def epoch_order(self, seed: int, epoch: int, length: int | None = None) -> np.ndarray:
         """Global indices of one epoch (default length: the total number of samples)."""
-        length = int(sum(self.sizes) if length is None else length)
+        length = int(self.total if length is None else length)
         rng = np.random.default_rng([seed, epoch])
         exact = self.weights * length
         counts = np.floor(exact).astype(np.int64)
@@ -58,23 +101,99 @@ class Interleaving:
             out[where] = self.offsets[source] + perm
         return out
 
+    def source_of(self, indices: np.ndarray) -> np.ndarray:
+        """The source of each global index."""
+        return np.searchsorted(self.offsets, indices, side="right") - 1
+
+    def grouped_order(
+        self, seed: int, epoch: int, block: int, length: int | None = None
+    ) -> np.ndarray:
+        """:meth:`epoch_order` rearranged into blocks of ``block`` samples of one key each.
+
+        The draws are the same as the mixed order's (weights, no repeats);
+        only their arrangement changes: each key's draws are cut into whole
+        blocks, in the order they were drawn, and the blocks are shuffled. A
+        key's last, partial block cannot be homogeneous without repeating or
+        dropping samples: those leftovers are pooled into mixed blocks at the
+        end of the epoch (at most one per key).
+        """
+        if block <= 0:
+            raise ValueError(f"block must be positive, got {block}")
+        order = self.epoch_order(seed, epoch, length)
+        key_of_source = np.asarray(self.keys)[self.source_of(order)]
+        blocks: list[np.ndarray] = []
+        leftovers: list[np.ndarray] = []
+        for key in dict.fromkeys(self.keys):
+            mine = order[key_of_source == key]
+            whole = len(mine) // block * block
+            blocks.extend(mine[i : i + block] for i in range(0, whole, block))
+            if whole < len(mine):
+                leftovers.append(mine[whole:])
+        rng = np.random.default_rng([seed, epoch, 1])
+        shuffled = [blocks[i] for i in rng.permutation(len(blocks))]
+        return np.concatenate(shuffled + leftovers) if shuffled or leftovers else order
+
 
 class InterleavedSampler:
-    """A torch Sampler yielding :meth:`Interleaving.epoch_order`; ``set_epoch`` moves it on."""
+    """A torch Sampler of the global order of an epoch; ``set_epoch`` moves it on.
+
+    Args:
+        interleaving: The sources and their weights.
+        seed: Seeds every epoch's order (with the epoch number).
+        length: Draws per epoch before trimming (default: all samples).
+        global_batch: Samples per optimizer step over all ranks
+            (``per_device_batch * world_size * gradient_accumulation``). The
+            epoch is trimmed to a multiple of it (so no rank wraps around) and,
+            with ``batching="modality"``, each global batch holds one key.
+        batching: ``mixed`` or ``modality`` (see :data:`BATCHING`).
+    """
 
     def __init__(
-        self, interleaving: Interleaving, seed: int = 0, length: int | None = None
+        self,
+        interleaving: Interleaving,
+        seed: int = 0,
+        length: int | None = None,
+        *,
+        global_batch: int = 1,
+        batching: str = "mixed",
     ) -> None:
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
         self.interleaving = interleaving
         self.seed = int(seed)
         self.length = length
+        self.global_batch = max(1, int(global_batch))
+        self.batching = batching
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """The indices of an epoch (the current one by default), trimmed to whole global batches."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        if self.batching == "modality":
+            full = self.interleaving.grouped_order(self.seed, epoch, self.global_batch, self.length)
+        else:
+            full = self.interleaving.epoch_order(self.seed, epoch, self.length)
+        return full[: len(self)]
+
+    def rank_order(self, rank: int, world_size: int, batch_size: int, epoch: int | None = None):
+        """The indices rank ``rank`` draws, batch after batch (for loops without accelerate)."""
+        order = self.order(epoch)
+        return np.concatenate(
+            [
+                order[start + rank * batch_size : start + (rank + 1) * batch_size]
+                for start in range(0, len(order), batch_size * world_size)
+            ]
+            or [np.empty(0, dtype=np.int64)]
+        )
+
     def __iter__(self) -> Iterator[int]:
-        return iter(self.interleaving.epoch_order(self.seed, self.epoch, self.length).tolist())
+        return iter(self.order().tolist())
 
     def __len__(self) -> int:
-        return int(self.length if self.length is not None else sum(self.interleaving.sizes))
+        total = int(self.length if self.length is not None else self.interleaving.total)
+        trimmed = total // self.global_batch * self.global_batch
+        # Fewer samples than one global batch: keep them (a tiny study still trains).
+        return trimmed or total

@@ -7,11 +7,21 @@ Base models:
   million parameters) and the built-in byte-level tokenizer. Offline.
 * any local directory or hub id of a Llava checkpoint, loaded with
   ``from_pretrained``. A hub id is only contacted because the user named it (I8).
+* an UMBRELLA checkpoint folder (a run's ``final/``): the whole model, patch
+  embedders and LoRA adapters included, starts the new run (training stages).
 
 A checkpoint written by :func:`save_checkpoint` is a folder with
 ``config.json`` (the Llava config), ``model.safetensors`` (all weights),
-``umbrella.json`` (modalities, geometry, the plugins that provided them) and
-the tokenizer files. Nothing is pickled (I7).
+``umbrella.json`` (modalities, geometry, the plugins that provided them, the
+LoRA settings, the run configuration) and the tokenizer files. Nothing is
+pickled (I7).
+
+LoRA adapters are saved unmerged: ``model.safetensors`` holds the language
+model's frozen weights (``...q_proj.base_layer.weight``) and the adapters
+(``...q_proj.lora_A.default.weight``) side by side, and ``umbrella.json`` the
+settings that recreate them. A reloaded model gives bit-identical logits (a
+merge would round), training can go on with the same adapters, and the base
+weights can be checked untouched. :func:`merge_lora` folds them in for export.
 """
 
 from __future__ import annotations
@@ -34,6 +44,9 @@ __all__ = [
     "build_model",
     "save_checkpoint",
     "load_checkpoint",
+    "is_checkpoint",
+    "start_model",
+    "merge_lora",
     "CHECKPOINT_META",
 ]
 
@@ -100,7 +113,9 @@ def load_base(name: str, *, seed: int = 0) -> tuple[Any, Any, bool]:
         config = tiny_llava_config(len(tokenizer), image_id, tokenizer.pad_token_id)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            llava = LlavaForConditionalGeneration(config)
+            # _from_config (what AutoModel.from_config calls) builds under
+            # deepspeed.zero.Init when ZeRO-3 is on: partitioned as it is made.
+            llava = LlavaForConditionalGeneration._from_config(config)
         return llava, tokenizer, True
     local = Path(name).expanduser()
     if local.exists() and not (local / "config.json").is_file():
@@ -159,6 +174,25 @@ def _atomic_dir(target: Path) -> Path:
     return tmp
 
 
+def _untied(model: Any, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with one name per tied parameter, as ``safetensors.save_model`` writes.
+
+    A gathered state dict holds tied weights (an LM head shared with the input
+    embeddings) as separate tensors under both names; ties are found on the
+    model by parameter identity, which holds under ZeRO-3 too.
+    """
+    seen: set[int] = set()
+    out = {}
+    for name, value in model.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if name not in state_dict:
+            raise ModelError(f"cannot save the checkpoint: the gathered weights lack {name}")
+        out[name] = state_dict[name].detach().contiguous().cpu()
+    return out
+
+
 def save_checkpoint(
     model: Any,
     tokenizer: Any,
@@ -166,22 +200,29 @@ def save_checkpoint(
     *,
     provenance: Mapping[str, tuple[str, str, str]],
     extra: Mapping[str, Any] | None = None,
+    state_dict: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint folder atomically (written aside, then renamed into place).
 
     Args:
         provenance: modality → (plugin, distribution, version) of the plugin that provided it.
         extra: More metadata (the run configuration, metrics) stored in ``umbrella.json``.
+        state_dict: The weights to write instead of the model's own (DeepSpeed
+            ZeRO-3 gathers them for saving; the model then holds only its
+            partition).
     """
     import shutil
 
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file, save_model
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _atomic_dir(target)
     model.config.save_pretrained(tmp)
-    save_model(model, str(tmp / WEIGHTS))
+    if state_dict:
+        save_file(_untied(model, state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    else:
+        save_model(model, str(tmp / WEIGHTS))
     tokenizer.save_pretrained(tmp)
     meta = {
         "format": "umbrella-checkpoint",
@@ -200,6 +241,8 @@ def save_checkpoint(
         ],
         **dict(extra or {}),
     }
+    meta["lora"] = getattr(model, "lora_settings", None)
+    meta["umbrella_core"] = _core_version()
     (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -211,12 +254,33 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(directory: str | os.PathLike, plugin_manager: Any) -> tuple[Any, Any, dict]:
-    """``(model, tokenizer, meta)`` from a checkpoint folder.
+def _core_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("umbrella-core")
+    except PackageNotFoundError:  # pragma: no cover - a source tree without metadata
+        return ""
+
+
+def is_checkpoint(location: str | os.PathLike) -> bool:
+    """Whether ``location`` is a folder written by :func:`save_checkpoint`."""
+    return (Path(location).expanduser() / CHECKPOINT_META).is_file()
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    plugin_manager: Any,
+    *,
+    loss_terms: Sequence[LossTerm] = (),
+) -> tuple[Any, Any, dict]:
+    """``(model, tokenizer, meta)`` from a checkpoint folder (LoRA adapters recreated).
 
     Raises:
-        ModelError: the folder is not a checkpoint, or a modality it needs has
-            no installed plugin (the message says which distribution to install).
+        ModelError: the folder is not a checkpoint, a modality it needs has no
+            installed plugin (the message names the modality and the
+            distribution to install), or the installed plugin builds an
+            embedder that does not fit the saved weights.
     """
     from safetensors.torch import load_model
     from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
@@ -231,17 +295,121 @@ def load_checkpoint(directory: str | os.PathLike, plugin_manager: Any) -> tuple[
         try:
             spec = plugin_manager.resolve_modality(entry["name"]).item
         except PluginError:
+            dist = entry.get("distribution")
+            saved = (
+                f" (the checkpoint was saved with version {entry['version']})"
+                if entry.get("version")
+                else ""
+            )
+            install = (
+                f"install the {dist} distribution{saved}: pip install {dist}"
+                if dist
+                else "install the plugin that provides it"
+            )
             raise ModelError(
-                f"{folder}: the checkpoint needs modality {entry['name']!r} from "
-                f"{entry.get('distribution') or 'a plugin'} {entry.get('version', '')}, which is "
-                f"not installed; install it (pip install {entry.get('distribution') or '...'})"
+                f"{folder}: the checkpoint needs modality {entry['name']!r}, which no "
+                f"installed plugin provides; {install}"
             ) from None
         specs[spec.name] = attrs.evolve(
             spec.with_geometry(entry["shape"], entry["patch_size"]), channels=entry["channels"]
         )
     config = LlavaConfig.from_pretrained(folder)
     llava = LlavaForConditionalGeneration(config)
-    model = build_model(llava, specs, plugin_manager.patch_embedder)
-    load_model(model, str(folder / WEIGHTS), strict=True)
+    model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
+    if meta.get("lora"):
+        model.add_lora(**meta["lora"])
+    try:
+        load_model(model, str(folder / WEIGHTS), strict=True)
+    except RuntimeError as exc:
+        saved = ", ".join(
+            f"{e['name']} from {e.get('distribution')} {e.get('version')}"
+            for e in meta["modalities"]
+        )
+        raise ModelError(
+            f"{folder}: the weights do not fit the model the installed plugins build "
+            f"(saved with {saved}): {str(exc).splitlines()[0]}"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, meta
+
+
+def _geometry(spec: ModalitySpec) -> str:
+    return (
+        f"{spec.name} {'x'.join(map(str, spec.shape))} patch {'x'.join(map(str, spec.patch_size))}"
+        f" x{spec.channels}"
+    )
+
+
+def start_model(
+    model_config: Any,
+    specs: Mapping[str, ModalitySpec],
+    plugin_manager: Any,
+    *,
+    loss_terms: Sequence[LossTerm] = (),
+    seed: int = 0,
+) -> tuple[Any, Any, bool, str]:
+    """The model a run starts from: ``(model, tokenizer, base_is_random, trainable)``.
+
+    ``model_config`` is the run's ``model`` section. Its ``base`` is ``tiny``, a
+    Llava model, or an UMBRELLA checkpoint, which must hold the run's
+    modalities with the same geometry. ``trainable: auto`` becomes ``full``
+    for the random ``tiny`` model and ``embedders`` otherwise; ``lora`` adds
+    the adapters of ``model_config.lora`` (a checkpoint's adapters are kept).
+    The returned model has only the chosen parameters trainable.
+    """
+    if is_checkpoint(model_config.base):
+        model, tokenizer, _ = load_checkpoint(
+            Path(model_config.base).expanduser(), plugin_manager, loss_terms=loss_terms
+        )
+        have = sorted(_geometry(s) for s in model.specs.values())
+        want = sorted(_geometry(s) for s in specs.values())
+        if have != want:
+            raise ModelError(
+                f"model.base: the checkpoint {model_config.base} was trained on "
+                f"{'; '.join(have)}, but this run has {'; '.join(want)}: train with the "
+                "same modalities and geometry (data.modalities, data.geometry)"
+            )
+        is_random = False
+    else:
+        llava, tokenizer, is_random = load_base(model_config.base, seed=seed)
+        model = build_model(
+            llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms, seed=seed
+        )
+    trainable = model_config.trainable
+    if trainable == "auto":
+        trainable = "full" if is_random else "embedders"
+    if trainable == "lora" and model.lora_settings is None:
+        lora = model_config.lora
+        model.add_lora(
+            r=lora.r,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            seed=seed,
+        )
+    model.set_trainable(trainable)
+    return model, tokenizer, is_random, trainable
+
+
+def merge_lora(model: Any) -> Any:
+    """Fold the LoRA adapters into the language model's weights, in place; returns ``model``.
+
+    The result is a plain model (no adapters, ``lora_settings`` None) whose
+    checkpoint loads without peft; its logits equal the adapted model's up to
+    floating-point rounding.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    if getattr(model, "lora_settings", None) is None:
+        return model
+    lm = model.language_model
+    for name, module in list(lm.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            parent = lm.get_submodule(parent_name) if parent_name else lm
+            setattr(parent, child, module.get_base_layer())
+    model.lora_settings = None
+    return model

@@ -242,22 +242,29 @@ def read_studies(
 
 
 def prepare(
-    config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
+    config: RunConfig,
+    pm: PluginManager,
+    *,
+    log: Callable[[str], None] = print,
+    data: StudyData | None = None,
 ) -> Prepared:
-    """Resolve plugins, read studies, build the model; nothing is trained yet."""
-    from umbrella_core.model.build import build_model, load_base
+    """Resolve plugins, read studies (unless ``data`` holds them), build the model.
 
-    data = read_studies(config, pm, log=log)
+    Nothing is trained yet. In a distributed run every rank calls this: under
+    ZeRO-3 building the model is a collective (parameters are partitioned as
+    they are created), so only :func:`read_studies` may run on one rank first.
+    """
+    from umbrella_core.model.build import start_model
+
+    if data is None:
+        data = read_studies(config, pm, log=log)
     specs, provenance, studies = data.specs, data.provenance, data.studies
     per_study, skipped, locations = data.per_study, data.skipped, data.locations
 
-    llava, tokenizer, is_random = load_base(config.model.base, seed=config.trainer.seed)
     terms = pm.loss_terms(tuple(specs), dict(config.loss))
-    model = build_model(llava, specs, pm.patch_embedder, loss_terms=terms, seed=config.trainer.seed)
-    trainable = config.model.trainable
-    if trainable == "auto":
-        trainable = "full" if is_random else "embedders"
-    model.set_trainable(trainable)
+    model, tokenizer, is_random, trainable = start_model(
+        config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed
+    )
 
     cache = None
     if config.data.cache:
@@ -305,10 +312,11 @@ def prepare(
         groups = group_records([r for r in study_records if r.split == "train"])
         # Sizes in samples, not records: a long fMRI series is several windows.
         sets = {name: dataset(group, name) for name, group in groups.items()}
-        total = sum(len(ds) for ds in sets.values())
+        total = sum(len(ds) ** (1.0 / config.data.temperature) for ds in sets.values())
         share = study.weight if study.weight is not None else default_weight
         for name, ds in sets.items():
-            weight = len(ds) if share is None else share * len(ds) / total
+            size = len(ds) ** (1.0 / config.data.temperature)
+            weight = size if share is None else share * size / total
             train_sets.append(ds)
             weights.append(float(config.data.weights.get(name, weight)))
     if not train_sets:
@@ -374,37 +382,61 @@ def summary(prep: Prepared) -> str:
     return "\n".join(lines)
 
 
-def train(
-    config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Run training end to end; returns the final metrics (also written to ``metrics.json``)."""
-    import torch
-    from torch.utils.data import ConcatDataset
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers import TrainingArguments
-    from transformers.integrations import TensorBoardCallback
-    from transformers.utils import logging as hf_logging
+def _quiet(*_: Any) -> None:
+    """``log`` of the processes other than the main one."""
 
-    from umbrella_core.data.collate import UmbrellaCollator
-    from umbrella_core.data.interleave import Interleaving
-    from umbrella_core.model.build import save_checkpoint
-    from umbrella_core.train.evaluate import answer_accuracy, format_table
-    from umbrella_core.train.trainer import UmbrellaTrainer
 
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(config.trainer.seed)
-    prep = prepare(config, pm, log=log)
-    log(summary(prep))
-    t = config.trainer
-    out_dir = Path(t.output_dir).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if prep.problems:
-        (out_dir / "bad_samples.json").write_text(
-            json.dumps([p.to_json() for p in prep.problems], indent=2) + "\n"
+def resume_checkpoint(setting: str, out_dir: Path) -> str | None:
+    """The checkpoint ``trainer.resume`` names: ``auto`` is the latest in ``out_dir``.
+
+    ``auto`` with no checkpoint yet starts fresh (a job script can always pass
+    ``--resume``); a folder that is not a checkpoint is an error.
+    """
+    if not setting:
+        return None
+    if setting == "auto":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+    folder = Path(setting).expanduser()
+    if not (folder / "trainer_state.json").is_file():
+        raise ConfigError(
+            f"trainer.resume: {folder} is not a training checkpoint (no trainer_state.json); "
+            "give a checkpoint-N folder of an earlier run, or auto"
         )
-    interleaving = Interleaving([len(ds) for ds in prep.train_sets], prep.weights)
-    collator = UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs))
-    logging_dir = out_dir / "tensorboard"
+    return str(folder)
+
+
+def deepspeed_config(setting: str) -> str | None:
+    """The DeepSpeed JSON file for ``trainer.deepspeed``: ``zero2``, ``zero3`` or a path."""
+    if not setting:
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(
+            f"trainer.deepspeed={setting}: DeepSpeed is not installed; "
+            "pip install 'umbrella-core[deepspeed]'"
+        )
+    shipped = Path(__file__).resolve().parent.parent / "configs" / f"deepspeed_{setting}.json"
+    if setting in ("zero2", "zero3"):
+        return str(shipped)
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"trainer.deepspeed: {setting!r} is neither zero2, zero3 nor a DeepSpeed JSON file"
+        )
+    return str(path)
+
+
+def training_arguments(config: RunConfig, out_dir: Path) -> Any:
+    """The transformers ``TrainingArguments`` of a run (one place for train, tests, benchmarks)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from umbrella_core.train.callbacks import evaluation_arguments
+
+    t = config.trainer
     args = TrainingArguments(
         output_dir=str(out_dir),
         max_steps=t.max_steps if t.max_steps > 0 else -1,
@@ -415,10 +447,12 @@ def train(
         weight_decay=t.weight_decay,
         lr_scheduler_type="cosine",
         logging_steps=t.logging_steps,
-        report_to="none",  # TensorBoard is added below, writing where we say
+        report_to="none",  # TensorBoard is added by train(), writing where we say
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
-        save_only_model=True,
+        # Optimizer, scheduler and RNG states too, so --resume continues exactly
+        # (transformers reads them back with torch.load(weights_only=True)).
+        save_only_model=False,
         seed=t.seed,
         data_seed=t.seed,
         remove_unused_columns=False,
@@ -426,26 +460,116 @@ def train(
         disable_tqdm=not t.progress,
         use_cpu=not torch.cuda.is_available(),
         label_names=["labels"],
+        # Coverage (I4) runs every active embedder on every rank each step, so
+        # DDP needs no search for unused parameters.
+        ddp_find_unused_parameters=False,
+        deepspeed=deepspeed_config(t.deepspeed),
+        bf16=bf16_supported(t.bf16),
+        # UmbrellaModel.activation_checkpointing_enable: the language model's layers.
+        activation_checkpointing=t.gradient_checkpointing,
+        # eval_strategy, eval_steps, metric_for_best_model (see train/callbacks.py).
+        **evaluation_arguments(t),
     )
+    if t.deepspeed and args.world_size > 1:
+        # On CPU accelerate starts the process group but not DeepSpeed's view
+        # of it, and ZeRO-3 partitions the model as it is built: start it here.
+        from deepspeed import comm
+
+        if not comm.is_initialized():
+            comm.init_distributed(
+                dist_backend="gloo" if args.use_cpu else "nccl", auto_mpi_discovery=False
+            )
+    return args
+
+
+def bf16_supported(wanted: bool) -> bool:
+    """``trainer.bf16``, refused on a GPU without bfloat16 (CPUs autocast to bf16)."""
+    import torch
+
+    if wanted and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ConfigError("trainer.bf16: this GPU has no bfloat16 support; set trainer.bf16=false")
+    return wanted
+
+
+def train(
+    config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Run training end to end; returns the final metrics (also written to ``metrics.json``).
+
+    With ``stages``, runs each stage in turn (see :mod:`umbrella_core.train.recipes`).
+    """
+    if config.stages:
+        from umbrella_core.train.recipes import run_stages
+
+        return run_stages(config, pm, log=log)
+    import torch
+    from torch.utils.data import ConcatDataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from transformers.utils import logging as hf_logging
+
+    from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.data.interleave import Interleaving
+    from umbrella_core.train.callbacks import attach_evaluation, check_evaluation
+    from umbrella_core.train.evaluate import answer_accuracy, format_table, run_questions
+    from umbrella_core.train.trainer import UmbrellaTrainer
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(config.trainer.seed)
+    t = config.trainer
+    out_dir = Path(t.output_dir).expanduser().resolve()
+    # Creating the arguments starts the process group under torchrun /
+    # accelerate launch / deepspeed; from here on only the main process
+    # prints and writes, and it writes the demo data before the others read it.
+    args = training_arguments(config, out_dir)
+    main_process = args.process_index == 0
+    if not main_process:
+        log = _quiet
+    resume = resume_checkpoint(t.resume, out_dir)
+    with args.main_process_first(desc="reading studies", local=False):
+        data = read_studies(config, pm, log=log)
+    prep = prepare(config, pm, log=log, data=data)
+    log(summary(prep))
+    if resume is not None:
+        log(f"resuming from {resume}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if prep.problems and main_process:
+        (out_dir / "bad_samples.json").write_text(
+            json.dumps([p.to_json() for p in prep.problems], indent=2) + "\n"
+        )
+    interleaving = Interleaving(
+        [len(ds) for ds in prep.train_sets],
+        prep.weights,
+        keys=[ds.name.rsplit("/", 1)[-1] for ds in prep.train_sets],
+    )
+    collator = UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs))
+    logging_dir = out_dir / "tensorboard"
     run_meta = {
         "config": config.to_dict(),
         "studies": prep.studies,
         "trainable": prep.trainable,
         "base_model": config.model.base,
     }
+    evaluating = check_evaluation(args, prep, log)
     trainer = UmbrellaTrainer(
         model=prep.model,
         args=args,
         train_dataset=ConcatDataset(prep.train_sets),
+        eval_dataset=prep.eval_set if evaluating else None,
         data_collator=collator,
         processing_class=prep.tokenizer,
         interleaving=interleaving,
+        batching=config.data.batching,
         provenance=prep.provenance,
         run_meta=run_meta,
-        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(str(logging_dir)))],
+        # One event file, from the main process (the callback logs only there).
+        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(str(logging_dir)))]
+        if main_process
+        else [],
     )
+    best = attach_evaluation(trainer, config, prep, out_dir) if evaluating else None
     started = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - started
     final_dir = out_dir / "final"
     metrics: dict[str, Any] = {
@@ -453,23 +577,38 @@ def train(
         "steps": result.global_step,
         "train_seconds": round(elapsed, 1),
     }
+    if best is not None and best.best is not None:
+        metrics["best"] = best.best
+        if best.stopped_early_at is not None:
+            metrics["stopped_early_at"] = best.stopped_early_at
+            log(f"early stopping at step {best.stopped_early_at}: no better {t.metric_for_best}")
+        log(
+            f"best checkpoint: {best.directory} (step {best.best['step']}, "
+            f"{best.best['metric']} {best.best['value']:.4f})"
+        )
     if prep.eval_set is not None:
-        results = answer_accuracy(prep.model, prep.eval_set, collator, batch_size=t.batch_size)
+        results = answer_accuracy(
+            prep.model,
+            prep.eval_set,
+            collator,
+            batch_size=t.batch_size,
+            questions=run_questions(*prep.train_sets, prep.eval_set),
+        )
         metrics["held_out"] = results
         log("held-out answers (greedy answer equals the reference):")
         log(format_table(results))
+    if prep.eval_set is not None and not evaluating and main_process:
+        # (With evaluation during training, the last one logged these at this step.)
         with SummaryWriter(str(logging_dir)) as writer:
             for key, r in results.items():
-                writer.add_scalar(f"eval/accuracy/{key}", r["accuracy"], result.global_step)
+                if r["accuracy"] is not None:
+                    writer.add_scalar(f"eval/accuracy/{key}", r["accuracy"], result.global_step)
                 writer.add_scalar(f"eval/loss/{key}", r["loss"], result.global_step)
-    save_checkpoint(
-        prep.model,
-        prep.tokenizer,
-        final_dir,
-        provenance=prep.provenance,
-        extra=run_meta | {"metrics": metrics},
-    )
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    trainer.run_meta = run_meta | {"metrics": metrics}
+    # Through the Trainer: under ZeRO-3 it gathers the partitioned weights first.
+    trainer.save_model(str(final_dir))
+    if main_process:
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"checkpoint:  {final_dir}")
     log(f"tensorboard: {logging_dir}   (tensorboard --logdir {logging_dir})")
     return metrics

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from umbrella_core.data.conversation import IGNORE_INDEX
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
 from umbrella_core.model.build import save_checkpoint
 
@@ -31,10 +32,17 @@ class UmbrellaTrainer(Trainer):
         interleaving: Interleaving,
         provenance: Mapping[str, tuple[str, str, str]],
         run_meta: Mapping[str, Any],
+        batching: str = "mixed",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # The model's loss is a mean over its learned tokens; compute_loss turns
+        # it into a share of the whole optimizer step's tokens (below), which
+        # is what transformers expects of models that take loss kwargs.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
         self.interleaving = interleaving
+        self.batching = batching
         self.provenance = dict(provenance)
         self.run_meta = dict(run_meta)
         self._key_sum: dict[str, float] = {}
@@ -43,7 +51,15 @@ class UmbrellaTrainer(Trainer):
         self._term_count = 0
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-        return InterleavedSampler(self.interleaving, seed=self.args.seed)
+        args = self.args
+        return InterleavedSampler(
+            self.interleaving,
+            seed=args.seed,
+            global_batch=args.per_device_train_batch_size
+            * args.world_size
+            * args.gradient_accumulation_steps,
+            batching=self.batching,
+        )
 
     def compute_loss(
         self,
@@ -53,6 +69,18 @@ class UmbrellaTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Any:
         outputs = model(**inputs)
+        loss = outputs.loss
+        if num_items_in_batch is not None and outputs.nll is not None:
+            # Token-weighted over the global batch (all ranks, all accumulated
+            # micro-batches): this rank's NLL sum over the step's token count.
+            # DDP then averages gradients over ranks, hence the world size:
+            # N ranks give the gradient of one process holding every sample.
+            local = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+            share = local.to(outputs.nll.dtype) / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                share = share * self.args.world_size
+            rest = outputs.loss - outputs.nll  # coverage (exactly 0) and loss-hook terms
+            loss = outputs.nll * share + rest / self.current_gradient_accumulation_steps
         if model.training:
             for key, value in (outputs.key_losses or {}).items():
                 tokens = outputs.key_tokens[key]
@@ -61,9 +89,11 @@ class UmbrellaTrainer(Trainer):
             for name, value in (outputs.terms or {}).items():
                 self._term_sum[name] = self._term_sum.get(name, 0.0) + float(value.detach())
             self._term_count += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self.args.world_size > 1:
+            self._gather_modality_losses()
         if "loss" in logs and self._key_tokens:
             for key in sorted(self._key_tokens):
                 logs[f"loss/{key}"] = round(self._key_sum[key] / max(self._key_tokens[key], 1), 4)
@@ -71,6 +101,38 @@ class UmbrellaTrainer(Trainer):
                 logs[f"loss/{name}"] = round(self._term_sum[name] / max(self._term_count, 1), 4)
             self._key_sum, self._key_tokens, self._term_sum, self._term_count = {}, {}, {}, 0
         super().log(logs, start_time)
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Held-out loss and answer accuracy per modality (``eval_loss/t1``, ``eval_accuracy``)."""
+        from umbrella_core.train.evaluate import evaluate_trainer
+
+        return evaluate_trainer(self, eval_dataset, metric_key_prefix=metric_key_prefix)
+
+    def _gather_modality_losses(self) -> None:
+        """Sum every rank's per-modality sums: ranks hold different modalities."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        parts: list[Any] = [None] * dist.get_world_size()
+        mine = (self._key_sum, self._key_tokens, self._term_sum, self._term_count)
+        dist.all_gather_object(parts, mine)
+        key_sum: dict[str, float] = {}
+        key_tokens: dict[str, int] = {}
+        term_sum: dict[str, float] = {}
+        for sums, tokens, terms, _ in parts:
+            for key, value in sums.items():
+                key_sum[key] = key_sum.get(key, 0.0) + value
+                key_tokens[key] = key_tokens.get(key, 0) + tokens[key]
+            for name, value in terms.items():
+                term_sum[name] = term_sum.get(name, 0.0) + value
+        self._key_sum, self._key_tokens, self._term_sum = key_sum, key_tokens, term_sum
+        self._term_count = sum(part[3] for part in parts)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:
@@ -82,4 +144,5 @@ class UmbrellaTrainer(Trainer):
             output_dir or self.args.output_dir,
             provenance=self.provenance,
             extra=self.run_meta,
+            state_dict=state_dict,
         )

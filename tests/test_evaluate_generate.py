@@ -1,0 +1,305 @@
+"""Evaluation during training, generated samples, ``umbrella generate`` and ``umbrella evaluate``.
+
+One short demo run (t1 and dmri at a small geometry, evaluated every epoch)
+is shared by most tests; early stopping has its own, shorter run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import attrs
+import numpy as np
+import pytest
+import torch
+
+from umbrella_core.cli import main
+from umbrella_core.config import load_config
+from umbrella_core.errors import ConfigError
+from umbrella_core.plugins import get_plugin_manager
+
+SMALL = [
+    "data.modalities=[t1, dmri]",
+    "data.demo_subjects=10",  # 8 train + 2 held out per modality
+    "data.geometry={t1: {shape: [16, 16, 16], patch_size: [8, 8, 8]}, "
+    "dmri: {shape: [16, 16, 16], patch_size: [8, 8, 8]}}",
+    "trainer.batch_size=4",
+    "trainer.logging_steps=4",
+    "trainer.progress=false",
+]
+
+
+def _train(out: Path, *overrides: str) -> tuple[dict, list[str]]:
+    from umbrella_core.train.run import train
+
+    lines: list[str] = []
+    config = load_config(None, [*SMALL, f"trainer.output_dir={out}", *overrides])
+    return train(config, get_plugin_manager(), log=lines.append), lines
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run evaluated at the end of each epoch (4 steps), 12 steps in all."""
+    out = tmp_path_factory.mktemp("evalrun")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UMBRELLA_CACHE", str(out / "cache"))
+        metrics, lines = _train(out / "run", "trainer.max_steps=12", "trainer.generate_samples=3")
+        yield out / "run", metrics, lines
+
+
+def _events(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_each_evaluation_logs_loss_and_accuracy_per_modality_to_tensorboard(run):
+    run_dir, metrics, _ = run
+    acc = _events(run_dir)
+    for tag in ("loss", "accuracy", "loss/t1", "loss/dmri", "accuracy/t1", "accuracy/dmri"):
+        assert [e.step for e in acc.Scalars(f"eval/{tag}")] == [4, 8, 12], tag
+    # The last evaluation is of the final model: the same figures as the printed table.
+    for key in ("t1", "dmri"):
+        final = metrics["held_out"][key]
+        assert acc.Scalars(f"eval/loss/{key}")[-1].value == pytest.approx(final["loss"], rel=1e-4)
+        assert acc.Scalars(f"eval/accuracy/{key}")[-1].value == pytest.approx(final["accuracy"])
+    overall = acc.Scalars("eval/loss")[-1].value
+    assert overall == pytest.approx(
+        np.mean([metrics["held_out"][k]["loss"] for k in ("t1", "dmri")]), rel=1e-4
+    )  # two held-out samples of each
+
+
+def test_best_checkpoint_is_the_lowest_eval_loss_and_loads(run):
+    from safetensors.numpy import load_file
+
+    from umbrella_core.model.build import load_checkpoint
+
+    run_dir, metrics, lines = run
+    losses = {e.step: e.value for e in _events(run_dir).Scalars("eval/loss")}
+    best = metrics["best"]
+    assert best["metric"] == "eval_loss"
+    assert best["step"] == min(losses, key=losses.get)
+    assert best["value"] == pytest.approx(losses[best["step"]], rel=1e-5)
+    assert json.loads((run_dir / "metrics.json").read_text())["best"] == best
+    model, _, meta = load_checkpoint(run_dir / "best", get_plugin_manager())
+    assert meta["best"]["step"] == best["step"]
+    assert not list((run_dir / "best").glob("*.bin")) and not list((run_dir / "best").glob("*.pt"))
+    if best["step"] == metrics["steps"]:  # then best/ holds the final weights
+        a = load_file(str(run_dir / "best" / "model.safetensors"))
+        b = load_file(str(run_dir / "final" / "model.safetensors"))
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(line.startswith("best checkpoint:") for line in lines)
+
+
+def test_generated_samples_with_their_slices_are_in_tensorboard(run):
+    run_dir, _, _ = run
+    acc = _events(run_dir)
+    texts = sorted(t for t in acc.Tags()["tensors"] if t.startswith("samples/"))
+    assert texts == [f"samples/{i}/text_summary" for i in range(3)]
+    shown = [acc.Tensors(t)[-1].tensor_proto.string_val[0].decode() for t in texts]
+    # Taken in turn from each modality, with prompt, reference and generated answer.
+    assert [s.split("**sample** | ")[1].split(" ")[0] for s in shown] == ["dmri", "t1", "dmri"]
+    for text in shown:
+        assert "&lt;image&gt;" in text and "Which hemisphere" in text
+        assert "**reference** | left" in text or "**reference** | right" in text
+        assert "**generated** |" in text
+    assert [e.step for e in acc.Tensors("samples/0/text_summary")] == [4, 8, 12]
+    image = acc.Images("samples/0/images")[-1]
+    assert image.step == 12 and image.height >= 128 and image.width > 2 * image.height
+
+
+def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
+    from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.data.conversation import IGNORE_INDEX
+    from umbrella_core.data.dataset import RecordDataset
+    from umbrella_core.train.generate import greedy_generate, load_for_inference, record_prompt
+    from umbrella_core.train.run import read_studies
+
+    run_dir, metrics, _ = run
+    pm = get_plugin_manager()
+    loaded = load_for_inference(run_dir / "final", pm, device="cpu")
+    data = read_studies(loaded.config, pm, log=lambda _: None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    held_out = RecordDataset(
+        [r for r in data.records if r.split == "test"],
+        loaded.specs,
+        tokenizer=tokenizer,
+        image_token_id=model.image_token_id,
+        max_length=1024,
+    )
+    collator = UmbrellaCollator(tokenizer.pad_token_id, tuple(model.specs))
+    correct = 0
+    for i in range(len(held_out)):
+        item = held_out[i]
+        batch = collator([item])
+        with torch.no_grad():
+            logits = model(**batch).logits[0, :-1]
+        target = batch["labels"][0, 1:]
+        answer = (target != IGNORE_INDEX).nonzero().flatten()
+        teacher = logits.argmax(-1)[answer]
+        prompt, images = record_prompt(held_out, i)
+        assert prompt == item["input_ids"][: int(answer[0]) + 1]
+        generated = greedy_generate(
+            model, prompt, images, max_new_tokens=12, eos_token_id=tokenizer.eos_token_id
+        )
+        assert generated[0] == int(teacher[0])
+        exact = bool((teacher == target[answer]).all())
+        assert (generated == target[answer].tolist()) == exact
+        correct += exact
+        # The KV cache changes nothing: the same tokens as full forwards, one at a time.
+        ids = list(prompt)
+        for token in generated:
+            with torch.no_grad():
+                out = model(
+                    input_ids=torch.tensor([ids]),
+                    pixel_values={m: t[None] for m, t in images},
+                    image_modalities=[m for m, _ in images],
+                )
+            assert int(out.logits[0, -1].argmax()) == token
+            ids.append(token)
+    assert correct == round(sum(r["accuracy"] * r["n"] for r in metrics["held_out"].values()))
+
+
+def test_umbrella_generate_answers_about_a_demo_file(run, capsys):
+    from umbrella_core.train.run import read_studies
+
+    run_dir, _, _ = run
+    config = load_config(None, SMALL)
+    record = next(
+        r
+        for r in read_studies(config, get_plugin_manager(), log=lambda _: None).records
+        if r.modalities == ("t1",) and r.split == "test"
+    )
+    (path,) = record.images[0].paths
+    assert path.endswith("_T1w.nii.gz")  # the modality is guessed from the name
+    prompt = "Which hemisphere holds the lesion?"
+    assert main(["generate", "--checkpoint", str(run_dir / "final"), "--image", path,
+                 "--prompt", prompt]) == 0  # fmt: skip
+    answer = capsys.readouterr().out.strip()
+    assert answer in ("left", "right")
+    # The same as the held-out sample's prompt (which has the <image> line first).
+    assert main(["generate", "--checkpoint", str(run_dir / "final"), "--image", path,
+                 "--modality", "T1w", "--prompt", f"<image>\n{prompt}"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.strip() == answer
+
+
+def test_umbrella_generate_says_when_the_modality_cannot_be_told(run, tmp_path, capsys):
+    run_dir, _, _ = run
+    odd = tmp_path / "scan.nii.gz"
+    odd.write_bytes(b"")
+    code = main(["generate", "--checkpoint", str(run_dir / "final"), "--image", str(odd),
+                 "--prompt", "?"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "scan.nii.gz" in err and "--modality" in err and "*_T1w.nii.gz" in err
+
+
+def test_umbrella_evaluate_prints_the_table_of_each_modality(run, capsys):
+    run_dir, metrics, _ = run
+    assert main(["evaluate", "--checkpoint", str(run_dir / "final"), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert set(results) == {"t1", "dmri"}
+    for key, r in results.items():
+        final = metrics["held_out"][key]
+        assert r["n"] == final["n"] == 2
+        assert r["accuracy"] == final["accuracy"]
+        assert r["loss"] == pytest.approx(final["loss"], rel=1e-4)
+    assert main(["evaluate", "--checkpoint", str(run_dir / "final"), "--split", "train"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[-3].split() == ["modality", "n", "accuracy", "loss"]
+    assert [line.split()[:2] for line in table[-2:]] == [["dmri", "8"], ["t1", "8"]]
+
+
+def test_early_stopping_stops_when_the_metric_cannot_improve(tmp_path, monkeypatch):
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    metrics, lines = _train(
+        tmp_path / "run",
+        "data.modalities=[t1]",
+        "data.geometry={t1: {shape: [16, 16, 16], patch_size: [8, 8, 8]}}",
+        "trainer.max_steps=20",
+        "trainer.learning_rate=1e-12",  # nothing changes the answers
+        "trainer.eval_strategy=steps",
+        "trainer.eval_steps=1",
+        "trainer.metric_for_best=eval_accuracy",
+        "trainer.early_stopping_patience=2",
+        "trainer.generate_samples=0",
+    )
+    assert metrics["steps"] == 3 and metrics["stopped_early_at"] == 3
+    assert metrics["best"]["step"] == 1 and metrics["best"]["metric"] == "eval_accuracy"
+    assert (tmp_path / "run" / "best" / "model.safetensors").is_file()
+    assert any("early stopping at step 3" in line for line in lines)
+
+
+def test_no_evaluation_when_asked_or_without_held_out_data(tmp_path, monkeypatch):
+    from transformers.trainer_utils import IntervalStrategy
+
+    from umbrella_core.train.callbacks import check_evaluation, evaluation_arguments
+    from umbrella_core.train.run import training_arguments
+
+    config = load_config(None, ["trainer.eval_strategy=no"])
+    assert evaluation_arguments(config.trainer) == {"eval_strategy": "no"}
+    config = load_config(None, ["trainer.eval_strategy=steps", "trainer.eval_steps=7"])
+    args = training_arguments(config, tmp_path)
+    assert args.eval_strategy == IntervalStrategy.STEPS and args.eval_steps == 7
+    assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False
+
+    @attrs.define
+    class NoHeldOut:
+        eval_set: object = None
+
+    said: list[str] = []
+    assert check_evaluation(args, NoHeldOut(), said.append) is False
+    assert args.eval_strategy == IntervalStrategy.NO and "no held-out" in said[0]
+
+
+def test_eval_accuracy_as_best_metric_needs_closed_form_questions(tmp_path):
+    from umbrella_core.train.evaluate import closed_form_questions
+    from umbrella_core.types import ImageRef, StudyRecord, Turn
+
+    def record(question, answer):
+        return StudyRecord(
+            subject="s",
+            images=[ImageRef(modality="t1", paths="x_T1w.nii.gz")],
+            turns=[
+                Turn(role="user", content=f"<image>\n{question}"),
+                Turn(role="gpt", content=answer),
+            ],
+        )
+
+    records = [record("Sex?", s) for s in ["male", "female"] * 3]
+    records += [record("How old?", f"{age} years") for age in range(40, 52)]
+    records += [record("Describe.", f"scan {i}") for i in range(3)]
+    assert closed_form_questions(records) == {"Sex?"}
+
+
+def test_mid_slices_of_3d_and_4d_images():
+    from umbrella_core.train.callbacks import slice_panel
+
+    volume = np.zeros((2, 8, 10, 12), dtype=np.float32)
+    volume[0, 4, 5, 6] = 1.0  # at the centre: in all three mid-slices
+    panel = slice_panel([volume])
+    assert panel.dtype == np.uint8 and panel.ndim == 2 and panel.shape[0] >= 128
+    assert panel.max() == 255
+    series = np.zeros((1, 8, 8, 8, 5), dtype=np.float32)
+    series[0, 4, 4, 4, 0] = 1.0  # only in the first frame: the middle frame is empty
+    assert slice_panel([series]).max() == 0
+    series[0, 4, 4, 4, 2] = 1.0
+    two = slice_panel([volume, series])
+    assert two.shape[0] > panel.shape[0] and two.max() == 255
+
+
+def test_guessing_the_modality_from_the_file_name():
+    from umbrella_core.testing import toy_modality
+    from umbrella_core.train.generate import guess_modality, with_placeholders
+
+    t1 = attrs.evolve(toy_modality("t1"), file_patterns=("*_T1w.nii.gz",))
+    other = attrs.evolve(toy_modality("other"), file_patterns=("*_T1w.nii.gz", "*_x.nii"))
+    assert guess_modality("/d/sub-1_T1w.nii.gz", {"t1": t1}) == "t1"
+    with pytest.raises(ConfigError, match="fits modalities t1, other; give --modality"):
+        guess_modality("/d/sub-1_T1w.nii.gz", {"t1": t1, "other": other})
+    with pytest.raises(ConfigError, match=r"sub-1_bold.nii.gz: cannot tell .*\*_x.nii"):
+        guess_modality("/d/sub-1_bold.nii.gz", {"t1": t1, "other": other})
+    assert with_placeholders("Left or right?", 2) == "<image>\n<image>\nLeft or right?"
+    assert with_placeholders("Is <image> like <image>?", 2) == "Is <image> like <image>?"

@@ -1,0 +1,270 @@
+"""Answers from a model: greedy decoding with the images spliced in, and ``umbrella generate``.
+
+:func:`greedy_generate` embeds the images once (each modality through its own
+patch embedder, as in training), splices them at their placeholders, and then
+decodes one token at a time from the language model's KV cache. It computes
+what the training forward computes, so its first token is the teacher-forced
+argmax and, whenever the model answers a held-out question exactly, the text is
+the reference (:func:`umbrella_core.train.evaluate.answer_accuracy`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from umbrella_core.errors import ConfigError, DataError
+from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, Turn
+
+__all__ = [
+    "Loaded",
+    "load_for_inference",
+    "guess_modality",
+    "with_placeholders",
+    "greedy_generate",
+    "generate_answer",
+    "record_prompt",
+]
+
+
+@attrs.define
+class Loaded:
+    """A checkpoint ready to answer: the model (in eval mode, on its device) and how to
+    read images as its run did."""
+
+    model: Any
+    tokenizer: Any
+    meta: dict[str, Any]
+    config: Any
+    #: The checkpoint's modalities with the run's geometry and preprocessing settings.
+    specs: dict[str, ModalitySpec]
+
+
+def load_for_inference(checkpoint: str | os.PathLike, pm: Any, *, device: Any = None) -> Loaded:
+    """Load an UMBRELLA checkpoint for generation or evaluation.
+
+    The checkpoint's ``umbrella.json`` holds the run configuration; its
+    ``data.preprocessing`` settings are applied to the modalities, so images
+    are read exactly as in training.
+    """
+    import torch
+
+    from umbrella_core.config import RunConfig, structure
+    from umbrella_core.model.build import load_checkpoint
+    from umbrella_core.train.run import configure_spec
+
+    model, tokenizer, meta = load_checkpoint(checkpoint, pm)
+    stored = meta.get("config")
+    try:
+        config = structure(RunConfig, stored) if stored else RunConfig()
+    except ConfigError as exc:
+        raise ConfigError(f"{checkpoint}: the run configuration it holds: {exc}") from None
+    specs = {
+        name: configure_spec(spec, config.data.preprocessing.get(name))
+        for name, spec in model.specs.items()
+    }
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    model.eval()
+    return Loaded(model, tokenizer, meta, config, specs)
+
+
+def guess_modality(path: str, specs: Mapping[str, ModalitySpec]) -> str:
+    """The modality whose ``file_patterns`` match the file name.
+
+    Raises:
+        ConfigError: no modality or more than one matches (the message lists
+            the patterns and says to give ``--modality``).
+    """
+    name = os.path.basename(path)
+    matches = [
+        m
+        for m, spec in specs.items()
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.file_patterns)
+    ]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(
+            f"{path}: the file name fits modalities {', '.join(matches)}; give --modality"
+        )
+    known = "; ".join(
+        f"{m}: {', '.join(spec.file_patterns) or '(none)'}" for m, spec in specs.items()
+    )
+    raise ConfigError(
+        f"{path}: cannot tell the modality from the file name ({known}); give --modality"
+    )
+
+
+def with_placeholders(prompt: str, n_images: int) -> str:
+    """``prompt`` with one ``<image>`` line per image in front, unless it places them itself."""
+    if IMAGE_PLACEHOLDER in prompt:
+        return prompt
+    return f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
+
+
+def _pixel_values(images: Sequence[tuple[str, Any]], device: Any) -> dict[str, Any]:
+    import torch
+
+    groups: dict[str, list[Any]] = {}
+    for modality, tensor in images:
+        groups.setdefault(modality, []).append(torch.as_tensor(tensor))
+    return {m: torch.stack(ts).to(device) for m, ts in groups.items()}
+
+
+def greedy_generate(
+    model: Any,
+    input_ids: Sequence[int],
+    images: Sequence[tuple[str, Any]],
+    *,
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+) -> list[int]:
+    """Greedy continuation of one prompt (its image placeholders already expanded).
+
+    Args:
+        model: An :class:`~umbrella_core.model.umbrella.UmbrellaModel`.
+        input_ids: The prompt's token ids, ending with the assistant prefix.
+        images: ``(modality, tensor (channels, *shape))`` in placeholder order.
+        max_new_tokens: Most tokens to generate.
+        eos_token_id: Stop after this token (it is returned with the rest).
+
+    Returns:
+        The generated token ids.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
+            features, _ = model.image_features(_pixel_values(images, device))
+            embeds = model.splice(ids, features, [m for m, _ in images])
+            attention = torch.ones_like(ids)
+            llava = model.llava
+            out = llava(
+                inputs_embeds=embeds, attention_mask=attention, use_cache=True, logits_to_keep=1
+            )
+            generated: list[int] = []
+            for _ in range(max_new_tokens):
+                token = int(out.logits[0, -1].argmax())
+                generated.append(token)
+                if token == eos_token_id or len(generated) == max_new_tokens:
+                    break
+                attention = torch.cat([attention, attention.new_ones((1, 1))], dim=1)
+                step = llava.get_input_embeddings()(
+                    torch.tensor([[token]], dtype=torch.long, device=device)
+                )
+                out = llava(
+                    inputs_embeds=step,
+                    attention_mask=attention,
+                    past_key_values=out.past_key_values,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+    finally:
+        model.train(was_training)
+    return generated
+
+
+def decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids), skip_special_tokens=True).strip()
+
+
+def record_prompt(dataset: Any, index: int) -> tuple[list[int], list[tuple[str, Any]]]:
+    """The prompt ids (up to the last answer, which is left out) and images of item ``index``
+    of a :class:`~umbrella_core.data.dataset.RecordDataset`."""
+    record_index, window = dataset.items[index]
+    record = dataset.records[record_index]
+    encoded = dataset.encode(record, add_generation_prompt=True)
+    return encoded.input_ids, dataset.images(record, window)
+
+
+def generate_answer(
+    loaded: Loaded,
+    images: Sequence[Sequence[str]],
+    prompt: str,
+    *,
+    modalities: Sequence[str] = (),
+    max_new_tokens: int = 64,
+    installed: Mapping[str, ModalitySpec] | None = None,
+) -> str:
+    """``umbrella generate``: the answer to ``prompt`` about the images.
+
+    Args:
+        images: The files of each image (one, or one per channel, e.g. FA and MD maps).
+        modalities: The modality of each image, or one for all; guessed from
+            the file names by the plugins' ``file_patterns`` where not given.
+        installed: Every installed modality, to guess among (so that a file of
+            a modality the checkpoint lacks is named as such); default: the
+            checkpoint's.
+    """
+    from umbrella_core.data.conversation import encode_conversation
+    from umbrella_core.data.dataset import load_image
+
+    if not images:
+        raise ConfigError("give at least one --image")
+    if modalities and len(modalities) not in (1, len(images)):
+        raise ConfigError(
+            f"{len(modalities)} --modality values for {len(images)} images: give one, "
+            "or one per --image"
+        )
+    specs = loaded.specs
+    names: list[str] = []
+    for i, files in enumerate(images):
+        for path in files:
+            if not Path(path).is_file():
+                raise DataError(f"{path}: image file not found")
+        if modalities:
+            given = modalities[0] if len(modalities) == 1 else modalities[i]
+            name = _resolve(given, specs)
+        else:
+            name = guess_modality(files[0], {**dict(installed or {}), **specs})
+        if name not in specs:
+            raise ConfigError(
+                f"{files[0]}: a {name} image, but the checkpoint was trained on "
+                f"{', '.join(specs)}; give --modality"
+            )
+        names.append(name)
+    tensors = [
+        (name, load_image(specs[name], tuple(files), where=files[0]))
+        for name, files in zip(names, images, strict=True)
+    ]
+    model = loaded.model
+    encoded = encode_conversation(
+        [Turn(role="user", content=with_placeholders(prompt, len(images)))],
+        names,
+        tokenizer=loaded.tokenizer,
+        image_token_id=model.image_token_id,
+        tokens_per_modality={n: s.num_tokens for n, s in specs.items()},
+        max_length=loaded.config.model.max_length,
+        add_generation_prompt=True,
+        where="--prompt",
+    )
+    ids = greedy_generate(
+        model,
+        encoded.input_ids,
+        tensors,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=loaded.tokenizer.eos_token_id,
+    )
+    return decode(loaded.tokenizer, ids)
+
+
+def _resolve(name: str, specs: Mapping[str, ModalitySpec]) -> str:
+    """A modality name or alias (case-insensitive) as one of ``specs``' names."""
+    wanted = name.strip().lower()
+    for canonical, spec in specs.items():
+        if wanted == canonical or wanted in spec.aliases:
+            return canonical
+    raise ConfigError(
+        f"--modality {name}: the checkpoint has no such modality (it has {', '.join(specs)})"
+    )
