@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PACKAGES := -e . -e plugins/umbrella_t1 -e plugins/umbrella_fmri -e plugins/umbrella_dmri -e plugins/umbrella_studies
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-install test-fast
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,9 +16,13 @@ install: $(PY)
 demo: install
 	$(VENV)/bin/umbrella train --modalities t1,dmri
 
-test: install
-	$(PIP) install -c constraints.txt -e ".[test]"
+# The test tools, and the example third-party study plugin installed for real
+# (its tests train on it through its entry point).
+test-install: install
+	$(PIP) install -c constraints.txt -e ".[test]" -e examples/umbrella-example-study
+
+test: test-install
 	$(PY) -m pytest
 
-test-fast: install
+test-fast: test-install
 	$(PY) -m pytest -m "not slow"

@@ -197,11 +197,13 @@ def coverage_work(model: Any, opt_cls: Any, opt_kwargs: dict, repeats: int) -> d
     For a batch of modality X: the model's own ``image_features`` restricted to
     the absent modalities (each embeds one zero image, and whatever else core
     does for an absent modality, e.g. the shared vision body), the backward of
-    its 0.0 term, and an AdamW step over the absent embedders' parameters (their
-    gradients are zeros, not None, so the optimizer updates them). A separate
-    optimizer call carries its own fixed cost, so this slightly overstates the
-    optimizer part.
+    its 0.0 term, dropping those exact-zero gradients as the Trainer does, and
+    an AdamW call over the absent embedders' parameters (which it then skips).
+    A separate optimizer call carries its own fixed cost, so this slightly
+    overstates the optimizer part.
     """
+    from umbrella_core.train.trainer import drop_absent_embedder_gradients
+
     model = without_coverage(model)
     embeddings = model.embeddings
     out = {}
@@ -215,6 +217,7 @@ def coverage_work(model: Any, opt_cls: Any, opt_kwargs: dict, repeats: int) -> d
             start = time.perf_counter()
             _, term = model.image_features({})
             term.backward()
+            drop_absent_embedder_gradients(model)
             middle = time.perf_counter()
             opt.step()
             model.zero_grad(set_to_none=True)
@@ -239,12 +242,16 @@ def plain_step(
     """One hand-written step; returns the times of forward, backward, optimizer, zero_grad."""
     import torch
 
+    from umbrella_core.train.trainer import drop_absent_embedder_gradients
+
     t0 = time.perf_counter()
     loss = model(**batch).loss
     t1 = time.perf_counter()
     loss.backward()
     if clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    # As the Trainer does (AbsentEmbeddersStayPut): the optimizer skips them.
+    drop_absent_embedder_gradients(model)
     t2 = time.perf_counter()
     optimizer.step()
     t3 = time.perf_counter()
@@ -528,10 +535,11 @@ def report(args: argparse.Namespace, result: dict, mem: dict | None) -> tuple[st
         "The end-to-end cost compares whole steps; the added work is what coverage adds to a "
         f"batch of one modality, timed by itself ({args.coverage_repeats} repeats, median): the "
         "model's image_features for the absent modalities only (one zero image each through "
-        "its embedder and, as core does now, the shared vision body and projector) with the "
-        "backward of its 0.0 term, and an AdamW step over the absent embedders' parameters "
-        "(zero gradients, not None, so AdamW updates them), divided by the step without "
-        "coverage.",
+        "its embedder; under DeepSpeed, not measured here, its first token also goes through "
+        "the shared vision body and projector) with the "
+        "backward of its 0.0 term, then the exact-zero gradients dropped and an AdamW call "
+        "that skips them (as the Trainer does: absent embedders do not move), divided by the "
+        "step without coverage.",
         "",
         "Embedders run per step: "
         + "; ".join(

@@ -18,6 +18,7 @@ import argparse
 import faulthandler
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -182,3 +183,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():
+        # As umbrella train does: see umbrella_core.cli._cmd_train.
+        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

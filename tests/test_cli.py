@@ -75,7 +75,7 @@ def test_missing_image_stops_before_training_naming_file_and_manifest(tmp_path):
         str(tmp_path / "out"),
     )
     assert result.returncode == 2
-    assert "gone_T1w.nii.gz: image file not found" in result.stderr and "m.jsonl:1" in result.stderr
+    assert "gone_T1w.nii.gz: file not found" in result.stderr and "m.jsonl:1" in result.stderr
     assert not (tmp_path / "out" / "final").exists()
 
 

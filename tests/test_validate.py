@@ -56,7 +56,8 @@ def broken(tmp_path, demo):
     volume = np.ones((8, 8, 8), dtype=np.float32)
     volume[2, 3, 4] = np.nan
     save_nifti(tmp_path / "nan.nii.gz", volume, np.eye(4))
-    save_nifti(tmp_path / "huge.nii.gz", np.ones((8, 8, 8), np.float32), np.diag([30, 30, 30, 1]))
+    noise = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)  # not constant
+    save_nifti(tmp_path / "huge.nii.gz", noise, np.diag([30, 30, 30, 1]))
     lines = [
         json.dumps(record("t1", "good.nii.gz")),  # 1
         json.dumps(record("t1", "missing.nii.gz")),  # 2
@@ -122,7 +123,8 @@ def test_several_studies_and_unreadable_ones(tmp_path, demo, capsys):
 
 
 def test_brainvlm_files_are_checked_record_by_record(tmp_path, demo):
-    t1 = demo.parent / "t1" / "sub-t10000_T1w.nii.gz"
+    t1 = tmp_path / "sub-t10000_T1w.nii.gz"  # absolute, inside the file's folder
+    shutil.copy(demo.parent / "t1" / t1.name, t1)
     good = {
         "modality_paths": {"T1": str(t1)},
         "conversations": [{"from": "human", "value": "Side?"}, {"from": "gpt", "value": "left"}],

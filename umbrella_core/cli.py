@@ -18,8 +18,11 @@ __all__ = ["main", "build_parser"]
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    import os
+
     from umbrella_core.plugins import ALLOW_ENV, BLOCK_ENV, get_plugin_manager
 
+    env = {name: os.environ.get(name, "") for name in (BLOCK_ENV, ALLOW_ENV)}
     pm = get_plugin_manager()
     infos = pm.plugins()
     registry_error = None
@@ -46,6 +49,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
                 for name, p in registry.items()
             ],
             "errors": [registry_error] if registry_error else [],
+            "env": env,
         }
         print(json.dumps(payload, indent=2))
         return 0
@@ -70,6 +74,9 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
             print(f"      {info.error}")
     if registry_error:
         print(f"error: {registry_error}")
+    for name, value in env.items():
+        if value:
+            print(f"{name}={value}")
     print(f"(block plugins with {BLOCK_ENV}=name,...; load only some with {ALLOW_ENV}=name,...)")
     return 1 if registry_error else 0
 
@@ -114,8 +121,35 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         overrides.append("stages=" + json.dumps(list(recipe_stages(args.recipe))))
     config = load_config(args.config, overrides)
-    train(config, get_plugin_manager())
+    try:
+        train(config, get_plugin_manager())
+    except BaseException:
+        _end_process_group()
+        raise
+    if _end_process_group():
+        # A finished distributed run exits here: in interpreter teardown a
+        # gloo worker thread of a DeepSpeed ZeRO-3 run is sometimes unwound and
+        # aborts the process (SIGABRT) after everything was written.
+        import logging
+        import os
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _end_process_group() -> bool:
+    """Shut down the process group (torchrun, accelerate, DeepSpeed); whether there was one."""
+    if "torch.distributed" not in sys.modules:
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
@@ -137,6 +171,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     locations: list[str | tuple[str, dict[str, Any]]] = list(args.locations)
     specs = None
+    allow_outside_root = False
     if args.config or args.set:
         from umbrella_core.config import load_config
         from umbrella_core.plugins import get_plugin_manager
@@ -145,11 +180,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set or [])
         locations += [(s.location, dict(s.options)) for s in config.data.studies]
         specs, _ = resolve_specs(config, get_plugin_manager(), demo=False)
+        allow_outside_root = config.data.allow_outside_root
     if not locations:
         raise ConfigError(
             "nothing to validate: give study locations, or a --config with data.studies"
         )
-    report = validate_locations(locations, specs=specs)
+    report = validate_locations(locations, specs=specs, allow_outside_root=allow_outside_root)
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -386,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"umbrella: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # TrainingInterrupted: 128 + signal number
     except KeyboardInterrupt:
         print("umbrella: interrupted", file=sys.stderr)
         return 130

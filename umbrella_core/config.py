@@ -171,6 +171,10 @@ class DataConfig:
             (train without them; they are listed in ``bad_samples.json``).
         cache: Keep preprocessed images in the on-disk cache (decode each file once).
         cache_dir: Where; default ``$UMBRELLA_CACHE/preprocessed``.
+        allow_outside_root: Accept image paths outside each study's root (its
+            folder, or the folder holding its manifest): absolute paths
+            elsewhere, ``../`` out of it, symlinks pointing out. Off: such a
+            record is an error naming it.
     """
 
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -186,6 +190,7 @@ class DataConfig:
     on_bad: str = attrs.field(default="stop", validator=_choice("stop", "skip"))
     cache: bool = False
     cache_dir: str = ""
+    allow_outside_root: bool = False
 
 
 @attrs.frozen(kw_only=True)
@@ -205,6 +210,8 @@ class TrainerConfig:
         gradient_checkpointing: Recompute activations in the backward pass.
         deepspeed: ``zero2``, ``zero3`` (the shipped configs) or a DeepSpeed
             JSON file; empty: no DeepSpeed.
+        save_total_limit: Training checkpoints (``checkpoint-N``) kept; older
+            ones are deleted (the best one is kept too). 0: keep all.
         resume: ``auto`` (the latest checkpoint in ``output_dir``) or a
             checkpoint folder to continue from; empty: start fresh.
     """
@@ -219,6 +226,7 @@ class TrainerConfig:
     seed: int = 0
     logging_steps: int = attrs.field(default=10, validator=_positive)
     save_steps: int = 0
+    save_total_limit: int = 0
     progress: bool = True
     eval_strategy: str = attrs.field(default="epoch", validator=_choice("epoch", "steps", "no"))
     eval_steps: int = 0

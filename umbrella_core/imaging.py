@@ -36,6 +36,7 @@ __all__ = [
     "RAS",
     "PHANTOM_ORIENTATIONS",
     "as_paths",
+    "missing_file_message",
     "load_nifti",
     "save_nifti",
     "reorient",
@@ -83,6 +84,9 @@ _DECODE_ERRORS = (
 )
 
 
+#: What to do about a file that does not decode.
+REEXPORT = "the file is truncated or corrupt: copy or re-export it"
+
 # ---------------------------------------------------------------------------
 # Reading and writing
 # ---------------------------------------------------------------------------
@@ -93,6 +97,33 @@ def as_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -
     if isinstance(paths, (str, os.PathLike)):
         return (os.fspath(paths),)
     return tuple(os.fspath(p) for p in paths)
+
+
+def missing_file_message(path: str | os.PathLike[str]) -> str:
+    """Why ``path`` cannot be opened, naming it and saying what to do.
+
+    A folder on the way that the user may not enter (``chmod 000``) makes a
+    file look absent to ``stat``; the message then names that folder instead
+    of claiming the file does not exist.
+    """
+    name = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(name))
+    while folder and not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+        return (
+            f"{name}: cannot be read: permission denied on the folder {folder}; "
+            "make it readable (chmod a+rx) or run as a user who can read it"
+        )
+    if os.path.exists(name) and not os.access(name, os.R_OK):
+        return f"{name}: cannot be read: permission denied; make it readable (chmod a+r)"
+    return (
+        f"{name}: file not found; check the path (relative paths are relative to the "
+        "manifest's folder) or remove the record"
+    )
 
 
 def load_nifti(
@@ -126,16 +157,23 @@ def load_nifti(
             non-finite or singular affine. The message names the file.
     """
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise DataError(f"{name}: file not found")
+    if not os.path.exists(name) or not os.access(name, os.R_OK):
+        raise DataError(missing_file_message(name))
     if os.path.isdir(name):
         raise DataError(f"{name}: is a folder, expected a NIfTI file")
     try:
         img = _read_image(name)
+    except PermissionError:
+        raise DataError(missing_file_message(name)) from None
     except _DECODE_ERRORS as error:
-        raise DataError(f"{name}: not a readable NIfTI file ({_reason(error)})") from error
+        raise DataError(
+            f"{name}: not a readable NIfTI file ({_reason(error)}); {REEXPORT}"
+        ) from error
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise DataError(f"{name}: not a NIfTI file (nibabel reads it as {type(img).__name__})")
+        raise DataError(
+            f"{name}: not a NIfTI file (nibabel reads it as {type(img).__name__}); "
+            "convert it to NIfTI (.nii or .nii.gz), e.g. with dcm2niix"
+        )
     affine = np.asarray(img.affine, dtype=np.float64)
     _check_affine(name, affine)
     try:
@@ -143,11 +181,13 @@ def load_nifti(
         # float64 copy twice the size of what we keep.
         data = _voxels(img, native=native)
     except _DECODE_ERRORS as error:
-        raise DataError(f"{name}: cannot decode the image data ({_reason(error)})") from error
+        raise DataError(
+            f"{name}: cannot decode the image data ({_reason(error)}); {REEXPORT}"
+        ) from error
     if data.ndim < 3:
         raise DataError(f"{name}: expected a 3D or 4D image, got shape {data.shape}")
     if data.size == 0:
-        raise DataError(f"{name}: image is empty (shape {data.shape})")
+        raise DataError(f"{name}: image is empty (shape {data.shape}); {REEXPORT}")
     # Integers scaled by finite factors cannot be NaN or infinite: skip the scan.
     stored_integer = np.issubdtype(img.get_data_dtype(), np.integer)
     slope, inter = img.header.get_slope_inter()
@@ -155,7 +195,10 @@ def load_nifti(
     finite = True if stored_integer and scaling_finite else np.isfinite(data)
     if finite is not True and not finite.all():
         bad = int(data.size - np.count_nonzero(finite))
-        raise DataError(f"{name}: {bad} of {data.size} voxels are NaN or infinite")
+        raise DataError(
+            f"{name}: {bad} of {data.size} voxels are NaN or infinite; replace them "
+            "(e.g. fslmaths IN -nan OUT) or re-export the file"
+        )
     data, affine = reorient(data, affine, RAS)
     if native:
         return data, affine
@@ -256,7 +299,10 @@ def _reason(error: BaseException) -> str:
 
 def _check_affine(name: str, affine: NDArray[np.float64]) -> None:
     if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise DataError(f"{name}: the affine (voxel-to-world matrix) is not finite")
+        raise DataError(
+            f"{name}: the affine (voxel-to-world matrix) is not finite; "
+            "fix the sform/qform of the file"
+        )
     linear = affine[:3, :3]
     scale = float(np.abs(linear).max())
     # Relative test: a 1 mm and a 1 um voxel grid are both legitimate.

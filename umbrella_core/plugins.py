@@ -8,6 +8,15 @@ name or distribution name (comma-separated):
 
 * ``UMBRELLA_BLOCK_PLUGINS``: never load these.
 * ``UMBRELLA_LOAD_PLUGINS``: load only these (built-ins always load).
+
+A plugin is isolated from the others: one that fails at import or
+registration is listed as broken; one whose ``umbrella_modalities`` raises or
+returns something other than ModalitySpec values stops the start-up with an
+error naming it (plugin, distribution, hook) and is then set aside as broken,
+so ``umbrella plugins`` still lists everything. A patch embedder that is not an
+``nn.Module``, or whose output for one input is not ``(1, spec.num_tokens,
+hidden_size)``, and a loss term that is not a LossTerm are refused when the
+model is built, before step 1, naming the plugin.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from typing import Any
 
@@ -23,7 +32,7 @@ import attrs
 import pluggy
 
 from umbrella_core import hookspecs
-from umbrella_core.errors import DuplicateNameError, PluginError
+from umbrella_core.errors import DuplicateNameError, PluginError, UmbrellaError
 from umbrella_core.types import LossTerm, ModalitySpec, StudyRecord
 
 __all__ = [
@@ -232,19 +241,66 @@ class PluginManager:
             out.append(attrs.evolve(info, hooks=hooks, modalities=tuple(by_plugin.get(name, ()))))
         return out
 
-    def _impl_results(self, hook_name: str, **kwargs: Any) -> Iterable[tuple[str, Any]]:
+    def _impl_results(
+        self, hook_name: str, *, call_order: bool = False, **kwargs: Any
+    ) -> Iterable[tuple[str, Any]]:
+        """Each implementation's result, with its plugin's name.
+
+        An exception inside a hook (other than an UMBRELLA error, which already
+        says what is wrong) becomes a PluginError naming the plugin, its
+        distribution and the hook. ``call_order``: pluggy's order (tryfirst
+        first, later registered first), as first-result hooks are called;
+        otherwise registration order.
+        """
         caller = getattr(self.pm.hook, hook_name)
-        for impl in caller.get_hookimpls():  # registration order
+        impls = caller.get_hookimpls()
+        for impl in reversed(impls) if call_order else impls:
             wanted = {k: v for k, v in kwargs.items() if k in impl.argnames}
             try:
                 result = impl.function(**wanted)
+            except UmbrellaError:
+                raise
             except Exception as exc:
-                dist, _ = self._dist_of.get(impl.plugin_name, ("<unknown>", ""))
                 raise PluginError(
-                    f"plugin {impl.plugin_name!r} ({dist}) failed in {hook_name}: "
+                    f"{self._describe(impl.plugin_name)} failed in {hook_name}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             yield impl.plugin_name, result
+
+    def _describe(self, plugin_name: str) -> str:
+        dist, version = self._dist_of.get(plugin_name, ("<unknown>", ""))
+        return f"plugin {plugin_name!r} (distribution {dist} {version}".rstrip() + ")"
+
+    def _set_aside(self, plugin_name: str, error: str) -> None:
+        """Mark a registered plugin broken and unregister it (its other hooks go too)."""
+        info = self._infos.get(plugin_name)
+        if info is not None:
+            self._infos[plugin_name] = attrs.evolve(info, status="broken", error=error)
+        if self.pm.get_plugin(plugin_name) is not None:
+            self.pm.unregister(name=plugin_name)
+        self._modalities = None
+
+    def _values(
+        self, plugin_name: str, hook_name: str, result: Any, kind: type, check: Callable[[Any], str]
+    ) -> list[Any]:
+        """An all-results hook's ``result`` as a list of ``kind``; PluginError naming the plugin."""
+        if result is None:
+            return []
+        if isinstance(result, (Mapping, str, bytes)) or not isinstance(result, Iterable):
+            raise PluginError(
+                f"{self._describe(plugin_name)}: {hook_name} must return a list of "
+                f"{kind.__name__} values, got {type(result).__name__}{check(result)}; "
+                "fix the plugin or block it with " + BLOCK_ENV
+            )
+        values = list(result)
+        for value in values:
+            if not isinstance(value, kind):
+                raise PluginError(
+                    f"{self._describe(plugin_name)}: {hook_name} must return {kind.__name__} "
+                    f"values, got {type(value).__name__}{check(value)}; fix the plugin or "
+                    f"block it with {BLOCK_ENV}"
+                )
+        return values
 
     def modality_registry(self) -> dict[str, Provided]:
         """Modality name → provided spec, refusing duplicate names and aliases."""
@@ -253,14 +309,23 @@ class PluginManager:
             return self._modalities
         registry: dict[str, Provided] = {}
         aliases: dict[str, str] = {}
-        for plugin_name, result in self._impl_results("umbrella_modalities"):
+        caller = self.pm.hook.umbrella_modalities
+        results = []
+        for impl in caller.get_hookimpls():  # registration order
+            plugin_name = impl.plugin_name
+            try:
+                result = next(iter(self._impl_results_of(impl)))
+                specs = self._values(
+                    plugin_name, "umbrella_modalities", result, ModalitySpec, _shown
+                )
+            except UmbrellaError as error:
+                # Set it aside so that listing plugins still works, and stop the start-up.
+                self._set_aside(plugin_name, str(error))
+                raise
+            results.append((plugin_name, specs))
+        for plugin_name, specs in results:
             dist, version = self._dist_of.get(plugin_name, ("<unknown>", ""))
-            for spec in result or ():
-                if not isinstance(spec, ModalitySpec):
-                    raise PluginError(
-                        f"plugin {plugin_name!r} ({dist}): umbrella_modalities must return "
-                        f"ModalitySpec values, got {type(spec).__name__}"
-                    )
+            for spec in specs:
                 for key in (spec.name, *spec.aliases):
                     owner = aliases.get(key)
                     if owner is not None:
@@ -278,27 +343,82 @@ class PluginManager:
         self._aliases = aliases
         return registry
 
+    def _impl_results_of(self, impl: Any) -> Iterable[Any]:
+        try:
+            yield impl.function()
+        except UmbrellaError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{self._describe(impl.plugin_name)} failed in umbrella_modalities: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
     def resolve_modality(self, name: str) -> Provided:
         """Look a modality up by name or alias (case-insensitive)."""
         registry = self.modality_registry()
         key = self._aliases.get(name.strip().lower())
         if key is None:
             known = ", ".join(sorted(registry)) or "none (install a modality plugin)"
-            raise PluginError(f"unknown modality {name!r}; installed modalities: {known}")
+            broken = [
+                f"{info.name} ({info.distribution}): {info.error}"
+                for info in self._infos.values()
+                if info.status == "broken"
+            ]
+            hint = f"; broken plugins: {'; '.join(broken)}" if broken else ""
+            raise PluginError(
+                f"unknown modality {name!r}; installed modalities: {known}; fix the name or "
+                f"install the plugin that provides it{hint}"
+            )
         return registry[key]
 
     def patch_embedder(self, spec: ModalitySpec, hidden_size: int) -> Any:
-        """The patch embedder for ``spec`` from the first plugin that provides one."""
+        """The patch embedder for ``spec`` from the first plugin that provides one.
+
+        Checked before it is used: an ``nn.Module`` whose output for one zero
+        input is ``(1, spec.num_tokens, hidden_size)`` (skipped for parameters
+        already partitioned by DeepSpeed ZeRO-3). Errors name the plugin.
+        """
         self.load_entry_points()
-        module = self.pm.hook.umbrella_patch_embedder(spec=spec, hidden_size=hidden_size)
-        if module is None:
-            raise PluginError(f"no installed plugin provides a patch embedder for {spec.name!r}")
+        answers = self._impl_results(
+            "umbrella_patch_embedder", call_order=True, spec=spec, hidden_size=hidden_size
+        )
+        found = next(((name, module) for name, module in answers if module is not None), None)
+        if found is None:
+            raise PluginError(
+                f"no installed plugin provides a patch embedder for {spec.name!r}; install "
+                "the plugin of that modality"
+            )
+        import torch
         import torch.nn as nn
 
+        plugin_name, module = found
+        who = self._describe(plugin_name)
         if not isinstance(module, nn.Module):
             raise PluginError(
-                f"umbrella_patch_embedder for {spec.name!r} returned {type(module).__name__}, "
-                "expected torch.nn.Module"
+                f"{who}: umbrella_patch_embedder for {spec.name!r} returned "
+                f"{type(module).__name__}, expected torch.nn.Module; fix the plugin"
+            )
+        params = list(module.parameters())
+        if any(hasattr(p, "ds_id") for p in params):
+            return module  # partitioned (ZeRO-3): a forward here would need the engine
+        device = params[0].device if params else torch.device("cpu")
+        dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
+        expected = (1, spec.num_tokens, hidden_size)
+        try:
+            with torch.no_grad():
+                out = module(torch.zeros((1, *spec.input_shape), device=device, dtype=dtype))
+        except Exception as exc:
+            raise PluginError(
+                f"{who}: the patch embedder for {spec.name!r} fails on an input of shape "
+                f"{(1, *spec.input_shape)}: {type(exc).__name__}: {exc}; fix the plugin"
+            ) from exc
+        shape = tuple(getattr(out, "shape", ()))
+        if shape != expected:
+            raise PluginError(
+                f"{who}: the patch embedder for {spec.name!r} gives output of shape {shape} "
+                f"for an input of shape {(1, *spec.input_shape)}, expected {expected} "
+                f"(batch, spec.num_tokens, hidden_size); fix the plugin's embedder"
             )
         return module
 
@@ -307,7 +427,12 @@ class PluginManager:
     ) -> Iterable[StudyRecord]:
         """Records of the study at ``location`` from the first reader that recognises it."""
         self.load_entry_points()
-        records = self.pm.hook.umbrella_study_reader(location=location, options=dict(options or {}))
+        records = None
+        for _, records in self._impl_results(
+            "umbrella_study_reader", call_order=True, location=location, options=dict(options or {})
+        ):
+            if records is not None:
+                break
         if records is None:
             raise PluginError(
                 f"no installed study reader recognises {location!r}; give a manifest "
@@ -321,18 +446,18 @@ class PluginManager:
         for plugin_name, result in self._impl_results(
             "umbrella_loss_terms", modalities=tuple(modalities), settings=settings
         ):
-            for term in result or ():
-                if not isinstance(term, LossTerm):
-                    raise PluginError(
-                        f"plugin {plugin_name!r}: umbrella_loss_terms must return LossTerm "
-                        f"values, got {type(term).__name__}"
-                    )
-                terms.append(term)
+            terms.extend(self._values(plugin_name, "umbrella_loss_terms", result, LossTerm, _shown))
         return terms
 
     def provenance(self, plugin_name: str) -> tuple[str, str]:
         """(distribution, version) of a registered plugin."""
         return self._dist_of.get(plugin_name, ("<unknown>", ""))
+
+
+def _shown(value: Any) -> str:
+    """`` (VALUE)`` for short values, so the author sees what came back."""
+    text = repr(value)
+    return f" ({text})" if len(text) <= 60 else ""
 
 
 def _dist_version(dist: str) -> str:

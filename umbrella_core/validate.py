@@ -10,9 +10,14 @@ recognises) and reports, per record:
   does not hide the others; a third-party reader stops at its first error,
   which is reported;
 * modality names no installed plugin provides (``images[i].modality``);
-* image files that are missing, do not decode, do not fit the modality, hold
-  NaN/infinite values, have a singular or non-finite affine, or an absurd voxel
-  size (outside :data:`VOXEL_SIZE_RANGE`) (``images[i].path``).
+* image files that are missing or unreadable (a folder without permission),
+  do not decode, do not fit the modality, hold NaN/infinite values, are all
+  zero after preprocessing (an empty or constant image carries no
+  information), have a singular or non-finite affine, or an absurd voxel size
+  (outside :data:`VOXEL_SIZE_RANGE`) (``images[i].path``);
+* image paths outside the study's root (:func:`study_root`): absolute paths
+  elsewhere, ``../`` out of it, symlinks pointing out, unless
+  ``allow_outside_root`` (``data.allow_outside_root``) (``images[i].path``).
 
 Images are checked by the modality's own loader at its **demo geometry**
 (``ModalitySpec.for_demo``): decoding and the loader's checks (file count,
@@ -40,6 +45,7 @@ from umbrella_core.data.brainvlm import BrainVLMStudy
 from umbrella_core.data.dataset import load_image
 from umbrella_core.data.manifest import find_manifest, read_manifest
 from umbrella_core.errors import DataError, UmbrellaError
+from umbrella_core.imaging import missing_file_message
 from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, StudyRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,6 +58,10 @@ __all__ = [
     "validate_records",
     "validate_locations",
     "read_study_tolerantly",
+    "iter_study",
+    "study_root",
+    "outside_root_problems",
+    "check_headers",
 ]
 
 #: Voxel sizes (mm) outside this range are reported: no brain MRI has 20 mm
@@ -174,6 +184,31 @@ def _manifest_records(path: Path, on_error: Callable[[DataError], None]) -> Iter
     return read_manifest(path, on_error)
 
 
+def iter_study(
+    location: str,
+    pm: PluginManager,
+    options: Mapping[str, Any] | None,
+    on_error: Callable[[DataError], None],
+) -> Iterable[StudyRecord]:
+    """The records of a study, each bad record of a built-in reader going to ``on_error``.
+
+    The reader is chosen by ``pm.read_study``. The built-in manifest and
+    BrainVLM readers go on after a bad line or record; a third-party reader's
+    error (and any error about the whole study) propagates.
+    """
+    study = pm.read_study(location, dict(options or {}))
+    if isinstance(study, BrainVLMStudy):
+        return study.records(on_error)
+    if getattr(study, "gi_code", None) is read_manifest.__code__:
+        # The built-in manifest reader answered; its generator stops at the
+        # first bad record: read the same file record by record instead.
+        path = find_manifest(location)
+        if path is not None:
+            study.close()  # type: ignore[union-attr]
+            return _manifest_records(path, on_error)
+    return study
+
+
 def read_study_tolerantly(
     location: str, pm: PluginManager, options: Mapping[str, Any] | None = None
 ) -> tuple[list[StudyRecord], list[Problem], int]:
@@ -196,17 +231,7 @@ def read_study_tolerantly(
 
     records: list[StudyRecord] = []
     try:
-        study = pm.read_study(location, dict(options or {}))
-        if isinstance(study, BrainVLMStudy):
-            study = study.records(on_error)
-        elif getattr(study, "gi_code", None) is read_manifest.__code__:
-            # The built-in manifest reader answered (manifest.py stays as it is, and
-            # its generator stops at the first bad record): read the same file here.
-            path = find_manifest(location)
-            if path is not None:
-                study.close()  # type: ignore[union-attr]
-                study = _manifest_records(path, on_error)
-        for record in study:
+        for record in iter_study(location, pm, options, on_error):
             records.append(record)
     except UmbrellaError as error:
         problem = problem_from_error(error)
@@ -219,8 +244,107 @@ def read_study_tolerantly(
 
 
 # ---------------------------------------------------------------------------
+# The dataset root
+# ---------------------------------------------------------------------------
+
+
+def study_root(location: str) -> Path:
+    """The folder a study's images must stay in: the study's own folder.
+
+    That is the folder given as the location, or the folder holding the file
+    given (a manifest, a BrainVLM file); a ``kind:`` prefix (``bids:``,
+    ``brainvlm:``) is dropped first. Symlinks in it are resolved.
+    """
+    path = location
+    kind, sep, rest = location.partition(":")
+    if sep and kind.isidentifier() and len(kind) > 1:  # not a Windows drive letter
+        path = rest
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        root = root.parent
+    return Path(os.path.realpath(root))
+
+
+def outside_root_problems(record: StudyRecord, root: Path) -> list[Problem]:
+    """A problem for each image file of ``record`` that lies outside ``root``.
+
+    Paths are compared after resolving ``..`` and symlinks, so an absolute
+    path elsewhere, a ``../`` path out of the root and a symlink pointing out
+    are all caught.
+    """
+    source = record.source or f"subject {record.subject}"
+    problems = []
+    for i, image in enumerate(record.images):
+        for path in image.paths:
+            real = Path(os.path.realpath(path))
+            if real != root and root not in real.parents:
+                via = "" if str(real) == os.path.abspath(path) else f" (it resolves to {real})"
+                problems.append(
+                    Problem(
+                        source,
+                        f"images[{i}].path",
+                        f"{path}: outside the dataset root {root}{via}; move the file under "
+                        "the root, or set data.allow_outside_root=true if you trust this study",
+                    )
+                )
+    return problems
+
+
+# ---------------------------------------------------------------------------
 # Checking records and images
 # ---------------------------------------------------------------------------
+
+
+def check_headers(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
+    """What the NIfTI headers alone tell is wrong with one image (cheap: no voxel is decoded).
+
+    Missing or unreadable files, files that are not NIfTI, singular or
+    non-finite affines, a 3D file for a 4D modality, and a series with fewer
+    frames than one window of a windowed modality. Decoding problems
+    (truncated data, NaN, all-zero images) need :func:`validate_records`.
+    """
+    import nibabel as nib
+
+    from umbrella_core.imaging import _check_affine
+
+    messages = []
+    for path in paths:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            messages.append(missing_file_message(path))
+            continue
+        try:
+            img = nib.load(path)
+            shape = img.shape
+            affine = img.affine
+        except Exception as error:  # nibabel raises many kinds for what is not NIfTI
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            messages.append(
+                f"{path}: not a readable NIfTI file ({reason or type(error).__name__}); "
+                "the file is truncated or corrupt: copy or re-export it"
+            )
+            continue
+        try:
+            _check_affine(path, affine)
+        except DataError as error:
+            messages.append(str(error))
+        if spec.ndim == 4 and len(shape) < 4:
+            messages.append(
+                f"{path}: expected a 4D series for {spec.name}, got a {len(shape)}D image of "
+                f"shape {shape}; give the {spec.name} series, not a single volume"
+            )
+    if not messages and spec.windowed and spec.frames is not None:
+        try:
+            frames = spec.frames(spec, tuple(paths))
+        except DataError as error:
+            messages.append(str(error))
+        else:
+            if spec.window_count(frames) == 0:
+                messages.append(
+                    f"{', '.join(paths)}: {frames} frames, fewer than the {spec.shape[-1]} of "
+                    f"one {spec.name} window; use a longer series or a shorter window "
+                    f"(data.geometry.{spec.name}.shape)"
+                )
+    return messages
 
 
 def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
@@ -228,9 +352,9 @@ def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
     import nibabel as nib
     import numpy as np
 
-    missing = [p for p in paths if not os.path.exists(p)]
+    missing = [p for p in paths if not os.path.isfile(p) or not os.access(p, os.R_OK)]
     if missing:
-        return [f"{p}: file not found" for p in missing]
+        return [missing_file_message(p) for p in missing]
     messages = []
     # How many files an image takes is the loader's business (a T1 and its
     # brain mask, a DWI series with .bval and .bvec): it refuses wrong counts.
@@ -246,6 +370,11 @@ def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
     else:
         if not np.isfinite(array).all():
             messages.append(f"{', '.join(paths)}: NaN or infinite values after preprocessing")
+        elif not array.any():
+            messages.append(
+                f"{', '.join(paths)}: all voxels are zero after preprocessing (an empty or "
+                "constant image carries no information); re-export the file or remove the record"
+            )
     low, high = VOXEL_SIZE_RANGE
     for path in paths:
         try:
@@ -319,6 +448,7 @@ def validate_locations(
     *,
     workers: int | None = None,
     specs: Mapping[str, ModalitySpec] | None = None,
+    allow_outside_root: bool = False,
 ) -> Report:
     """Read and check every study; see the module docstring.
 
@@ -328,6 +458,8 @@ def validate_locations(
         pm: The plugin manager (the installed plugins when None).
         workers: Threads decoding images.
         specs: The run's modality specs, as for :func:`validate_records`.
+        allow_outside_root: Accept image files outside each study's root
+            (:func:`study_root`); otherwise they are problems and not opened.
     """
     if pm is None:
         from umbrella_core.plugins import get_plugin_manager
@@ -338,8 +470,14 @@ def validate_locations(
     for item in locations:
         location, options = (item, {}) if isinstance(item, str) else item
         records, read_problems, refused = read_study_tolerantly(location, pm, options)
+        inside = records
+        if not allow_outside_root:
+            root = study_root(location)
+            outside = {id(r): outside_root_problems(r, root) for r in records}
+            read_problems += [p for r in records for p in outside[id(r)]]
+            inside = [r for r in records if not outside[id(r)]]
         # Keep file order: a refused line 3 comes before a missing file on line 5.
-        checked = validate_records(records, pm, workers=workers, specs=specs)
+        checked = validate_records(inside, pm, workers=workers, specs=specs)
         problems.extend(_in_source_order(read_problems + checked))
         n_records += len(records) + refused
         n_images += sum(len(r.images) for r in records)

@@ -224,7 +224,10 @@ def read_brainvlm(
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                error = DataError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})")
+                error = DataError(
+                    f"{where}: invalid JSON: {exc.msg} (column {exc.colno}); "
+                    "fix the JSON or remove the line"
+                )
                 if on_error is None:
                     raise error from None
                 on_error(error)
@@ -238,7 +241,8 @@ def read_brainvlm(
                 parsed = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(
-                    f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+                    f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); "
+                    "fix the JSON or remove the line"
                 ) from None
         items = _record_list(parsed)
         if items is None:
@@ -252,7 +256,9 @@ def read_brainvlm(
             if record is not None:
                 yield record
     if not seen:
-        raise DataError(f"{path}: the BrainVLM file holds no records")
+        raise DataError(
+            f"{path}: the BrainVLM file holds no records; add records or remove the study"
+        )
 
 
 def record_from_brainvlm(

@@ -98,7 +98,10 @@ def check_record(record: StudyRecord) -> None:
     """Structural checks every record must pass, whatever reader produced it."""
     where = record.source or f"subject {record.subject}"
     if not any(t.role == "assistant" for t in record.turns):
-        raise DataError(f"{where}: the conversation has no assistant turn to learn from")
+        raise DataError(
+            f"{where}: the conversation has no assistant turn to learn from; "
+            "add the answer as an assistant turn"
+        )
     placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns if t.role == "user")
     in_assistant = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns if t.role != "user")
     if in_assistant:
@@ -106,7 +109,8 @@ def check_record(record: StudyRecord) -> None:
     if placeholders != len(record.images):
         raise DataError(
             f"{where}: the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
-            f"but the record lists {len(record.images)} image(s)"
+            f"but the record lists {len(record.images)} image(s); put one "
+            f"{IMAGE_PLACEHOLDER} in a user turn for each image"
         )
     if record.split not in ("train", "validation", "test"):
         raise DataError(
@@ -148,13 +152,19 @@ def read_manifest(
                 items.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
                 items.append((f"{path}:{lineno}", _BAD_LINE))
-                fail(DataError(f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno})"))
+                fail(
+                    DataError(
+                        f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno}); "
+                        "fix the JSON or remove the line"
+                    )
+                )
     else:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(
-                f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno})"
+                f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); "
+                "fix the JSON or remove the line"
             ) from None
         if isinstance(obj, Mapping):
             study = str(obj.get("study", study))
@@ -165,7 +175,7 @@ def read_manifest(
             raise DataError(f"{path}: expected a list of records or an object with 'records'")
         items = [(f"{path}: records[{i}]", item) for i, item in enumerate(records)]
     if not items:
-        raise DataError(f"{path}: the manifest holds no records")
+        raise DataError(f"{path}: the manifest holds no records; add records or remove the study")
     for where, item in items:
         if item is _BAD_LINE:
             continue

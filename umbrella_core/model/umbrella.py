@@ -85,6 +85,10 @@ class UmbrellaModel(nn.Module):
         self.config.vision_feature_select_strategy = "full"
         self.image_token_id = int(image_token_id)
         self.loss_terms = list(loss_terms)
+        #: Absent modalities also go through the shared vision body, so every
+        #: rank calls the same modules in the same order: DeepSpeed ZeRO needs
+        #: this (UmbrellaTrainer sets it); DDP and one process do not.
+        self.uniform_module_order = False
         tower = _vision_tower(llava)
         hidden = int(getattr(tower.config, "hidden_size", llava.config.vision_config.hidden_size))
         for name, module in embedders.items():
@@ -266,12 +270,14 @@ class UmbrellaModel(nn.Module):
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Projected features per present modality, and the coverage term (exactly 0.0).
 
-        Every active embedder runs, in canonical order, on every call, each
-        followed by the shared vision body and projector: absent modalities
-        embed a single zero image, whose first token goes through the body and
-        projector and enters the loss multiplied by exactly 0.0 (I4). Their
-        parameters get exact-zero gradients, and every rank calls the same
-        modules in the same order whatever modalities its batch holds: ZeRO-3
+        Every active embedder runs, in canonical order, on every call: absent
+        modalities embed a single zero image whose output enters the loss
+        multiplied by exactly 0.0 (I4), so their parameters get exact-zero
+        gradients and DDP finds every parameter used. With
+        :attr:`uniform_module_order` (DeepSpeed) each embedder is followed by
+        the shared vision body and projector, for absent modalities on the
+        first token of their zero image: then every rank calls the same
+        modules in the same order whatever modalities its batch holds. ZeRO-3
         gathers parameters module by module in that order, and autograd runs
         the backward in reverse creation order, so gradients become ready in
         the same order on every rank too (ZeRO-2's buckets).
@@ -286,6 +292,7 @@ class UmbrellaModel(nn.Module):
         param = next(self.embeddings.parameters())
         features: dict[str, torch.Tensor] = {}
         dummy = torch.zeros((), device=param.device, dtype=torch.float32)
+        first_absent = None
         for modality in self.modalities:
             spec = self.specs[modality]
             images = pixel_values.get(modality)
@@ -300,9 +307,16 @@ class UmbrellaModel(nn.Module):
             else:
                 zero = torch.zeros((1, *spec.input_shape), device=param.device, dtype=param.dtype)
                 tokens = self.embeddings.embed(modality, zero)
-                # One token is enough to put the body and projector in the
-                # graph in this position; the whole image would cost ~7 % a step.
-                dummy = dummy + self._vision_body(tokens[:, :1]).float().sum()
+                if self.uniform_module_order:
+                    # One token is enough to put the body and projector in the
+                    # graph in this position; the whole image would cost ~7 % a step.
+                    dummy = dummy + self._vision_body(tokens[:, :1]).float().sum()
+                else:
+                    dummy = dummy + tokens.float().sum()
+                    first_absent = tokens if first_absent is None else first_absent
+        if not features and first_absent is not None and not self.uniform_module_order:
+            # A text-only batch: the shared body and projector must still be in the graph.
+            dummy = dummy + self._vision_body(first_absent[:, :1]).float().sum()
         return features, dummy * 0.0
 
     def splice(

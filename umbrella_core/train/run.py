@@ -118,25 +118,39 @@ def screen_records(
 ) -> tuple[list[list[StudyRecord]], list[Any]]:
     """Split records into usable ones and problems, before step 1 (I6).
 
-    ``check`` is ``files`` (every image file exists, every conversation encodes
-    within the model's length) or ``full`` (also decode and preprocess every
-    image, as ``umbrella validate`` does) or ``none`` (encoding only).
+    ``check`` is ``files`` (every image file exists and its NIfTI header fits
+    the modality: readable, a regular affine, 4D for a 4D modality, at least one
+    window of a windowed one; every conversation encodes within the model's
+    length) or ``full`` (also decode and preprocess every image, as ``umbrella
+    validate`` does: truncated data, NaN, all-zero images) or ``none``
+    (encoding only).
     """
-    from umbrella_core.validate import Problem, problem_from_error, validate_records
+    from concurrent.futures import ThreadPoolExecutor
+
+    from umbrella_core.imaging import missing_file_message
+    from umbrella_core.validate import Problem, check_headers, problem_from_error, validate_records
 
     problems: list[Problem] = []
     bad: set[int] = set()
     everything = [r for records in per_study for r in records]
+    headers: dict[tuple[str, tuple[str, ...]], list[str]] = {}
+    if check in ("files", "full"):
+
+        def header(key: tuple[str, tuple[str, ...]]) -> list[str]:
+            spec = (specs or {}).get(key[0])
+            if spec is None:
+                return [missing_file_message(p) for p in key[1] if not os.path.isfile(p)]
+            return check_headers(spec, key[1])
+
+        keys = list(dict.fromkeys((i.modality, i.paths) for r in everything for i in r.images))
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            headers = dict(zip(keys, pool.map(header, keys), strict=True))
     for record in everything:
         source = record.source or f"subject {record.subject}"
-        if check in ("files", "full"):
-            for i, image in enumerate(record.images):
-                for path in image.paths:
-                    if not os.path.isfile(path):
-                        problems.append(
-                            Problem(source, f"images[{i}].path", f"{path}: image file not found")
-                        )
-                        bad.add(id(record))
+        for i, image in enumerate(record.images):
+            for message in headers.get((image.modality, image.paths), ()):
+                problems.append(Problem(source, f"images[{i}].path", message))
+                bad.add(id(record))
         try:
             encode(record)
         except DataError as error:
@@ -163,6 +177,9 @@ class StudyData:
     studies: list[StudyConfig]
     per_study: list[list[StudyRecord]]
     skipped: dict[str, int]
+    #: Records refused while reading (bad lines, unknown modalities, paths
+    #: outside the dataset root), as ``validate.Problem`` values.
+    problems: list[Any] = attrs.field(factory=list)
 
     @property
     def locations(self) -> list[str]:
@@ -187,10 +204,22 @@ def read_studies(
     """Resolve the active modalities and read every study's records (the demo without studies).
 
     Records of inactive modalities are counted in ``skipped``; images named by
-    alias get their canonical modality name. Files are checked later, by
+    alias get their canonical modality name. Bad records (a bad JSON line, a
+    missing field, a modality no plugin provides, an image outside the study's
+    root unless ``data.allow_outside_root``) become ``problems``, which
+    :func:`prepare` treats as ``data.on_bad`` says; an error about a whole
+    study (unreadable, empty, not JSON) is raised. Files are checked later, by
     :func:`screen_records`.
     """
     from umbrella_core.data.demo import cached_demo
+    from umbrella_core.errors import PluginError
+    from umbrella_core.validate import (
+        Problem,
+        iter_study,
+        outside_root_problems,
+        problem_from_error,
+        study_root,
+    )
 
     demo = not config.data.studies
     specs, provenance = resolve_specs(config, pm, demo=demo)
@@ -210,16 +239,39 @@ def read_studies(
     records: list[StudyRecord] = []
     per_study: list[list[StudyRecord]] = []
     skipped: dict[str, int] = {}
+    problems: list[Problem] = []
+
+    def refused(error: DataError) -> None:
+        problems.append(problem_from_error(error))
+
     for study in studies:
         per_study.append([])
-        for record in pm.read_study(study.location, study.options):
+        root = study_root(study.location)
+        for record in iter_study(study.location, pm, study.options, refused):
+            source = record.source or f"subject {record.subject}"
+            if not demo and not config.data.allow_outside_root:
+                outside = outside_root_problems(record, root)
+                if outside:
+                    problems.extend(outside)
+                    continue
             inactive = [m for m in record.modalities if m not in specs]
             if inactive:
-                # Modalities may be named by alias in a manifest.
-                try:
-                    names = [pm.resolve_modality(m).item.name for m in record.modalities]
-                except Exception:
-                    names = record.modalities
+                # Modalities may be named by alias in a manifest; a name no
+                # plugin provides is a bad record, not an inactive modality.
+                names = []
+                for i, m in enumerate(record.modalities):
+                    try:
+                        names.append(pm.resolve_modality(m).item.name)
+                    except PluginError as error:
+                        problems.append(
+                            Problem(
+                                source,
+                                f"images[{i}].modality",
+                                str(error),
+                            )
+                        )
+                if len(names) < len(record.modalities):
+                    continue
                 if all(n in specs for n in names):
                     record = attrs.evolve(
                         record,
@@ -234,11 +286,18 @@ def read_studies(
             records.append(record)
             per_study[-1].append(record)
     locations = [study.location for study in studies]
+    if not records and problems:
+        shown = "\n  ".join(str(p) for p in problems[:5])
+        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
+        raise DataError(
+            f"{len(problems)} problem(s) in the data and no usable record; nothing was "
+            f"trained:\n  {shown}{more}"
+        )
     if not records:
         raise DataError(
             f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
         )
-    return StudyData(specs, provenance, studies, per_study, skipped)
+    return StudyData(specs, provenance, studies, per_study, skipped, problems)
 
 
 def prepare(
@@ -282,6 +341,7 @@ def prepare(
     per_study, problems = screen_records(
         per_study, check=config.data.check, encode=probe.encode, pm=pm, specs=specs
     )
+    problems = data.problems + problems  # refused while reading, then screened
     if problems and config.data.on_bad == "stop":
         shown = "\n  ".join(str(p) for p in problems[:5])
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -395,9 +455,10 @@ def resume_checkpoint(setting: str, out_dir: Path) -> str | None:
     if not setting:
         return None
     if setting == "auto":
-        from transformers.trainer_utils import get_last_checkpoint
+        from umbrella_core.train.faults import last_complete_checkpoint
 
-        return get_last_checkpoint(str(out_dir)) if out_dir.is_dir() else None
+        # Never a checkpoint a killed process was writing (train/faults.py).
+        return last_complete_checkpoint(out_dir)
     folder = Path(setting).expanduser()
     if not (folder / "trainer_state.json").is_file():
         raise ConfigError(
@@ -450,6 +511,7 @@ def training_arguments(config: RunConfig, out_dir: Path) -> Any:
         report_to="none",  # TensorBoard is added by train(), writing where we say
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
+        save_total_limit=t.save_total_limit if t.save_total_limit > 0 else None,
         # Optimizer, scheduler and RNG states too, so --resume continues exactly
         # (transformers reads them back with torch.load(weights_only=True)).
         save_only_model=False,
@@ -512,6 +574,7 @@ def train(
     from umbrella_core.data.interleave import Interleaving
     from umbrella_core.train.callbacks import attach_evaluation, check_evaluation
     from umbrella_core.train.evaluate import answer_accuracy, format_table, run_questions
+    from umbrella_core.train.faults import interrupted_error, stop_on_signals
     from umbrella_core.train.trainer import UmbrellaTrainer
 
     hf_logging.set_verbosity_error()
@@ -569,7 +632,11 @@ def train(
     )
     best = attach_evaluation(trainer, config, prep, out_dir) if evaluating else None
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with stop_on_signals(trainer, log=log if main_process else _quiet) as stopper:
+        result = trainer.train(resume_from_checkpoint=resume)
+    if stopper.stopped_at is not None:
+        # SIGINT/SIGTERM: checkpoint-N is saved; no final/ and no metrics.json.
+        raise interrupted_error(stopper, out_dir)
     elapsed = time.perf_counter() - started
     final_dir = out_dir / "final"
     metrics: dict[str, Any] = {

@@ -6,13 +6,48 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from umbrella_core.data.conversation import IGNORE_INDEX
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
 from umbrella_core.model.build import save_checkpoint
+from umbrella_core.train.faults import SampleSources, check_loss, save_training_checkpoint
 
 __all__ = ["UmbrellaTrainer"]
+
+
+class AbsentEmbeddersStayPut(TrainerCallback):
+    """Drop the exact-zero gradients of embedders whose modality no rank had this step.
+
+    Coverage gives them gradients of exactly 0.0 (I4), but Adam would still
+    move them with the momentum of earlier steps and count a step in their
+    state. With their gradients set to None the optimizer skips them, as if
+    the modality were not in the model for this step. After DDP's all-reduce
+    a gradient is exactly zero only when it was on every rank, so every rank
+    drops the same ones. DeepSpeed keeps gradients in its own buffers: there
+    the step is left as it is.
+    """
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not args.deepspeed:
+            drop_absent_embedder_gradients(kwargs.get("model"))
+
+
+def drop_absent_embedder_gradients(model: Any) -> list[str]:
+    """Set to None the gradients of embedders whose gradients are all exactly zero.
+
+    Returns the modalities whose embedders were dropped (see
+    :class:`AbsentEmbeddersStayPut`).
+    """
+    embeddings = getattr(getattr(model, "module", model), "embeddings", None)
+    dropped = []
+    for name, embedder in getattr(embeddings, "embedders", {}).items():
+        grads = [p.grad for p in embedder.parameters() if p.grad is not None]
+        if grads and not any(bool(g.any()) for g in grads):
+            for p in embedder.parameters():
+                p.grad = None
+            dropped.append(name)
+    return dropped
 
 
 class UmbrellaTrainer(Trainer):
@@ -49,6 +84,11 @@ class UmbrellaTrainer(Trainer):
         self._key_tokens: dict[str, int] = {}
         self._term_sum: dict[str, float] = {}
         self._term_count = 0
+        # Each batch names its samples' files, for the report of a NaN loss.
+        self.data_collator = SampleSources(self.data_collator)
+        self.add_callback(AbsentEmbeddersStayPut())
+        if self.is_deepspeed_enabled:
+            self.accelerator.unwrap_model(self.model).uniform_module_order = True
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         args = self.args
@@ -68,6 +108,7 @@ class UmbrellaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        sources = inputs.pop("sample_sources", None)
         outputs = model(**inputs)
         loss = outputs.loss
         if num_items_in_batch is not None and outputs.nll is not None:
@@ -89,6 +130,8 @@ class UmbrellaTrainer(Trainer):
             for name, value in (outputs.terms or {}).items():
                 self._term_sum[name] = self._term_sum.get(name, 0.0) + float(value.detach())
             self._term_count += 1
+            # Before the backward pass: a NaN/inf step is reported, never applied.
+            check_loss(self, loss, outputs, inputs.get("sample_keys"), sources)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -133,6 +176,10 @@ class UmbrellaTrainer(Trainer):
                 term_sum[name] = term_sum.get(name, 0.0) + value
         self._key_sum, self._key_tokens, self._term_sum = key_sum, key_tokens, term_sum
         self._term_count = sum(part[3] for part in parts)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # checkpoint-N/ appears whole or not at all (train/faults.py).
+        save_training_checkpoint(self, trial)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:

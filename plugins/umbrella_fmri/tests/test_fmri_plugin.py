@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 
@@ -15,8 +14,8 @@ from umbrella_fmri.phantom import block_design, make_bold_phantom
 from umbrella_fmri.plugin import FMRI
 from umbrella_fmri.preprocess import BACKGROUND_FRACTION
 
-from umbrella_core import DataError, ModalitySpec, imaging
-from umbrella_core.testing import embed_and_backpropagate, modules_imported_by, registered_hooks
+from umbrella_core import DataError, imaging
+from umbrella_core.testing import check_patch_embedder
 
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")
 FUNCTIONAL = os.path.join(data_path, "functional.nii")
@@ -55,18 +54,18 @@ def test_spec_metadata() -> None:
     assert "hemisphere" in FMRI.phantom_question
 
 
-def test_entry_point_is_installed() -> None:
-    points = importlib.metadata.entry_points(group="umbrella")
-    assert any(p.name == "fmri" and p.value == "umbrella_fmri.plugin" for p in points)
+def _label_of(series: np.ndarray) -> str:
+    # The label is the side that follows the task, not a voxel value: read it as a user would.
+    return "left" if _activation_x(series[0]) < series.shape[1] // 2 else "right"
 
 
-def test_hooks_match_the_hookspecs() -> None:
-    assert registered_hooks(plugin).umbrella_modalities() == [[FMRI]]
-
-
-def test_patch_embedder_ignores_other_modalities() -> None:
-    other = ModalitySpec(name="t1", ndim=3, shape=(8, 8, 8), patch_size=(4, 4, 4), load=len)
-    assert plugin.umbrella_patch_embedder(other, 16) is None
+def test_passes_the_plugin_conformance_checks(umbrella_conformance) -> None:
+    # Entry point, hooks, names and patterns, light import, embedder token count and
+    # dispatch by name, and the activation side surviving save_nifti + load.
+    checked = umbrella_conformance.modality_plugin(
+        plugin, entry_point="fmri", label_of={"fmri": _label_of}
+    )
+    assert checked == [DEMO]
 
 
 @pytest.mark.parametrize(
@@ -75,13 +74,8 @@ def test_patch_embedder_ignores_other_modalities() -> None:
 )
 def test_patch_embedder_follows_the_configured_geometry(shape, patch, tokens) -> None:
     spec = FMRI.with_geometry(shape, patch)
-    _, _, out = embed_and_backpropagate(plugin, spec, hidden_size=16)
-    assert out.shape == (2, tokens, 16)
-
-
-def test_importing_the_plugin_does_not_import_torch_or_nibabel() -> None:
-    code = "import umbrella_fmri.plugin as p; p.umbrella_modalities()"
-    assert modules_imported_by(code, ("torch", "nibabel")) == []
+    assert spec.num_tokens == tokens
+    check_patch_embedder(plugin, spec, hidden_size=16)
 
 
 # ---------------------------------------------------------------------------

@@ -63,7 +63,8 @@ def load_bold(
     data, _ = load_nifti(path)
     if data.ndim == 3:
         raise DataError(
-            f"{path}: expected a 4D series (x, y, z, time), got a 3D volume of shape {data.shape}"
+            f"{path}: expected a 4D series (x, y, z, time), got a 3D volume of shape "
+            f"{data.shape}; give the BOLD series, not a single volume"
         )
     if data.ndim != 4:
         raise DataError(f"{path}: expected a 4D series (x, y, z, time), got shape {data.shape}")

@@ -127,11 +127,26 @@ def test_column_task_split_and_overrides(pm, bids, text):
     }
 
 
-def test_foreign_and_manifest_folders_are_not_ours(pm, tmp_path, text, jsonfile):
+@pytest.mark.parametrize("prefix", ["bids:", ""])
+def test_passes_the_study_reader_conformance_checks(umbrella_conformance, bids, prefix):
+    # Foreign folders, files and missing paths give None; the sample gives valid records
+    # (existing absolute paths, placeholders matching images, an answer, a known split).
     import umbrella_studies.plugin as plugin
 
-    assert plugin.umbrella_study_reader(str(tmp_path), {}) is None
-    assert plugin.umbrella_study_reader("s3://bucket/x", {}) is None
+    umbrella_conformance.registration(plugin, entry_point="studies")
+    records = umbrella_conformance.study_reader(
+        plugin,
+        prefix + str(bids),
+        options={"tasks": ["sex"]},
+        modalities=("t1", "fmri", "dmri"),
+        min_records=4,
+    )
+    assert {r.subject for r in records} == {"sub-01", "sub-02", "sub-03", "sub-04"}
+
+
+def test_a_bids_folder_that_also_holds_a_manifest_is_not_ours(pm, tmp_path, text, jsonfile):
+    import umbrella_studies.plugin as plugin
+
     jsonfile(tmp_path / "dataset_description.json", {"Name": "x"})
     text(
         tmp_path / "manifest.jsonl",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from umbrella_t1.plugin import T1
 from umbrella_t1.preprocess import find_brain_mask, load_t1, output_spacing, t1_loader
 
 from umbrella_core import DataError, ModalitySpec, imaging
-from umbrella_core.testing import embed_and_backpropagate, modules_imported_by, registered_hooks
+from umbrella_core.testing import check_patch_embedder
 
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")
 FUNCTIONAL = os.path.join(data_path, "functional.nii")
@@ -85,21 +84,10 @@ def test_spec_metadata() -> None:
     assert T1.phantom_question == "Which hemisphere holds the lesion?"
 
 
-def test_entry_point_is_installed() -> None:
-    points = importlib.metadata.entry_points(group="umbrella")
-    assert any(p.name == "t1" and p.value == "umbrella_t1.plugin" for p in points)
-
-
-def test_hooks_match_the_hookspecs() -> None:
-    hook = registered_hooks(plugin)  # every umbrella_* function is a known hook
-    assert hook.umbrella_modalities() == [[T1]]
-    module = hook.umbrella_patch_embedder(spec=DEMO, hidden_size=8)
-    assert module is not None
-
-
-def test_patch_embedder_ignores_other_modalities() -> None:
-    other = ModalitySpec(name="dmri", ndim=3, shape=(8, 8, 8), patch_size=(4, 4, 4), load=len)
-    assert plugin.umbrella_patch_embedder(other, 16) is None
+def test_passes_the_plugin_conformance_checks(umbrella_conformance) -> None:
+    # Entry point, hooks, names and patterns, light import, embedder token count and
+    # dispatch by name, and the phantom's label surviving save_nifti + load.
+    assert umbrella_conformance.modality_plugin(plugin, entry_point="t1") == [DEMO]
 
 
 @pytest.mark.parametrize(
@@ -107,13 +95,8 @@ def test_patch_embedder_ignores_other_modalities() -> None:
 )
 def test_patch_embedder_follows_the_configured_geometry(shape, patch, tokens) -> None:
     spec = T1.with_geometry(shape, patch)
-    _, _, out = embed_and_backpropagate(plugin, spec, hidden_size=16)
-    assert out.shape == (2, tokens, 16)
-
-
-def test_importing_the_plugin_does_not_import_torch_or_nibabel() -> None:
-    code = "import umbrella_t1.plugin as p; p.umbrella_modalities()"
-    assert modules_imported_by(code, ("torch", "nibabel")) == []
+    module = check_patch_embedder(plugin, spec, hidden_size=16)
+    assert spec.num_tokens == tokens and module is not None
 
 
 # ---------------------------------------------------------------------------

@@ -6,10 +6,17 @@
 * :func:`fresh_plugin_manager` gives a manager with the built-ins and no
   installed entry points, so a test sees only what it registers.
 * :func:`registered_hooks`, :func:`embed_and_backpropagate` and
-  :func:`modules_imported_by` are the checks every modality plugin's tests run
-  on itself.
+  :func:`modules_imported_by` are the building blocks of the checks.
+* ``check_*`` (from :mod:`umbrella_core.testing.conformance`) are the
+  conformance checks every modality or study plugin runs on itself;
+  :func:`check_modality_plugin` runs them all for a modality plugin.
+* :mod:`umbrella_core.testing.strategies` holds hypothesis strategies
+  (imported on its own: hypothesis is a test dependency).
+* :mod:`umbrella_core.testing.pytest_plugin` is registered as a pytest plugin
+  (entry point ``pytest11``): fixtures ``umbrella_conformance``,
+  ``modality_conformance``, ``umbrella_plugin_manager`` and ``umbrella_cache``.
 
-Importing this module does not import torch.
+Importing this package does not import torch.
 """
 
 from __future__ import annotations
@@ -19,9 +26,37 @@ from typing import Any
 
 from umbrella_core.hookspecs import hookimpl
 from umbrella_core.plugins import PluginManager
+from umbrella_core.testing.conformance import (
+    ConformanceError,
+    check_entry_point,
+    check_light_import,
+    check_loader,
+    check_modality_plugin,
+    check_patch_embedder,
+    check_phantom_round_trip,
+    check_records,
+    check_registration,
+    check_spec,
+    check_study_reader,
+    check_study_reader_ignores_foreign,
+    write_phantom,
+)
 from umbrella_core.types import ModalitySpec, PhantomFile
 
 __all__ = [
+    "ConformanceError",
+    "check_entry_point",
+    "check_light_import",
+    "check_loader",
+    "check_modality_plugin",
+    "check_patch_embedder",
+    "check_phantom_round_trip",
+    "check_records",
+    "check_registration",
+    "check_spec",
+    "check_study_reader",
+    "check_study_reader_ignores_foreign",
+    "write_phantom",
     "toy_modality",
     "ToyModalityPlugin",
     "fresh_plugin_manager",

@@ -1,0 +1,446 @@
+"""Bad input through the real entry points: one clear error, or a counted skip (I6, I7).
+
+Each case breaks one record (or the whole study) of a small clean study (t1 and
+fmri at demo geometry) and checks what a user sees:
+
+* ``umbrella validate`` reports exactly one problem naming the file (and
+  line/field) and saying what to do;
+* ``umbrella train`` (``data.on_bad=stop``, the default) stops before step 1
+  with that error and leaves an earlier run's outputs in the same output
+  folder byte-identical;
+* ``umbrella train --set data.on_bad=skip`` trains without the bad samples and
+  lists each of them in ``OUTPUT_DIR/bad_samples.json``.
+
+Problems visible in the NIfTI header are caught by the default
+``data.check=files``; those that need the voxels decoded (truncated data, NaN,
+all-zero images) by ``data.check=full`` (and ``umbrella validate``).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import attrs
+import nibabel as nib
+import numpy as np
+import pytest
+
+from umbrella_core.cli import main
+from umbrella_core.data.demo import write_demo
+from umbrella_core.imaging import save_nifti
+from umbrella_core.plugins import get_plugin_manager
+
+ROOT = Path(__file__).resolve().parent.parent
+MODALITIES = ("t1", "fmri")
+
+
+def _record(modality: str, path: str, *, user="<image>\nWhich side?", assistant="left") -> dict:
+    turns = [{"role": "user", "content": user}]
+    if assistant is not None:
+        turns.append({"role": "assistant", "content": assistant})
+    return {
+        "subject": "sub-bad",
+        "images": [{"modality": modality, "path": path}],
+        "conversation": turns,
+    }
+
+
+def _append(manifest: Path, line: str) -> int:
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([*lines, line]) + "\n")
+    return len(lines) + 1
+
+
+def _good_t1(study: Path) -> Path:
+    return next((study / "t1").glob("*_T1w.nii.gz"))
+
+
+@attrs.frozen
+class Case:
+    """One kind of bad input.
+
+    Attributes:
+        build: Breaks ``study`` (a copy of the clean one) and returns the
+            manifest line it added (None: the whole study is broken).
+        says: Fragments the one error must hold (what and what to do);
+            ``{study}`` is replaced by the study folder.
+        decode: Found only by decoding the voxels (``data.check=full``).
+        validate: Checked by ``umbrella validate`` too (it has no tokenizer,
+            so it cannot measure sequence lengths).
+    """
+
+    build: Callable[[Path, Path], int | None]
+    says: tuple[str, ...]
+    decode: bool = False
+    validate: bool = True
+
+
+def _missing(study, manifest):
+    return _append(manifest, json.dumps(_record("t1", "anat/nope_T1w.nii.gz")))
+
+
+def _truncated(study, manifest):
+    raw = _good_t1(study).read_bytes()
+    (study / "truncated_T1w.nii.gz").write_bytes(raw[: len(raw) // 2])
+    return _append(manifest, json.dumps(_record("t1", "truncated_T1w.nii.gz")))
+
+
+def _not_nifti(study, manifest):
+    (study / "notes_T1w.nii.gz").write_text("scanner notes, not an image\n")
+    return _append(manifest, json.dumps(_record("t1", "notes_T1w.nii.gz")))
+
+
+def _volume_as_fmri(study, manifest):
+    shutil.copy(_good_t1(study), study / "single_bold.nii.gz")
+    return _append(manifest, json.dumps(_record("fmri", "single_bold.nii.gz")))
+
+
+def _short_series(study, manifest):
+    series = np.random.default_rng(0).random((24, 24, 24, 4)).astype(np.float32) + 1.0
+    save_nifti(study / "short_bold.nii.gz", series, np.eye(4), tr=2.0)
+    return _append(manifest, json.dumps(_record("fmri", "short_bold.nii.gz")))
+
+
+def _nan(study, manifest):
+    volume = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    volume[3, 4, 5] = np.inf
+    save_nifti(study / "nan_T1w.nii.gz", volume, np.eye(4))
+    return _append(manifest, json.dumps(_record("t1", "nan_T1w.nii.gz")))
+
+
+def _all_zero(study, manifest):
+    save_nifti(study / "zero_T1w.nii.gz", np.zeros((16, 16, 16), np.float32), np.eye(4))
+    return _append(manifest, json.dumps(_record("t1", "zero_T1w.nii.gz")))
+
+
+def _singular_affine(study, manifest):
+    volume = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    # nibabel refuses to build such an affine: write the sform rows by hand.
+    header = nib.Nifti1Header()
+    header.set_data_shape(volume.shape)
+    header.set_data_dtype(volume.dtype)
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = np.diag([1.0, 1.0, 0.0, 1.0])[:3]
+    nib.save(nib.Nifti1Image(volume, None, header), str(study / "flat_T1w.nii.gz"))
+    return _append(manifest, json.dumps(_record("t1", "flat_T1w.nii.gz")))
+
+
+def _empty_manifest(study, manifest):
+    manifest.write_text("")
+    return None
+
+
+def _malformed_line(study, manifest):
+    return _append(manifest, '{"subject": "sub-bad", "images": [')
+
+
+def _unknown_modality(study, manifest):
+    shutil.copy(_good_t1(study), study / "scan_pet.nii.gz")
+    return _append(manifest, json.dumps(_record("pet", "scan_pet.nii.gz")))
+
+
+def _placeholders(study, manifest):
+    path = str(_good_t1(study).relative_to(study))
+    return _append(manifest, json.dumps(_record("t1", path, user="<image>\n<image>\nSide?")))
+
+
+def _no_assistant(study, manifest):
+    path = str(_good_t1(study).relative_to(study))
+    return _append(manifest, json.dumps(_record("t1", path, assistant=None)))
+
+
+def _too_long(study, manifest):
+    path = str(_good_t1(study).relative_to(study))
+    return _append(manifest, json.dumps(_record("t1", path, assistant="left " * 400)))
+
+
+def _unreadable_folder(study, manifest):
+    locked = study / "locked"
+    locked.mkdir()
+    shutil.copy(_good_t1(study), locked / "sub-x_T1w.nii.gz")
+    locked.chmod(0)
+    return _append(manifest, json.dumps(_record("t1", "locked/sub-x_T1w.nii.gz")))
+
+
+def _absolute_outside(study, manifest):
+    outside = study.parent / "elsewhere_T1w.nii.gz"
+    shutil.copy(_good_t1(study), outside)
+    return _append(manifest, json.dumps(_record("t1", str(outside))))
+
+
+def _dotdot_outside(study, manifest):
+    shutil.copy(_good_t1(study), study.parent / "up_T1w.nii.gz")
+    return _append(manifest, json.dumps(_record("t1", "../up_T1w.nii.gz")))
+
+
+def _symlink_outside(study, manifest):
+    target = study.parent / "target_T1w.nii.gz"
+    shutil.copy(_good_t1(study), target)
+    (study / "link_T1w.nii.gz").symlink_to(target)
+    return _append(manifest, json.dumps(_record("t1", "link_T1w.nii.gz")))
+
+
+OUTSIDE = ("outside the dataset root", "data.allow_outside_root=true")
+CASES = {
+    "missing-file": Case(_missing, ("anat/nope_T1w.nii.gz: file not found", "check the path")),
+    "truncated": Case(
+        _truncated, ("truncated_T1w.nii.gz", "truncated or corrupt", "re-export"), decode=True
+    ),
+    "not-nifti": Case(_not_nifti, ("notes_T1w.nii.gz: not a readable NIfTI file", "re-export")),
+    "3d-as-fmri": Case(_volume_as_fmri, ("single_bold.nii.gz: expected a 4D series", "not a")),
+    "short-series": Case(
+        _short_series, ("short_bold.nii.gz", "fewer than the 8", "use a longer series")
+    ),
+    "nan-inf": Case(_nan, ("nan_T1w.nii.gz: 1 of 4096 voxels are NaN or infinite",), decode=True),
+    "all-zero": Case(_all_zero, ("zero_T1w.nii.gz: all voxels are zero", "re-export"), decode=True),
+    "singular-affine": Case(_singular_affine, ("flat_T1w.nii.gz", "singular", "fix the sform")),
+    "empty-manifest": Case(_empty_manifest, ("manifest.jsonl: the manifest holds no records",)),
+    "malformed-line": Case(_malformed_line, ("invalid JSON", "fix the JSON or remove the line")),
+    "unknown-modality": Case(
+        _unknown_modality, ("unknown modality 'pet'", "install the plugin that provides it")
+    ),
+    "placeholders": Case(_placeholders, ("2 <image> placeholder(s)", "1 image(s)", "put one")),
+    "no-assistant": Case(_no_assistant, ("no assistant turn", "add the answer")),
+    "too-long": Case(_too_long, ("tokens long", "raise model.max_length"), validate=False),
+    "unreadable-folder": Case(_unreadable_folder, ("permission denied on the folder", "chmod")),
+    "absolute-outside": Case(_absolute_outside, ("elsewhere_T1w.nii.gz", *OUTSIDE)),
+    "dotdot-outside": Case(_dotdot_outside, ("up_T1w.nii.gz", *OUTSIDE)),
+    "symlink-outside": Case(_symlink_outside, ("link_T1w.nii.gz", "resolves to", *OUTSIDE)),
+}
+STUDY_LEVEL = {"empty-manifest"}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """A clean study (2 subjects of t1 and of fmri, demo geometry) and a run config for it."""
+    pm = get_plugin_manager()
+    specs = {n: pm.resolve_modality(n).item.for_demo() for n in MODALITIES}
+    base = tmp_path_factory.mktemp("clean")
+    manifest = write_demo(base / "study", specs, subjects=2)
+    geometry = {
+        n: {"shape": list(s.shape), "patch_size": list(s.patch_size)} for n, s in specs.items()
+    }
+    config = base / "run.yaml"
+    config.write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "model": {"max_length": 512},
+                "data": {"modalities": list(MODALITIES), "geometry": geometry},
+                "trainer": {
+                    "max_steps": 1,
+                    "batch_size": 2,
+                    "eval_strategy": "no",
+                    "generate_samples": 0,
+                    "progress": False,
+                    "logging_steps": 1,
+                },
+            }
+        )
+    )
+    return manifest, config
+
+
+@pytest.fixture(scope="module")
+def earlier_run(clean, tmp_path_factory):
+    """The output folder of a finished run on the clean study, and its files' hashes."""
+    manifest, config = clean
+    out = tmp_path_factory.mktemp("earlier") / "run"
+    assert _train(config, manifest, out) == 0
+    return out, _hashes(out)
+
+
+def _train(config: Path, study: Path, out: Path, *overrides: str) -> int:
+    sets = [x for o in overrides for x in ("--set", o)]
+    return main(
+        ["train", "--config", str(config), "--study", str(study), "--output-dir", str(out), *sets]
+    )
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def broken(request, clean, tmp_path, monkeypatch):
+    """A copy of the clean study with one case applied: (case, manifest, line, says)."""
+    name = request.param
+    case = CASES[name]
+    manifest = Path(shutil.copytree(clean[0].parent, tmp_path / "study")) / "manifest.jsonl"
+    line = case.build(manifest.parent, manifest)
+    if name == "unreadable-folder":
+        _deny_locked_folder(manifest.parent / "locked", monkeypatch)
+    says = tuple(s.replace("{study}", str(manifest.parent)) for s in case.says)
+    yield case, manifest, line, says
+    if (manifest.parent / "locked").exists():
+        (manifest.parent / "locked").chmod(0o755)
+
+
+def _deny_locked_folder(locked: Path, monkeypatch) -> None:
+    """As a user without permission sees ``chmod 000`` (root ignores it, so simulate)."""
+    if os.geteuid() != 0:
+        return  # the real chmod applies
+    real_access, real_stat = os.access, os.stat
+    prefix = str(locked)
+
+    def access(path, mode, *args, **kwargs):
+        if os.fspath(path) == prefix:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    def stat(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(prefix + os.sep):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(os, "stat", stat)
+
+
+def _source(manifest: Path, line: int | None) -> str:
+    return f"{manifest}:{line}" if line is not None else str(manifest)
+
+
+# umbrella validate has no tokenizer, so conversation lengths are train's to check.
+@pytest.mark.parametrize(
+    "broken", [name for name, case in CASES.items() if case.validate], indirect=True
+)
+def test_validate_reports_one_problem_naming_file_line_and_what_to_do(broken, capsys):
+    case, manifest, line, says = broken
+    assert main(["validate", str(manifest)]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    problems = out[:-1]
+    assert len(problems) == 1, "\n".join(out)
+    assert problems[0].startswith(_source(manifest, line)), problems[0]
+    for fragment in says:
+        assert fragment in problems[0], problems[0]
+
+
+@pytest.mark.parametrize("broken", list(CASES), indirect=True)
+def test_train_stops_before_step_1_and_keeps_the_earlier_run(broken, clean, earlier_run, capsys):
+    case, manifest, line, says = broken
+    out, before = earlier_run
+    check = "full" if case.decode else "files"  # files: the default
+    assert _train(clean[1], manifest, out, f"data.check={check}") == 2
+    error = capsys.readouterr().err
+    assert error.startswith("umbrella: error: ") and "Traceback" not in error
+    if line is not None:
+        assert "1 problem(s) in the data; nothing was trained" in error, error
+        assert "data.on_bad=skip" in error
+    assert _source(manifest, line) in error
+    for fragment in says:
+        assert fragment in error, error
+    assert _hashes(out) == before  # the earlier run's checkpoint and outputs, byte-identical
+
+
+def test_skip_trains_without_every_bad_sample_and_counts_them(clean, tmp_path, monkeypatch, capsys):
+    manifest = Path(shutil.copytree(clean[0].parent, tmp_path / "study")) / "manifest.jsonl"
+    expected = {}
+    for name, case in CASES.items():
+        if name not in STUDY_LEVEL:
+            expected[_source(manifest, case.build(manifest.parent, manifest))] = name
+    _deny_locked_folder(manifest.parent / "locked", monkeypatch)
+    out = tmp_path / "out"
+    try:
+        code = _train(clean[1], manifest, out, "data.on_bad=skip", "data.check=full")
+    finally:
+        (manifest.parent / "locked").chmod(0o755)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"skipping {len(expected)} bad sample(s)" in captured.out
+    assert f"skipped {len(expected)} bad sample(s), listed in" in captured.out
+    bad = json.loads((out / "bad_samples.json").read_text())
+    assert sorted(b["source"] for b in bad) == sorted(expected), bad
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "broken", ["absolute-outside", "dotdot-outside", "symlink-outside"], indirect=True
+)
+def test_outside_root_is_accepted_when_the_setting_allows_it(broken, capsys):
+    _, manifest, _, _ = broken
+    assert main(["validate", str(manifest), "--set", "data.allow_outside_root=true"]) == 0
+    assert "0 problems" in capsys.readouterr().out
+
+
+def test_a_whole_json_file_that_does_not_parse_names_its_line(tmp_path, capsys):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('[\n  {"subject": "a",\n  "images": []\n  oops\n]\n')
+    assert main(["train", "--study", str(manifest), "--output-dir", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err
+    assert f"{manifest}:4: invalid JSON" in error and "fix the JSON" in error
+
+
+# -- trust: nothing unpickles on load (I7) -------------------------------------------
+
+_PICKLERS = {"pickle", "cPickle", "_pickle", "dill", "joblib", "cloudpickle", "shelve"}
+
+
+def _unsafe_loads(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+        attr = node.func.attr
+        keywords = {k.arg: k.value for k in node.keywords}
+
+        def true(key, keywords=keywords):
+            value = keywords.get(key)
+            return isinstance(value, ast.Constant) and value.value is True
+
+        if owner in _PICKLERS and attr in ("load", "loads", "Unpickler", "open"):
+            found.append(f"{path}:{node.lineno}: {owner}.{attr}")
+        elif owner == "torch" and attr == "load" and not true("weights_only"):
+            found.append(f"{path}:{node.lineno}: torch.load without weights_only=True")
+        elif owner in ("np", "numpy") and attr == "load" and "allow_pickle" in keywords:
+            if not (
+                isinstance(keywords["allow_pickle"], ast.Constant) and not true("allow_pickle")
+            ):
+                found.append(f"{path}:{node.lineno}: np.load(allow_pickle=...)")
+    return found
+
+
+def test_no_code_unpickles_on_load():
+    files = list((ROOT / "umbrella_core").rglob("*.py"))
+    files += list((ROOT / "plugins").glob("*/umbrella_*/**/*.py"))
+    assert len(files) > 20
+    found = [hit for path in files for hit in _unsafe_loads(path)]
+    assert not found, "\n".join(found)
+
+
+def test_the_scan_catches_what_it_is_for(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text(
+        "import pickle, torch, numpy as np\n"
+        "pickle.load(f)\n"
+        "torch.load(p)\n"
+        "torch.load(p, weights_only=False)\n"
+        "np.load(p, allow_pickle=True)\n"
+        "torch.load(p, weights_only=True)\n"
+        "np.load(p)\n"
+    )
+    assert [hit.split(": ", 1)[0].rsplit(":", 1)[1] for hit in _unsafe_loads(bad)] == [
+        "2",
+        "3",
+        "4",
+        "5",
+    ]
+
+
+def test_checkpoints_hold_no_pickled_model_files(earlier_run):
+    out, _ = earlier_run
+    final = out / "final"
+    names = {p.name for p in final.iterdir()}
+    assert "model.safetensors" in names and "umbrella.json" in names
+    pickled = [p for p in final.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert not pickled, pickled

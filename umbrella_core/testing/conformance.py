@@ -1,0 +1,606 @@
+"""Conformance checks a modality or study plugin runs in its own tests.
+
+Each ``check_*`` function raises :class:`ConformanceError` (an AssertionError,
+so pytest reports it as a failed test) with a message naming the plugin, the
+modality and what the core would trip over. They are plain functions: call
+them from any test, or use the ``umbrella_conformance`` fixture of the pytest
+plugin, which supplies the temporary folders.
+
+Typical use in a modality plugin's tests::
+
+    from umbrella_core.testing import check_modality_plugin
+    import my_pet.plugin as plugin
+
+    def test_conformance(tmp_path):
+        check_modality_plugin(plugin, tmp_path, entry_point="pet")
+
+and in a study plugin's tests::
+
+    from umbrella_core.testing import check_study_reader
+
+    def test_conformance(tmp_path):
+        folder = write_my_tiny_study(tmp_path / "study")
+        check_study_reader(plugin, f"mine:{folder}", tmp_path / "scratch")
+
+Importing this module does not import torch or nibabel.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, PhantomFile, StudyRecord
+
+__all__ = [
+    "ConformanceError",
+    "SPLITS",
+    "check_registration",
+    "check_entry_point",
+    "check_spec",
+    "check_loader",
+    "check_phantom_round_trip",
+    "check_patch_embedder",
+    "check_modality_plugin",
+    "check_records",
+    "check_study_reader",
+    "check_study_reader_ignores_foreign",
+    "check_light_import",
+    "write_phantom",
+]
+
+#: The splits a StudyRecord may name.
+SPLITS = ("train", "validation", "test")
+
+_NAME = re.compile(r"^[a-z][a-z0-9_+-]*$")
+
+
+class ConformanceError(AssertionError):
+    """A plugin does not do what the core relies on."""
+
+
+def _require(condition: object, message: str) -> None:
+    if not condition:
+        raise ConformanceError(message)
+
+
+def _plugin_name(plugin: object) -> str:
+    return getattr(plugin, "__name__", None) or type(plugin).__name__
+
+
+def _hooks(plugin: object) -> Any:
+    from umbrella_core.testing import registered_hooks
+
+    try:
+        return registered_hooks(plugin)
+    except Exception as exc:  # pluggy's validation errors: report them as conformance
+        raise ConformanceError(
+            f"plugin {_plugin_name(plugin)!r}: hook implementations do not match the "
+            f"hook specifications: {exc}"
+        ) from exc
+
+
+# ---------------------------------------------------------------------------
+# Registration metadata
+# ---------------------------------------------------------------------------
+
+
+def check_spec(spec: ModalitySpec) -> None:
+    """One ModalitySpec's metadata: names, patterns, phantom labels and callables."""
+    where = f"modality {spec.name!r}"
+    _require(isinstance(spec, ModalitySpec), f"{spec!r} is not a ModalitySpec")
+    for name in (spec.name, *spec.aliases):
+        _require(
+            _NAME.match(name),
+            f"{where}: name or alias {name!r} must be lower-case letters, digits, _ + -, "
+            "starting with a letter (users type it in --modalities and kind:PATH)",
+        )
+    _require(
+        len({spec.name, *spec.aliases}) == 1 + len(spec.aliases),
+        f"{where}: the name and aliases {spec.aliases} repeat each other",
+    )
+    _require(callable(spec.load), f"{where}: load is not callable")
+    for pattern in spec.file_patterns:
+        _require(
+            isinstance(pattern, str) and pattern.strip() == pattern and pattern,
+            f"{where}: file pattern {pattern!r} must be a non-empty string without spaces around",
+        )
+        _require(
+            "/" not in pattern and os.sep not in pattern,
+            f"{where}: file pattern {pattern!r} matches file names, not paths",
+        )
+        _require(
+            any(c in pattern for c in "*?["),
+            f"{where}: file pattern {pattern!r} has no wildcard: it would match one file name",
+        )
+        _require(
+            not fnmatch.fnmatch("README.md", pattern) and not fnmatch.fnmatch("x.json", pattern),
+            f"{where}: file pattern {pattern!r} matches unrelated files (README.md, x.json)",
+        )
+    _require(
+        len(set(spec.file_patterns)) == len(spec.file_patterns),
+        f"{where}: file patterns repeat: {spec.file_patterns}",
+    )
+    if spec.phantom is not None:
+        _require(callable(spec.phantom), f"{where}: phantom is not callable")
+        _require(
+            len(spec.phantom_labels) >= 2
+            and len(set(spec.phantom_labels)) == len(spec.phantom_labels),
+            f"{where}: phantom_labels {spec.phantom_labels} must be two or more distinct answers",
+        )
+        _require(spec.phantom_question.strip(), f"{where}: phantom_question is empty")
+    for field in ("series", "frames", "companions", "configure"):
+        value = getattr(spec, field)
+        _require(value is None or callable(value), f"{where}: {field} is not callable")
+    _require(
+        (spec.series is None) == (spec.frames is None),
+        f"{where}: series and frames go together (one is set, the other is not)",
+    )
+    if spec.window_stride is not None:
+        _require(spec.window_stride > 0, f"{where}: window_stride must be positive")
+    if spec.demo_shape is not None or spec.demo_patch_size is not None:
+        try:
+            spec.for_demo()
+        except ValueError as exc:
+            raise ConformanceError(f"{where}: the demo geometry is invalid: {exc}") from exc
+
+
+def check_registration(plugin: object, *, entry_point: str | None = None) -> list[ModalitySpec]:
+    """The plugin's hooks match the hook specifications and its modalities are well formed.
+
+    Checks that every ``umbrella_*`` function is a known hook asking only for
+    known arguments, that ``umbrella_modalities`` returns ModalitySpec values
+    with lower-case names and aliases unique among themselves and against
+    ``umbrella_core``'s other registered plugins, and (``entry_point`` given)
+    that the ``umbrella`` entry point of that name is installed and loads this
+    plugin.
+
+    Returns:
+        The ModalitySpec values the plugin declares (possibly none: a study plugin).
+    """
+    hooks = _hooks(plugin)
+    specs: list[ModalitySpec] = []
+    for result in hooks.umbrella_modalities():
+        for spec in result or ():
+            _require(
+                isinstance(spec, ModalitySpec),
+                f"plugin {_plugin_name(plugin)!r}: umbrella_modalities returned "
+                f"{type(spec).__name__}, expected ModalitySpec",
+            )
+            check_spec(spec)
+            specs.append(spec)
+    seen: dict[str, str] = {}
+    for spec in specs:
+        for key in (spec.name, *spec.aliases):
+            _require(
+                key not in seen,
+                f"plugin {_plugin_name(plugin)!r}: {key!r} names both modality "
+                f"{seen.get(key)!r} and {spec.name!r}",
+            )
+            seen[key] = spec.name
+    # The plugin must register in a real manager beside the built-ins.
+    from umbrella_core.testing import fresh_plugin_manager
+
+    try:
+        fresh_plugin_manager(plugin).modality_registry()
+    except Exception as exc:
+        raise ConformanceError(f"plugin {_plugin_name(plugin)!r} does not register: {exc}") from exc
+    if entry_point is not None:
+        check_entry_point(entry_point, plugin)
+    return specs
+
+
+def check_entry_point(name: str, plugin: object | None = None) -> Any:
+    """The ``umbrella`` entry point ``name`` is installed, imports, and is ``plugin``."""
+    from importlib import metadata
+
+    points = [p for p in metadata.entry_points(group="umbrella") if p.name == name]
+    _require(
+        points,
+        f"no 'umbrella' entry point named {name!r} is installed: declare it under "
+        "[project.entry-points.umbrella] in pyproject.toml and pip install the distribution",
+    )
+    _require(len(points) == 1, f"entry point {name!r} is declared {len(points)} times")
+    try:
+        loaded = points[0].load()
+    except Exception as exc:
+        raise ConformanceError(
+            f"entry point {name!r} ({points[0].value}) does not import: {type(exc).__name__}: {exc}"
+        ) from exc
+    if plugin is not None:
+        _require(
+            loaded is plugin,
+            f"entry point {name!r} loads {points[0].value}, not {_plugin_name(plugin)}",
+        )
+    return loaded
+
+
+def check_light_import(
+    module: str, heavy: Sequence[str] = ("torch", "nibabel", "transformers")
+) -> None:
+    """Importing ``module`` and declaring its modalities pulls in none of ``heavy``.
+
+    ``umbrella plugins`` imports every installed plugin: a torch import at
+    module level makes it take seconds.
+    """
+    from umbrella_core.testing import modules_imported_by
+
+    code = (
+        f"import {module} as p\n"
+        "f = getattr(p, 'umbrella_modalities', None)\n"
+        "f() if callable(f) else None"
+    )
+    found = modules_imported_by(code, heavy)
+    _require(not found, f"importing {module} imports {', '.join(found)}: import them lazily")
+
+
+# ---------------------------------------------------------------------------
+# Loading and phantoms
+# ---------------------------------------------------------------------------
+
+
+def write_phantom(
+    spec: ModalitySpec,
+    folder: str | os.PathLike[str],
+    label: str,
+    *,
+    seed: int = 0,
+    stem: str = "sub-01",
+) -> list[str]:
+    """Write ``spec``'s phantom for ``label`` as NIfTI files; return their paths in channel order.
+
+    Files are named ``{stem}_{suffix}.nii.gz`` with :func:`umbrella_core.imaging.save_nifti`,
+    as the built-in demo writes them.
+    """
+    import numpy as np
+
+    from umbrella_core.imaging import save_nifti
+
+    _require(spec.phantom is not None, f"modality {spec.name!r} has no phantom")
+    files = spec.phantom(spec, np.random.default_rng(seed), label)
+    _require(
+        files and all(isinstance(f, PhantomFile) for f in files),
+        f"modality {spec.name!r}: phantom must return a non-empty list of PhantomFile",
+    )
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return [
+        save_nifti(folder / f"{stem}_{f.suffix}.nii.gz", f.data, f.affine, tr=f.tr) for f in files
+    ]
+
+
+def check_loader(spec: ModalitySpec, paths: Sequence[str]) -> Any:
+    """``spec.load`` on ``paths``: shape ``(channels, *shape)``, float32, finite, deterministic.
+
+    Returns:
+        The loaded array.
+    """
+    import numpy as np
+
+    where = f"modality {spec.name!r}: load({', '.join(os.path.basename(p) for p in paths)})"
+    first = spec.load(spec, tuple(paths))
+    _require(isinstance(first, np.ndarray), f"{where} returned {type(first).__name__}, not ndarray")
+    _require(
+        first.shape == spec.input_shape,
+        f"{where} gave shape {first.shape}, expected (channels, *shape) = {spec.input_shape}",
+    )
+    _require(first.dtype == np.float32, f"{where} gave dtype {first.dtype}, expected float32")
+    _require(np.isfinite(first).all(), f"{where} gave NaN or Inf values")
+    _require(float(np.ptp(first)) > 0, f"{where} gave a constant array")
+    second = spec.load(spec, tuple(paths))
+    _require(
+        np.array_equal(first, second),
+        f"{where} is not deterministic: loading the same file twice gave different arrays",
+    )
+    return first
+
+
+def check_phantom_round_trip(
+    spec: ModalitySpec,
+    folder: str | os.PathLike[str],
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    label_of: Callable[[Any], str] | None = None,
+) -> dict[str, list[Any]]:
+    """Phantoms written to disk and read back by the plugin's own loader carry their label.
+
+    For each label and seed the phantom is written with ``save_nifti`` and
+    loaded (checked with :func:`check_loader`). Then:
+
+    * the same seed with different labels gives different inputs;
+    * ``label_of(array)`` (when given) returns the label of every sample;
+    * otherwise a nearest-centroid classifier, leave-one-out over the samples,
+      on block means (4 blocks per spatial axis) recovers every label: the answer
+      is in the image, so the demo can be learnt.
+      Where the label is not in the voxel values as such (an fMRI activation is
+      a correlation with the task over time), pass ``label_of``.
+
+    Returns:
+        label → the loaded arrays, one per seed.
+    """
+    import numpy as np
+
+    _require(spec.phantom is not None, f"modality {spec.name!r} has no phantom")
+    folder = Path(folder)
+    loaded: dict[str, list[Any]] = {}
+    for label in spec.phantom_labels:
+        for seed in seeds:
+            paths = write_phantom(spec, folder / f"{label}-{seed}", label, seed=seed)
+            loaded.setdefault(label, []).append(check_loader(spec, paths))
+    labels = list(loaded)
+    for i, seed in enumerate(seeds):
+        arrays = [loaded[label][i] for label in labels]
+        for a in range(len(labels)):
+            for b in range(a + 1, len(labels)):
+                _require(
+                    not np.array_equal(arrays[a], arrays[b]),
+                    f"modality {spec.name!r}: the phantoms of {labels[a]!r} and {labels[b]!r} "
+                    f"(seed {seed}) load to the same input: the label is not in the image",
+                )
+    if label_of is not None:
+        for label, arrays in loaded.items():
+            for seed, array in zip(seeds, arrays, strict=True):
+                got = label_of(array)
+                _require(
+                    got == label,
+                    f"modality {spec.name!r}: phantom {label!r} (seed {seed}) loads to an "
+                    f"input read as {got!r}",
+                )
+    elif len(seeds) >= 2:
+        samples = [(label, _coarse(a)) for label in labels for a in loaded[label]]
+        for k, (label, x) in enumerate(samples):
+            centroids = {
+                other: np.mean([s for j, (o, s) in enumerate(samples) if o == other and j != k], 0)
+                for other in labels
+            }
+            nearest = min(centroids, key=lambda o: float(np.sum((centroids[o] - x) ** 2)))
+            _require(
+                nearest == label,
+                f"modality {spec.name!r}: the loaded phantom {label!r} is nearer the other "
+                f"label's samples ({nearest!r}): the label does not survive writing and loading "
+                "(if the label is not in the voxel values themselves, pass label_of)",
+            )
+    return loaded
+
+
+def _coarse(array: Any, blocks: int = 4) -> Any:
+    """Block means over the spatial axes (1, 2, 3): robust to noise and a voxel of jitter."""
+    import numpy as np
+
+    out = np.asarray(array, dtype=np.float64)
+    for axis in (1, 2, 3):
+        parts = np.array_split(out, min(blocks, out.shape[axis]), axis=axis)
+        out = np.concatenate([p.mean(axis=axis, keepdims=True) for p in parts], axis=axis)
+    return out.ravel()
+
+
+# ---------------------------------------------------------------------------
+# Patch embedders
+# ---------------------------------------------------------------------------
+
+
+def check_patch_embedder(
+    plugin: object, spec: ModalitySpec, *, hidden_size: int = 16, batch: int = 2
+) -> Any:
+    """The plugin's embedder for ``spec``: ``(batch, num_tokens, hidden_size)``, gradients flow.
+
+    Also checks dispatch by name (invariant I2): a spec of the same shape and
+    channels under another name gets None from this plugin, unless the plugin
+    declares that name too.
+
+    Returns:
+        The module.
+    """
+    import attrs
+
+    from umbrella_core.testing import embed_and_backpropagate
+
+    hooks = _hooks(plugin)
+    module = hooks.umbrella_patch_embedder(spec=spec, hidden_size=hidden_size)
+    _require(
+        module is not None, f"plugin {_plugin_name(plugin)!r} has no embedder for {spec.name!r}"
+    )
+    import torch.nn as nn
+
+    _require(
+        isinstance(module, nn.Module),
+        f"umbrella_patch_embedder({spec.name!r}) returned {type(module).__name__}, not nn.Module",
+    )
+    try:
+        module, _, _ = embed_and_backpropagate(hooks, spec, hidden_size=hidden_size, batch=batch)
+    except AssertionError as exc:
+        raise ConformanceError(
+            f"modality {spec.name!r}: patch embedder for input {(batch, *spec.input_shape)} "
+            f"must give {(batch, spec.num_tokens, hidden_size)} with gradients to the input "
+            f"and every parameter: {exc}"
+        ) from exc
+    declared = {
+        n for r in hooks.umbrella_modalities() for s in r or () for n in (s.name, *s.aliases)
+    }
+    stranger = "zz-not-" + spec.name
+    if stranger not in declared:
+        other = attrs.evolve(spec, name=stranger, aliases=())
+        _require(
+            hooks.umbrella_patch_embedder(spec=other, hidden_size=hidden_size) is None,
+            f"plugin {_plugin_name(plugin)!r} returns an embedder for modality {stranger!r}, "
+            "which it does not declare: dispatch by spec.name and return None for others",
+        )
+    return module
+
+
+def check_modality_plugin(
+    plugin: object,
+    folder: str | os.PathLike[str],
+    *,
+    entry_point: str | None = None,
+    demo: bool = True,
+    hidden_size: int = 16,
+    label_of: Mapping[str, Callable[[Any], str]] | None = None,
+    light_import: bool = True,
+) -> list[ModalitySpec]:
+    """Every check above for every modality the plugin declares.
+
+    Args:
+        plugin: The plugin module or object.
+        folder: An empty scratch folder (phantoms are written there).
+        entry_point: The plugin's ``umbrella`` entry-point name, to check it is installed.
+        demo: Check at the demo geometry (fast; the default) rather than the full one.
+        hidden_size: Width for the embedder check.
+        label_of: Modality name → a function reading the label from a loaded array.
+        light_import: Check that importing the plugin module imports no torch/nibabel.
+
+    Returns:
+        The modalities checked (at the geometry checked).
+    """
+    specs = check_registration(plugin, entry_point=entry_point)
+    _require(specs, f"plugin {_plugin_name(plugin)!r} declares no modality")
+    checked = []
+    for spec in specs:
+        spec = spec.for_demo() if demo else spec
+        check_patch_embedder(plugin, spec, hidden_size=hidden_size)
+        if spec.phantom is not None:
+            check_phantom_round_trip(
+                spec, Path(folder) / spec.name, label_of=(label_of or {}).get(spec.name)
+            )
+        checked.append(spec)
+    module = getattr(plugin, "__name__", None)
+    if light_import and module and type(plugin).__name__ == "module":
+        check_light_import(module)
+    return checked
+
+
+# ---------------------------------------------------------------------------
+# Study readers
+# ---------------------------------------------------------------------------
+
+
+def check_records(
+    records: Iterable[StudyRecord], *, modalities: Iterable[str] | None = None
+) -> list[StudyRecord]:
+    """Records a training run can use.
+
+    Each is a StudyRecord with a subject, a split in :data:`SPLITS`, at least
+    one assistant turn, exactly as many ``<image>`` placeholders in its user
+    turns as images (the tokenizer refuses a mismatch), and image files that exist.
+    ``modalities`` (names) limits the modalities the images may name.
+    """
+    known = set(modalities) if modalities is not None else None
+    out = []
+    for record in records:
+        where = f"record {record.source or record.subject!r}"
+        _require(isinstance(record, StudyRecord), f"reader yielded {type(record).__name__}")
+        _require(str(record.subject).strip(), f"{where}: empty subject")
+        _require(record.split in SPLITS, f"{where}: split {record.split!r} not in {SPLITS}")
+        _require(
+            any(t.role == "assistant" and t.content.strip() for t in record.turns),
+            f"{where}: no assistant turn with an answer",
+        )
+        placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns)
+        _require(
+            placeholders == len(record.images),
+            f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders for "
+            f"{len(record.images)} images",
+        )
+        _require(
+            all(t.role == "user" for t in record.turns if IMAGE_PLACEHOLDER in t.content),
+            f"{where}: an {IMAGE_PLACEHOLDER} placeholder in an assistant turn",
+        )
+        for image in record.images:
+            _require(image.paths, f"{where}: image of {image.modality!r} without a file")
+            if known is not None:
+                _require(
+                    image.modality in known,
+                    f"{where}: modality {image.modality!r} is not one of {sorted(known)}",
+                )
+            for path in image.paths:
+                _require(os.path.isabs(path), f"{where}: {path} is not an absolute path")
+                _require(os.path.exists(path), f"{where}: {path} does not exist")
+        out.append(record)
+    return out
+
+
+def check_study_reader_ignores_foreign(
+    plugin: object, folder: str | os.PathLike[str], *, options: Mapping[str, Any] | None = None
+) -> None:
+    """The reader returns None (and does not raise) for locations that are not its kind.
+
+    Tried: an empty folder, a folder with an unrelated file, the unrelated
+    file itself, a path that does not exist, a folder holding another kind's
+    manifest (``manifest.jsonl``), a URL, and an unknown ``kind:`` prefix.
+    """
+    hooks = _hooks(plugin)
+    base = Path(folder)
+    empty = base / "foreign-empty"
+    empty.mkdir(parents=True, exist_ok=True)
+    other = base / "foreign-files"
+    other.mkdir(exist_ok=True)
+    unrelated = other / "notes.txt"
+    unrelated.write_text("not a study\n", encoding="utf-8")
+    manifest = base / "foreign-manifest"
+    manifest.mkdir(exist_ok=True)
+    (manifest / "manifest.jsonl").write_text("", encoding="utf-8")
+    locations = [
+        str(empty),
+        str(other),
+        str(unrelated),
+        str(base / "does-not-exist"),
+        str(manifest),
+        "https://example.org/study",
+        f"zz-unknown-kind:{empty}",
+    ]
+    for location in locations:
+        try:
+            result = hooks.umbrella_study_reader(location=location, options=dict(options or {}))
+        except Exception as exc:
+            raise ConformanceError(
+                f"plugin {_plugin_name(plugin)!r}: umbrella_study_reader({location!r}) raised "
+                f"{type(exc).__name__}: {exc}; a location that is not yours must give None"
+            ) from exc
+        _require(
+            result is None,
+            f"plugin {_plugin_name(plugin)!r}: umbrella_study_reader({location!r}) claimed a "
+            "location that is not its kind (it must return None)",
+        )
+
+
+def check_study_reader(
+    plugin: object,
+    location: str,
+    folder: str | os.PathLike[str],
+    *,
+    options: Mapping[str, Any] | None = None,
+    modalities: Iterable[str] | None = None,
+    min_records: int = 1,
+) -> list[StudyRecord]:
+    """The reader claims ``location`` (its own sample) and no foreign one.
+
+    Args:
+        plugin: The plugin module or object.
+        location: A sample study of the reader's kind (as a user passes it to ``--study``).
+        folder: A scratch folder for the foreign locations.
+        options: Reader options to pass.
+        modalities: The modality names records may use (default: any).
+        min_records: Fewest records the sample must give.
+
+    Returns:
+        The records, checked with :func:`check_records`.
+    """
+    check_study_reader_ignores_foreign(plugin, folder)
+    hooks = _hooks(plugin)
+    result = hooks.umbrella_study_reader(location=location, options=dict(options or {}))
+    _require(
+        result is not None,
+        f"plugin {_plugin_name(plugin)!r} does not recognise its own sample {location!r}",
+    )
+    records = check_records(result, modalities=modalities)
+    _require(
+        len(records) >= min_records,
+        f"{location}: {len(records)} records, expected at least {min_records}",
+    )
+    again = list(hooks.umbrella_study_reader(location=location, options=dict(options or {})))
+    _require(again == records, f"{location}: reading the study twice gave different records")
+    return records
