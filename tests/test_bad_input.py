@@ -78,7 +78,6 @@ class Case:
     build: Callable[[Path, Path], int | None]
     says: tuple[str, ...]
     decode: bool = False
-    validate: bool = True
 
 
 def _missing(study, manifest):
@@ -207,7 +206,7 @@ CASES = {
     ),
     "placeholders": Case(_placeholders, ("2 <image> placeholder(s)", "1 image(s)", "put one")),
     "no-assistant": Case(_no_assistant, ("no assistant turn", "add the answer")),
-    "too-long": Case(_too_long, ("tokens long", "raise model.max_length"), validate=False),
+    "too-long": Case(_too_long, ("tokens long", "raise model.max_length")),
     "unreadable-folder": Case(_unreadable_folder, ("permission denied on the folder", "chmod")),
     "absolute-outside": Case(_absolute_outside, ("elsewhere_T1w.nii.gz", *OUTSIDE)),
     "dotdot-outside": Case(_dotdot_outside, ("up_T1w.nii.gz", *OUTSIDE)),
@@ -310,13 +309,11 @@ def _source(manifest: Path, line: int | None) -> str:
     return f"{manifest}:{line}" if line is not None else str(manifest)
 
 
-# umbrella validate has no tokenizer, so conversation lengths are train's to check.
-@pytest.mark.parametrize(
-    "broken", [name for name, case in CASES.items() if case.validate], indirect=True
-)
-def test_validate_reports_one_problem_naming_file_line_and_what_to_do(broken, capsys):
+@pytest.mark.parametrize("broken", list(CASES), indirect=True)
+def test_validate_reports_one_problem_naming_file_line_and_what_to_do(broken, clean, capsys):
     case, manifest, line, says = broken
-    assert main(["validate", str(manifest)]) == 1
+    # With the run's config, validate also encodes conversations as the run would.
+    assert main(["validate", str(manifest), "--config", str(clean[1])]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     problems = out[:-1]
     assert len(problems) == 1, "\n".join(out)

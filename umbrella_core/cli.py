@@ -171,9 +171,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     locations: list[str | tuple[str, dict[str, Any]]] = list(args.locations)
     specs = None
+    encode = None
     allow_outside_root = False
     if args.config or args.set:
         from umbrella_core.config import load_config
+        from umbrella_core.data.dataset import RecordDataset
+        from umbrella_core.model.build import load_tokenizer
         from umbrella_core.plugins import get_plugin_manager
         from umbrella_core.train.run import resolve_specs
 
@@ -181,11 +184,23 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         locations += [(s.location, dict(s.options)) for s in config.data.studies]
         specs, _ = resolve_specs(config, get_plugin_manager(), demo=False)
         allow_outside_root = config.data.allow_outside_root
+        # The run's tokenizer, image token counts and model.max_length: a
+        # conversation too long for the run is found here, not at its step 1.
+        tokenizer, image_token_id = load_tokenizer(config.model.base)
+        encode = RecordDataset(
+            [],
+            specs,
+            tokenizer=tokenizer,
+            image_token_id=image_token_id,
+            max_length=config.model.max_length,
+        ).encode
     if not locations:
         raise ConfigError(
             "nothing to validate: give study locations, or a --config with data.studies"
         )
-    report = validate_locations(locations, specs=specs, allow_outside_root=allow_outside_root)
+    report = validate_locations(
+        locations, specs=specs, allow_outside_root=allow_outside_root, encode=encode
+    )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:

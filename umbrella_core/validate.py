@@ -390,12 +390,32 @@ def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
     return messages
 
 
+def _encode_if_active(
+    record: StudyRecord,
+    pm: PluginManager,
+    specs: Mapping[str, ModalitySpec],
+    encode: Callable[[StudyRecord], Any],
+) -> None:
+    """Encode ``record`` as the run would, when the run trains all of its modalities."""
+    from umbrella_core.errors import PluginError
+
+    try:
+        names = [pm.resolve_modality(image.modality).item.name for image in record.images]
+    except PluginError:
+        return  # an unknown modality is reported on its own
+    if not all(name in specs for name in names):
+        return  # the run skips records of inactive modalities; they are not bad
+    images = [attrs.evolve(i, modality=n) for i, n in zip(record.images, names, strict=True)]
+    encode(attrs.evolve(record, images=images))
+
+
 def validate_records(
     records: Iterable[StudyRecord],
     pm: PluginManager,
     *,
     workers: int | None = None,
     specs: Mapping[str, ModalitySpec] | None = None,
+    encode: Callable[[StudyRecord], Any] | None = None,
 ) -> list[Problem]:
     """Check records: structure, modality names and every image file.
 
@@ -405,6 +425,9 @@ def validate_records(
         workers: Threads decoding images (default: up to 4).
         specs: The run's modality specs (with its preprocessing settings) by
             name; modalities not in it are checked as their plugin provides them.
+        encode: The run's conversation encoder (its tokenizer, image token
+            counts and ``model.max_length``); a record it refuses, a too long
+            conversation for one, is a problem.
 
     Returns:
         The problems, in record order; empty when every record is usable.
@@ -420,6 +443,8 @@ def validate_records(
         source = record.source or f"subject {record.subject}"
         try:
             check_record(record)
+            if encode is not None:
+                _encode_if_active(record, pm, run_specs, encode)
         except DataError as error:
             found.append((index, -1, problem_from_error(error, source)))
         for i, image in enumerate(record.images):
@@ -449,6 +474,7 @@ def validate_locations(
     workers: int | None = None,
     specs: Mapping[str, ModalitySpec] | None = None,
     allow_outside_root: bool = False,
+    encode: Callable[[StudyRecord], Any] | None = None,
 ) -> Report:
     """Read and check every study; see the module docstring.
 
@@ -477,7 +503,7 @@ def validate_locations(
             read_problems += [p for r in records for p in outside[id(r)]]
             inside = [r for r in records if not outside[id(r)]]
         # Keep file order: a refused line 3 comes before a missing file on line 5.
-        checked = validate_records(inside, pm, workers=workers, specs=specs)
+        checked = validate_records(inside, pm, workers=workers, specs=specs, encode=encode)
         problems.extend(_in_source_order(read_problems + checked))
         n_records += len(records) + refused
         n_images += sum(len(r.images) for r in records)

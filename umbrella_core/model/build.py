@@ -134,6 +134,31 @@ def load_base(name: str, *, seed: int = 0) -> tuple[Any, Any, bool]:
     return llava, tokenizer, False
 
 
+def load_tokenizer(name: str) -> tuple[Any, int]:
+    """``(tokenizer, image_token_id)`` of a base model, without loading its weights.
+
+    For ``tiny`` the byte-level tokenizer; for a Llava or UMBRELLA checkpoint
+    folder (or a hub id the user names) its tokenizer and the image token of
+    its config, as :func:`load_base` sets them up.
+    """
+    from transformers import AutoTokenizer, LlavaConfig
+
+    from umbrella_core.model.tokenizer import build_byte_tokenizer, ensure_image_token
+
+    if name == TINY:
+        tokenizer = build_byte_tokenizer()
+        return tokenizer, ensure_image_token(tokenizer)
+    local = Path(name).expanduser()
+    location = str(local) if local.exists() else name
+    try:
+        config = LlavaConfig.from_pretrained(location, local_files_only=local.exists())
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local.exists())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{name}: cannot load a Llava config and tokenizer: {exc}") from exc
+    ensure_image_token(tokenizer, config.image_token_id)
+    return tokenizer, int(config.image_token_id)
+
+
 def build_model(
     llava: Any,
     specs: Mapping[str, ModalitySpec],
