@@ -158,3 +158,77 @@ def test_umbrella_train_under_torchrun_with_zero3_saves_a_whole_checkpoint(tmp_p
     model, _, _ = load_checkpoint(tmp_path / "final", get_plugin_manager())
     assert all(p.numel() > 0 and torch.isfinite(p).all() for p in model.parameters())
     assert (tmp_path / "best" / "model.safetensors").is_file()
+
+
+def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_whole_checkpoint(tmp_path, env):
+    import signal
+    import time
+
+    import psutil
+
+    # umbrella train with every step slowed down, so the signal lands mid-run.
+    runner = tmp_path / "runner.py"
+    runner.write_text(
+        "import sys, time\n"
+        "from umbrella_core.train.trainer import UmbrellaTrainer\n"
+        "step = UmbrellaTrainer.training_step\n"
+        "def slow(self, *a, **k):\n"
+        "    time.sleep(0.3)\n"
+        "    return step(self, *a, **k)\n"
+        "UmbrellaTrainer.training_step = slow\n"
+        "from umbrella_core.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "run"
+    args = ["train", "--modalities", "t1,dmri", "--demo-subjects", "10", "--max-steps", "40"]
+    args += ["--batch-size", "2", "--output-dir", str(out), "--no-progress"]
+    args += ["--set", "trainer.eval_strategy=no", "--set", "trainer.save_steps=100"]
+    launcher = [_bin("torchrun"), "--nproc_per_node=2", f"--master_port={_free_port()}"]
+    log = tmp_path / "log.txt"
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [*launcher, str(runner), *args],
+            env={**env, "PYTHONUNBUFFERED": "1"},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while "'loss'" not in log.read_text():  # the first log line, at step 10
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few steps in
+            ranks = psutil.Process(process.pid).children()
+            assert len(ranks) == 2
+            ranks[-1].send_signal(signal.SIGTERM)  # one rank only, as a dying node would
+            process.wait(timeout=300)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert len(checkpoints) == 1, log.read_text()[-3000:]
+    saved = checkpoints[0]
+    step = int(saved.name.split("-")[1])
+    assert 0 < step < 40 and not (out / "final").exists()
+    # Whole: both ranks' RNG states and the trainer state, from the same step.
+    assert (saved / "trainer_state.json").is_file()
+    assert {p.name for p in saved.glob("rng_state*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert json.loads((saved / "trainer_state.json").read_text())["global_step"] == step
+    # And the run goes on from there to the end.
+    resumed = subprocess.run(
+        [
+            *launcher[:-1],
+            f"--master_port={_free_port()}",
+            "-m",
+            "umbrella_core.cli",
+            *args,
+            "--resume",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 40
