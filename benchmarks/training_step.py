@@ -86,30 +86,29 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]
 
 
 def training_arguments(prep: Any, out_dir: str, max_steps: int) -> Any:
-    """TrainingArguments as ``umbrella_core.train.run.train`` builds them (no saving, no tqdm)."""
-    import torch
-    from transformers import TrainingArguments
+    """The run's own TrainingArguments (``umbrella_core.train.run.training_arguments``).
 
-    t = prep.config.trainer
-    return TrainingArguments(
-        output_dir=out_dir,
+    Changed only where the benchmark needs it: each dataset item is a whole
+    pre-collated batch (per-device batch 1), no checkpoints, evaluation,
+    DataLoader workers or progress bar.
+    """
+    from pathlib import Path
+
+    import attrs
+
+    from umbrella_core.train.run import training_arguments as run_arguments
+
+    config = prep.config
+    trainer = attrs.evolve(
+        config.trainer,
         max_steps=max_steps,
-        per_device_train_batch_size=1,  # each dataset item is a whole pre-collated batch
-        learning_rate=t.learning_rate,
-        warmup_steps=max(1, int(t.warmup_ratio * max_steps)),
-        weight_decay=t.weight_decay,
-        lr_scheduler_type="cosine",
-        logging_steps=t.logging_steps,
-        report_to="none",
-        save_strategy="no",
-        seed=t.seed,
-        data_seed=t.seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-        label_names=["labels"],
+        batch_size=1,
+        save_steps=0,
+        eval_strategy="no",
+        progress=False,
     )
+    config = attrs.evolve(config, trainer=trainer, data=attrs.evolve(config.data, workers=0))
+    return run_arguments(config, Path(out_dir))
 
 
 def make_trainer(prep: Any, batches: list[dict[str, Any]], out_dir: str, max_steps: int) -> Any:

@@ -390,6 +390,29 @@ def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
     return messages
 
 
+def canonical_modalities(
+    record: StudyRecord, pm: PluginManager
+) -> tuple[StudyRecord | None, list[Problem]]:
+    """``record`` with each image's modality by its canonical name (manifests may use aliases).
+
+    Returns ``(record, [])``, or ``(None, problems)`` naming each image whose
+    modality no installed plugin provides.
+    """
+    from umbrella_core.errors import PluginError
+
+    source = record.source or f"subject {record.subject}"
+    names, problems = [], []
+    for i, image in enumerate(record.images):
+        try:
+            names.append(pm.resolve_modality(image.modality).item.name)
+        except PluginError as error:
+            problems.append(Problem(source, f"images[{i}].modality", str(error)))
+    if problems:
+        return None, problems
+    images = [attrs.evolve(i, modality=n) for i, n in zip(record.images, names, strict=True)]
+    return attrs.evolve(record, images=images), []
+
+
 def _encode_if_active(
     record: StudyRecord,
     pm: PluginManager,
@@ -397,16 +420,11 @@ def _encode_if_active(
     encode: Callable[[StudyRecord], Any],
 ) -> None:
     """Encode ``record`` as the run would, when the run trains all of its modalities."""
-    from umbrella_core.errors import PluginError
-
-    try:
-        names = [pm.resolve_modality(image.modality).item.name for image in record.images]
-    except PluginError:
-        return  # an unknown modality is reported on its own
-    if not all(name in specs for name in names):
-        return  # the run skips records of inactive modalities; they are not bad
-    images = [attrs.evolve(i, modality=n) for i, n in zip(record.images, names, strict=True)]
-    encode(attrs.evolve(record, images=images))
+    canonical, unknown = canonical_modalities(record, pm)
+    # An unknown modality is reported on its own; the run skips records of
+    # inactive modalities, they are not bad.
+    if canonical is not None and all(m in specs for m in canonical.modalities):
+        encode(canonical)
 
 
 def validate_records(

@@ -212,9 +212,9 @@ def read_studies(
     :func:`screen_records`.
     """
     from umbrella_core.data.demo import cached_demo
-    from umbrella_core.errors import PluginError
     from umbrella_core.validate import (
         Problem,
+        canonical_modalities,
         iter_study,
         outside_root_problems,
         problem_from_error,
@@ -248,7 +248,6 @@ def read_studies(
         per_study.append([])
         root = study_root(study.location)
         for record in iter_study(study.location, pm, study.options, refused):
-            source = record.source or f"subject {record.subject}"
             if not demo and not config.data.allow_outside_root:
                 outside = outside_root_problems(record, root)
                 if outside:
@@ -258,31 +257,14 @@ def read_studies(
             if inactive:
                 # Modalities may be named by alias in a manifest; a name no
                 # plugin provides is a bad record, not an inactive modality.
-                names = []
-                for i, m in enumerate(record.modalities):
-                    try:
-                        names.append(pm.resolve_modality(m).item.name)
-                    except PluginError as error:
-                        problems.append(
-                            Problem(
-                                source,
-                                f"images[{i}].modality",
-                                str(error),
-                            )
-                        )
-                if len(names) < len(record.modalities):
+                canonical, unknown = canonical_modalities(record, pm)
+                if canonical is None:
+                    problems.extend(unknown)
                     continue
-                if all(n in specs for n in names):
-                    record = attrs.evolve(
-                        record,
-                        images=[
-                            attrs.evolve(i, modality=n)
-                            for i, n in zip(record.images, names, strict=False)
-                        ],
-                    )
-                else:
+                if not all(m in specs for m in canonical.modalities):
                     skipped[record.modality_key] = skipped.get(record.modality_key, 0) + 1
                     continue
+                record = canonical
             records.append(record)
             per_study[-1].append(record)
     locations = [study.location for study in studies]
@@ -313,6 +295,7 @@ def prepare(
     ZeRO-3 building the model is a collective (parameters are partitioned as
     they are created), so only :func:`read_studies` may run on one rank first.
     """
+    from umbrella_core.data.interleave import size_weights
     from umbrella_core.model.build import start_model
 
     if data is None:
@@ -372,10 +355,10 @@ def prepare(
         groups = group_records([r for r in study_records if r.split == "train"])
         # Sizes in samples, not records: a long fMRI series is several windows.
         sets = {name: dataset(group, name) for name, group in groups.items()}
-        total = sum(len(ds) ** (1.0 / config.data.temperature) for ds in sets.values())
+        sizes = size_weights([len(ds) for ds in sets.values()], config.data.temperature)
+        total = sum(sizes)
         share = study.weight if study.weight is not None else default_weight
-        for name, ds in sets.items():
-            size = len(ds) ** (1.0 / config.data.temperature)
+        for (name, ds), size in zip(sets.items(), sizes, strict=True):
             weight = size if share is None else share * size / total
             train_sets.append(ds)
             weights.append(float(config.data.weights.get(name, weight)))
