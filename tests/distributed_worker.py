@@ -78,7 +78,7 @@ def main() -> None:
         None,
         [
             "data.modalities=t1,dmri",
-            "data.demo_subjects=10",
+            "data.demo_subjects=11",  # 8 train, 1 validation, 2 test per modality
             "data.check=none",
             "model.trainable=full",
             f"trainer.output_dir={cli.out / 'run'}",
@@ -154,7 +154,7 @@ def main() -> None:
             None,
             [
                 "data.modalities=t1,dmri",
-                "data.demo_subjects=10",
+                "data.demo_subjects=11",  # 8 train, 1 validation, 2 test per modality
                 "data.workers=2",
                 f"trainer.output_dir={cli.out / 'sampler'}",
                 "trainer.batch_size=2",

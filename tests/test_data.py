@@ -177,7 +177,7 @@ def test_study_weights_split_draws_between_studies_by_weight(tmp_path, toy_pm):
     config = load_config(None, [f"data.studies={studies}", "data.modalities=t1"])
     prep = prepare(config, toy_pm, log=lambda _: None)
     sizes = [len(ds) for ds in prep.train_sets]
-    assert sizes == [32, 8]  # a fifth of each held out
+    assert sizes == [28, 7]  # a tenth of each for validation, a fifth for test
     assert prep.weights[1] / prep.weights[0] == pytest.approx(3.0)
     unweighted = prepare(
         load_config(
@@ -186,4 +186,4 @@ def test_study_weights_split_draws_between_studies_by_weight(tmp_path, toy_pm):
         toy_pm,
         log=lambda _: None,
     )
-    assert unweighted.weights == [32.0, 8.0]  # by size
+    assert unweighted.weights == [28.0, 7.0]  # by size

@@ -3,6 +3,12 @@
 It must finish on CPU, say where its TensorBoard logs and checkpoint are, and
 answer the held-out demo questions (which hemisphere holds the lesion?) with at
 least 90% accuracy per modality, where chance is 50%.
+
+Not only on one machine: the CPU and its thread count change the order in
+which floats are summed, and so the run. benchmarks/demo_seeds.py runs the demo
+for seeds 0-4 with 1 and 2 torch threads; every one of those runs clears 90%
+(its table is in benchmarks/README.md). This test runs seed 0 with 2 threads,
+one of those runs, rather than with as many threads as the CI machine has.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     env = dict(os.environ)
     env.setdefault("UMBRELLA_CACHE", str(out / "cache"))
+    env["OMP_NUM_THREADS"] = "2"  # torch's thread count: one the benchmark table covers
     result = subprocess.run(
         [
             sys.executable,
@@ -58,6 +65,26 @@ def test_demo_learns_from_the_images(demo_run):
         assert result["accuracy"] >= 0.9, (modality, result, stdout)
         # The table the user sees holds the same figure.
         assert re.search(rf"^{modality}\s+{result['n']}\s+{result['accuracy']:.1%}", stdout, re.M)
+
+
+def test_demo_reports_the_best_validation_weights_on_the_test_records(demo_run):
+    from safetensors.numpy import load_file
+
+    run_dir, stdout = demo_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    final, best = metrics["final"], metrics["best"]
+    assert metrics["held_out_split"] == "test"
+    assert final["weights"] == "best" and final["split"] == "validation"
+    assert (final["step"], final["value"]) == (best["step"], best["value"])
+    # final/ holds the weights of best/ (trainer.load_best_at_end), and says so above the table.
+    a = load_file(str(run_dir / "final" / "model.safetensors"))
+    b = load_file(str(run_dir / "best" / "model.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    line = (
+        f"test answers of final/ = best evaluated weights, step {best['step']}, "
+        f"eval_loss {best['value']:.4f} on validation"
+    )
+    assert line in stdout, stdout
 
 
 def test_demo_prints_where_logs_and_checkpoint_are_and_both_exist(demo_run):

@@ -113,13 +113,18 @@ def test_deepspeed_zero_completes_with_ranks_on_different_modalities(tmp_path, e
     assert losses[-1] < losses[0]
     if stage == "zero2":
         # ZeRO-2 partitions optimizer state and gradients, not the model as it
-        # is built: same start, same batches, so the same weights as DDP.
-        assert _max_difference(out, single) < 1e-4
+        # is built: same start, same batches, so the same weights as DDP, up to
+        # the order ZeRO-2 reduces gradients in. Adam divides each gradient by
+        # its own size, so elements whose gradient is near zero carry that
+        # rounding into a visible share of a step: 5e-4 is 5 % of one step at
+        # the worker's learning rate (0.01), far below any real disagreement.
+        assert _max_difference(out, single) < 5e-4
 
 
 def _cli_run(out: Path, env: dict, launcher: list[str], *extra: str) -> str:
     command = launcher + ["-m", "umbrella_core.cli", "train", "--modalities", "t1,dmri"]
-    command += ["--demo-subjects", "10", "--max-steps", "3", "--batch-size", "2"]
+    # 11 subjects: 8 train, 1 validation, 2 test per modality.
+    command += ["--demo-subjects", "11", "--max-steps", "3", "--batch-size", "2"]
     command += ["--output-dir", str(out), "--no-progress", *extra]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]

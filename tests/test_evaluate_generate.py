@@ -21,7 +21,7 @@ from umbrella_core.plugins import get_plugin_manager
 
 SMALL = [
     "data.modalities=[t1, dmri]",
-    "data.demo_subjects=10",  # 8 train + 2 held out per modality
+    "data.demo_subjects=11",  # 8 train, 1 validation, 2 test per modality
     "data.geometry={t1: {shape: [16, 16, 16], patch_size: [8, 8, 8]}, "
     "dmri: {shape: [16, 16, 16], patch_size: [8, 8, 8]}}",
     "trainer.batch_size=4",
@@ -44,7 +44,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("evalrun")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("UMBRELLA_CACHE", str(out / "cache"))
-        metrics, lines = _train(out / "run", "trainer.max_steps=12", "trainer.generate_samples=3")
+        metrics, lines = _train(out / "run", "trainer.max_steps=12", "trainer.generate_samples=2")
         yield out / "run", metrics, lines
 
 
@@ -61,15 +61,14 @@ def test_each_evaluation_logs_loss_and_accuracy_per_modality_to_tensorboard(run)
     acc = _events(run_dir)
     for tag in ("loss", "accuracy", "loss/t1", "loss/dmri", "accuracy/t1", "accuracy/dmri"):
         assert [e.step for e in acc.Scalars(f"eval/{tag}")] == [4, 8, 12], tag
-    # The last evaluation is of the final model: the same figures as the printed table.
-    for key in ("t1", "dmri"):
-        final = metrics["held_out"][key]
-        assert acc.Scalars(f"eval/loss/{key}")[-1].value == pytest.approx(final["loss"], rel=1e-4)
-        assert acc.Scalars(f"eval/accuracy/{key}")[-1].value == pytest.approx(final["accuracy"])
+    # Evaluations are of the validation records (one of each modality); the
+    # printed table of the test records (two of each).
     overall = acc.Scalars("eval/loss")[-1].value
     assert overall == pytest.approx(
-        np.mean([metrics["held_out"][k]["loss"] for k in ("t1", "dmri")]), rel=1e-4
-    )  # two held-out samples of each
+        np.mean([acc.Scalars(f"eval/loss/{k}")[-1].value for k in ("t1", "dmri")]), rel=1e-4
+    )
+    assert metrics["held_out_split"] == "test"
+    assert {r["n"] for r in metrics["held_out"].values()} == {2}
 
 
 def test_best_checkpoint_is_the_lowest_eval_loss_and_loads(run):
@@ -87,10 +86,10 @@ def test_best_checkpoint_is_the_lowest_eval_loss_and_loads(run):
     model, _, meta = load_checkpoint(run_dir / "best", get_plugin_manager())
     assert meta["best"]["step"] == best["step"]
     assert not list((run_dir / "best").glob("*.bin")) and not list((run_dir / "best").glob("*.pt"))
-    if best["step"] == metrics["steps"]:  # then best/ holds the final weights
-        a = load_file(str(run_dir / "best" / "model.safetensors"))
-        b = load_file(str(run_dir / "final" / "model.safetensors"))
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # trainer.load_best_at_end: final/ holds the best weights too.
+    a = load_file(str(run_dir / "best" / "model.safetensors"))
+    b = load_file(str(run_dir / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert any(line.startswith("best checkpoint:") for line in lines)
 
 
@@ -98,10 +97,10 @@ def test_generated_samples_with_their_slices_are_in_tensorboard(run):
     run_dir, _, _ = run
     acc = _events(run_dir)
     texts = sorted(t for t in acc.Tags()["tensors"] if t.startswith("samples/"))
-    assert texts == [f"samples/{i}/text_summary" for i in range(3)]
+    assert texts == [f"samples/{i}/text_summary" for i in range(2)]  # the validation records
     shown = [acc.Tensors(t)[-1].tensor_proto.string_val[0].decode() for t in texts]
     # Taken in turn from each modality, with prompt, reference and generated answer.
-    assert [s.split("**sample** | ")[1].split(" ")[0] for s in shown] == ["dmri", "t1", "dmri"]
+    assert [s.split("**sample** | ")[1].split(" ")[0] for s in shown] == ["dmri", "t1"]
     for text in shown:
         assert "&lt;image&gt;" in text and "Which hemisphere" in text
         assert "**reference** | left" in text or "**reference** | right" in text

@@ -204,7 +204,7 @@ def test_a_bad_patch_embedder_is_refused_before_step_1_naming_the_plugin(make, f
 
 def test_a_bad_embedder_stops_model_building_at_start_up():
     from umbrella_core.config import load_config
-    from umbrella_core.model.build import start_model
+    from umbrella_core.model.start import start_model
 
     pm = fresh_plugin_manager(_Embedder(_wrong_tokens))
     spec = pm.resolve_modality("toy").item

@@ -19,8 +19,8 @@ from umbrella_core.model.build import (
     load_checkpoint,
     merge_lora,
     save_checkpoint,
-    start_model,
 )
+from umbrella_core.model.start import start_model
 from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager
 from umbrella_core.types import Turn
 
@@ -261,7 +261,8 @@ def test_a_run_starts_from_an_umbrella_checkpoint_with_the_same_modalities(
     save_checkpoint(model, tokenizer, tmp_path / "ckpt", provenance=PROVENANCE)
     config = load_config(None, [f"model.base={tmp_path / 'ckpt'}", "model.trainable=lora"])
     specs = dict(model.specs)
-    started, _, is_random, trainable = start_model(config.model, specs, toy_pm)
+    begun = start_model(config.model, specs, toy_pm)
+    started, is_random, trainable = begun.model, begun.base_is_random, begun.trainable
     assert (is_random, trainable) == (False, "lora")
     for (name, p), (_, q) in zip(
         model.state_dict().items(), started.state_dict().items(), strict=True

@@ -99,6 +99,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     overrides = _data_overrides(args)
     for flag, key in (
         ("model", "model.base"),
+        ("language", "model.language"),
+        ("vision", "model.vision"),
         ("trainable", "model.trainable"),
         ("output_dir", "trainer.output_dir"),
         ("max_steps", "trainer.max_steps"),
@@ -176,7 +178,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.config or args.set:
         from umbrella_core.config import load_config
         from umbrella_core.data.dataset import RecordDataset
-        from umbrella_core.model.build import load_tokenizer
+        from umbrella_core.model.chat import chat_format
+        from umbrella_core.model.start import load_tokenizer
         from umbrella_core.plugins import get_plugin_manager
         from umbrella_core.train.run import resolve_specs
 
@@ -186,13 +189,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         allow_outside_root = config.data.allow_outside_root
         # The run's tokenizer, image token counts and model.max_length: a
         # conversation too long for the run is found here, not at its step 1.
-        tokenizer, image_token_id = load_tokenizer(config.model.base)
+        tokenizer, image_token_id = load_tokenizer(config.model)
         encode = RecordDataset(
             [],
             specs,
             tokenizer=tokenizer,
             image_token_id=image_token_id,
             max_length=config.model.max_length,
+            chat=chat_format(tokenizer, config.model.chat_template, config.model.system_prompt),
         ).encode
     if not locations:
         raise ConfigError(
@@ -302,7 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
         "for a study plugin (bids:/data/ds); repeatable",
     )
     p.add_argument(
-        "--model", help="base model: tiny (default) or a Llava checkpoint folder / hub id"
+        "--model",
+        help="base model: tiny (default), a LLaVA checkpoint folder / hub id, or an "
+        "UMBRELLA checkpoint (a run's final/)",
+    )
+    p.add_argument(
+        "--language",
+        help="compose a new model from this causal language model (folder or hub id): "
+        "patch embedders + vision body + new projector in front of it",
+    )
+    p.add_argument(
+        "--vision",
+        help="vision body of a composed model: fresh (default), none, or a CLIP/SigLIP folder",
     )
     p.add_argument("--trainable", choices=["auto", "embedders", "projector", "lora", "full"])
     p.add_argument(
@@ -345,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="write the demo study (phantom .nii.gz files + manifest)")
     p.add_argument("directory")
     p.add_argument("--modalities", help="comma-separated (default: every installed one)")
-    p.add_argument("--subjects", type=int, default=200, help="subjects per modality")
+    p.add_argument("--subjects", type=int, default=240, help="subjects per modality")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo_data)
 

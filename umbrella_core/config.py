@@ -83,23 +83,53 @@ class ModelConfig:
 
     Attributes:
         base: ``tiny`` (built-in, random weights, offline), a Llava checkpoint
-            folder / hub id, or an UMBRELLA checkpoint folder (a run's ``final/``:
-            its weights, embedders and LoRA adapters included, start this run).
+            folder / hub id (CLIP or SigLIP vision tower: llava-1.5,
+            llava-interleave, LLaVA-OneVision), or an UMBRELLA checkpoint folder
+            (a run's ``final/``: its weights, embedders and LoRA adapters
+            included, start this run).
+        language: A causal language model folder or hub id (any
+            ``AutoModelForCausalLM`` checkpoint: Llama, Qwen, Gemma 3, Phi, ...)
+            to compose a new LLaVA-style model from: the patch embedders, the
+            vision body of ``vision`` and a new projector in front of it.
+            Empty: use ``base``.
+        vision: The vision body of a composed model: ``fresh`` (a small
+            transformer built from a config, ``vision_layers`` layers of width
+            ``vision_hidden_size``), ``none`` (the patch embedders feed the
+            projector directly) or a pretrained CLIP / SigLIP model or vision
+            tower folder (its transformer layers; its 2D patch embedding is
+            replaced by the 3D/4D embedders).
+        vision_hidden_size: Width of the embedders' tokens for ``fresh`` and ``none``.
+        vision_layers: Transformer layers of a ``fresh`` vision body.
         trainable: ``embedders`` (the patch embedders, as in the original UMBRELLA),
             ``projector`` (embedders + projector), ``lora`` (LoRA adapters on the
             language model, see ``lora``, plus embedders + projector), ``full``,
             or ``auto``: ``full`` for the randomly initialised ``tiny`` model (it
-            has nothing worth freezing), ``embedders`` for a pretrained base.
+            has nothing worth freezing), ``projector`` for a model composed from
+            a language model (its projector is new), ``embedders`` for a trained
+            LLaVA or UMBRELLA checkpoint.
         max_length: Longest conversation in tokens, image tokens included.
         lora: LoRA settings (used by ``trainable: lora``).
+        chat_template: How conversations are written out for the language model
+            (ARCHITECTURE I9): ``auto`` (the tokenizer's own chat template, else
+            ``llava-1.5``), a built-in name (``llava-1.5``, ``chatml``,
+            ``llama3``, ``gemma``) or a ``.jinja`` file. The chosen template is
+            saved with the checkpoint's tokenizer, so ``auto`` finds it again.
+        system_prompt: A system message put first in every conversation that has
+            none; empty: none (the template may still add its own default).
     """
 
     base: str = "tiny"
+    language: str = ""
+    vision: str = "fresh"
+    vision_hidden_size: int = attrs.field(default=256, validator=_positive)
+    vision_layers: int = attrs.field(default=2, validator=_positive)
     trainable: str = attrs.field(
         default="auto", validator=_choice("auto", "embedders", "projector", "lora", "full")
     )
     max_length: int = attrs.field(default=1024, validator=_positive)
     lora: LoraConfig = attrs.field(factory=LoraConfig)
+    chat_template: str = "auto"
+    system_prompt: str = ""
 
 
 @attrs.frozen(kw_only=True)
@@ -163,7 +193,8 @@ class DataConfig:
         geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
         preprocessing: Per-modality preprocessing settings, as each plugin
             defines them: ``{t1: {spacing: 1.0}, fmri: {target_tr: 0.8}}``.
-        demo_subjects: Subjects per modality in the built-in demo (a fifth are held out).
+        demo_subjects: Subjects per modality in the built-in demo (a tenth for
+            validation, a fifth for test).
         workers: DataLoader worker processes.
         check: Checks before step 1: ``files`` (files exist, conversations fit),
             ``full`` (also decode every image, as ``umbrella validate``) or ``none``.
@@ -184,7 +215,7 @@ class DataConfig:
     batching: str = attrs.field(default="mixed", validator=_choice("mixed", "modality"))
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     preprocessing: dict[str, dict[str, Any]] = attrs.field(factory=dict)
-    demo_subjects: int = attrs.field(default=200, validator=_positive)
+    demo_subjects: int = attrs.field(default=240, validator=_positive)
     workers: int = 0
     check: str = attrs.field(default="files", validator=_choice("none", "files", "full"))
     on_bad: str = attrs.field(default="stop", validator=_choice("stop", "skip"))
@@ -198,12 +229,25 @@ class TrainerConfig:
     """``trainer`` section (what it does not set keeps the transformers default).
 
     Attributes:
-        eval_strategy: When to evaluate on the held-out split: ``epoch``,
-            ``steps`` (every ``eval_steps``) or ``no``.
+        eval_strategy: When to evaluate on the ``validation`` records (the
+            ``test`` ones where the studies have none): ``epoch``, ``steps``
+            (every ``eval_steps``) or ``no``.
         early_stopping_patience: Evaluations without improvement of
             ``metric_for_best`` before training stops; 0: never.
         metric_for_best: The evaluation metric that picks the best checkpoint
             (``eval_loss``, lower is better, or ``eval_accuracy``).
+        adam_beta2: AdamW's decay of its squared-gradient average. 0.95 (as in
+            GPT-3 and Llama training), not torch's 0.999: once the training
+            loss is near zero, a 0.999 average remembers the tiny gradients of
+            hundreds of steps, so one larger gradient is divided by a far too
+            small root and moves the weights by up to ~30 learning rates over
+            the next steps; 0.95 bounds that at ~6.
+        load_best_at_end: At the end, load the best evaluated weights (``best/``)
+            so that ``final/`` and the printed table are of them, as transformers'
+            ``load_best_model_at_end``. Only where the studies have a
+            ``validation`` split: choosing on the ``test`` records that the table
+            reports would flatter it, so without one ``final/`` keeps the last
+            weights (and the run says so). Off: always the last weights.
         generate_samples: Held-out samples whose generated answers are logged
             to TensorBoard at each evaluation, with mid-slices of their images.
         bf16: bfloat16 mixed precision (where the hardware supports it).
@@ -217,12 +261,15 @@ class TrainerConfig:
     """
 
     output_dir: str = "runs/umbrella"
-    max_steps: int = 400
+    # The demo's validation accuracy levels off by step ~100; more steps only
+    # go on fitting its 336 training images (see benchmarks/demo_seeds.py).
+    max_steps: int = 200
     epochs: float = 1.0
     batch_size: int = attrs.field(default=16, validator=_positive)
     learning_rate: float = attrs.field(default=1e-3, validator=_positive)
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
+    adam_beta2: float = attrs.field(default=0.95, validator=_fraction)
     seed: int = 0
     logging_steps: int = attrs.field(default=10, validator=_positive)
     save_steps: int = 0
@@ -234,6 +281,7 @@ class TrainerConfig:
     metric_for_best: str = attrs.field(
         default="eval_loss", validator=_choice("eval_loss", "eval_accuracy")
     )
+    load_best_at_end: bool = True
     generate_samples: int = 4
     bf16: bool = False
     gradient_checkpointing: bool = False

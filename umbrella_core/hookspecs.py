@@ -123,7 +123,10 @@ def umbrella_loss_terms(
 
     Returns:
         LossTerm values (possibly none). The unified NLL is always present; these
-        are added to it with their weights and logged separately.
+        are added to it with their weights and logged separately. A term reads
+        the model's output (NLL, per-position ``token_loss``, image features);
+        full-vocabulary ``logits`` are there only if the term sets
+        ``needs_logits`` (they are costly: see :class:`LossTerm`). (Since 0.2.)
 
     Every implementation is called.
 

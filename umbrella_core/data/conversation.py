@@ -1,6 +1,9 @@
 """Conversations to token ids: the chat template, image placeholder expansion, label masking.
 
-The template follows LLaVA-1.5::
+The language model's own conversation format does the work
+(:mod:`umbrella_core.model.chat`); this module keeps the function the data
+pipeline calls. Without a format it uses the tokenizer's own chat template,
+else LLaVA-1.5's::
 
     <s>USER: <image>...<image>
     Which hemisphere holds the lesion?
@@ -8,35 +11,39 @@ The template follows LLaVA-1.5::
 
 Each ``<image>`` placeholder becomes exactly as many image tokens as its
 image's modality produces (invariant I3). Only assistant answers and their
-end-of-sequence token are learned; everything else is ``-100`` in the labels.
+end-of-turn token are learned; everything else is ``-100`` in the labels (I9).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import attrs
+from umbrella_core.model.chat import IGNORE_INDEX, Encoded, chat_format
+from umbrella_core.types import Turn
 
-from umbrella_core.errors import DataError, TokenCountError
-from umbrella_core.types import IMAGE_PLACEHOLDER, Turn
+if TYPE_CHECKING:  # pragma: no cover
+    from umbrella_core.model.chat import ChatFormat
 
-IGNORE_INDEX = -100
+__all__ = ["IGNORE_INDEX", "Encoded", "encode_conversation", "default_chat_format"]
 
-USER_PREFIX = "USER: "
-ASSISTANT_PREFIX = "ASSISTANT: "
-
-
-@attrs.frozen
-class Encoded:
-    input_ids: list[int]
-    labels: list[int]
+# One compiled format per tokenizer for callers that pass none: compiling
+# renders a probe conversation, too slow to repeat per sample.
+_DEFAULT_FORMATS: dict[int, tuple[Any, tuple[int, Any], ChatFormat]] = {}
 
 
-def _text_ids(tokenizer: Any, text: str) -> list[int]:
-    if not text:
-        return []
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def default_chat_format(tokenizer: Any) -> ChatFormat:
+    """The format ``auto`` gives ``tokenizer`` (its own chat template, else LLaVA-1.5), cached."""
+    # Stale once tokens or the template change (prepare_tokenizer does both).
+    state = (len(tokenizer), getattr(tokenizer, "chat_template", None))
+    cached = _DEFAULT_FORMATS.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer and cached[1] == state:
+        return cached[2]
+    chat = chat_format(tokenizer, "auto")
+    if len(_DEFAULT_FORMATS) > 16:
+        _DEFAULT_FORMATS.clear()
+    _DEFAULT_FORMATS[id(tokenizer)] = (tokenizer, state, chat)
+    return chat
 
 
 def encode_conversation(
@@ -49,6 +56,7 @@ def encode_conversation(
     max_length: int,
     add_generation_prompt: bool = False,
     where: str = "",
+    chat: ChatFormat | None = None,
 ) -> Encoded:
     """Token ids and labels of one conversation.
 
@@ -58,60 +66,20 @@ def encode_conversation(
         tokens_per_modality: Image tokens per image of each modality.
         max_length: Longest sequence the model takes; longer is a DataError
             (image tokens are never truncated).
-        add_generation_prompt: End with the assistant prefix, for generation
-            (drops the last assistant turn if present).
+        add_generation_prompt: End with the generation prompt (the assistant
+            prefix), for generation (drops the last assistant turn if present).
         where: Where the record came from, for error messages.
+        chat: The conversation format (:func:`umbrella_core.model.chat.chat_format`);
+            None: :func:`default_chat_format` of ``tokenizer``.
     """
-    ids: list[int] = []
-    labels: list[int] = []
-    if tokenizer.bos_token_id is not None:
-        ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
-    images = iter(image_modalities)
-    used = 0
-    turns = list(turns)
-    if add_generation_prompt and turns and turns[-1].role == "assistant":
-        turns = turns[:-1]
-
-    def add(piece_ids: list[int], learn: bool) -> None:
-        ids.extend(piece_ids)
-        labels.extend(piece_ids if learn else [IGNORE_INDEX] * len(piece_ids))
-
-    for turn in turns:
-        if turn.role == "user":
-            pieces = turn.content.split(IMAGE_PLACEHOLDER)
-            add(_text_ids(tokenizer, USER_PREFIX + pieces[0]), False)
-            for piece in pieces[1:]:
-                modality = next(images, None)
-                if modality is None:
-                    raise TokenCountError(
-                        f"{where}: more {IMAGE_PLACEHOLDER} placeholders than images"
-                    )
-                if modality not in tokens_per_modality:
-                    raise DataError(
-                        f"{where}: image of modality {modality!r} is not active in this run"
-                    )
-                used += 1
-                add([image_token_id] * tokens_per_modality[modality], False)
-                add(_text_ids(tokenizer, piece), False)
-            add(_text_ids(tokenizer, "\n"), False)
-        else:
-            add(_text_ids(tokenizer, ASSISTANT_PREFIX), False)
-            answer = _text_ids(tokenizer, turn.content)
-            if tokenizer.eos_token_id is not None:
-                answer.append(tokenizer.eos_token_id)
-            add(answer, True)
-            add(_text_ids(tokenizer, "\n"), False)
-    if add_generation_prompt:
-        add(_text_ids(tokenizer, ASSISTANT_PREFIX), False)
-    if used != len(image_modalities):
-        raise TokenCountError(
-            f"{where}: {len(image_modalities)} image(s) but "
-            f"{used} {IMAGE_PLACEHOLDER} placeholder(s)"
-        )
-    if len(ids) > max_length:
-        raise DataError(
-            f"{where}: the conversation is {len(ids)} tokens long (images included) but the "
-            f"model takes at most {max_length}; shorten it or raise model.max_length"
-        )
-    return Encoded(ids, labels)
+    chat = chat if chat is not None else default_chat_format(tokenizer)
+    return chat.encode(
+        turns,
+        image_modalities,
+        tokenizer=tokenizer,
+        image_token_id=image_token_id,
+        tokens_per_modality=tokens_per_modality,
+        max_length=max_length,
+        add_generation_prompt=add_generation_prompt,
+        where=where,
+    )

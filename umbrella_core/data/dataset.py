@@ -68,6 +68,7 @@ class RecordDataset:
         max_length: int,
         name: str = "",
         cache: Any = None,
+        chat: Any = None,
     ) -> None:
         self.records = list(records)
         self.specs = dict(specs)
@@ -76,6 +77,9 @@ class RecordDataset:
         self.max_length = max_length
         self.name = name
         self.cache = cache
+        # The language model's conversation format (a ChatFormat); None: the
+        # tokenizer's own chat template, else LLaVA-1.5.
+        self.chat = chat
         self.tokens_per_modality = {n: s.num_tokens for n, s in self.specs.items()}
         self.items = self._windows()
 
@@ -116,6 +120,7 @@ class RecordDataset:
             max_length=self.max_length,
             add_generation_prompt=add_generation_prompt,
             where=record.source or record.subject,
+            chat=self.chat,
         )
 
     def images(self, record: StudyRecord, window: int | None = None) -> list[tuple[str, Any]]:

@@ -4,7 +4,9 @@ For each modality, every subject gets a phantom from its plugin (written as
 real ``.nii.gz`` files) and the question the plugin asks about it; the answer
 is the phantom's label (for the first-party plugins: the hemisphere that holds
 a lesion), so a model that answers well above chance has learned from the
-images. A fifth of the subjects are held out (``split: test``).
+images. Subjects are split per modality: a fifth for ``test`` (the table at the
+end of a run), a tenth for ``validation`` (evaluation during training and the
+choice of the best checkpoint), the rest for ``train``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from pathlib import Path
 from umbrella_core.errors import DataError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec
 
-__all__ = ["write_demo", "demo_cache_dir", "cached_demo", "TEST_FRACTION"]
+__all__ = ["write_demo", "demo_cache_dir", "cached_demo", "TEST_FRACTION", "VALIDATION_FRACTION"]
 
 TEST_FRACTION = 0.2
-FORMAT = 1
+VALIDATION_FRACTION = 0.1
+#: Part of the cache key: bump it whenever what write_demo writes changes.
+#: 2: a validation split.
+FORMAT = 2
 
 
 def write_demo(
@@ -51,6 +56,10 @@ def write_demo(
         labels = [spec.phantom_labels[i % len(spec.phantom_labels)] for i in range(subjects)]
         labels = [labels[i] for i in rng.permutation(subjects)]
         n_test = max(1, int(round(subjects * TEST_FRACTION)))
+        # Small demos (tests) may have none: their runs evaluate on test records.
+        n_validation = max(0, min(round(subjects * VALIDATION_FRACTION), subjects - n_test - 1))
+        n_train = subjects - n_test - n_validation
+        splits = ["train"] * n_train + ["validation"] * n_validation + ["test"] * n_test
         (root / name).mkdir(exist_ok=True)
         for i, label in enumerate(labels):
             subject = f"sub-{name}{i:04d}"
@@ -62,7 +71,7 @@ def write_demo(
             lines.append(
                 {
                     "subject": subject,
-                    "split": "test" if i >= subjects - n_test else "train",
+                    "split": splits[i],
                     "images": [{"modality": name, "path": paths if len(paths) > 1 else paths[0]}],
                     "conversation": [
                         {

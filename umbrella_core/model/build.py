@@ -45,7 +45,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "is_checkpoint",
-    "start_model",
+    "llava_class",
+    "read_llava_config",
+    "checkpoint_config",
     "merge_lora",
     "CHECKPOINT_META",
 ]
@@ -100,11 +102,51 @@ def tiny_llava_config(
     )
 
 
+#: The LLaVA layouts a ``model.base`` checkpoint may have (``config.json``'s model_type).
+LLAVA_TYPES = ("llava", "llava_onevision")
+
+
+def llava_class(model_type: str, where: str = "model.base") -> Any:
+    """The transformers class of a LLaVA layout: llava-1.5 / llava-interleave (CLIP or SigLIP
+    towers, ``llava``) or LLaVA-OneVision (``llava_onevision``)."""
+    import transformers
+
+    names = {
+        "llava": "LlavaForConditionalGeneration",
+        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+    }
+    if model_type not in names:
+        raise ModelError(
+            f"{where}: a {model_type!r} model is not a LLaVA layout UMBRELLA trains "
+            f"({', '.join(LLAVA_TYPES)}); for a language model alone use model.language"
+        )
+    return getattr(transformers, names[model_type])
+
+
+def read_llava_config(location: str, local: bool, name: str) -> Any:
+    """The config of a LLaVA checkpoint (a folder or a hub id), refused unless it is a layout
+    UMBRELLA trains (:data:`LLAVA_TYPES`)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(location, local_files_only=local)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{name}: cannot read a model config: {exc}") from exc
+    if getattr(config, "vision_config", None) is None:
+        raise ModelError(
+            f"model.base: {name} is a {config.model_type!r} model without a vision tower; "
+            "compose a LLaVA-style model from it with model.language (--language)"
+        )
+    llava_class(config.model_type)
+    return config
+
+
 def load_base(name: str, *, seed: int = 0) -> tuple[Any, Any, bool]:
     """``(llava, tokenizer, is_random)`` for ``tiny`` or a Llava checkpoint path / hub id."""
     import torch
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+    from umbrella_core.model.compose import resolve_location
     from umbrella_core.model.tokenizer import build_byte_tokenizer, ensure_image_token
 
     if name == TINY:
@@ -117,46 +159,19 @@ def load_base(name: str, *, seed: int = 0) -> tuple[Any, Any, bool]:
             # deepspeed.zero.Init when ZeRO-3 is on: partitioned as it is made.
             llava = LlavaForConditionalGeneration._from_config(config)
         return llava, tokenizer, True
-    local = Path(name).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
-        raise ModelError(f"{local}: not a model folder (no config.json)")
-    location = str(local) if local.exists() else name
+    location, local = resolve_location(name, "model.base")
+    config = read_llava_config(location, local, name)
     try:
-        llava = LlavaForConditionalGeneration.from_pretrained(
-            location, local_files_only=local.exists()
+        llava = llava_class(config.model_type).from_pretrained(
+            location, local_files_only=local, dtype="float32"
         )
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local.exists())
+        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{name}: cannot load a Llava model and tokenizer: {exc}") from exc
     ensure_image_token(tokenizer, llava.config.image_token_id)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return llava, tokenizer, False
-
-
-def load_tokenizer(name: str) -> tuple[Any, int]:
-    """``(tokenizer, image_token_id)`` of a base model, without loading its weights.
-
-    For ``tiny`` the byte-level tokenizer; for a Llava or UMBRELLA checkpoint
-    folder (or a hub id the user names) its tokenizer and the image token of
-    its config, as :func:`load_base` sets them up.
-    """
-    from transformers import AutoTokenizer, LlavaConfig
-
-    from umbrella_core.model.tokenizer import build_byte_tokenizer, ensure_image_token
-
-    if name == TINY:
-        tokenizer = build_byte_tokenizer()
-        return tokenizer, ensure_image_token(tokenizer)
-    local = Path(name).expanduser()
-    location = str(local) if local.exists() else name
-    try:
-        config = LlavaConfig.from_pretrained(location, local_files_only=local.exists())
-        tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local.exists())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{name}: cannot load a Llava config and tokenizer: {exc}") from exc
-    ensure_image_token(tokenizer, config.image_token_id)
-    return tokenizer, int(config.image_token_id)
 
 
 def build_model(
@@ -308,7 +323,7 @@ def load_checkpoint(
             embedder that does not fit the saved weights.
     """
     from safetensors.torch import load_model
-    from transformers import AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer
 
     folder = Path(directory)
     meta_path = folder / CHECKPOINT_META
@@ -338,8 +353,8 @@ def load_checkpoint(
         specs[spec.name] = attrs.evolve(
             spec.with_geometry(entry["shape"], entry["patch_size"]), channels=entry["channels"]
         )
-    config = LlavaConfig.from_pretrained(folder)
-    llava = LlavaForConditionalGeneration(config)
+    config = checkpoint_config(folder)
+    llava = llava_class(config.model_type, str(folder))(config)
     model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
     if meta.get("lora"):
         model.add_lora(**meta["lora"])
@@ -360,62 +375,11 @@ def load_checkpoint(
     return model, tokenizer, meta
 
 
-def _geometry(spec: ModalitySpec) -> str:
-    return (
-        f"{spec.name} {'x'.join(map(str, spec.shape))} patch {'x'.join(map(str, spec.patch_size))}"
-        f" x{spec.channels}"
-    )
+def checkpoint_config(folder: Path) -> Any:
+    """The LLaVA config of an UMBRELLA checkpoint folder (any of :data:`LLAVA_TYPES`)."""
+    from transformers import AutoConfig
 
-
-def start_model(
-    model_config: Any,
-    specs: Mapping[str, ModalitySpec],
-    plugin_manager: Any,
-    *,
-    loss_terms: Sequence[LossTerm] = (),
-    seed: int = 0,
-) -> tuple[Any, Any, bool, str]:
-    """The model a run starts from: ``(model, tokenizer, base_is_random, trainable)``.
-
-    ``model_config`` is the run's ``model`` section. Its ``base`` is ``tiny``, a
-    Llava model, or an UMBRELLA checkpoint, which must hold the run's
-    modalities with the same geometry. ``trainable: auto`` becomes ``full``
-    for the random ``tiny`` model and ``embedders`` otherwise; ``lora`` adds
-    the adapters of ``model_config.lora`` (a checkpoint's adapters are kept).
-    The returned model has only the chosen parameters trainable.
-    """
-    if is_checkpoint(model_config.base):
-        model, tokenizer, _ = load_checkpoint(
-            Path(model_config.base).expanduser(), plugin_manager, loss_terms=loss_terms
-        )
-        have = sorted(_geometry(s) for s in model.specs.values())
-        want = sorted(_geometry(s) for s in specs.values())
-        if have != want:
-            raise ModelError(
-                f"model.base: the checkpoint {model_config.base} was trained on "
-                f"{'; '.join(have)}, but this run has {'; '.join(want)}: train with the "
-                "same modalities and geometry (data.modalities, data.geometry)"
-            )
-        is_random = False
-    else:
-        llava, tokenizer, is_random = load_base(model_config.base, seed=seed)
-        model = build_model(
-            llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms, seed=seed
-        )
-    trainable = model_config.trainable
-    if trainable == "auto":
-        trainable = "full" if is_random else "embedders"
-    if trainable == "lora" and model.lora_settings is None:
-        lora = model_config.lora
-        model.add_lora(
-            r=lora.r,
-            alpha=lora.alpha,
-            dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            seed=seed,
-        )
-    model.set_trainable(trainable)
-    return model, tokenizer, is_random, trainable
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def merge_lora(model: Any) -> Any:

@@ -53,3 +53,19 @@ def ensure_image_token(tokenizer: Any, image_token_id: int | None = None) -> int
             f"image_token_id {image_token_id}"
         )
     return int(token_id)
+
+
+def add_image_token(tokenizer: Any) -> int:
+    """The id of ``<image>`` in ``tokenizer``, added as a special token where it is missing.
+
+    A language model's own tokenizer lacks it; a LLaVA checkpoint's has it.
+    """
+    from transformers import AddedToken
+
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        tokenizer.add_tokens(
+            [AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True
+        )
+        token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return int(token_id)

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
 from umbrella_core.data.conversation import IGNORE_INDEX
 from umbrella_core.errors import ModelError, TokenCountError
 from umbrella_core.model.embeddings import ModalityEmbeddings
+from umbrella_core.model.loss import LogitHead, learned_token_loss
 from umbrella_core.types import LossTerm, ModalitySpec
 
 __all__ = ["UmbrellaModel", "UmbrellaOutput", "TRAINABLE_SETS"]
@@ -32,10 +32,23 @@ TRAINABLE_SETS = ("embedders", "projector", "lora", "full")
 class UmbrellaOutput(ModelOutput):
     """What :meth:`UmbrellaModel.forward` returns.
 
+    Full-vocabulary logits are computed only when asked: a 262,144-token
+    vocabulary makes them ~1 GB per 1,000-token sample in float32. The loss
+    needs logits only where labels are learned, and computes them there, chunk
+    by chunk (:mod:`umbrella_core.model.loss`).
+
     Attributes:
         loss: Unified NLL plus every loss-hook term (weighted); None without labels.
-        logits: ``(B, L, vocab)``.
+        logits: ``(B, L, vocab)``, when there are no labels (generation), in eval
+            mode, with ``return_logits=True``, or when a loss term sets
+            ``needs_logits``; otherwise None.
         nll: The unified next-token NLL (mean over learned tokens).
+        token_loss: ``(B, L - 1)`` float32 NLL of ``labels[:, 1:]`` at each
+            position, 0.0 where nothing is learned (in the graph: a loss term
+            may weight it).
+        token_correct: ``(B, L - 1)`` bool, whether the most likely next token
+            equals the label at a learned position (False elsewhere); in eval
+            mode or with ``return_correct=True``, else None.
         key_losses: Mean NLL per sample modality key (``t1``, ``t1+dmri``) in this batch.
         key_tokens: Number of learned tokens per key (to average across steps).
         terms: Each loss-hook term, unweighted.
@@ -45,6 +58,8 @@ class UmbrellaOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     nll: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+    token_correct: torch.Tensor | None = None
     key_losses: dict[str, float] | None = None
     key_tokens: dict[str, int] | None = None
     terms: dict[str, torch.Tensor] | None = None
@@ -118,23 +133,47 @@ class UmbrellaModel(nn.Module):
         """The Llava model's decoder (without its ``lm_head``)."""
         return self.llava.model.language_model
 
+    def _body_layers(self) -> list[nn.Module]:
+        """The vision encoder layers the selected features depend on.
+
+        A LLaVA-1.5 tower selects the penultimate layer (``vision_feature_layer
+        = -2``): its last layer never runs, so its parameters are ``unused``.
+        """
+        layers = list(_vision_tower(self.llava).encoder.layers)
+        index = self.config.vision_feature_layer
+        wanted = [index] if isinstance(index, int) else list(index)
+        # hidden_states[i] is the output of layer i (0: the embeddings).
+        needed = max((i if i >= 0 else len(layers) + 1 + i) for i in wanted)
+        return layers[:needed]
+
+    def _has_body(self) -> bool:
+        """Whether image tokens pass a vision body (``model.vision: none`` has no layer)."""
+        return len(_vision_tower(self.llava).encoder.layers) > 0
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role: ``embedders``, ``projector``, ``vision``, ``language``,
         ``lora``, ``unused``.
 
         ``lora`` holds the language model's LoRA adapters (see :meth:`add_lora`);
         ``language`` its other weights and the ``lm_head``. ``unused`` holds
-        vision-tower parameters that LLaVA never runs (the pooled output's
-        ``post_layernorm``); they never train, or DDP would wait for their
+        parameters that never run: vision-tower parts LLaVA skips (the pooled
+        output's ``post_layernorm``, a SigLIP head, layers after the selected
+        feature layer, the pre-norm of a tower without layers) and anything
+        else a checkpoint carries beside the three parts (LLaVA-OneVision's
+        ``image_newline``). They never train, or DDP would wait for their
         gradients forever.
         """
         tower = _vision_tower(self.llava)
         lora_ids = {id(p) for n, p in self.language_model.named_parameters() if ".lora_" in n}
         embed_ids = {id(p) for p in self.embeddings.parameters()}
         proj_ids = {id(p) for p in self.llava.model.multi_modal_projector.parameters()}
-        body = [tower.encoder] + ([tower.pre_layrnorm] if hasattr(tower, "pre_layrnorm") else [])
+        body: list[nn.Module] = list(self._body_layers())
+        if self._has_body() and hasattr(tower, "pre_layrnorm"):
+            body.append(tower.pre_layrnorm)
         vision_ids = {id(p) for m in body for p in m.parameters()}
-        tower_ids = {id(p) for p in self.llava.model.vision_tower.parameters()}
+        language_ids = {id(p) for p in self.language_model.parameters()} | {
+            id(p) for p in self.llava.get_output_embeddings().parameters()
+        }
         groups: dict[str, list[nn.Parameter]] = {
             k: [] for k in ("embedders", "projector", "vision", "language", "lora", "unused")
         }
@@ -146,11 +185,11 @@ class UmbrellaModel(nn.Module):
                 if id(p) in proj_ids
                 else "vision"
                 if id(p) in vision_ids
-                else "unused"
-                if id(p) in tower_ids
                 else "lora"
                 if id(p) in lora_ids
                 else "language"
+                if id(p) in language_ids
+                else "unused"
             )
             groups[key].append(p)
         return groups
@@ -252,17 +291,21 @@ class UmbrellaModel(nn.Module):
 
     def _vision_body(self, tokens: torch.Tensor) -> torch.Tensor:
         tower = _vision_tower(self.llava)
-        hidden = tower.pre_layrnorm(tokens) if hasattr(tower, "pre_layrnorm") else tokens
+        has_body = self._has_body()
+        hidden = tokens
+        if has_body and hasattr(tower, "pre_layrnorm"):  # CLIP has one, SigLIP does not
+            hidden = tower.pre_layrnorm(tokens)
         states = [hidden]
-        for layer in tower.encoder.layers:
+        for layer in self._body_layers():
             out = layer(hidden, None)
             hidden = out[0] if isinstance(out, tuple) else out
             states.append(hidden)
-        layer_index = self.config.vision_feature_layer
-        if isinstance(layer_index, int):
-            selected = states[layer_index]
-        else:
-            selected = torch.cat([states[i] for i in layer_index], dim=-1)
+        if not has_body:
+            return self.llava.model.multi_modal_projector(hidden)
+        total = len(tower.encoder.layers) + 1  # hidden states of the whole tower
+        index = self.config.vision_feature_layer
+        wanted = [index] if isinstance(index, int) else list(index)
+        selected = torch.cat([states[i if i >= 0 else total + i] for i in wanted], dim=-1)
         return self.llava.model.multi_modal_projector(selected)
 
     def image_features(
@@ -364,30 +407,66 @@ class UmbrellaModel(nn.Module):
         pixel_values: Mapping[str, torch.Tensor] | None = None,
         image_modalities: Sequence[str] | None = None,
         sample_keys: Sequence[str] | None = None,
+        return_logits: bool | None = None,
+        return_correct: bool | None = None,
+        loss_chunk_size: int | None = None,
         **_: Any,
     ) -> UmbrellaOutput:
+        """Run the model; with ``labels``, the unified loss over the learned tokens.
+
+        Logits are computed where labels are learned only, in chunks that the
+        backward pass recomputes (:func:`umbrella_core.model.loss.learned_token_loss`),
+        with the text model's logit scaling and soft-capping applied.
+
+        Args:
+            input_ids: ``(B, L)`` token ids with image placeholders.
+            attention_mask: ``(B, L)``.
+            labels: ``(B, L)``, ``-100`` where nothing is learned; None to generate.
+            pixel_values: Images per modality, ``(n, C, ...)``.
+            image_modalities: Modality of each image placeholder run, in order.
+            sample_keys: Modality key per row, for :attr:`UmbrellaOutput.key_losses`.
+            return_logits: Full ``(B, L, vocab)`` logits. Default: without labels,
+                in eval mode, or when a loss term sets ``needs_logits``.
+            return_correct: :attr:`UmbrellaOutput.token_correct`. Default: in eval mode.
+            loss_chunk_size: Rows of logits per chunk (memory ~ rows x vocab x 4 bytes x 3).
+
+        Returns:
+            An :class:`UmbrellaOutput`.
+        """
         features, coverage = self.image_features(pixel_values)
         embeds = self.splice(input_ids, features, image_modalities or [])
-        out = self.llava(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
-        logits = out.logits
+        # The base model, not Llava's head: logits at every position would be
+        # B x L x vocab (see ARCHITECTURE's pitfalls).
+        hidden = self.llava.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        head = LogitHead(self.llava.get_output_embeddings(), self.config.get_text_config())
+        if return_logits is None:
+            return_logits = (
+                labels is None
+                or not self.training
+                or any(getattr(t, "needs_logits", False) for t in self.loss_terms)
+            )
+        logits = head(hidden, upcast=False) if return_logits else None
         result = UmbrellaOutput(logits=logits, image_features=features)
         if labels is None:
             return result
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:].to(logits.device)
-        token_loss = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(shift_labels.shape)
-        learned = shift_labels != IGNORE_INDEX
-        n_learned = learned.sum()
-        nll = token_loss.sum() / n_learned.clamp(min=1)
+        token_loss, token_correct = learned_token_loss(
+            head,
+            hidden,
+            labels,
+            chunk_size=loss_chunk_size,
+            uniform=self.uniform_module_order,
+            want_correct=not self.training if return_correct is None else return_correct,
+        )
+        learned = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
+        nll = token_loss.sum() / learned.sum().clamp(min=1)
         loss = nll + coverage
         terms: dict[str, torch.Tensor] = {}
         result.nll = nll
         result.loss = loss
+        result.token_loss = token_loss
+        result.token_correct = token_correct
         for term in self.loss_terms:
             value = term.compute(
                 result,

@@ -7,7 +7,9 @@ or ``no``) and after the last step. The callbacks here act on its metrics:
 
 * :class:`BestCheckpoint` keeps ``OUTPUT_DIR/best/`` at the best
   ``trainer.metric_for_best`` so far, and stops training after
-  ``trainer.early_stopping_patience`` evaluations without improvement.
+  ``trainer.early_stopping_patience`` evaluations without improvement;
+  :func:`load_best_weights` puts those weights back in the model at the end
+  (``trainer.load_best_at_end``).
 * :class:`GeneratedSamples` writes, for ``trainer.generate_samples`` held-out
   samples, the greedily generated answer beside the prompt and the reference
   (TensorBoard text) and mid-slices of the input images (TensorBoard image).
@@ -29,6 +31,7 @@ __all__ = [
     "check_evaluation",
     "attach_evaluation",
     "BestCheckpoint",
+    "load_best_weights",
     "GeneratedSamples",
     "mid_slices",
     "slice_panel",
@@ -187,6 +190,31 @@ class BestCheckpoint(TrainerCallback):
             self.stopped_early_at = int(state.global_step)
 
 
+def load_best_weights(trainer: Any, directory: str | Path) -> None:
+    """Load the weights of the checkpoint in ``directory`` (``best/``) into ``trainer``'s model.
+
+    Called on every rank once training has ended, as transformers'
+    ``load_best_model_at_end`` does, so that ``final/`` and the table at the
+    end are of the best evaluated weights. Under DeepSpeed ZeRO-3 the main
+    process loads the gathered parameters and DeepSpeed partitions them again.
+    """
+    from safetensors.torch import load_model
+
+    path = str(Path(directory) / "model.safetensors")
+    # The main process may have written best/ at the very last step.
+    trainer.accelerator.wait_for_everyone()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if trainer.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if trainer.args.process_index == 0:
+                load_model(model, path, strict=True)
+        return
+    load_model(model, path, strict=True)
+
+
 class GeneratedSamples(TrainerCallback):
     """At each evaluation, the generated answers of ``count`` held-out samples in TensorBoard.
 
@@ -213,12 +241,15 @@ class GeneratedSamples(TrainerCallback):
         return None
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from umbrella_core.data.conversation import default_chat_format
         from umbrella_core.train.evaluate import question_and_answer
         from umbrella_core.train.generate import decode, greedy_generate, record_prompt
 
         model = kwargs.get("model") or self.trainer.model
         writer = self._writer() if state.is_world_process_zero else None
         eos = self.tokenizer.eos_token_id
+        # Stop at the chat format's end-of-turn too (<|eot_id|>, <end_of_turn>, ...).
+        chat = getattr(self.dataset, "chat", None) or default_chat_format(self.tokenizer)
         for i, index in enumerate(self.indices):
             record = self.dataset.records[self.dataset.items[index][0]]
             _, reference = question_and_answer(record)
@@ -231,6 +262,7 @@ class GeneratedSamples(TrainerCallback):
                     images,
                     max_new_tokens=min(256, 2 * len(reference_ids) + 8),
                     eos_token_id=eos,
+                    stop_token_ids=chat.stop_token_ids,
                 )
             if writer is None:
                 continue

@@ -143,19 +143,12 @@ def answer_accuracy(
     try:
         for batch in loader:
             batch = _to_device(batch, device)
-            out = model(**batch)
-            logits = out.logits[:, :-1]
-            predicted = logits.argmax(-1)
-            target = batch["labels"][:, 1:]
-            learned = target != IGNORE_INDEX
-            correct = ((predicted == target) | ~learned).all(dim=1)
-            token_loss = torch.nn.functional.cross_entropy(
-                logits.float().transpose(1, 2),
-                target,
-                ignore_index=IGNORE_INDEX,
-                reduction="none",
-            )
-            per_row = token_loss.sum(1) / learned.sum(1).clamp(min=1)
+            # Per-position NLL and argmax hits at the answer tokens only: full
+            # logits would be B x L x vocab (GBs with a 262k-token vocabulary).
+            out = model(**batch, return_logits=False, return_correct=True)
+            learned = batch["labels"][:, 1:] != IGNORE_INDEX
+            correct = (out.token_correct | ~learned).all(dim=1)
+            per_row = out.token_loss.sum(1) / learned.sum(1).clamp(min=1)
             for key, ok, loss in zip(
                 batch["sample_keys"], correct.tolist(), per_row.tolist(), strict=True
             ):
@@ -260,6 +253,7 @@ def evaluate_checkpoint(
     from umbrella_core.config import StudyConfig
     from umbrella_core.data.dataset import RecordDataset
     from umbrella_core.errors import DataError, ModelError
+    from umbrella_core.model.chat import chat_format
     from umbrella_core.train.generate import load_for_inference
     from umbrella_core.train.run import read_studies
 
@@ -296,6 +290,8 @@ def evaluate_checkpoint(
         image_token_id=model.image_token_id,
         max_length=config.model.max_length,
         name=split,
+        # The checkpoint's tokenizer carries its chat template: "auto" finds it.
+        chat=chat_format(loaded.tokenizer, "auto", config.model.system_prompt),
     )
     collator = UmbrellaCollator(loaded.tokenizer.pad_token_id, tuple(model.specs))
     return answer_accuracy(

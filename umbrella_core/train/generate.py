@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,7 @@ def greedy_generate(
     *,
     max_new_tokens: int = 32,
     eos_token_id: int | None = None,
+    stop_token_ids: Collection[int] = (),
 ) -> list[int]:
     """Greedy continuation of one prompt (its image placeholders already expanded).
 
@@ -134,12 +135,15 @@ def greedy_generate(
         images: ``(modality, tensor (channels, *shape))`` in placeholder order.
         max_new_tokens: Most tokens to generate.
         eos_token_id: Stop after this token (it is returned with the rest).
+        stop_token_ids: Stop after any of these too: a chat format's
+            ``stop_token_ids`` (eos and the end-of-turn token).
 
     Returns:
         The generated token ids.
     """
     import torch
 
+    stops = set(stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -157,7 +161,7 @@ def greedy_generate(
             for _ in range(max_new_tokens):
                 token = int(out.logits[0, -1].argmax())
                 generated.append(token)
-                if token == eos_token_id or len(generated) == max_new_tokens:
+                if token in stops or len(generated) == max_new_tokens:
                     break
                 attention = torch.cat([attention, attention.new_ones((1, 1))], dim=1)
                 step = llava.get_input_embeddings()(
@@ -207,8 +211,8 @@ def generate_answer(
             a modality the checkpoint lacks is named as such); default: the
             checkpoint's.
     """
-    from umbrella_core.data.conversation import encode_conversation
     from umbrella_core.data.dataset import load_image
+    from umbrella_core.model.chat import chat_format
 
     if not images:
         raise ConfigError("give at least one --image")
@@ -239,7 +243,10 @@ def generate_answer(
         for name, files in zip(names, images, strict=True)
     ]
     model = loaded.model
-    encoded = encode_conversation(
+    # The checkpoint's tokenizer carries the chat template it was trained with
+    # ("auto" finds it), its run configuration the system prompt.
+    chat = chat_format(loaded.tokenizer, "auto", loaded.config.model.system_prompt)
+    encoded = chat.encode(
         [Turn(role="user", content=with_placeholders(prompt, len(images)))],
         names,
         tokenizer=loaded.tokenizer,
@@ -254,7 +261,7 @@ def generate_answer(
         encoded.input_ids,
         tensors,
         max_new_tokens=max_new_tokens,
-        eos_token_id=loaded.tokenizer.eos_token_id,
+        stop_token_ids=chat.stop_token_ids,
     )
     return decode(loaded.tokenizer, ids)
 

@@ -103,6 +103,8 @@ def stage_configs(config: RunConfig) -> list[RunConfig]:
         data["trainer"]["output_dir"] = str(out_dir / f"stage-{index + 1}")
         if index > 0:
             data["model"]["base"] = str(out_dir / f"stage-{index}" / "final")
+            # Composed once, in stage 1; later stages go on from its weights.
+            data["model"]["language"] = ""
         try:
             configs.append(structure(RunConfig, data))
         except ConfigError as exc:

@@ -31,6 +31,8 @@ class Prepared:
     model: Any
     tokenizer: Any
     train_sets: list[RecordDataset]
+    #: Evaluated during training, picks best/: the validation records (test
+    #: records where the studies have no validation split).
     eval_set: RecordDataset | None
     studies: list[str]
     weights: list[float]
@@ -38,6 +40,35 @@ class Prepared:
     problems: list[Any]
     trainable: str
     base_is_random: bool
+    #: Why ``trainable`` was chosen (``trainable: auto`` explained).
+    trainable_reason: str = ""
+    #: What the model was built from: tiny | composed | llava | checkpoint.
+    start_kind: str = ""
+    #: Reported by the table at the end: the test records (the validation
+    #: records where there are none; then ``test_set is eval_set``).
+    test_set: RecordDataset | None = None
+
+
+def held_out_sets(
+    records: list[StudyRecord], dataset: Callable[[list[StudyRecord], str], RecordDataset]
+) -> tuple[RecordDataset | None, RecordDataset | None]:
+    """``(eval_set, test_set)``: what evaluation during training sees, what the end reports.
+
+    Evaluation during training (and so the choice of ``best/``) uses the
+    ``validation`` records and the table at the end the ``test`` ones, so that
+    the reported figures are not of the records that chose the weights. Studies
+    with only one held-out split use it for both (records of any split but
+    ``train`` and ``validation`` count as test), as before there was a choice.
+    """
+    validation = [r for r in records if r.split == "validation"]
+    test = [r for r in records if r.split not in ("train", "validation")]
+    if validation and test:
+        return dataset(validation, "validation"), dataset(test, "test")
+    held_out = validation or test
+    if not held_out:
+        return None, None
+    both = dataset(held_out, "held-out")
+    return both, both
 
 
 def configure_spec(spec: ModalitySpec, settings: Any) -> ModalitySpec:
@@ -296,7 +327,8 @@ def prepare(
     they are created), so only :func:`read_studies` may run on one rank first.
     """
     from umbrella_core.data.interleave import size_weights
-    from umbrella_core.model.build import start_model
+    from umbrella_core.model.chat import chat_format
+    from umbrella_core.model.start import start_model
 
     if data is None:
         data = read_studies(config, pm, log=log)
@@ -304,9 +336,11 @@ def prepare(
     per_study, skipped, locations = data.per_study, data.skipped, data.locations
 
     terms = pm.loss_terms(tuple(specs), dict(config.loss))
-    model, tokenizer, is_random, trainable = start_model(
-        config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed
-    )
+    started = start_model(config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed)
+    model, tokenizer = started.model, started.tokenizer
+    is_random, trainable = started.base_is_random, started.trainable
+    # The builder readied the tokenizer for model.chat_template (prepare_tokenizer).
+    chat = chat_format(tokenizer, config.model.chat_template, config.model.system_prompt)
 
     cache = None
     if config.data.cache:
@@ -320,6 +354,7 @@ def prepare(
         tokenizer=tokenizer,
         image_token_id=model.image_token_id,
         max_length=config.model.max_length,
+        chat=chat,
     )
     per_study, problems = screen_records(
         per_study, check=config.data.check, encode=probe.encode, pm=pm, specs=specs
@@ -345,6 +380,7 @@ def prepare(
             max_length=config.model.max_length,
             name=name,
             cache=cache,
+            chat=chat,
         )
 
     train_sets: list[RecordDataset] = []
@@ -364,8 +400,7 @@ def prepare(
             weights.append(float(config.data.weights.get(name, weight)))
     if not train_sets:
         raise DataError(f"no training record (split: train) in {', '.join(locations)}")
-    held_out = [r for r in data.records if r.split != "train"]
-    eval_set = dataset(held_out, "held-out") if held_out else None
+    eval_set, test_set = held_out_sets(data.records, dataset)
     return Prepared(
         config=config,
         specs=specs,
@@ -374,12 +409,15 @@ def prepare(
         tokenizer=tokenizer,
         train_sets=train_sets,
         eval_set=eval_set,
+        test_set=test_set,
         studies=locations,
         weights=weights,
         skipped=skipped,
         problems=problems,
         trainable=trainable,
         base_is_random=is_random,
+        trainable_reason=started.reason,
+        start_kind=started.kind,
     )
 
 
@@ -388,15 +426,23 @@ def summary(prep: Prepared) -> str:
     model = prep.model
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = [
-        "UMBRELLA training run",
-        f"  base model   {prep.config.model.base}"
-        + (" (random weights, built-in)" if prep.base_is_random else ""),
-    ]
+    model_config = prep.config.model
+    if model_config.language:
+        base = (
+            f"  language     {model_config.language} (composed: vision {model_config.vision}, "
+            "new projector)"
+        )
+    else:
+        base = f"  base model   {model_config.base}" + (
+            " (random weights, built-in)" if prep.base_is_random else ""
+        )
+    lines = ["UMBRELLA training run", base]
     lines.append(
         f"  trainable    {prep.trainable}: {trainable:,} of {total:,} parameters "
         f"({trainable / total:.1%})"
     )
+    if prep.trainable_reason:
+        lines.append(f"               ({prep.trainable_reason})")
     lines.append("  modalities")
     counts: dict[str, int] = {}
     for ds in prep.train_sets:
@@ -414,7 +460,10 @@ def summary(prep: Prepared) -> str:
     total_weight = sum(prep.weights)
     for ds, weight in zip(prep.train_sets, prep.weights, strict=True):
         lines.append(f"    {ds.name:<24} {len(ds)} samples, {weight / total_weight:.0%} of draws")
-    if prep.eval_set is not None:
+    if prep.test_set is not None and prep.test_set is not prep.eval_set:
+        lines.append(f"    {'(validation)':<24} {len(prep.eval_set)} samples: evaluation, best/")
+        lines.append(f"    {'(test)':<24} {len(prep.test_set)} samples: the table at the end")
+    elif prep.eval_set is not None:
         lines.append(f"    {'(held out)':<24} {len(prep.eval_set)} samples")
     for key, n in sorted(prep.skipped.items()):
         lines.append(f"  skipped {n} record(s) of {key}: modality not active in this run")
@@ -489,6 +538,7 @@ def training_arguments(config: RunConfig, out_dir: Path) -> Any:
         learning_rate=t.learning_rate,
         warmup_steps=int(math.ceil(t.warmup_ratio * max(t.max_steps, 1))) if t.max_steps > 0 else 0,
         weight_decay=t.weight_decay,
+        adam_beta2=t.adam_beta2,
         lr_scheduler_type="cosine",
         logging_steps=t.logging_steps,
         report_to="none",  # TensorBoard is added by train(), writing where we say
@@ -536,6 +586,16 @@ def bf16_supported(wanted: bool) -> bool:
     return wanted
 
 
+def describe_weights(final: dict[str, Any]) -> str:
+    """Which weights ``final/`` holds, for the line above the table at the end of a run."""
+    if final["weights"] == "best":
+        return (
+            f"best evaluated weights, step {final['step']}, {final['metric']} "
+            f"{final['value']:.4f} on {final['split']}"
+        )
+    return f"last weights, step {final['step']}"
+
+
 def train(
     config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
@@ -555,7 +615,11 @@ def train(
 
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.interleave import Interleaving
-    from umbrella_core.train.callbacks import attach_evaluation, check_evaluation
+    from umbrella_core.train.callbacks import (
+        attach_evaluation,
+        check_evaluation,
+        load_best_weights,
+    )
     from umbrella_core.train.evaluate import answer_accuracy, format_table, run_questions
     from umbrella_core.train.faults import interrupted_error, stop_on_signals
     from umbrella_core.train.trainer import UmbrellaTrainer
@@ -627,6 +691,8 @@ def train(
         "steps": result.global_step,
         "train_seconds": round(elapsed, 1),
     }
+    # What final/ (and the table below) holds: the last weights, or the best evaluated ones.
+    final_weights: dict[str, Any] = {"weights": "last", "step": result.global_step}
     if best is not None and best.best is not None:
         metrics["best"] = best.best
         if best.stopped_early_at is not None:
@@ -636,18 +702,32 @@ def train(
             f"best checkpoint: {best.directory} (step {best.best['step']}, "
             f"{best.best['metric']} {best.best['value']:.4f})"
         )
-    if prep.eval_set is not None:
+        if t.load_best_at_end and prep.test_set is not prep.eval_set:
+            load_best_weights(trainer, best.directory)
+            final_weights = {"weights": "best", **best.best, "split": "validation"}
+        elif t.load_best_at_end:
+            log(
+                "final/ keeps the last weights (trainer.load_best_at_end): the studies have "
+                "no validation split, and best/ was chosen on the held-out records reported below"
+            )
+    metrics["final"] = final_weights
+    test_set = prep.test_set if prep.test_set is not None else prep.eval_set
+    if test_set is not None:
         results = answer_accuracy(
             prep.model,
-            prep.eval_set,
+            test_set,
             collator,
             batch_size=t.batch_size,
-            questions=run_questions(*prep.train_sets, prep.eval_set),
+            questions=run_questions(*prep.train_sets, prep.eval_set, test_set),
         )
         metrics["held_out"] = results
-        log("held-out answers (greedy answer equals the reference):")
+        metrics["held_out_split"] = test_set.name
+        log(
+            f"{test_set.name} answers of final/ = {describe_weights(final_weights)} "
+            "(greedy answer equals the reference):"
+        )
         log(format_table(results))
-    if prep.eval_set is not None and not evaluating and main_process:
+    if test_set is not None and not evaluating and main_process:
         # (With evaluation during training, the last one logged these at this step.)
         with SummaryWriter(str(logging_dir)) as writer:
             for key, r in results.items():
