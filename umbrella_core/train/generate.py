@@ -11,6 +11,7 @@ the reference (:func:`umbrella_core.train.evaluate.answer_accuracy`).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -170,13 +171,32 @@ def greedy_generate(
                 out = llava(
                     inputs_embeds=step,
                     attention_mask=attention,
-                    past_key_values=out.past_key_values,
                     use_cache=True,
                     logits_to_keep=1,
+                    **_kv_cache(llava, out),
                 )
     finally:
         model.train(was_training)
     return generated
+
+
+def _kv_cache(llava: Any, out: Any) -> dict[str, Any]:
+    """The key/value cache of ``out`` under the argument name ``llava.forward`` takes.
+
+    transformers 5 renames ``past_key_values`` to ``cache`` (the old name is
+    deprecated, and goes in 5.40); earlier 5.x releases know only the old one.
+    """
+    cache = getattr(out, "cache", None)
+    if cache is None:
+        cache = out.past_key_values
+    return {_cache_argument(type(llava)): cache}
+
+
+@functools.cache
+def _cache_argument(cls: type) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def decode(tokenizer: Any, ids: Sequence[int]) -> str:
