@@ -32,23 +32,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# Run as a script: its folder is on sys.path, and the training-step benchmark
+# already has the /proc helpers.
+from training_step import reset_peak, status_kib
+
 VOCAB = 262_144
-
-
-def status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark, so the peak is that of the steps alone."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def build(batch: int, length: int, learned: int, vocab: int):
