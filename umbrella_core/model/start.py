@@ -185,7 +185,7 @@ def start_model(
         model = build_model(
             llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms, seed=seed
         )
-    elif len(tokenizer) > model.llava.get_input_embeddings().weight.shape[0]:
+    else:
         fit_embeddings(model.llava, tokenizer)
     trainable = model_config.trainable
     reason = "as model.trainable says"
