@@ -9,10 +9,11 @@ that calls ``torch.set_num_threads(n)`` and then the ``umbrella`` command line,
 with its own output folder and no progress bar; ``UMBRELLA_CACHE`` is shared,
 so the demo data is written once (by a first, untimed ``umbrella demo`` write).
 
-Prints (and with ``--out`` writes) a Markdown table of the held-out accuracy per
-modality of each run's ``final/`` (``metrics.json``: the ``test`` records; with
-``trainer.load_best_at_end`` the weights of the best evaluation on the
-``validation`` records), the step of that evaluation and the wall time, then
+Prints (and with ``--out`` writes) a Markdown table of the held-out accuracy
+(hemisphere) and MAE (the lesion centre's x coordinate, beside always answering
+the training mean) per modality of each run's ``final/`` (``metrics.json``:
+the ``test`` records; with ``trainer.load_best_at_end`` the weights of the best
+evaluation on the ``validation`` records), the step of that evaluation and the wall time, then
 the lowest accuracy per modality. Exit status 1 when any cell is below ``--min``.
 
     python benchmarks/demo_seeds.py --seeds 0-4 --threads 1,2 --out benchmarks/results/demo_seeds.md
@@ -69,22 +70,41 @@ def run_demo(seed: int, threads: int, out_dir: Path, modalities: str, extra: lis
             "metrics": metrics, "log": str(log)}  # fmt: skip
 
 
+def numeric(result: dict) -> tuple[float, float] | None:
+    """(MAE, MAE of always answering the training mean) of a key's numeric question."""
+    for question in result.get("questions", {}).values():
+        metrics = question["metrics"]
+        if question["family"] == "numeric" and metrics.get("mae") is not None:
+            return metrics["mae"], metrics["reference"]["mae_train_mean"]
+    return None
+
+
 def table(results: list[dict], modalities: list[str]) -> str:
-    """The Markdown table of the runs, then the lowest accuracy per modality."""
-    head = ["seed", "threads", *modalities, "best step", "seconds"]
+    """The Markdown table of the runs, then the lowest accuracy per modality.
+
+    Per modality: the accuracy on the categorical question, then the MAE on
+    the numeric one beside the MAE of always answering the training mean.
+    """
+    columns = [c for m in modalities for c in (f"{m} accuracy", f"{m} MAE (train mean)")]
+    head = ["seed", "threads", *columns, "best step", "seconds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     lowest: dict[str, float] = {}
+    worst: dict[str, float] = {}  # the largest MAE as a share of the training mean's
     for r in results:
         held_out = r["metrics"].get("held_out", {})
         cells = []
         for m in modalities:
             accuracy = held_out.get(m, {}).get("accuracy")
             if accuracy is None:
-                cells.append(f"failed (exit {r['code']}, {r['log']})")
+                cells += [f"failed (exit {r['code']}, {r['log']})", ""]
                 lowest[m] = float("-inf")
                 continue
             cells.append(f"{accuracy:.1%}")
             lowest[m] = min(lowest.get(m, 1.0), accuracy)
+            errors = numeric(held_out[m])
+            cells.append(f"{errors[0]:.2f} ({errors[1]:.2f})" if errors else "-")
+            if errors:
+                worst[m] = max(worst.get(m, 0.0), errors[0] / errors[1])
         final = r["metrics"].get("final", {})
         # final/ = best/ (trainer.load_best_at_end): the step of the best evaluation.
         if final.get("weights") == "best":
@@ -94,7 +114,9 @@ def table(results: list[dict], modalities: list[str]) -> str:
         row = [str(r["seed"]), str(r["threads"]), *cells, weights, f"{r['seconds']:.0f}"]
         lines.append("| " + " | ".join(row) + " |")
     low = [f"{lowest[m]:.1%}" if lowest[m] > float("-inf") else "failed" for m in modalities]
-    lines.append("| **min** | | " + " | ".join(f"**{v}**" for v in low) + " | | |")
+    high = [f"max {worst[m]:.0%} of the mean's" if m in worst else "" for m in modalities]
+    summary = [f"**{v}** | **{h}**" for v, h in zip(low, high, strict=True)]
+    lines.append("| **min** | | " + " | ".join(summary) + " | | |")
     return "\n".join(lines)
 
 

@@ -60,7 +60,9 @@ def test_v1_records_with_prepended_placeholders_and_relative_paths(tmp_path, suf
     # Two images, no placeholder: both are prepended to the first human turn.
     assert first.turns[0].content == "<image>\n<image>\nDescribe both scans."
     assert [t.role for t in first.turns] == ["user", "assistant"]
-    assert first.study == tmp_path.name and first.split == "train"
+    # No split in the file or the options: None, and the core makes one (I10).
+    assert first.study == tmp_path.name and first.split is None
+    assert first.family is None and first.site is None
 
 
 def test_v1_placeholders_already_present_null_paths_and_subject_fallback(tmp_path):
@@ -71,10 +73,13 @@ def test_v1_placeholders_already_present_null_paths_and_subject_fallback(tmp_pat
             {"from": "gpt", "value": "Fine."},
         ],
         "split": "test",
+        "family": 4021,
+        "site": "site06",
     }
     (got,) = read_brainvlm(write(tmp_path / "s.json", [record], jsonl=False))
     assert got.turns[0].content == "Look: <image>"  # nothing added
     assert got.modalities == ("t1",) and got.subject == "s-0" and got.split == "test"
+    assert got.family == "4021" and got.site == "site06"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".jsonl"])

@@ -24,14 +24,21 @@ def test_demo_data_writes_real_nifti_files_and_a_manifest(tmp_path):
     assert main(["demo-data", str(tmp_path), "--subjects", "5"]) == 0
     records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert {r["images"][0]["modality"] for r in records} == {"t1", "fmri", "dmri"}
-    assert len(records) == 15
-    assert sum(r["split"] == "test" for r in records) == 3  # one held out per modality
+    # 5 subjects per modality, each asked the hemisphere and the lesion's x coordinate.
+    assert len(records) == 30
+    assert sum(r["split"] == "test" for r in records) == 6  # one subject held out per modality
     for record in records:
         paths = record["images"][0]["path"]
         for path in [paths] if isinstance(paths, str) else paths:
             image = nib.load(tmp_path / path)
             assert image.shape and (tmp_path / path).name.endswith(".nii.gz")
-        assert record["conversation"][1]["content"] in ("left", "right")
+        question, answer = (turn["content"] for turn in record["conversation"])
+        if "hemisphere" in question:
+            assert answer in ("left", "right")
+        else:
+            # The RAS x coordinate of the lesion's centre: negative on the left.
+            assert "RAS x coordinate" in question and answer.endswith(" cm")
+            assert (int(answer[:-3]) < 0) == (record["phenotypes"]["label"] == "left")
     bold = next(r for r in records if r["images"][0]["modality"] == "fmri")
     header = nib.load(tmp_path / bold["images"][0]["path"]).header
     assert len(header.get_data_shape()) == 4 and header.get_zooms()[3] > 0  # TR is written

@@ -1,8 +1,10 @@
 """The quick start's job: ``umbrella train --modalities t1,dmri`` on the built-in demo.
 
-It must finish on CPU, say where its TensorBoard logs and checkpoint are, and
+It must finish on CPU, say where its TensorBoard logs and checkpoint are,
 answer the held-out demo questions (which hemisphere holds the lesion?) with at
-least 90% accuracy per modality, where chance is 50%.
+least 90% accuracy per modality, where chance is 50%, and give the lesion
+centre's x coordinate with less than half the error of always answering the
+training mean.
 
 Not only on one machine: the CPU and its thread count change the order in
 which floats are summed, and so the run. benchmarks/demo_seeds.py runs the demo
@@ -55,16 +57,38 @@ def demo_run(tmp_path_factory):
     return out / "run", result.stdout
 
 
+HEMISPHERE = "Which hemisphere holds the lesion?"
+POSITION = "What is the RAS x coordinate of the centre of the lesion, in cm?"
+
+
 def test_demo_learns_from_the_images(demo_run):
     run_dir, stdout = demo_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
     held_out = metrics["held_out"]
     assert set(held_out) == {"t1", "dmri"}
     for modality, result in held_out.items():
-        assert result["n"] >= 20
-        assert result["accuracy"] >= 0.9, (modality, result, stdout)
-        # The table the user sees holds the same figure.
-        assert re.search(rf"^{modality}\s+{result['n']}\s+{result['accuracy']:.1%}", stdout, re.M)
+        side = result["questions"][HEMISPHERE]
+        assert side["n"] >= 20 and side["family"] == "categorical"
+        assert side["metrics"]["accuracy"] >= 0.9, (modality, result, stdout)
+        assert side["metrics"]["balanced_accuracy"] >= 0.9, (modality, result, stdout)
+        # The numeric question: clearly better than always answering the training mean.
+        where = result["questions"][POSITION]
+        assert where["family"] == "numeric" and where["metrics"]["unparsed"] == 0
+        mae, reference = where["metrics"]["mae"], where["metrics"]["reference"]["mae_train_mean"]
+        assert mae < reference / 2, (modality, where, stdout)
+
+
+def test_demo_table_shows_each_figure_beside_its_reference(demo_run):
+    run_dir, stdout = demo_run
+    held_out = json.loads((run_dir / "metrics.json").read_text())["held_out"]
+    for result in held_out.values():
+        side = result["questions"][HEMISPHERE]["metrics"]
+        accuracy = rf"accuracy\s+{side['accuracy']:.1%}\s+majority \((left|right)\) "
+        assert re.search(accuracy + rf"{side['reference']['majority_accuracy']:.1%}", stdout)
+        where = result["questions"][POSITION]["metrics"]
+        mae = rf"MAE\s+{where['mae']:.3f}\s+training mean \(-?[\d.]+\) "
+        assert re.search(mae + f"{where['reference']['mae_train_mean']:.3f}", stdout)
+    assert stdout.count("chance 50.0%") == 2
 
 
 def test_demo_reports_the_best_validation_weights_on_the_test_records(demo_run):

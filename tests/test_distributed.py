@@ -143,11 +143,13 @@ def test_umbrella_train_under_accelerate_launch_on_two_processes(tmp_path, env):
     launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     launcher += ["--main_process_port", str(_free_port())]
     stdout = _cli_run(tmp_path, env, launcher)
-    # One process speaks; the run was two processes: 16 samples, 4 per step, 3 steps.
+    # One process speaks; the run was two processes: 4 samples per step, 3 steps.
     assert stdout.count("UMBRELLA training run") == 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 3
-    assert "'epoch': '0.75'" in stdout  # 3 of the 4 steps of an epoch at 2 x 2 samples
+    # 3 of the 8 steps of an epoch: 8 training subjects x 2 questions x 2 modalities
+    # (32 samples) at 2 x 2 samples a step.
+    assert "'epoch': '0.375'" in stdout
     load_checkpoint(tmp_path / "final", get_plugin_manager())
 
 

@@ -21,7 +21,7 @@ from umbrella_core.plugins import get_plugin_manager
 
 SMALL = [
     "data.modalities=[t1, dmri]",
-    "data.demo_subjects=11",  # 8 train, 1 validation, 2 test per modality
+    "data.demo_subjects=11",  # 8 train, 1 validation, 2 test subjects per modality
     "data.geometry={t1: {shape: [16, 16, 16], patch_size: [8, 8, 8]}, "
     "dmri: {shape: [16, 16, 16], patch_size: [8, 8, 8]}}",
     "trainer.batch_size=4",
@@ -40,11 +40,17 @@ def _train(out: Path, *overrides: str) -> tuple[dict, list[str]]:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A run evaluated at the end of each epoch (4 steps), 12 steps in all."""
+    """A run evaluated every 4 steps (half an epoch), 12 steps in all."""
     out = tmp_path_factory.mktemp("evalrun")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("UMBRELLA_CACHE", str(out / "cache"))
-        metrics, lines = _train(out / "run", "trainer.max_steps=12", "trainer.generate_samples=2")
+        metrics, lines = _train(
+            out / "run",
+            "trainer.max_steps=12",
+            "trainer.generate_samples=2",
+            "trainer.eval_strategy=steps",
+            "trainer.eval_steps=4",
+        )
         yield out / "run", metrics, lines
 
 
@@ -68,7 +74,17 @@ def test_each_evaluation_logs_loss_and_accuracy_per_modality_to_tensorboard(run)
         np.mean([acc.Scalars(f"eval/loss/{k}")[-1].value for k in ("t1", "dmri")]), rel=1e-4
     )
     assert metrics["held_out_split"] == "test"
-    assert {r["n"] for r in metrics["held_out"].values()} == {2}
+    # Two test subjects, each asked the hemisphere and the lesion's x coordinate.
+    assert {r["n"] for r in metrics["held_out"].values()} == {4}
+    # Each question's metrics and figure, at each evaluation and for the test table.
+    side = "which_hemisphere_holds_the_lesion"
+    for key in ("t1", "dmri"):
+        steps = [e.step for e in acc.Scalars(f"eval/balanced_accuracy/{key}/{side}")]
+        assert steps == [4, 8, 12]
+        assert [e.step for e in acc.Scalars(f"test/balanced_accuracy/{key}/{side}")] == [12]
+        for prefix in ("eval", "test"):
+            assert f"{prefix}/{key}/{side}" in acc.Tags()["images"]
+            assert f"{prefix}/{key}/what_is_the_ras_x_coordinate_of_the" in acc.Tags()["images"]
 
 
 def test_best_checkpoint_is_the_lowest_eval_loss_and_loads(run):
@@ -159,7 +175,8 @@ def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
                 )
             assert int(out.logits[0, -1].argmax()) == token
             ids.append(token)
-    assert correct == round(sum(r["accuracy"] * r["n"] for r in metrics["held_out"].values()))
+    # "exact": the greedy answer is the reference, token for token (teacher-forced).
+    assert correct == round(sum(r["exact"] * r["n"] for r in metrics["held_out"].values()))
 
 
 def test_umbrella_generate_answers_about_a_demo_file(run, capsys):
@@ -202,13 +219,38 @@ def test_umbrella_evaluate_prints_the_table_of_each_modality(run, capsys):
     assert set(results) == {"t1", "dmri"}
     for key, r in results.items():
         final = metrics["held_out"][key]
-        assert r["n"] == final["n"] == 2
+        assert r["n"] == final["n"] == 4
         assert r["accuracy"] == final["accuracy"]
         assert r["loss"] == pytest.approx(final["loss"], rel=1e-4)
+        for question, q in r["questions"].items():
+            assert q["metrics"].keys() == final["questions"][question]["metrics"].keys()
     assert main(["evaluate", "--checkpoint", str(run_dir / "final"), "--split", "train"]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert table[-3].split() == ["modality", "n", "accuracy", "loss"]
-    assert [line.split()[:2] for line in table[-2:]] == [["dmri", "8"], ["t1", "8"]]
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index(next(line for line in out if line.startswith("modality"))) :]
+    assert table[0].split() == ["modality", "question", "n", "metric", "value", "reference"]
+    rows = [line.split() for line in table[1:-1]]
+    assert [r[:2] for r in rows if r[0] in ("dmri", "t1")] == [["dmri", "(all"], ["t1", "(all"]]
+    # Per modality and question: its 8 training samples, the metrics beside their references.
+    assert sum("Which hemisphere holds the lesion?" in line for line in table) == 2
+    assert sum(line.split()[-2:] == ["chance", "50.0%"] for line in table) == 2
+    assert sum(" MAE " in line and "training mean" in line for line in table) == 2
+    written = run_dir / "final" / "evaluation-train"
+    said = f"written to {written}: metrics.json, predictions.jsonl, 4 figure(s) in figures/"
+    assert out[-1] == said
+    figures = sorted(p.name for p in (written / "figures").glob("*.png"))
+    assert figures == [
+        "dmri-what_is_the_ras_x_coordinate_of_the-numeric.png",
+        "dmri-which_hemisphere_holds_the_lesion-categorical.png",
+        "t1-what_is_the_ras_x_coordinate_of_the-numeric.png",
+        "t1-which_hemisphere_holds_the_lesion-categorical.png",
+    ]
+    predictions = [json.loads(line) for line in (written / "predictions.jsonl").open()]
+    assert len(predictions) == 32
+    for p in predictions:
+        if "hemisphere" in p["question"]:
+            assert p["answer"] in ("left", "right") and len(p["probabilities"]) == 2
+        else:
+            assert "probabilities" not in p and isinstance(p["answer"], str)
 
 
 def test_early_stopping_stops_when_the_metric_cannot_improve(tmp_path, monkeypatch):

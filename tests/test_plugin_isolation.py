@@ -137,6 +137,7 @@ def test_only_entry_points_load_and_the_env_lists_are_shown(entry_points, monkey
     assert status == {
         "brainvlm": "loaded",
         "manifest": "loaded",
+        "metrics": "loaded",
         "good": "loaded",
         "other": "blocked",
     }

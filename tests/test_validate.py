@@ -42,7 +42,8 @@ def record(modality, path, *, user="<image>\nWhich side?", assistant="left"):
 
 def test_the_clean_demo_passes(demo, capsys):
     assert main(["validate", str(demo)]) == 0
-    assert capsys.readouterr().out.strip() == "checked 4 records, 4 images: 0 problems in 0 records"
+    # 4 subjects, each asked two questions about its one image.
+    assert capsys.readouterr().out.strip() == "checked 8 records, 8 images: 0 problems in 0 records"
 
 
 @pytest.fixture
@@ -119,7 +120,7 @@ def test_several_studies_and_unreadable_ones(tmp_path, demo, capsys):
     assert (str(missing), "study") in fields
     assert (f"{listed}: records[0]", "subject") in fields
     assert (f"{listed}: records[1]", "conversation") in fields
-    assert report.records == 6 and report.bad_records == 2
+    assert report.records == 10 and report.bad_records == 2  # the demo: 4 subjects x 2 questions
 
 
 def test_brainvlm_files_are_checked_record_by_record(tmp_path, demo):

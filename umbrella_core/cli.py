@@ -262,22 +262,32 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.evaluate import evaluate_checkpoint, format_table
+    from umbrella_core.train.evaluate import evaluate_checkpoint, format_table, write_report
 
     log = (lambda _: None) if args.json else print
-    results = evaluate_checkpoint(
+    evaluation = evaluate_checkpoint(
         args.checkpoint,
         get_plugin_manager(),
         studies=args.study or (),
         split=args.split,
         batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        progress=not args.json and sys.stderr.isatty(),
         log=log,
     )
+    output = Path(args.output or Path(args.checkpoint) / f"evaluation-{args.split}")
+    written = write_report(evaluation, output)
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(evaluation.results, indent=2))
     else:
-        print(format_table(results))
+        print(format_table(evaluation))
+        print(
+            f"written to {output}: metrics.json, predictions.jsonl, "
+            f"{len(written['figures'])} figure(s) in figures/"
+        )
     return 0
 
 
@@ -419,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(
-        "evaluate", help="per-modality held-out loss and answer accuracy of a checkpoint"
+        "evaluate",
+        help="a checkpoint's held-out metrics per modality and question, with figures",
     )
     p.add_argument(
         "--checkpoint", required=True, help="a checkpoint folder (a run's final/ or best/)"
@@ -438,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="test (default), validation, train, or held-out (everything but train)",
     )
     p.add_argument("--batch-size", type=int)
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=0,
+        help="score this many samples, evenly spread over the split (default: all)",
+    )
+    p.add_argument(
+        "--output",
+        help="folder for metrics.json, predictions.jsonl and figures/*.png "
+        "(default: CHECKPOINT/evaluation-SPLIT)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_evaluate)
     return parser

@@ -8,6 +8,7 @@ key, e.g. ``trainer.learning_rate: expected float, got 'fast'``.
 
 from __future__ import annotations
 
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from umbrella_core.errors import ConfigError
 
 __all__ = [
     "StudyConfig",
+    "SplitConfig",
     "LoraConfig",
     "ModelConfig",
     "DataConfig",
@@ -43,6 +45,11 @@ def _choice(*options: str) -> Any:
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value <= 0:
         raise ConfigError(f"{attribute.name}: must be positive, got {value!r}")
+
+
+def _not_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if value < 0:
+        raise ConfigError(f"{attribute.name}: must be 0 or more, got {value!r}")
 
 
 def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
@@ -175,6 +182,55 @@ class StudyConfig:
 
 
 @attrs.frozen(kw_only=True)
+class SplitConfig:
+    """``data.split`` section: how records are put on the train, validation and test sides.
+
+    A study whose records give splits keeps them (records without one are
+    ``train``); for a study that gives none a split is made. Either way no
+    subject, and no family where the records name families, is on two sides
+    (ARCHITECTURE I10), and the run writes what was decided to
+    ``OUTPUT_DIR/split.tsv`` (see :mod:`umbrella_core.data.split`).
+
+    Attributes:
+        by: The unit kept on one side: ``subject``, ``family`` (a family's
+            subjects together), ``site`` (an acquisition site's subjects
+            together) or ``auto`` (family in studies whose records name
+            families, else subject). Subjects named together in one record
+            (comparisons) are always kept together.
+        stratify: A phenotype whose values keep their proportions on every
+            side (``sex``, ``diagnosis``); numeric ones (``age``) by quintile
+            bins. None: no stratification.
+        test: Fraction of each study's units made ``test`` (rounded half up).
+        validation: Fraction made ``validation`` (rounded half up); every study
+            keeps at least one ``train`` unit.
+        seed: Seeds the split, apart from ``trainer.seed``: runs that differ
+            in their training seed (to measure its spread) must be compared on
+            the same held-out subjects, so the split stays put unless this
+            changes.
+        file: A ``split.tsv`` written by an earlier run: its sides are used,
+            reproducing that run's split; a subject missing from it is an error.
+        leak: ``error`` (default): a subject or family the studies give on two
+            sides stops the run, naming both records; ``warn``: it is logged
+            and the given splits are kept.
+    """
+
+    by: str = attrs.field(default="auto", validator=_choice("auto", "subject", "family", "site"))
+    stratify: str | None = attrs.field(default=None, converter=lambda v: v or None)
+    test: float = attrs.field(default=0.1, validator=_fraction)
+    validation: float = attrs.field(default=0.1, validator=_fraction)
+    seed: int = 0
+    file: str = ""
+    leak: str = attrs.field(default="error", validator=_choice("error", "warn"))
+
+    def __attrs_post_init__(self) -> None:
+        if self.test + self.validation >= 1.0:
+            raise ConfigError(
+                f"validation: test ({self.test}) + validation ({self.validation}) must be "
+                "below 1, so that training keeps some subjects"
+            )
+
+
+@attrs.frozen(kw_only=True)
 class DataConfig:
     """``data`` section.
 
@@ -206,6 +262,8 @@ class DataConfig:
             folder, or the folder holding its manifest): absolute paths
             elsewhere, ``../`` out of it, symlinks pointing out. Off: such a
             record is an error naming it.
+        split: How records are split into train, validation and test
+            (:class:`SplitConfig`): ``data.split.test=0.2`` on the command line.
     """
 
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -222,6 +280,7 @@ class DataConfig:
     cache: bool = False
     cache_dir: str = ""
     allow_outside_root: bool = False
+    split: SplitConfig = attrs.field(factory=SplitConfig)
 
 
 @attrs.frozen(kw_only=True)
@@ -231,7 +290,15 @@ class TrainerConfig:
     Attributes:
         eval_strategy: When to evaluate on the ``validation`` records (the
             ``test`` ones where the studies have none): ``epoch``, ``steps``
-            (every ``eval_steps``) or ``no``.
+            (every ``eval_steps``), ``end`` (only the table of the ``test``
+            records after the last step) or ``no`` (none at all, not even
+            that table: ``umbrella evaluate --checkpoint OUTPUT_DIR/final``
+            gives it later).
+        eval_max_samples: Held-out samples each evaluation during training
+            scores, evenly spread over the held-out set; 0: all. The table
+            at the end always scores every ``test`` sample.
+        eval_max_new_tokens: Most tokens decoded for an answer that is
+            generated (numbers, free text) rather than chosen among candidates.
         early_stopping_patience: Evaluations without improvement of
             ``metric_for_best`` before training stops; 0: never.
         metric_for_best: The evaluation metric that picks the best checkpoint
@@ -275,8 +342,12 @@ class TrainerConfig:
     save_steps: int = 0
     save_total_limit: int = 0
     progress: bool = True
-    eval_strategy: str = attrs.field(default="epoch", validator=_choice("epoch", "steps", "no"))
+    eval_strategy: str = attrs.field(
+        default="epoch", validator=_choice("epoch", "steps", "end", "no")
+    )
     eval_steps: int = 0
+    eval_max_samples: int = attrs.field(default=0, validator=_not_negative)
+    eval_max_new_tokens: int = attrs.field(default=32, validator=_positive)
     early_stopping_patience: int = 0
     metric_for_best: str = attrs.field(
         default="eval_loss", validator=_choice("eval_loss", "eval_accuracy")
@@ -295,6 +366,8 @@ class RunConfig:
     data: DataConfig = attrs.field(factory=DataConfig)
     trainer: TrainerConfig = attrs.field(factory=TrainerConfig)
     loss: dict[str, Any] = attrs.field(factory=dict)
+    # Settings of the metric families' plugins (the umbrella_metrics hook).
+    evaluation: dict[str, Any] = attrs.field(factory=dict)
     # Training stages run one after the other, each from the previous one's
     # checkpoint: overrides of this config per stage (umbrella_core.train.recipes).
     stages: tuple[dict[str, Any], ...] = attrs.field(default=(), converter=tuple)
@@ -309,6 +382,13 @@ def _type_name(tp: Any) -> str:
 
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        # An optional setting: null (YAML ``null`` or ``~``) or the other type.
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
     if tp is StudyConfig:
         return StudyConfig.from_value(value, key)
     if attrs.has(tp):

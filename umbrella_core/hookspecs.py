@@ -24,7 +24,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time
     import torch.nn as nn
 
-    from umbrella_core.types import LossTerm, ModalitySpec, StudyRecord
+    from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
 PROJECT = "umbrella"
 
@@ -131,4 +131,35 @@ def umbrella_loss_terms(
     Every implementation is called.
 
     Since: 0.1
+    """
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def umbrella_metrics(settings: dict[str, Any]) -> Iterable[MetricFamily]:
+    """Score held-out questions: metric families for the tasks a plugin knows.
+
+    Args:
+        settings: The ``evaluation`` section of the run configuration
+            (plugin-specific keys; empty by default).
+
+    Returns:
+        MetricFamily values (possibly none). Each held-out question is scored
+        by the first family whose ``applies(question, answers)`` accepts it,
+        in pluggy's call order: a study plugin's family for its clinical
+        rating scale comes before the built-in ``categorical`` (accuracy,
+        balanced accuracy, macro-F1, confusion matrix, AUROC from the
+        candidates' probabilities), ``numeric`` (MAE, RMSE, Pearson r, R²,
+        share unparsed) and ``text`` (BLEU, ROUGE-L, exact match) families,
+        which are ``trylast``. A family says how it wants the model's answers
+        (``scoring``): the probability of every candidate answer, or greedy
+        decoding.
+
+    Every implementation is called.
+
+    Since: 0.3
     """

@@ -33,7 +33,7 @@ import pluggy
 
 from umbrella_core import hookspecs
 from umbrella_core.errors import DuplicateNameError, PluginError, UmbrellaError
-from umbrella_core.types import LossTerm, ModalitySpec, StudyRecord
+from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -55,6 +55,7 @@ ALLOW_ENV = "UMBRELLA_LOAD_PLUGINS"
 DEFAULT_PLUGINS = (
     "umbrella_core.default_plugins.brainvlm",
     "umbrella_core.default_plugins.manifest",
+    "umbrella_core.default_plugins.metrics",
 )
 
 CORE_DISTRIBUTION = "umbrella-core"
@@ -448,6 +449,23 @@ class PluginManager:
         ):
             terms.extend(self._values(plugin_name, "umbrella_loss_terms", result, LossTerm, _shown))
         return terms
+
+    def metric_families(self, settings: Mapping[str, Any] | None = None) -> list[MetricFamily]:
+        """Every plugin's metric families, in the order questions are offered to them.
+
+        pluggy's call order (``tryfirst`` first, then later-registered first,
+        the built-in ``trylast`` families last): a family a plugin adds for its
+        tasks is asked before the built-in ones.
+        """
+        self.load_entry_points()
+        families: list[MetricFamily] = []
+        for plugin_name, result in self._impl_results(
+            "umbrella_metrics", call_order=True, settings=dict(settings or {})
+        ):
+            families.extend(
+                self._values(plugin_name, "umbrella_metrics", result, MetricFamily, _shown)
+            )
+        return families
 
     def provenance(self, plugin_name: str) -> tuple[str, str]:
         """(distribution, version) of a registered plugin."""

@@ -20,6 +20,8 @@ __all__ = [
     "Turn",
     "StudyRecord",
     "LossTerm",
+    "MetricFamily",
+    "QuestionAnswers",
     "IMAGE_PLACEHOLDER",
     "positive_settings",
 ]
@@ -84,12 +86,15 @@ class PhantomFile:
     ``suffix`` names the file (``T1w``, ``bold``, ``FA``); a sample with several
     files (one per dMRI map, say) lists them in channel order. ``tr`` is the
     repetition time in seconds of a 4D series, written to the header.
+    ``measure`` is the number that :attr:`ModalitySpec.phantom_measure` asks
+    about (the lesion's diameter, say), given on the sample's first file.
     """
 
     suffix: str
     data: Any
     affine: Any
     tr: float | None = None
+    measure: float | None = None
 
 
 @attrs.frozen(kw_only=True)
@@ -110,6 +115,11 @@ class ModalitySpec:
             sample whose content depends on ``label`` (one of ``phantom_labels``).
         phantom_labels: The answers the phantom task can have.
         phantom_question: The question whose answer is the phantom's label.
+        phantom_measure: A question whose answer is a number the phantom
+            reports (:attr:`PhantomFile.measure`), such as the lesion's
+            diameter; the demo asks it beside ``phantom_question``, so a run
+            shows a numeric metric (MAE) too. Empty: none. (Since 0.3.)
+        phantom_measure_unit: The unit written after that number (``mm``).
         aliases: Other names users may type (``T1w``, ``sMRI``); matched case-insensitively.
         file_patterns: Glob patterns of files of this modality (``*_T1w.nii.gz``).
         description: One line for ``umbrella plugins``.
@@ -147,6 +157,8 @@ class ModalitySpec:
     phantom: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
     phantom_labels: tuple[str, ...] = attrs.field(default=("left", "right"), converter=tuple)
     phantom_question: str = "Which hemisphere holds the lesion?"
+    phantom_measure: str = ""
+    phantom_measure_unit: str = ""
     aliases: tuple[str, ...] = attrs.field(
         default=(), converter=lambda v: tuple(_lower(a) for a in v)
     )
@@ -266,9 +278,25 @@ class StudyRecord:
         turns: The conversation; at least one assistant turn.
         study: Name of the study the record comes from.
         session: Session identifier, if any.
-        split: ``train``, ``validation`` or ``test``.
+        split: ``train``, ``validation`` or ``test``; None when the study gives
+            none. Readers leave it None unless the data (a file's field, a
+            table's column, a study option) names one; UMBRELLA then assigns
+            every record a split when it reads the studies
+            (:func:`umbrella_core.data.split.assign_splits`, invariant I10), so
+            after ``read_studies`` it is never None.
+        family: Family identifier (HCP ``Family_ID``, ABCD ``rel_family_id``),
+            if the study knows one: a family's subjects are kept on one side of
+            a split.
+        site: Acquisition site, if known (``data.split.by: site`` keeps each
+            site on one side).
         phenotypes: Phenotype values (age, sex, diagnosis, ...).
         source: Where the record was read (``manifest.jsonl:12``), for error messages.
+
+    A record about several subjects (a comparison of two scans) names them
+    joined by ``+`` in ``subject`` (``sub-01+sub-02``; :attr:`subjects` splits
+    them) and, where it has them, their families and sites in the same order
+    in ``family`` and ``site`` (or one value for all). Its subjects are kept
+    on one side of a split together.
     """
 
     subject: str = attrs.field(converter=str)
@@ -276,9 +304,16 @@ class StudyRecord:
     turns: tuple[Turn, ...] = attrs.field(converter=tuple)
     study: str = "default"
     session: str | None = None
-    split: str = attrs.field(default="train", converter=_lower)
+    split: str | None = attrs.field(default=None, converter=attrs.converters.optional(_lower))
+    family: str | None = attrs.field(default=None, converter=attrs.converters.optional(str))
+    site: str | None = attrs.field(default=None, converter=attrs.converters.optional(str))
     phenotypes: Mapping[str, Any] = attrs.field(factory=dict)
     source: str = ""
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """The subject ids the record is about (``subject`` split at ``+``)."""
+        return tuple(self.subject.split("+"))
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -311,3 +346,81 @@ class LossTerm:
     compute: Callable[..., Any] = attrs.field(eq=False, repr=False)
     weight: float = attrs.field(default=1.0, converter=float)
     needs_logits: bool = attrs.field(default=False, converter=bool)
+
+
+#: How a metric family gets the model's answers: ``candidates`` scores every
+#: answer the question has in the run (one teacher-forced pass, no sampling);
+#: ``generate`` decodes the answer greedily.
+SCORINGS = ("candidates", "generate")
+
+
+@attrs.frozen(kw_only=True)
+class QuestionAnswers:
+    """The held-out answers to one question of one modality key, as a metric family scores them.
+
+    Attributes:
+        question: The question (the last user turn, image placeholders removed).
+        modality_key: The records' modality key (``t1``, ``t1+dmri``).
+        references: The reference answer of each held-out sample.
+        predictions: The model's answer to each: the most probable candidate
+            (``candidates`` scoring) or the greedy decoding (``generate``).
+        classes: The candidate answers: every distinct answer to the question
+            over the run's records, sorted (``candidates`` scoring; else empty).
+        probabilities: Per sample, the model's probability of each class
+            (softmax over the candidates' summed log-probabilities); None with
+            ``generate`` scoring.
+        train_references: The training records' answers to the question, for
+            references such as the majority class or the training mean.
+        sources: Where each sample's record was read, for reports.
+    """
+
+    question: str
+    modality_key: str
+    references: tuple[str, ...] = attrs.field(converter=tuple)
+    predictions: tuple[str, ...] = attrs.field(converter=tuple)
+    classes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    probabilities: tuple[tuple[float, ...], ...] | None = None
+    train_references: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    sources: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+
+
+def _scoring(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    if value not in SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class MetricFamily:
+    """How the held-out answers to a kind of question are scored (``umbrella_metrics``).
+
+    Each held-out question is scored by the first family whose ``applies``
+    accepts it: plugins' families before the built-in ``categorical``,
+    ``numeric`` and ``text`` ones (which are ``trylast``).
+
+    Attributes:
+        name: Shown in tables and metric names (``categorical``, ``mmse``).
+        applies: ``applies(question, answers) -> bool``, with every answer the
+            question has over the run's records (all splits).
+        compute: ``compute(answers: QuestionAnswers) -> Mapping``: metric name
+            to a number (or None where undefined), plus optionally
+            ``reference`` (a mapping of the figures a reader compares with, such
+            as chance) and any JSON-serialisable details (a confusion matrix).
+        scoring: ``candidates`` (the model's probability of every answer the
+            question has: for few-valued answers) or ``generate`` (greedy
+            decoding: numbers, free text).
+        table: ``table(metrics) -> [(label, value, reference), ...]``, the rows
+            ``umbrella evaluate`` prints, as text; default: every numeric metric.
+        figure: ``figure(answers, metrics) -> matplotlib Figure | None``, saved
+            as PNG by ``umbrella evaluate`` and logged to TensorBoard.
+    """
+
+    name: str = attrs.field(converter=_lower)
+    applies: Callable[[str, Sequence[str]], bool] = attrs.field(eq=False, repr=False)
+    compute: Callable[[QuestionAnswers], Mapping[str, Any]] = attrs.field(eq=False, repr=False)
+    scoring: str = attrs.field(default="generate", validator=_scoring)
+    table: Callable[[Mapping[str, Any]], Sequence[tuple[str, str, str]]] | None = attrs.field(
+        default=None, eq=False, repr=False
+    )
+    figure: Callable[[QuestionAnswers, Mapping[str, Any]], Any] | None = attrs.field(
+        default=None, eq=False, repr=False
+    )

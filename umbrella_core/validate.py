@@ -505,6 +505,8 @@ def validate_locations(
         allow_outside_root: Accept image files outside each study's root
             (:func:`study_root`); otherwise they are problems and not opened.
     """
+    from umbrella_core.data.split import check_leaks
+
     if pm is None:
         from umbrella_core.plugins import get_plugin_manager
 
@@ -520,6 +522,11 @@ def validate_locations(
             outside = {id(r): outside_root_problems(r, root) for r in records}
             read_problems += [p for r in records for p in outside[id(r)]]
             inside = [r for r in records if not outside[id(r)]]
+        # A subject or family on two sides of the split the study gives (I10).
+        read_problems += [
+            Problem(location, "split", message)
+            for message in check_leaks(records, leak="warn", log=lambda _: None)
+        ]
         # Keep file order: a refused line 3 comes before a missing file on line 5.
         checked = validate_records(inside, pm, workers=workers, specs=specs, encode=encode)
         problems.extend(_in_source_order(read_problems + checked))

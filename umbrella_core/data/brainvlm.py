@@ -39,7 +39,9 @@ placeholder count must equal the image count (nothing is prepended).
 the subject is ``subject_ids`` joined by ``+``.
 
 Both versions may carry ``split`` (``train``, ``validation``, ``test``;
-default ``train``, or the study option ``split``). A ``.jsonl`` file holds one
+else the study option ``split``; else none, and UMBRELLA makes a split, see
+:mod:`umbrella_core.data.split`), ``family`` (a family id, kept on one side
+of a split) and ``site`` (the acquisition site). A ``.jsonl`` file holds one
 record per line; a ``.json`` file holds a list of records or an object with
 the list under ``records``, ``data`` or ``samples``. Relative paths are
 relative to the file's folder. Errors name the file, the line (JSONL) or
@@ -56,7 +58,7 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.data.manifest import _require, check_record
+from umbrella_core.data.manifest import _optional_text, _require, check_record
 from umbrella_core.errors import DataError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ImageRef, StudyRecord, Turn
 
@@ -151,7 +153,8 @@ class BrainVLMStudy:
 
     Attributes:
         path: The ``.json`` or ``.jsonl`` file.
-        options: The study's settings (``split``: default split; ``study``: study name).
+        options: The study's settings (``split``: split of records without
+            one; ``study``: study name).
         parsed: The already parsed content of a ``.json`` file, if any.
     """
 
@@ -178,8 +181,9 @@ def read_brainvlm(
 
     Args:
         path: The file.
-        options: ``split`` (default split of records without one) and
-            ``study`` (study name; default: the file's folder name).
+        options: ``split`` (split of records without one; default: none,
+            UMBRELLA makes one) and ``study`` (study name; default: the file's
+            folder name).
         parsed: The file's parsed JSON, when the caller already has it.
         on_error: When given, a record that cannot be used (bad JSON line,
             missing field, placeholder mismatch) is passed to it and the
@@ -195,7 +199,8 @@ def read_brainvlm(
     options = dict(options or {})
     root = path.parent
     study = str(options.get("study") or path.parent.name or "brainvlm")
-    split = str(options.get("split", "train"))
+    split = options.get("split")
+    split = None if split is None else str(split)
 
     def convert(obj: Any, where: str, index: int) -> StudyRecord | None:
         try:
@@ -267,7 +272,7 @@ def record_from_brainvlm(
     root: Path,
     where: str,
     study: str,
-    split: str = "train",
+    split: str | None = None,
     index: str = "",
 ) -> StudyRecord:
     """Turn one BrainVLM v1 or v2 record into a StudyRecord (checked with ``check_record``).
@@ -277,7 +282,7 @@ def record_from_brainvlm(
         root: Folder relative paths are relative to.
         where: ``FILE:LINE`` or ``FILE: records[i]``, for messages and ``source``.
         study: Study name of the record.
-        split: Split of a record that does not name one.
+        split: Split of a record that does not name one (None: no split).
         index: Subject of a v1 record that names none.
 
     Raises:
@@ -298,7 +303,9 @@ def record_from_brainvlm(
         images=images,
         turns=turns,
         study=study,
-        split=obj.get("split", split),
+        split=_optional_text(obj, "split", where) or split,
+        family=_optional_text(obj, "family", where),
+        site=_optional_text(obj, "site", where),
         phenotypes=phenotypes,
         source=where,
     )

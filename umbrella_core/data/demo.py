@@ -4,9 +4,12 @@ For each modality, every subject gets a phantom from its plugin (written as
 real ``.nii.gz`` files) and the question the plugin asks about it; the answer
 is the phantom's label (for the first-party plugins: the hemisphere that holds
 a lesion), so a model that answers well above chance has learned from the
-images. Subjects are split per modality: a fifth for ``test`` (the table at the
-end of a run), a tenth for ``validation`` (evaluation during training and the
-choice of the best checkpoint), the rest for ``train``.
+images. Where the plugin's phantom reports a number (``phantom_measure``: the
+lesion's diameter for the first-party plugins), each subject is asked that
+too, so a run reports a numeric error (MAE) beside the accuracy. Subjects
+are split per modality: a fifth for ``test`` (the table at the end of a run),
+a tenth for ``validation`` (evaluation during training and the choice of the
+best checkpoint), the rest for ``train``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ __all__ = ["write_demo", "demo_cache_dir", "cached_demo", "TEST_FRACTION", "VALI
 TEST_FRACTION = 0.2
 VALIDATION_FRACTION = 0.1
 #: Part of the cache key: bump it whenever what write_demo writes changes.
-#: 2: a validation split.
-FORMAT = 2
+#: 2: a validation split. 3: the phantom's measure asked as a numeric question.
+FORMAT = 3
 
 
 def write_demo(
@@ -64,25 +67,32 @@ def write_demo(
         for i, label in enumerate(labels):
             subject = f"sub-{name}{i:04d}"
             paths = []
-            for part in spec.phantom(spec, rng, label):
+            parts = spec.phantom(spec, rng, label)
+            for part in parts:
                 rel = f"{name}/{subject}_{part.suffix}.nii.gz"
                 save_nifti(root / rel, part.data, part.affine, tr=part.tr)
                 paths.append(rel)
-            lines.append(
-                {
-                    "subject": subject,
-                    "split": splits[i],
-                    "images": [{"modality": name, "path": paths if len(paths) > 1 else paths[0]}],
-                    "conversation": [
-                        {
-                            "role": "user",
-                            "content": f"{IMAGE_PLACEHOLDER}\n{spec.phantom_question}",
-                        },
-                        {"role": "assistant", "content": label},
-                    ],
-                    "phenotypes": {"label": label},
-                }
-            )
+            asked = [(spec.phantom_question, label)]
+            measure = next((p.measure for p in parts if p.measure is not None), None)
+            if spec.phantom_measure and measure is not None:
+                unit = f" {spec.phantom_measure_unit}" if spec.phantom_measure_unit else ""
+                asked.append((spec.phantom_measure, f"{round(measure)}{unit}"))
+            phenotypes = {"label": label} | ({"measure": measure} if measure is not None else {})
+            for question, answer in asked:
+                lines.append(
+                    {
+                        "subject": subject,
+                        "split": splits[i],
+                        "images": [
+                            {"modality": name, "path": paths if len(paths) > 1 else paths[0]}
+                        ],
+                        "conversation": [
+                            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                            {"role": "assistant", "content": answer},
+                        ],
+                        "phenotypes": phenotypes,
+                    }
+                )
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return manifest

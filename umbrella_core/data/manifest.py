@@ -5,6 +5,8 @@ One record per sample::
     {"subject": "sub-001",
      "session": "ses-1",                      # optional
      "split": "train",                        # optional: train | validation | test
+     "family": "F0042",                       # optional: kept on one side of a split
+     "site": "NYU",                           # optional: acquisition site
      "images": [{"modality": "t1", "path": "t1/sub-001_T1w.nii.gz"},
                 {"modality": "dmri", "path": ["sub-001_FA.nii.gz", "sub-001_MD.nii.gz"]}],
      "conversation": [{"role": "user", "content": "<image>\\n<image>\\nDescribe both scans."},
@@ -15,6 +17,14 @@ A ``.jsonl`` file holds one record per line; a ``.json`` file holds a list of
 records or ``{"study": NAME, "records": [...]}``. Relative image paths are
 relative to the manifest's folder. Each ``<image>`` placeholder in the user
 turns stands for the next image, in order.
+
+``split``: a study whose records give none gets a split made by UMBRELLA
+(``data.split`` in the run configuration: by family where records name one,
+else by subject); in a study where some records give one, records without
+one are ``train``. A subject (and a family) must not be on two sides
+(:mod:`umbrella_core.data.split`). A record about several subjects joins
+their ids with ``+`` in ``subject`` (and their families and sites, where
+given, in ``family`` and ``site``).
 """
 
 from __future__ import annotations
@@ -83,7 +93,9 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
     record = StudyRecord(
         subject=subject,
         session=obj.get("session"),
-        split=obj.get("split", "train"),
+        split=_optional_text(obj, "split", where),
+        family=_optional_text(obj, "family", where),
+        site=_optional_text(obj, "site", where),
         images=images,
         turns=turns,
         study=str(obj.get("study", study)),
@@ -92,6 +104,16 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
     )
     check_record(record)
     return record
+
+
+def _optional_text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
+    """An optional string field (numbers accepted, as ids often are); None when absent."""
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return str(value)
 
 
 def check_record(record: StudyRecord) -> None:
@@ -112,9 +134,10 @@ def check_record(record: StudyRecord) -> None:
             f"but the record lists {len(record.images)} image(s); put one "
             f"{IMAGE_PLACEHOLDER} in a user turn for each image"
         )
-    if record.split not in ("train", "validation", "test"):
+    if record.split is not None and record.split not in ("train", "validation", "test"):
         raise DataError(
-            f"{where}: field 'split' must be train, validation or test, got {record.split!r}"
+            f"{where}: field 'split' must be train, validation or test (or absent), "
+            f"got {record.split!r}"
         )
 
 

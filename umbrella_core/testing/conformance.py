@@ -494,7 +494,11 @@ def check_records(
         where = f"record {record.source or record.subject!r}"
         _require(isinstance(record, StudyRecord), f"reader yielded {type(record).__name__}")
         _require(str(record.subject).strip(), f"{where}: empty subject")
-        _require(record.split in SPLITS, f"{where}: split {record.split!r} not in {SPLITS}")
+        # None: the study gives no split and UMBRELLA makes one (data.split).
+        _require(
+            record.split is None or record.split in SPLITS,
+            f"{where}: split {record.split!r} not in {SPLITS} (or None)",
+        )
         _require(
             any(t.role == "assistant" and t.content.strip() for t in record.turns),
             f"{where}: no assistant turn with an answer",

@@ -52,7 +52,8 @@ def evaluation_arguments(trainer_config: Any) -> dict[str, Any]:
         )
     if t.generate_samples < 0:
         raise ConfigError(f"trainer.generate_samples: must be 0 or more, got {t.generate_samples}")
-    if t.eval_strategy == "no":
+    if t.eval_strategy in ("no", "end"):
+        # "end": only the table after the last step, which train() makes itself.
         return {"eval_strategy": "no"}
     return {
         "eval_strategy": t.eval_strategy,
@@ -83,12 +84,13 @@ def check_evaluation(args: Any, prep: Any, log: Callable[[str], None] = print) -
         args.metric_for_best_model = None
         return False
     if args.metric_for_best_model == "eval_accuracy":
-        closed = run_questions(*prep.train_sets, prep.eval_set)
+        questions = run_questions(*prep.train_sets, prep.eval_set)
+        closed = {q for q, asked in questions.items() if asked.family.scoring == "candidates"}
         if not any(question_and_answer(r)[0] in closed for r in item_records(prep.eval_set)):
             raise ConfigError(
                 "trainer.metric_for_best: eval_accuracy needs held-out questions with "
-                "closed-form answers (a few values, each given several times); "
-                "these have free-form answers: use eval_loss"
+                "categorical answers (a few values, each given several times); "
+                "these have numeric or free-form answers: use eval_loss"
             )
     return True
 

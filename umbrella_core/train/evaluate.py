@@ -1,62 +1,55 @@
-"""Held-out evaluation: loss per modality, and does the greedy answer equal the reference?
+"""Held-out evaluation of a run: during training, at its end, and of a saved checkpoint.
 
-With teacher forcing, greedy decoding reproduces the reference answer exactly
-when, at every answer position (the end-of-sequence token included), the most
-likely next token is the reference token. One forward pass per batch therefore
-gives exact-match accuracy of greedy generation, without a decode loop
-(:func:`umbrella_core.train.generate.greedy_generate` is the decode loop, and
-agrees with it).
-
-Exact match only means something for closed-form questions (``left`` or
-``right``, a sex, a diagnosis), not for free text or numbers that are rarely
-repeated exactly (``63 years``). A question is closed-form when its answers
-over the run's records take few distinct values, each seen more than once on
-average (:func:`closed_form_questions`); accuracy is reported over the samples
-that ask one, and the loss over all samples.
+Each held-out question is scored by its metric family
+(:mod:`umbrella_core.evaluation.engine`): few-valued answers by the model's
+probability of each candidate answer (accuracy, balanced accuracy, macro-F1,
+confusion matrix, AUROC), numbers by greedy decoding (MAE, RMSE, Pearson r, R²,
+share unparsed), free text by greedy decoding (BLEU, ROUGE-L, exact match),
+each with the reference a reader compares it with (chance, the majority
+class, the error of always answering the training mean).
 
 Used three ways: during training (:func:`evaluate_trainer`, behind
-``UmbrellaTrainer.evaluate``), after training (the table ``umbrella train``
-prints) and on a saved checkpoint (``umbrella evaluate``,
-:func:`evaluate_checkpoint`).
+``UmbrellaTrainer.evaluate``: metrics to the log history and TensorBoard,
+figures to TensorBoard), after training (the table ``umbrella train`` prints)
+and on a saved checkpoint (``umbrella evaluate``, :func:`evaluate_checkpoint`,
+which also writes the figures as PNG files and every answer to
+``predictions.jsonl``).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-import torch
-
-from umbrella_core.data.collate import UmbrellaCollator
-from umbrella_core.data.conversation import IGNORE_INDEX
-from umbrella_core.types import IMAGE_PLACEHOLDER, StudyRecord
+from umbrella_core.evaluation.engine import (
+    Evaluation,
+    Question,
+    evaluate_dataset,
+    index_questions,
+    question_and_answer,
+)
+from umbrella_core.types import MetricFamily, QuestionAnswers, StudyRecord
 
 __all__ = [
-    "answer_accuracy",
     "closed_form_questions",
     "question_and_answer",
+    "question_id",
     "item_records",
+    "run_questions",
     "summarize",
     "evaluate_trainer",
     "evaluate_checkpoint",
+    "write_report",
     "format_table",
     "CLOSED_FORM_MAX_ANSWERS",
 ]
 
 #: A question with more distinct answers than this is free-form.
 CLOSED_FORM_MAX_ANSWERS = 10
-
-
-def question_and_answer(record: StudyRecord) -> tuple[str, str]:
-    """The last user turn before the last answer (placeholders removed) and that answer."""
-    question, answer = "", ""
-    for turn in record.turns:
-        if turn.role == "user":
-            question = turn.content.replace(IMAGE_PLACEHOLDER, "").strip()
-        else:
-            answer = turn.content.strip()
-    return question, answer
 
 
 def closed_form_questions(
@@ -93,88 +86,48 @@ def item_records(dataset: Any) -> list[StudyRecord]:
     return []
 
 
-def _to_device(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {
-        k: (
-            v.to(device)
-            if isinstance(v, torch.Tensor)
-            else {m: t.to(device) for m, t in v.items()}
-            if isinstance(v, dict)
-            else v
-        )
-        for k, v in batch.items()
-    }
+def _builtin_families() -> list[MetricFamily]:
+    from umbrella_core.default_plugins.metrics import umbrella_metrics
+
+    return umbrella_metrics()
 
 
-@torch.no_grad()
-def answer_accuracy(
-    model: Any,
-    dataset: Any,
-    collator: UmbrellaCollator,
-    *,
-    batch_size: int = 16,
-    questions: Collection[str] | None = None,
-    workers: int = 0,
-) -> dict[str, dict[str, Any]]:
-    """Per modality key: ``{"n", "loss", "accuracy", "scored"}`` over every item of ``dataset``.
+def run_questions(
+    *datasets: Any, families: Sequence[MetricFamily] | None = None
+) -> dict[str, Question]:
+    """The questions of the records of ``datasets`` (None entries skipped), each with its
+    family (default: the built-in ones)."""
+    records: list[StudyRecord] = []
+    parts = list(datasets)
+    while parts:
+        dataset = parts.pop(0)
+        if hasattr(dataset, "datasets"):  # torch ConcatDataset
+            parts[:0] = list(dataset.datasets)
+        elif dataset is not None:
+            # Records, not items: a series cut into windows is one answer.
+            records.extend(getattr(dataset, "records", ()))
+    return index_questions(records, families if families is not None else _builtin_families())
 
-    ``loss`` is the mean per-sample NLL of the answer tokens. ``accuracy`` is
-    the share of exact greedy answers among the ``scored`` samples: all of
-    them, or with ``questions`` only those asking one of these (closed-form)
-    questions; None when no sample of the key is scored.
-    """
-    from torch.utils.data import DataLoader
 
-    was_training = model.training
-    model.eval()
-    records = item_records(dataset) if questions is not None else []
-    scored_items = (
-        [question_and_answer(r)[0] in questions for r in records]
-        if questions is not None and len(records) == len(dataset)
-        else None
-    )
-    # Per key: correct, scored, loss sum, n.
-    stats: dict[str, list[float]] = {}
-    device = next(model.parameters()).device
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collator, num_workers=workers
-    )
-    row = 0
-    try:
-        for batch in loader:
-            batch = _to_device(batch, device)
-            # Per-position NLL and argmax hits at the answer tokens only: full
-            # logits would be B x L x vocab (GBs with a 262k-token vocabulary).
-            out = model(**batch, return_logits=False, return_correct=True)
-            learned = batch["labels"][:, 1:] != IGNORE_INDEX
-            correct = (out.token_correct | ~learned).all(dim=1)
-            per_row = out.token_loss.sum(1) / learned.sum(1).clamp(min=1)
-            for key, ok, loss in zip(
-                batch["sample_keys"], correct.tolist(), per_row.tolist(), strict=True
-            ):
-                scored = scored_items[row] if scored_items is not None else True
-                s = stats.setdefault(key, [0.0, 0.0, 0.0, 0.0])
-                s[0] += float(ok and scored)
-                s[1] += float(scored)
-                s[2] += loss
-                s[3] += 1
-                row += 1
-    finally:
-        model.train(was_training)
-    return {
-        k: {
-            "n": int(s[3]),
-            "loss": s[2] / s[3],
-            "accuracy": s[0] / s[1] if s[1] else None,
-            "scored": int(s[1]),
-        }
-        for k, s in sorted(stats.items())
-    }
+def question_id(question: str, width: int = 40) -> str:
+    """A question as a metric-name part: ``which_hemisphere_holds_the_lesion``."""
+    words = re.findall(r"[a-z0-9]+", question.lower())
+    out = ""
+    for word in words:
+        if len(out) + len(word) + 1 > width:
+            break
+        out = f"{out}_{word}" if out else word
+    return out or "question"
 
 
 def summarize(results: dict[str, dict[str, Any]], prefix: str = "eval") -> dict[str, float]:
-    """Flat metrics: ``{prefix}_loss`` and ``{prefix}_accuracy`` over all samples, and per key
-    ``{prefix}_loss/<key>``, ``{prefix}_accuracy/<key>`` (accuracy only where scored)."""
+    """Flat metrics for logs and TensorBoard.
+
+    ``{prefix}_loss`` over all samples, ``{prefix}_accuracy`` over the samples
+    of categorical questions; per key ``{prefix}_loss/<key>`` and
+    ``{prefix}_accuracy/<key>``; per key and question every numeric metric as
+    ``{prefix}_<metric>/<key>/<question id>`` (``eval_mae/t1/how_old_is_the_subject``).
+    """
     metrics: dict[str, float] = {}
     n = sum(r["n"] for r in results.values())
     scored = sum(r["scored"] for r in results.values())
@@ -188,44 +141,83 @@ def summarize(results: dict[str, dict[str, Any]], prefix: str = "eval") -> dict[
         metrics[f"{prefix}_loss/{key}"] = r["loss"]
         if r["accuracy"] is not None:
             metrics[f"{prefix}_accuracy/{key}"] = r["accuracy"]
+        for question, q in r.get("questions", {}).items():
+            qid = question_id(question)
+            for name, value in q["metrics"].items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "n":
+                    metrics[f"{prefix}_{name}/{key}/{qid}"] = float(value)
     return metrics
 
 
-def run_questions(*datasets: Any) -> set[str]:
-    """The closed-form questions among the records of ``datasets`` (None entries skipped)."""
-    records: list[StudyRecord] = []
-    for dataset in datasets:
-        if dataset is not None:
-            records.extend(item_records(dataset))
-    return closed_form_questions(records)
+def _tensorboard_writer(trainer: Any) -> Any:
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            return callback.tb_writer
+    return None
+
+
+def figures(evaluation: Evaluation) -> Iterator[tuple[QuestionAnswers, MetricFamily, Any]]:
+    """Each question's figure (confusion matrix, predicted vs true), where its family draws one."""
+    for answers, family in zip(evaluation.answers, evaluation.families, strict=True):
+        if family.figure is None:
+            continue
+        metrics = evaluation.results[answers.modality_key]["questions"][answers.question]
+        figure = family.figure(answers, metrics["metrics"])
+        if figure is not None:
+            yield answers, family, figure
+
+
+def log_figures(writer: Any, evaluation: Evaluation, step: int, prefix: str = "eval") -> None:
+    """Each question's figure to TensorBoard (``eval/t1/which_hemisphere_holds_the_lesion``)."""
+    for answers, _, figure in figures(evaluation):
+        tag = f"{prefix}/{answers.modality_key}/{question_id(answers.question)}"
+        writer.add_figure(tag, figure, step, close=True)
+    writer.flush()
 
 
 def evaluate_trainer(
     trainer: Any, eval_dataset: Any = None, *, metric_key_prefix: str = "eval"
 ) -> dict[str, float]:
-    """``UmbrellaTrainer.evaluate``: per-modality held-out loss and answer accuracy.
+    """``UmbrellaTrainer.evaluate``: per-modality held-out loss and each question's metrics.
 
-    Every rank evaluates the whole held-out set (the same forward passes in the
-    same order, as DeepSpeed ZeRO-3 needs); the metrics go to the log history
-    and TensorBoard through ``Trainer.log`` (``eval/loss/t1``, ``eval/accuracy``)
-    and to the callbacks' ``on_evaluate`` (best checkpoint, early stopping,
-    generated samples).
+    Every rank evaluates the whole held-out set (or ``trainer.eval_max_samples``
+    of it; the same forward passes in the same order, as DeepSpeed ZeRO-3
+    needs); the metrics go to the log history and TensorBoard through
+    ``Trainer.log`` (``eval/loss/t1``, ``eval/accuracy``, ``eval/mae/t1/...``),
+    the figures to TensorBoard, and the metrics to the callbacks'
+    ``on_evaluate`` (best checkpoint, early stopping, generated samples).
     """
     dataset = eval_dataset if eval_dataset is not None else trainer.eval_dataset
     started = time.perf_counter()
-    questions = run_questions(trainer.train_dataset, dataset)
+    questions = getattr(trainer, "questions", None)
+    if questions is None:
+        questions = run_questions(trainer.train_dataset, dataset)
     with trainer.compute_loss_context_manager():
-        results = answer_accuracy(
+        evaluation = evaluate_dataset(
             trainer.model,
             dataset,
             trainer.data_collator,
+            questions,
             batch_size=trainer.args.per_device_eval_batch_size,
-            questions=questions,
             workers=trainer.args.dataloader_num_workers,
+            max_samples=getattr(trainer, "eval_max_samples", 0),
+            max_new_tokens=getattr(trainer, "eval_max_new_tokens", 32),
+            progress=not trainer.args.disable_tqdm and trainer.is_world_process_zero(),
         )
-    metrics = summarize(results, metric_key_prefix)
+    metrics = summarize(evaluation.results, metric_key_prefix)
     metrics[f"{metric_key_prefix}_runtime"] = round(time.perf_counter() - started, 3)
-    trainer.log(metrics)
+    # The log (console, log history) gets the per-modality figures; each
+    # question's metrics, a dozen per question, go to TensorBoard only.
+    trainer.log({k: v for k, v in metrics.items() if k.count("/") < 2})
+    writer = _tensorboard_writer(trainer) if trainer.is_world_process_zero() else None
+    if writer is not None:
+        step = trainer.state.global_step
+        for name, value in metrics.items():
+            if name.count("/") >= 2:
+                writer.add_scalar(name.replace("_", "/", 1), value, step)
+        log_figures(writer, evaluation, step, metric_key_prefix)
     trainer.control = trainer.callback_handler.on_evaluate(
         trainer.args, trainer.state, trainer.control, metrics=metrics
     )
@@ -239,9 +231,11 @@ def evaluate_checkpoint(
     studies: Sequence[str] = (),
     split: str = "test",
     batch_size: int | None = None,
+    max_samples: int = 0,
+    progress: bool = False,
     log: Callable[[str], None] = print,
-) -> dict[str, dict[str, Any]]:
-    """``umbrella evaluate``: the per-key results of a checkpoint on a split of its studies.
+) -> Evaluation:
+    """``umbrella evaluate``: a checkpoint's answers on a split of its studies, scored.
 
     Studies are the checkpoint's own (from the run configuration it stores;
     the built-in demo is written again exactly as training wrote it) unless
@@ -251,7 +245,9 @@ def evaluate_checkpoint(
     import attrs
 
     from umbrella_core.config import StudyConfig
+    from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.dataset import RecordDataset
+    from umbrella_core.data.split import split_file_of_checkpoint
     from umbrella_core.errors import DataError, ModelError
     from umbrella_core.model.chat import chat_format
     from umbrella_core.train.generate import load_for_inference
@@ -264,6 +260,13 @@ def evaluate_checkpoint(
             config,
             data=attrs.evolve(config.data, studies=tuple(StudyConfig(location=s) for s in studies)),
         )
+    else:
+        written = split_file_of_checkpoint(checkpoint)
+        if written is not None and not config.data.split.file:
+            # The run's own split, as it was written: the same test subjects.
+            log(f"split of the run: {written}")
+            sides = attrs.evolve(config.data.split, file=str(written))
+            config = attrs.evolve(config, data=attrs.evolve(config.data, split=sides))
     data = read_studies(config, pm, log=log)
     for name, spec in data.specs.items():
         have = loaded.specs.get(name)
@@ -277,7 +280,7 @@ def evaluate_checkpoint(
         r for r in data.records if (r.split != "train" if split == "held-out" else r.split == split)
     ]
     if not wanted:
-        present = sorted({r.split for r in data.records})
+        present = sorted({str(r.split) for r in data.records})
         raise DataError(
             f"no record of split {split!r} in {', '.join(data.locations)} "
             f"(splits there: {', '.join(present)})"
@@ -294,20 +297,72 @@ def evaluate_checkpoint(
         chat=chat_format(loaded.tokenizer, "auto", config.model.system_prompt),
     )
     collator = UmbrellaCollator(loaded.tokenizer.pad_token_id, tuple(model.specs))
-    return answer_accuracy(
+    questions = index_questions(data.records, pm.metric_families(config.evaluation))
+    return evaluate_dataset(
         model,
         dataset,
         collator,
+        questions,
         batch_size=batch_size or config.trainer.batch_size,
-        questions=closed_form_questions(data.records),
         workers=config.data.workers,
+        max_samples=max_samples,
+        max_new_tokens=config.trainer.eval_max_new_tokens,
+        progress=progress,
+        description=f"evaluating {split}",
     )
 
 
-def format_table(results: dict[str, dict[str, Any]], chance: Sequence[float] | None = None) -> str:
-    """One line per modality key: ``n``, ``accuracy`` (``-`` where not scored) and ``loss``."""
-    lines = [f"{'modality':<14}{'n':>6}{'accuracy':>10}{'loss':>9}"]
+def write_report(evaluation: Evaluation, folder: str | Path) -> dict[str, Any]:
+    """``metrics.json``, ``predictions.jsonl`` and one PNG per figure into ``folder``.
+
+    Returns what was written: ``{"metrics": path, "predictions": path, "figures": [paths]}``.
+    """
+    from umbrella_core.evaluation.figures import save_figure
+
+    folder = Path(folder)
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    metrics_path = folder / "metrics.json"
+    metrics_path.write_text(json.dumps(evaluation.results, indent=2) + "\n")
+    predictions = folder / "predictions.jsonl"
+    with predictions.open("w") as out:
+        for sample in evaluation.samples:
+            out.write(json.dumps(sample) + "\n")
+    saved: list[Path] = []
+    for answers, family, figure in figures(evaluation):
+        name = f"{answers.modality_key}-{question_id(answers.question)}-{family.name}.png"
+        saved.append(save_figure(figure, folder / "figures" / name))
+    return {"metrics": metrics_path, "predictions": predictions, "figures": saved}
+
+
+def _default_rows(metrics: dict[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        (name, f"{value:.4g}", "")
+        for name, value in metrics.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "n"
+    ]
+
+
+def format_table(
+    evaluation: Evaluation | dict[str, dict[str, Any]],
+    families: Sequence[MetricFamily] | None = None,
+) -> str:
+    """Per modality key: its samples and loss, then per question its metrics and references."""
+    results = evaluation.results if isinstance(evaluation, Evaluation) else evaluation
+    by_name = {f.name: f for f in (families if families is not None else _builtin_families())}
+    if isinstance(evaluation, Evaluation):
+        by_name.update({f.name: f for f in evaluation.families})
+    lines = [f"{'modality':<10}{'question':<42}{'n':>6}  {'metric':<19}{'value':>9}  reference"]
     for key, r in results.items():
-        accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.1%}"
-        lines.append(f"{key:<14}{r['n']:>6}{accuracy:>10}{r['loss']:>9.4f}")
+        lines.append(f"{key:<10}{'(all questions)':<42}{r['n']:>6}  {'loss':<19}{r['loss']:>9.4f}")
+        for question, q in r.get("questions", {}).items():
+            family = by_name.get(q["family"])
+            rows = (
+                family.table(q["metrics"])
+                if family is not None and family.table is not None
+                else _default_rows(q["metrics"])
+            )
+            shown = question if len(question) <= 40 else question[:39] + "…"
+            for i, (label, value, reference) in enumerate(rows):
+                head = f"{'':<10}{shown:<42}{q['n']:>6}" if i == 0 else " " * 58
+                lines.append(f"{head}  {label:<19}{value:>9}  {reference}".rstrip())
     return "\n".join(lines)

@@ -28,6 +28,7 @@ __all__ = [
     "guess_modality",
     "with_placeholders",
     "greedy_generate",
+    "greedy_generate_batch",
     "generate_answer",
     "record_prompt",
 ]
@@ -171,6 +172,87 @@ def greedy_generate(
                 out = llava(
                     inputs_embeds=step,
                     attention_mask=attention,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **_kv_cache(llava, out),
+                )
+    finally:
+        model.train(was_training)
+    return generated
+
+
+def greedy_generate_batch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Sequence[tuple[str, Any]]],
+    *,
+    max_new_tokens: int = 32,
+    pad_token_id: int = 0,
+    stop_token_ids: Collection[int] = (),
+    all_steps: bool = False,
+) -> list[list[int]]:
+    """:func:`greedy_generate` of several prompts at once (left padding, one KV cache).
+
+    Rows are padded on the left so that every row's next token is at the last
+    position; each row's positions count its own tokens only, so a row's
+    answer is the one :func:`greedy_generate` gives it alone (up to float
+    summation order).
+
+    Args:
+        prompts: Token ids per row, placeholders expanded.
+        images: ``(modality, tensor)`` per image of each row, in placeholder order.
+        all_steps: Decode ``max_new_tokens`` steps even when every row has
+            stopped: ranks of a distributed run must run the same passes.
+
+    Returns:
+        Per row, the generated ids up to and including the first stop token.
+    """
+    import torch
+
+    if not prompts:
+        return []
+    stops = set(stop_token_ids)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), int(pad_token_id), dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        attention[row, length - len(prompt) :] = 1
+    ids, attention = ids.to(device), attention.to(device)
+    flat = [image for row in images for image in row]
+    generated: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    try:
+        with torch.no_grad():
+            features, _ = model.image_features(_pixel_values(flat, device))
+            embeds = model.splice(ids, features, [m for m, _ in flat])
+            positions = (attention.cumsum(1) - 1).clamp(min=0)
+            llava = model.llava
+            out = llava(
+                inputs_embeds=embeds,
+                attention_mask=attention,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            last = positions[:, -1:]
+            for step in range(max_new_tokens):
+                tokens = out.logits[:, -1].argmax(-1)
+                for row, token in enumerate(tokens.tolist()):
+                    if not done[row]:
+                        generated[row].append(token)
+                        done[row] = token in stops
+                if step == max_new_tokens - 1 or (all(done) and not all_steps):
+                    break
+                attention = torch.cat([attention, attention.new_ones((len(prompts), 1))], dim=1)
+                last = last + 1
+                out = llava(
+                    inputs_embeds=llava.get_input_embeddings()(tokens[:, None]),
+                    attention_mask=attention,
+                    position_ids=last,
                     use_cache=True,
                     logits_to_keep=1,
                     **_kv_cache(llava, out),

@@ -14,6 +14,7 @@ import attrs
 
 from umbrella_core.config import RunConfig, StudyConfig
 from umbrella_core.data.dataset import RecordDataset, group_records
+from umbrella_core.data.split import SplitTable, assign_splits
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.plugins import PluginManager
 from umbrella_core.types import ModalitySpec, StudyRecord
@@ -211,6 +212,9 @@ class StudyData:
     #: Records refused while reading (bad lines, unknown modalities, paths
     #: outside the dataset root), as ``validate.Problem`` values.
     problems: list[Any] = attrs.field(factory=list)
+    #: The split of the records (ARCHITECTURE I10): what each subject's side
+    #: is and whether it was made or given; a run writes it to split.tsv.
+    split: SplitTable | None = None
 
     @property
     def locations(self) -> list[str]:
@@ -240,7 +244,10 @@ def read_studies(
     root unless ``data.allow_outside_root``) become ``problems``, which
     :func:`prepare` treats as ``data.on_bad`` says; an error about a whole
     study (unreadable, empty, not JSON) is raised. Files are checked later, by
-    :func:`screen_records`.
+    :func:`screen_records`. Every record then gets its split
+    (:func:`umbrella_core.data.split.assign_splits`, ``data.split``): a leak of
+    a subject or family across sides is raised as a DataError (unless
+    ``data.split.leak`` is ``warn``), and what was decided is ``StudyData.split``.
     """
     from umbrella_core.data.demo import cached_demo
     from umbrella_core.validate import (
@@ -310,7 +317,12 @@ def read_studies(
         raise DataError(
             f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
         )
-    return StudyData(specs, provenance, studies, per_study, skipped, problems)
+    # Every record gets a side here, groups kept together (data.split); the
+    # demo's manifest names its own sides, so nothing is made for it.
+    assigned, table = assign_splits(records, config.data.split, log=log)
+    sides = {id(r): a for r, a in zip(records, assigned, strict=True)}
+    per_study = [[sides[id(r)] for r in study_records] for study_records in per_study]
+    return StudyData(specs, provenance, studies, per_study, skipped, problems, split=table)
 
 
 def prepare(
@@ -615,12 +627,13 @@ def train(
 
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.interleave import Interleaving
+    from umbrella_core.evaluation.engine import evaluate_dataset, index_questions
     from umbrella_core.train.callbacks import (
         attach_evaluation,
         check_evaluation,
         load_best_weights,
     )
-    from umbrella_core.train.evaluate import answer_accuracy, format_table, run_questions
+    from umbrella_core.train.evaluate import format_table, log_figures, summarize
     from umbrella_core.train.faults import interrupted_error, stop_on_signals
     from umbrella_core.train.trainer import UmbrellaTrainer
 
@@ -643,6 +656,11 @@ def train(
     if resume is not None:
         log(f"resuming from {resume}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    if data.split is not None and main_process:
+        from umbrella_core.data.split import SPLIT_FILE
+
+        # Subject -> side, given back with data.split.file to reproduce it (I10).
+        data.split.write(out_dir / SPLIT_FILE)
     if prep.problems and main_process:
         (out_dir / "bad_samples.json").write_text(
             json.dumps([p.to_json() for p in prep.problems], indent=2) + "\n"
@@ -677,6 +695,15 @@ def train(
         if main_process
         else [],
     )
+    # Each question's metric family, from every record of the run (a small
+    # held-out set alone could make a closed question look open).
+    families = pm.metric_families(config.evaluation)
+    datasets = {id(ds): ds for ds in (*prep.train_sets, prep.eval_set, prep.test_set) if ds}
+    trainer.questions = index_questions(
+        [r for ds in datasets.values() for r in ds.records], families
+    )
+    trainer.eval_max_samples = t.eval_max_samples
+    trainer.eval_max_new_tokens = t.eval_max_new_tokens
     best = attach_evaluation(trainer, config, prep, out_dir) if evaluating else None
     started = time.perf_counter()
     with stop_on_signals(trainer, log=log if main_process else _quiet) as stopper:
@@ -712,33 +739,53 @@ def train(
             )
     metrics["final"] = final_weights
     test_set = prep.test_set if prep.test_set is not None else prep.eval_set
-    if test_set is not None:
-        results = answer_accuracy(
-            prep.model,
-            test_set,
-            collator,
-            batch_size=t.batch_size,
-            questions=run_questions(*prep.train_sets, prep.eval_set, test_set),
-        )
-        metrics["held_out"] = results
-        metrics["held_out_split"] = test_set.name
-        log(
-            f"{test_set.name} answers of final/ = {describe_weights(final_weights)} "
-            "(greedy answer equals the reference):"
-        )
-        log(format_table(results))
-    if test_set is not None and not evaluating and main_process:
-        # (With evaluation during training, the last one logged these at this step.)
-        with SummaryWriter(str(logging_dir)) as writer:
-            for key, r in results.items():
-                if r["accuracy"] is not None:
-                    writer.add_scalar(f"eval/accuracy/{key}", r["accuracy"], result.global_step)
-                writer.add_scalar(f"eval/loss/{key}", r["loss"], result.global_step)
+    if t.eval_strategy == "no":
+        test_set = None
+    # final/ and metrics.json before the last evaluation: on a large held-out
+    # set it can take long, and stopping it must not lose the trained weights.
     trainer.run_meta = run_meta | {"metrics": metrics}
     # Through the Trainer: under ZeRO-3 it gathers the partitioned weights first.
     trainer.save_model(str(final_dir))
     if main_process:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if test_set is None and t.eval_strategy == "no":
+        log(
+            "no evaluation (trainer.eval_strategy=no); the table of the held-out records: "
+            f"umbrella evaluate --checkpoint {final_dir}"
+        )
+    if test_set is not None:
+        log(f"evaluating final/ on {len(test_set)} {test_set.name} samples")
+        with trainer.compute_loss_context_manager():
+            evaluation = evaluate_dataset(
+                prep.model,
+                test_set,
+                collator,
+                trainer.questions,
+                batch_size=t.batch_size,
+                workers=config.data.workers,
+                max_new_tokens=t.eval_max_new_tokens,
+                progress=t.progress and main_process,
+                description=f"evaluating {test_set.name}",
+            )
+        results = evaluation.results
+        metrics["held_out"] = results
+        metrics["held_out_split"] = test_set.name
+        log(f"{test_set.name} answers of final/ = {describe_weights(final_weights)}:")
+        log(format_table(evaluation))
+        if main_process:
+            from umbrella_core.model.build import CHECKPOINT_META
+
+            meta_path = final_dir / CHECKPOINT_META
+            meta = json.loads(meta_path.read_text())
+            meta["metrics"] = metrics
+            written = meta_path.with_name(f".{CHECKPOINT_META}.tmp")
+            written.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            os.replace(written, meta_path)  # a reader never sees half of it
+            (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            with SummaryWriter(str(logging_dir)) as writer:
+                for name, value in summarize(results, "test").items():
+                    writer.add_scalar(name.replace("_", "/", 1), value, result.global_step)
+                log_figures(writer, evaluation, result.global_step, "test")
     log(f"checkpoint:  {final_dir}")
     log(f"tensorboard: {logging_dir}   (tensorboard --logdir {logging_dir})")
     return metrics

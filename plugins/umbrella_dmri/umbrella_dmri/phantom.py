@@ -39,6 +39,7 @@ def make_dmri_phantom(
     orientation: Sequence[str] | None = None,
     core_radius: tuple[float, float] = (12.0, 17.0),
     oedema_radius: tuple[float, float] = (35.0, 45.0),
+    depth: tuple[float, float] = (0.25, 0.85),
 ) -> list[PhantomFile]:
     """FA and MD maps of a head with a tumour in the ``left`` or ``right`` hemisphere.
 
@@ -59,6 +60,9 @@ def make_dmri_phantom(
         orientation: Axis codes to write in, e.g. ``("L", "A", "S")``.
         core_radius: Range of the necrotic core's radius in mm.
         oedema_radius: Range of the oedema's radius in mm.
+        depth: Range of the centre's distance from the midline, as a fraction of
+            the brain's half-width. The centre's RAS x coordinate in cm (negative on
+            the left) is the sample's ``measure``.
 
     Returns:
         Two float32 :class:`PhantomFile` values, suffixes ``FA`` and ``MD``, in
@@ -75,7 +79,7 @@ def make_dmri_phantom(
         fa = fa * (1.0 - tract) + np.float32(value) * tract
     fa *= imaging.bias_field(rng, head.shape, strength=0.15)  # subject variation along the tracts
 
-    centre = imaging.hemisphere_centre(rng, head, label)
+    centre = imaging.hemisphere_centre(rng, head, label, depth=depth)
     oedema = imaging.blob(head.shape, head.affine, centre, rng.uniform(*oedema_radius))
     oedema *= head.brain * imaging.hemisphere_mask(head, label)
     core = imaging.blob(head.shape, head.affine, centre, rng.uniform(*core_radius))
@@ -95,5 +99,12 @@ def make_dmri_phantom(
     files = []
     for suffix, data in (("FA", fa), ("MD", md)):
         oriented, affine = imaging.reorient(data, head.affine, codes)
-        files.append(PhantomFile(suffix=suffix, data=np.ascontiguousarray(oriented), affine=affine))
+        files.append(
+            PhantomFile(
+                suffix=suffix,
+                data=np.ascontiguousarray(oriented),
+                affine=affine,
+                measure=float(centre[0]) / 10 if not files else None,
+            )
+        )
     return files

@@ -49,6 +49,7 @@ def make_bold_phantom(
     tr: float = 2.0,
     orientation: Sequence[str] | None = None,
     activation_radius: tuple[float, float] = (30.0, 40.0),
+    depth: tuple[float, float] = (0.25, 0.85),
     signal_change: float = 0.04,
     noise: float = 0.012,
 ) -> list[PhantomFile]:
@@ -75,6 +76,9 @@ def make_bold_phantom(
         tr: Repetition time in seconds used to simulate the response.
         orientation: Axis codes to write in, e.g. ``("L", "A", "S")``.
         activation_radius: Range of the activated sphere's radius in mm.
+        depth: Range of the centre's distance from the midline, as a fraction of
+            the brain's half-width. The centre's RAS x coordinate in cm (negative on
+            the left) is the sample's ``measure``.
         signal_change: Peak activation as a fraction of the baseline.
         noise: Standard deviation of the thermal noise, relative to grey matter.
 
@@ -84,7 +88,7 @@ def make_bold_phantom(
     """
     head = imaging.head_phantom(rng, shape, voxel_size)
     baseline = head.image(EPI_CONTRAST) * imaging.bias_field(rng, head.shape, strength=0.15)
-    centre = imaging.hemisphere_centre(rng, head, label)
+    centre = imaging.hemisphere_centre(rng, head, label, depth=depth)
     active = imaging.blob(head.shape, head.affine, centre, rng.uniform(*activation_radius))
     active *= head.brain * imaging.hemisphere_mask(head, label)
 
@@ -104,4 +108,12 @@ def make_bold_phantom(
 
     codes = tuple(orientation) if orientation is not None else imaging.random_orientation(rng)
     data, affine = imaging.reorient(data, head.affine, codes)
-    return [PhantomFile(suffix="bold", data=np.ascontiguousarray(data), affine=affine, tr=tr)]
+    return [
+        PhantomFile(
+            suffix="bold",
+            data=np.ascontiguousarray(data),
+            affine=affine,
+            tr=tr,
+            measure=float(centre[0]) / 10,
+        )
+    ]

@@ -43,7 +43,7 @@ def test_sex_task_records(pm, bids):
     assert sorted({r.subject for r in records}) == ["sub-01", "sub-02", "sub-03", "sub-04"]
     t1 = by_key[("sub-01", ("t1",))]
     assert t1.study == "Tiny BIDS"
-    assert t1.split == "train"
+    assert t1.split is None  # no split column or option: the core makes the split
     assert t1.images[0].paths == (str(bids / "sub-01/anat/sub-01_T1w.nii.gz"),)
     assert t1.turns[0].content == "<image>\nWhat is the sex of this subject?"
     assert t1.turns[1].content == "male"
@@ -101,6 +101,84 @@ def test_sex_comparison_pairs(pm, bids):
     assert [r.subject for r in again] == [r.subject for r in records]
 
 
+def test_sex_comparison_pairs_each_subject_once_in_every_shared_modality(pm, bids, text):
+    # sub-01 has t1, fmri and dmri; sub-02 t1 and dmri; sub-03 and sub-04 t1 only.
+    modalities = {"sub-01": {"t1", "fmri", "dmri"}, "sub-02": {"t1", "dmri"}}
+    for seed in range(6):
+        records = list(
+            pm.read_study("bids:" + str(bids), {"tasks": ["sex_comparison"], "seed": seed})
+        )
+        pairs: dict[frozenset, list[str]] = {}
+        for record in records:
+            a, b = record.phenotypes["subjects"]
+            assert record.modalities[0] == record.modalities[1]
+            pairs.setdefault(frozenset((a, b)), []).append(record.modalities[0])
+        # Two pairs of four subjects: nobody is in two pairs, so no chain of subjects.
+        assert len(pairs) == 2 and len(set().union(*pairs)) == 4
+        for pair, done in pairs.items():
+            shared = set.intersection(*(modalities.get(s, {"t1"}) for s in pair))
+            assert sorted(done) == sorted(shared)  # the same two in every shared modality
+    # Given splits: pairs stay within one; the record carries it.
+    text(
+        bids / "participants.tsv",
+        "participant_id\tsex\tsplit\nsub-01\tM\ttrain\nsub-02\tF\ttrain\n"
+        "sub-03\tF\ttest\nsub-04\tF\ttest\n",
+    )
+    records = list(pm.read_study("bids:" + str(bids), {"tasks": ["sex_comparison"]}))
+    got = {(frozenset(r.subjects), r.modalities[0], r.split, r.turns[1].content) for r in records}
+    assert got == {
+        (frozenset({"sub-01", "sub-02"}), "t1", "train", "no"),
+        (frozenset({"sub-01", "sub-02"}), "dmri", "train", "no"),
+        (frozenset({"sub-03", "sub-04"}), "t1", "test", "yes"),
+    }
+
+
+def test_sex_comparison_pairs_keep_families_in_small_groups(pm, tmp_path, nifti, text, jsonfile):
+    from umbrella_core.data.split import assign_splits
+
+    folder = tmp_path / "families"
+    jsonfile(folder / "dataset_description.json", {"Name": "families"})
+    rows = ["participant_id\tsex\tfam\tscanner"]
+    for i in range(30):
+        nifti(folder / f"sub-{i:02d}/anat/sub-{i:02d}_T1w.nii.gz")
+        # Families of 1 to 3 members, two scanners (a family at one).
+        family = i // 3 if i < 18 else i
+        rows.append(f"sub-{i:02d}\t{'MF'[i * 7 % 3 % 2]}\tF{family}\tS{family % 2}")
+    text(folder / "participants.tsv", "\n".join(rows) + "\n")
+    options = {
+        "tasks": ["sex_comparison"],
+        "family_column": "fam",
+        "site_column": "scanner",
+    }
+    records = list(pm.read_study(str(folder), options))
+    assert records and all(r.family and r.site for r in records)
+    for record in records:
+        first, second = record.site.split("+")
+        assert first == second  # pairs within one site
+    # Groups the split keeps together: subjects joined by a pair or a family.
+    family = {row.subject: row.family for row in assign_splits(records, log=str)[1].rows}
+    parent = {subject: subject for subject in family}
+
+    def root(subject):
+        while parent[subject] != subject:
+            subject = parent[subject]
+        return subject
+
+    for record in records:
+        a, b = record.subjects
+        parent[root(a)] = root(b)
+    for a in family:
+        for b in family:
+            if family[a] == family[b]:
+                parent[root(a)] = root(b)
+    groups: dict[str, set[str]] = {}
+    for subject in family:
+        groups.setdefault(root(subject), set()).add(family[subject])
+    # Each group holds at most two families: pairs do not chain the cohort together.
+    assert max(len(families) for families in groups.values()) <= 2
+    assert len(groups) > 5
+
+
 def test_column_task_split_and_overrides(pm, bids, text):
     records = list(
         pm.read_study(
@@ -134,6 +212,7 @@ def test_passes_the_study_reader_conformance_checks(umbrella_conformance, bids, 
     import umbrella_studies.plugin as plugin
 
     umbrella_conformance.registration(plugin, entry_point="studies")
+    # No split given: the records leave it None, and UMBRELLA makes one (I10).
     records = umbrella_conformance.study_reader(
         plugin,
         prefix + str(bids),

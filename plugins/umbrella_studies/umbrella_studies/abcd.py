@@ -11,6 +11,12 @@ or ``session_id`` picks the session (``ses-baselineYear1Arm1``), so each session
 gets its own age. ``interview_age`` is in months (age = months / 12);
 ``sex`` is ``M``/``F`` (``demo_sex_v2`` 1 = male, 2 = female also works).
 The second row of an NDA download (column descriptions) is skipped.
+
+Families and sites: ``rel_family_id`` (siblings and twins share it) and
+``site_id_l``, from the phenotype table or, where present, the longitudinal
+tracking table ``abcd_y_lt.tsv``/``.csv`` beside it (merged by subject and
+event; the phenotype table wins where both have a column). A family's
+subjects are kept on one side of the split the core makes.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from umbrella_studies.bids import study_name
 from umbrella_studies.phenotypes import Conventions
 from umbrella_studies.scans import bids_scans
 from umbrella_studies.tables import PhenotypeTable, Row, phenotype_file
-from umbrella_studies.templates import make_records
+from umbrella_studies.templates import MergedTables, make_records
 
 __all__ = ["read_abcd", "abcd_key", "event_session", "ABCD"]
 
@@ -37,7 +43,12 @@ ABCD = Conventions(
     sex_columns=("sex", "demo_sex_v2"),
     age_columns=("interview_age", "age"),
     age=_months,
+    family_columns=("rel_family_id",),
+    site_columns=("site_id_l",),
 )
+
+#: The longitudinal tracking table (ABCD 5.x), where family ids and sites live.
+_TRACKING = ["abcd_y_lt.tsv", "abcd_y_lt.csv"]
 
 
 def abcd_key(subject: Any) -> str:
@@ -65,21 +76,31 @@ def _description_row(row: Row) -> bool:
     return isinstance(subject, str) and " " in subject.strip()
 
 
+def _load(path: Path) -> PhenotypeTable:
+    return PhenotypeTable.load(
+        path,
+        id_columns=("src_subject_id", "participant_id"),
+        key=abcd_key,
+        session_columns=("eventname", "session_id"),
+        session_key=event_session,
+        skip_row=_description_row,
+    )
+
+
 def read_abcd(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
     """The records of an ABCD release at ``folder``."""
     path = phenotype_file(
         folder, options, ["abcd_p_demo.tsv", "abcd_p_demo.csv", "participants.tsv"]
     )
-    table = PhenotypeTable.empty()
-    if path is not None:
-        table = PhenotypeTable.load(
-            path,
-            id_columns=("src_subject_id", "participant_id"),
-            key=abcd_key,
-            session_columns=("eventname", "session_id"),
-            session_key=event_session,
-            skip_row=_description_row,
-        )
+    tracking = phenotype_file(folder, {}, _TRACKING)
+    tables = [_load(p) for p in (path, tracking) if p is not None]
+    if path is not None and tracking is not None and tracking.resolve() == path.resolve():
+        tables = tables[:1]
+    table: Any = PhenotypeTable.empty()
+    if len(tables) == 1:
+        table = tables[0]
+    elif tables:
+        table = MergedTables(tables)
     return make_records(
         study=study_name(folder, options, "abcd"),
         folder=folder,

@@ -16,6 +16,7 @@ Phenotypes: ``options["phenotypes"]``, else ``Phenotypic_V1_0b_preprocessed1.csv
 ``Phenotypic_V1_0b.csv``, ``ABIDEII_Composite_Phenotypic.csv``, any ``*.csv``
 naming ``SUB_ID``, else ``participants.tsv``. ``SEX`` 1 = male, 2 = female;
 ``AGE_AT_SCAN`` in years; ``DX_GROUP`` 1 = autism, 2 = control; ``-9999`` is missing.
+``SITE_ID`` is the site (``data.split.by: site`` keeps each site on one side).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ ABIDE = Conventions(
     sex_columns=("SEX", "sex"),
     age_columns=("AGE_AT_SCAN", "age"),
     diagnosis_columns=("DX_GROUP", "diagnosis", "dx"),
+    site_columns=("SITE_ID",),
 )
 
 _PREPROC = re.compile(r"(.+?)_(\d+)_func_preproc\.nii\.gz")

@@ -2,7 +2,9 @@
 
 Layout: either ``PATH`` itself is a BIDS dataset (``sub-NDARxxxx/``), or it
 holds one BIDS dataset per site (``PATH/RU/sub-*``, ``PATH/CBIC/sub-*``, ...);
-every site's images are read with the shared BIDS scanner.
+every site's images are read with the shared BIDS scanner. In the
+one-dataset-per-site layout a scan's site is its site folder's name (``RU``),
+unless ``options["site_column"]`` names a phenotype column.
 
 Phenotypes: a CSV in ``PATH`` whose header names ``EID`` (the release
 phenotype file) or ``options["phenotypes"]``; otherwise each site's
@@ -71,6 +73,12 @@ def read_hbn(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
         for root in roots:
             yield from bids_scans(root, dmri_raw=dmri_raw)
 
+    def site_folder(scan: Scan) -> str | None:
+        try:
+            return Path(scan.source).relative_to(folder).parts[0]
+        except (ValueError, IndexError):
+            return None
+
     return make_records(
         study=study_name(folder, options, "hbn"),
         folder=folder,
@@ -79,4 +87,5 @@ def read_hbn(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
         subject_key=bids_key,
         conventions=HBN,
         options=options,
+        site_of=None if roots == [folder] else site_folder,
     )

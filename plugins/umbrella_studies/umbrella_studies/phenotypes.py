@@ -5,7 +5,8 @@ Each cohort names and codes these differently (UK Biobank's ``31-0.0`` with
 :class:`Conventions` value says how one cohort does it; :func:`common_phenotypes`
 turns a raw row into the raw columns plus the three common names, so the
 templates only ever see ``sex`` in {male, female}, ``age`` in years and
-``diagnosis`` as a word.
+``diagnosis`` as a word. :func:`family_and_site` reads the columns that keep
+subjects together when the core splits the records (ARCHITECTURE I10).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "Conventions",
     "code_key",
     "common_phenotypes",
+    "family_and_site",
     "age_from_range",
 ]
 
@@ -80,6 +82,10 @@ class Conventions:
         diagnosis_columns: Candidate diagnosis columns.
         diagnosis_maps: Per column (lower-case name), coded value to a word; text
             values of other columns are used as they are, lower-cased.
+        family_columns: Candidate family-id columns (ABCD ``rel_family_id``,
+            HCP ``Family_ID``): a family's subjects stay on one side of a split.
+        site_columns: Candidate acquisition-site columns (ABCD ``site_id_l``,
+            ABIDE ``SITE_ID``).
     """
 
     sex_columns: tuple[str, ...] = ("sex", "gender")
@@ -90,11 +96,13 @@ class Conventions:
     diagnosis_maps: Mapping[str, Mapping[str, str]] = attrs.field(
         factory=lambda: {"dx_group": ABIDE_DX_MAP}
     )
+    family_columns: tuple[str, ...] = ()
+    site_columns: tuple[str, ...] = ()
 
     def with_options(self, options: Mapping[str, Any]) -> Conventions:
-        """A copy with the user's ``sex_column``/``sex_map``/``age_column``/... options applied."""
+        """A copy with the user's ``sex_column``/``sex_map``/``site_column``/... options applied."""
         changes: dict[str, Any] = {}
-        for name in ("sex", "age", "diagnosis"):
+        for name in ("sex", "age", "diagnosis", "family", "site"):
             column = options.get(f"{name}_column")
             if column is not None:
                 if not isinstance(column, str):
@@ -121,6 +129,27 @@ def _column(raw: Mapping[str, Any], candidates: Sequence[str]) -> str | None:
         if candidate.lower() in lowered:
             return lowered[candidate.lower()]
     return None
+
+
+def _identifier(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value).strip()
+    return text or None
+
+
+def family_and_site(
+    raw: Mapping[str, Any], conventions: Conventions
+) -> tuple[str | None, str | None]:
+    """The row's family id and site (``1.0`` read as ``1``); None where absent or empty."""
+    family = _column(raw, conventions.family_columns)
+    site = _column(raw, conventions.site_columns)
+    return (
+        None if family is None else _identifier(raw[family]),
+        None if site is None else _identifier(raw[site]),
+    )
 
 
 def common_phenotypes(raw: Mapping[str, Any], conventions: Conventions) -> dict[str, Any]:

@@ -61,6 +61,8 @@ OPTIONS = (
     "sex_column",
     "age_column",
     "diagnosis_column",
+    "family_column",
+    "site_column",
     "sex_map",
     "diagnosis_map",
     "phenotypes",

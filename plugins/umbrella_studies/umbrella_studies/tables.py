@@ -36,6 +36,9 @@ def parse_value(text: str) -> Any:
     value = text.strip()
     if value.lower() in MISSING:
         return None
+    if "_" in value:
+        # Python's int() and float() read "51488_81352" (an HCP family id) as 5148881352.
+        return value
     try:
         return int(value)
     except ValueError:

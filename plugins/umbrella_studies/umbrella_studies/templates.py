@@ -19,9 +19,23 @@ Options (``options`` of the study in the run configuration):
 * ``tasks``: the task names; default: ``sex``, ``age``, ``diagnosis`` and
   ``sex_comparison`` wherever the study has the phenotype they need.
 * ``split``: one split for every record; otherwise a ``split`` column of the
-  phenotype table, otherwise ``train``.
+  phenotype table; otherwise none, and the core makes one (``data.split``)
+  that keeps each subject, and each family, on one side.
+* ``family_column``, ``site_column``: the phenotype columns holding a
+  subject's family id and acquisition site, where the cohort's own are not
+  known (ABCD ``rel_family_id``/``site_id_l``, HCP ``Family_ID``, ABIDE
+  ``SITE_ID``, UK Biobank ``54-2.0``; HBN's site is its site folder).
 * ``seed``: seeds the ``sex_comparison`` pairing (default 0).
 * ``modalities``: only scans of these modalities.
+
+``sex_comparison`` pairs each subject at most once per study, not per
+modality: a pair gives one record for each modality both subjects have a scan
+of (their first session and run), so a subject is never chained to several
+others. Pairs are made within one split (when splits are given) and one site,
+so that a pair never joins two sides or two sites (a family whose members
+span sites or splits is paired where its first member is); subjects of
+families with several members are paired within blocks of two families, so
+that pairs and families together keep the groups the core splits by small.
 
 A record whose phenotype is missing (no row, an empty cell, an unknown coding)
 is skipped for that task and counted; :func:`last_stats` returns the counts of
@@ -33,7 +47,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +56,11 @@ import attrs
 from umbrella_core.data.manifest import check_record
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import IMAGE_PLACEHOLDER, StudyRecord, Turn
-from umbrella_studies.phenotypes import Conventions, common_phenotypes
+from umbrella_studies.phenotypes import Conventions, common_phenotypes, family_and_site
 from umbrella_studies.scans import Scan
-from umbrella_studies.tables import PhenotypeTable
+from umbrella_studies.tables import PhenotypeTable, Row
 
-__all__ = ["TASKS", "TaskStats", "last_stats", "make_records", "Subject"]
+__all__ = ["TASKS", "TaskStats", "last_stats", "make_records", "MergedTables", "Subject"]
 
 #: The fixed task names; ``column:NAME`` works for any phenotype column besides.
 TASKS = ("sex", "age", "diagnosis", "sex_comparison")
@@ -95,13 +109,40 @@ def last_stats(folder: str | None = None) -> dict[str, TaskStats]:
 
 
 @attrs.frozen
+class MergedTables:
+    """Several phenotype tables of one cohort looked up as one (HCP's unrestricted and
+    restricted tables, ABCD's demographics and longitudinal-tracking tables).
+
+    A subject's row is the union of its rows' columns, the earlier table's
+    value winning where two have the same column; ``where`` is the first row's.
+    """
+
+    tables: tuple[Any, ...] = attrs.field(converter=tuple)
+
+    @property
+    def path(self) -> Any:
+        return next((t.path for t in self.tables if t.path is not None), None)
+
+    def lookup(self, subject: str, session: str | None) -> Row | None:
+        rows = [row for t in self.tables if (row := t.lookup(subject, session)) is not None]
+        if not rows:
+            return None
+        values: dict[str, Any] = {}
+        for row in reversed(rows):
+            values.update(row.values)
+        return Row(values=values, where=rows[0].where)
+
+
+@attrs.frozen
 class Subject:
-    """A scan with its phenotypes, split and the phenotype row's location."""
+    """A scan with its phenotypes, split, family, site and the phenotype row's location."""
 
     scan: Scan
     phenotypes: dict[str, Any]
-    split: str
+    split: str | None
     row: str | None
+    family: str | None = None
+    site: str | None = None
 
 
 def _format(value: Any) -> str:
@@ -144,13 +185,15 @@ def _check_tasks(tasks: Any) -> list[str]:
     return list(tasks)
 
 
-def _split(options: Mapping[str, Any], phenotypes: Mapping[str, Any], row: str | None) -> str:
+def _split(
+    options: Mapping[str, Any], phenotypes: Mapping[str, Any], row: str | None
+) -> str | None:
     value = options.get("split")
     where = "options: split"
     if value is None:
         value, where = phenotypes.get("split"), f"{row}: column 'split'"
     if value is None:
-        return "train"
+        return None  # the core makes the split, keeping subjects and families together
     split = str(value).strip().lower()
     if split not in _SPLITS:
         raise DataError(f"{where}: expected train, validation or test, got {value!r}")
@@ -169,6 +212,9 @@ def _record(
         subject="+".join(s.scan.subject for s in subjects),
         session=first.scan.session if len(subjects) == 1 else None,
         split=first.split,
+        # Several subjects: their families and sites in subject order (StudyRecord).
+        family=_joined([s.family for s in subjects]),
+        site=_joined([s.site for s in subjects]),
         study=study,
         images=[s.scan.image for s in subjects],
         turns=[
@@ -180,6 +226,12 @@ def _record(
     )
     check_record(record)
     return record
+
+
+def _joined(values: list[str | None]) -> str | None:
+    if all(v is None for v in values):
+        return None
+    return "+".join(v or "" for v in values)
 
 
 def _pairs(subjects: list[Subject], rng: random.Random) -> list[tuple[Subject, Subject, bool]]:
@@ -213,6 +265,7 @@ def make_records(
     subject_key: Any,
     conventions: Conventions,
     options: Mapping[str, Any],
+    site_of: Callable[[Scan], str | None] | None = None,
 ) -> Iterator[StudyRecord]:
     """The conversations of a study: every scan times every task, then the comparison pairs.
 
@@ -222,8 +275,11 @@ def make_records(
         scans: The study's images.
         table: Its phenotype table (possibly empty).
         subject_key: ``subject_key(scan.subject)`` is the table's key of a scan's subject.
-        conventions: The cohort's sex/age/diagnosis columns and codings.
+        conventions: The cohort's sex/age/diagnosis columns and codings, and its
+            family and site columns.
         options: The study's options (see the module docstring).
+        site_of: A scan's site where the phenotype table names none (HBN: the
+            site folder the scan is in).
 
     Raises:
         DataError: no conversation could be made (the message names the folder and why),
@@ -243,10 +299,20 @@ def make_records(
         row = table.lookup(subject_key(scan.subject), scan.session)
         phenotypes = common_phenotypes(row.values if row else {}, conventions)
         split = _split(options, phenotypes, row.where if row else None)
+        family, site = family_and_site(row.values if row else {}, conventions)
+        if site is None and site_of is not None:
+            site = site_of(scan)
         if scan.sidecar:
             phenotypes["_sidecar"] = dict(scan.sidecar)
         subjects.append(
-            Subject(scan=scan, phenotypes=phenotypes, split=split, row=row and row.where)
+            Subject(
+                scan=scan,
+                phenotypes=phenotypes,
+                split=split,
+                row=row and row.where,
+                family=family,
+                site=site,
+            )
         )
     if not subjects:
         raise DataError(f"no conversation could be made: {folder}: no images found")
@@ -298,32 +364,77 @@ def _comparisons(
     seed = options.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"seed: expected an integer, got {seed!r}")
-    # One scan per subject and modality (the first session and run), and pairs only
-    # within one modality and split, so a pair never leaks across splits.
-    groups: dict[tuple[str, str], dict[str, Subject]] = {}
+    # Each subject's first scan per modality (the first session and run); its
+    # sex, split, site and family are those of its first scan (its family: the
+    # first any scan names, as longitudinal tables name it at one event only).
+    scans: dict[str, dict[str, Subject]] = {}
+    families: dict[str, str] = {}
     for subject in subjects:
         if subject.phenotypes.get("sex") is None:
             stats.skip("sex_comparison", "sex missing or not coded")
             continue
-        group = groups.setdefault((subject.scan.image.modality, subject.split), {})
-        group.setdefault(subject.scan.subject, subject)
+        name = subject.scan.subject
+        scans.setdefault(name, {}).setdefault(subject.scan.image.modality, subject)
+        if subject.family is not None:
+            families.setdefault(name, subject.family)
+    # Pairs never cross a split (a pair is one unit of the split) or a site
+    # (the core may split by site). A family is never cut between blocks, or
+    # its members, paired in two blocks, would chain their partners together:
+    # the block of a family is its first member's.
+    blocks: dict[tuple[str, str], list[Subject]] = {}
+    block_of: dict[str, tuple[str, str]] = {}
+    for name in sorted(scans):
+        first = next(iter(scans[name].values()))
+        block = (first.split or "", first.site or "")
+        if name in families:
+            block = block_of.setdefault(families[name], block)
+        blocks.setdefault(block, []).append(first)
     made = 0
-    for (modality, split), by_subject in sorted(groups.items()):
-        rng = random.Random(f"{seed}:{modality}:{split}")
-        members = [by_subject[name] for name in sorted(by_subject)]
-        for a, b, same in _pairs(members, rng):
-            stats.made["sex_comparison"] += 1
-            made += 1
-            yield _record(
-                study=study,
-                subjects=[a, b],
-                question="Are these two subjects of the same sex?",
-                answer="yes" if same else "no",
-                phenotypes={
-                    "subjects": [a.scan.subject, b.scan.subject],
-                    "sex": [a.phenotypes["sex"], b.phenotypes["sex"]],
-                },
-            )
-        if len(members) % 2:
-            stats.skip("sex_comparison", "odd subject left unpaired")
+    for (split, site), members in sorted(blocks.items()):
+        rng = random.Random(f"{seed}:{split}:{site}")
+        pairs = _block_pairs(members, families, rng)
+        for _ in range(len(members) - 2 * len(pairs)):
+            stats.skip("sex_comparison", "subject left unpaired")
+        for a, b, same in pairs:
+            common = sorted(set(scans[a.scan.subject]) & set(scans[b.scan.subject]))
+            if not common:
+                stats.skip("sex_comparison", "no modality in common with its pair")
+            for modality in common:
+                stats.made["sex_comparison"] += 1
+                made += 1
+                yield _record(
+                    study=study,
+                    subjects=[scans[a.scan.subject][modality], scans[b.scan.subject][modality]],
+                    question="Are these two subjects of the same sex?",
+                    answer="yes" if same else "no",
+                    phenotypes={
+                        "subjects": [a.scan.subject, b.scan.subject],
+                        "sex": [a.phenotypes["sex"], b.phenotypes["sex"]],
+                    },
+                )
     return made
+
+
+def _block_pairs(
+    members: list[Subject], families: Mapping[str, str], rng: random.Random
+) -> list[tuple[Subject, Subject, bool]]:
+    """Each subject in at most one pair; a family of several is paired with at most one other.
+
+    A pair joins its two subjects' groups when the core splits the records, and
+    a family joins its members' groups: pairing freely across families would
+    chain most of a cohort into one group. Subjects alone in their family (or
+    without one) are paired among themselves, alternating same- and
+    different-sex pairs; families of several members are shuffled and taken
+    two at a time, their subjects paired within the two.
+    """
+    by_family: dict[str, list[Subject]] = {}
+    for subject in members:
+        name = subject.scan.subject
+        by_family.setdefault(families.get(name, "\0" + name), []).append(subject)
+    singles = [group[0] for key, group in sorted(by_family.items()) if len(group) == 1]
+    several = [group for key, group in sorted(by_family.items()) if len(group) > 1]
+    pairs = _pairs(singles, rng)
+    rng.shuffle(several)
+    for start in range(0, len(several), 2):
+        pairs += _pairs([s for group in several[start : start + 2] for s in group], rng)
+    return pairs

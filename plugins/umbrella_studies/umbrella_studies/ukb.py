@@ -15,6 +15,8 @@ Phenotypes: ``options["phenotypes"]``, else the first ``*.csv`` (or ``*.tsv``)
 in the folder whose header names ``eid``. Sex is field 31 (``31-0.0`` or
 ``p31``; 0 = female, 1 = male); age is field 21003 at the session's instance
 (``21003-2.0`` or ``p21003_i2``). Diagnoses are not mapped (use ``column:NAME``).
+The site is the assessment centre of the first imaging visit, field 54
+(``54-2.0`` or ``p54_i2``), where the table has it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ from umbrella_studies.templates import make_records
 
 __all__ = ["read_ukb", "UKB"]
 
-UKB = Conventions(sex_columns=("31-0.0", "p31", "sex"), sex_map={"0": "female", "1": "male"})
+UKB = Conventions(
+    sex_columns=("31-0.0", "p31", "sex"),
+    sex_map={"0": "female", "1": "male"},
+    site_columns=("54-2.0", "p54_i2"),
+)
 
 _FOLDER = re.compile(r"(\d+)(?:_(\d+)_(\d+)_(\d+))?")
 

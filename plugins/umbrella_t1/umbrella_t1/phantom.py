@@ -29,6 +29,7 @@ def make_t1_phantom(
     orientation: Sequence[str] | None = None,
     core_radius: tuple[float, float] = (12.0, 17.0),
     oedema_radius: tuple[float, float] = (35.0, 45.0),
+    depth: tuple[float, float] = (0.25, 0.85),
 ) -> list[PhantomFile]:
     """A post-contrast T1-weighted head with a tumour in the ``left`` or ``right`` hemisphere.
 
@@ -53,13 +54,16 @@ def make_t1_phantom(
         orientation: Axis codes to write in, e.g. ``("L", "A", "S")``.
         core_radius: Range of the enhancing core's radius in mm.
         oedema_radius: Range of the oedema's radius in mm.
+        depth: Range of the centre's distance from the midline, as a fraction of
+            the brain's half-width. The centre's RAS x coordinate in cm (negative on
+            the left) is the sample's ``measure``.
 
     Returns:
         One :class:`PhantomFile` with suffix ``T1w``.
     """
     head = imaging.head_phantom(rng, shape, voxel_size)
     image = head.image(T1_CONTRAST)
-    centre = imaging.hemisphere_centre(rng, head, label)
+    centre = imaging.hemisphere_centre(rng, head, label, depth=depth)
     oedema = imaging.blob(head.shape, head.affine, centre, rng.uniform(*oedema_radius))
     oedema *= head.brain * imaging.hemisphere_mask(head, label)
     core = imaging.blob(head.shape, head.affine, centre, rng.uniform(*core_radius))
@@ -72,4 +76,11 @@ def make_t1_phantom(
     data = np.clip(np.rint(image * gain), 0, np.iinfo(np.int16).max).astype(np.int16)
     codes = tuple(orientation) if orientation is not None else imaging.random_orientation(rng)
     data, affine = imaging.reorient(data, head.affine, codes)
-    return [PhantomFile(suffix="T1w", data=np.ascontiguousarray(data), affine=affine)]
+    return [
+        PhantomFile(
+            suffix="T1w",
+            data=np.ascontiguousarray(data),
+            affine=affine,
+            measure=float(centre[0]) / 10,
+        )
+    ]

@@ -1,0 +1,153 @@
+"""The built-in metric families: categorical, numeric and free-text questions.
+
+They are ``trylast`` implementations of ``umbrella_metrics``, so a plugin's
+family for its own tasks is asked first. A question's family follows from its
+answers over the run's records (:func:`umbrella_core.evaluation.metrics.question_family`):
+numbers with an optional unit are ``numeric``, a few values each given several
+times ``categorical``, anything else ``text``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from umbrella_core import hookimpl
+from umbrella_core.types import MetricFamily, QuestionAnswers
+
+
+def _family_is(name: str) -> Any:
+    def applies(question: str, answers: Sequence[str]) -> bool:
+        from umbrella_core.evaluation.metrics import question_family
+
+        return question_family(answers) == name
+
+    return applies
+
+
+def _percent(value: Any) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _categorical(answers: QuestionAnswers) -> Mapping[str, Any]:
+    from umbrella_core.evaluation.metrics import categorical_metrics
+
+    return categorical_metrics(
+        answers.references,
+        answers.predictions,
+        classes=answers.classes,
+        probabilities=answers.probabilities,
+        train_references=answers.train_references,
+    )
+
+
+def _categorical_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    ref = m.get("reference", {})
+    majority = (
+        f"majority ({ref['majority_class']}) {_percent(ref['majority_accuracy'])}"
+        if ref.get("majority_class") is not None
+        else ""
+    )
+    chance = f"chance {_percent(ref.get('chance'))}"
+    return [
+        ("accuracy", _percent(m["accuracy"]), majority),
+        ("balanced accuracy", _percent(m["balanced_accuracy"]), chance),
+        ("macro-F1", _number(m["macro_f1"]), ""),
+        ("AUROC", _number(m["auroc"]), "chance 0.500"),
+    ]
+
+
+def _categorical_figure(answers: QuestionAnswers, m: Mapping[str, Any]) -> Any:
+    from umbrella_core.evaluation.figures import confusion_figure
+
+    return confusion_figure(m["confusion"], title=f"{answers.modality_key}: {answers.question}")
+
+
+def _numeric(answers: QuestionAnswers) -> Mapping[str, Any]:
+    from umbrella_core.evaluation.metrics import numeric_metrics
+
+    return numeric_metrics(
+        answers.references, answers.predictions, train_references=answers.train_references
+    )
+
+
+def _numeric_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    ref = m.get("reference", {})
+    mean = ref.get("train_mean")
+    said = f"training mean ({_number(mean, 2)})" if mean is not None else ""
+    return [
+        ("MAE", _number(m["mae"]), f"{said} {_number(ref.get('mae_train_mean'))}" if said else ""),
+        (
+            "RMSE",
+            _number(m["rmse"]),
+            f"{said} {_number(ref.get('rmse_train_mean'))}" if said else "",
+        ),
+        ("Pearson r", _number(m["pearson_r"]), "0"),
+        ("R²", _number(m["r2"]), "0 (training mean: ~0)"),
+        ("unparsed", _percent(m["unparsed"]), ""),
+    ]
+
+
+def _numeric_figure(answers: QuestionAnswers, m: Mapping[str, Any]) -> Any:
+    from umbrella_core.evaluation.figures import scatter_figure
+    from umbrella_core.evaluation.metrics import parse_number
+
+    pairs = [
+        (parse_number(r), parse_number(p))
+        for r, p in zip(answers.references, answers.predictions, strict=True)
+    ]
+    pairs = [(r, p) for r, p in pairs if r is not None and p is not None]
+    return scatter_figure(
+        [r for r, _ in pairs],
+        [p for _, p in pairs],
+        title=f"{answers.modality_key}: {answers.question}",
+        mae=m.get("mae"),
+    )
+
+
+def _text(answers: QuestionAnswers) -> Mapping[str, Any]:
+    from umbrella_core.evaluation.metrics import text_metrics
+
+    return text_metrics(answers.references, answers.predictions)
+
+
+def _text_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    return [
+        ("exact match", _percent(m["exact_match"]), ""),
+        ("BLEU", _number(m["bleu"], 1), ""),
+        ("ROUGE-L", _number(m["rouge_l"]), ""),
+    ]
+
+
+CATEGORICAL = MetricFamily(
+    name="categorical",
+    applies=_family_is("categorical"),
+    compute=_categorical,
+    scoring="candidates",
+    table=_categorical_table,
+    figure=_categorical_figure,
+)
+NUMERIC = MetricFamily(
+    name="numeric",
+    applies=_family_is("numeric"),
+    compute=_numeric,
+    scoring="generate",
+    table=_numeric_table,
+    figure=_numeric_figure,
+)
+TEXT = MetricFamily(
+    name="text",
+    applies=lambda question, answers: True,
+    compute=_text,
+    scoring="generate",
+    table=_text_table,
+)
+
+
+@hookimpl(trylast=True)
+def umbrella_metrics() -> list[MetricFamily]:
+    return [CATEGORICAL, NUMERIC, TEXT]

@@ -1,0 +1,1 @@
+"""Held-out evaluation: task-aware metrics, answer scoring, figures."""
