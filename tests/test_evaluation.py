@@ -341,3 +341,25 @@ def test_eval_max_samples_bounds_evaluation_during_training_not_the_table(tmp_pa
     assert main(["train", *args, "--set", "trainer.eval_max_samples=3"]) == 0
     # 20 subjects: 2 validation and 4 test ones, each asked two questions.
     assert asked == [(4, 3), (4, 3), (8, 0)]
+
+
+def test_free_text_is_scored_beside_the_commonest_training_answer():
+    from umbrella_core.default_plugins.metrics import TEXT
+
+    answers = QuestionAnswers(
+        question="Describe the scan.",
+        modality_key="t1",
+        references=["no lesion", "a lesion on the left", "no lesion"],
+        predictions=["no lesion", "a lesion on the right", "a lesion"],
+        train_references=["no lesion", "a lesion", "no lesion"],
+    )
+    metrics = TEXT.compute(answers)
+    # Exact match: 1 of 3; always "no lesion" (the commonest training answer): 2 of 3.
+    assert metrics["exact_match"] == pytest.approx(1 / 3)
+    reference = metrics["reference"]
+    assert reference["common_answer"] == "no lesion"
+    assert reference["exact_match"] == pytest.approx(2 / 3)
+    # ROUGE-L F of "no lesion" against each reference: 1, 2*(1/2*1/5)/(1/2+1/5) = 2/7, 1.
+    assert reference["rouge_l"] == pytest.approx((1 + 2 / 7 + 1) / 3)
+    rows = {label: (value, ref) for label, value, ref in TEXT.table(metrics)}
+    assert rows["exact match"] == ("33.3%", "commonest training answer 66.7%")

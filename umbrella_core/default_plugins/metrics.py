@@ -110,16 +110,37 @@ def _numeric_figure(answers: QuestionAnswers, m: Mapping[str, Any]) -> Any:
 
 
 def _text(answers: QuestionAnswers) -> Mapping[str, Any]:
+    """Text metrics, and the same metrics of always giving the commonest training answer.
+
+    That reference is what a model that ignores the image can reach (a
+    template report, say): a figure not clearly above it has not read the scan.
+    """
+    from collections import Counter
+
     from umbrella_core.evaluation.metrics import text_metrics
 
-    return text_metrics(answers.references, answers.predictions)
+    metrics = dict(text_metrics(answers.references, answers.predictions))
+    if answers.train_references:
+        # The commonest answer; ties to the first given, so the figure is reproducible.
+        common = Counter(answers.train_references).most_common(1)[0][0]
+        same = text_metrics(answers.references, [common] * len(answers.references))
+        metrics["reference"] = {
+            "common_answer": common,
+            **{k: same[k] for k in ("exact_match", "bleu", "rouge_l")},
+        }
+    return metrics
 
 
 def _text_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    ref = m.get("reference", {})
+
+    def common(value: str) -> str:
+        return f"commonest training answer {value}" if ref else ""
+
     return [
-        ("exact match", _percent(m["exact_match"]), ""),
-        ("BLEU", _number(m["bleu"], 1), ""),
-        ("ROUGE-L", _number(m["rouge_l"]), ""),
+        ("exact match", _percent(m["exact_match"]), common(_percent(ref.get("exact_match")))),
+        ("BLEU", _number(m["bleu"], 1), common(_number(ref.get("bleu"), 1))),
+        ("ROUGE-L", _number(m["rouge_l"]), common(_number(ref.get("rouge_l")))),
     ]
 
 
