@@ -86,7 +86,7 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]
 
 
 def training_arguments(prep: Any, out_dir: str, max_steps: int) -> Any:
-    """The run's own TrainingArguments (``umbrella_core.train.run.training_arguments``).
+    """The run's own TrainingArguments (``umbrella_core.train.arguments.training_arguments``).
 
     Changed only where the benchmark needs it: each dataset item is a whole
     pre-collated batch (per-device batch 1), no checkpoints, evaluation,
@@ -96,7 +96,7 @@ def training_arguments(prep: Any, out_dir: str, max_steps: int) -> Any:
 
     import attrs
 
-    from umbrella_core.train.run import training_arguments as run_arguments
+    from umbrella_core.train.arguments import training_arguments as run_arguments
 
     config = prep.config
     trainer = attrs.evolve(

@@ -27,8 +27,10 @@ from torch.utils.data import ConcatDataset
 from umbrella_core.config import load_config
 from umbrella_core.data.collate import UmbrellaCollator
 from umbrella_core.data.interleave import Interleaving
+from umbrella_core.data.studies import read_studies
 from umbrella_core.plugins import get_plugin_manager
-from umbrella_core.train.run import prepare, read_studies, training_arguments
+from umbrella_core.train.arguments import training_arguments
+from umbrella_core.train.run import prepare
 from umbrella_core.train.trainer import UmbrellaTrainer
 
 STEPS = 3

@@ -199,8 +199,8 @@ def test_bad_sample_is_skipped_and_counted_when_asked(tmp_path):
 
 
 def _specs(*overrides):
+    from umbrella_core.data.studies import resolve_specs
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import resolve_specs
 
     return resolve_specs(load_config(None, list(overrides)), get_plugin_manager(), demo=True)[0]
 

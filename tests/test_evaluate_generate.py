@@ -130,8 +130,8 @@ def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.conversation import IGNORE_INDEX
     from umbrella_core.data.dataset import RecordDataset
+    from umbrella_core.data.studies import read_studies
     from umbrella_core.train.generate import greedy_generate, load_for_inference, record_prompt
-    from umbrella_core.train.run import read_studies
 
     run_dir, metrics, _ = run
     pm = get_plugin_manager()
@@ -180,7 +180,7 @@ def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
 
 
 def test_umbrella_generate_answers_about_a_demo_file(run, capsys):
-    from umbrella_core.train.run import read_studies
+    from umbrella_core.data.studies import read_studies
 
     run_dir, _, _ = run
     config = load_config(None, SMALL)
@@ -276,8 +276,8 @@ def test_early_stopping_stops_when_the_metric_cannot_improve(tmp_path, monkeypat
 def test_no_evaluation_when_asked_or_without_held_out_data(tmp_path, monkeypatch):
     from transformers.trainer_utils import IntervalStrategy
 
+    from umbrella_core.train.arguments import training_arguments
     from umbrella_core.train.callbacks import check_evaluation, evaluation_arguments
-    from umbrella_core.train.run import training_arguments
 
     config = load_config(None, ["trainer.eval_strategy=no"])
     assert evaluation_arguments(config.trainer) == {"eval_strategy": "no"}

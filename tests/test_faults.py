@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from umbrella_core.cli import main
+from umbrella_core.train.arguments import resume_checkpoint
 from umbrella_core.train.faults import NAN_REPORT, PARTIAL_PREFIX
-from umbrella_core.train.run import resume_checkpoint
 
 MAX_STEPS = 28
 SAVE_STEPS = 7
@@ -242,16 +242,16 @@ def test_sigterm_and_sigint_save_at_the_end_of_the_step_and_resume_continues(
 
 
 def test_atomic_checkpoints_keep_rotation_working(tmp_path, umbrella_cache, monkeypatch):
-    from umbrella_core.train import run as run_module
+    from umbrella_core.train import arguments as arguments_module
 
-    arguments = run_module.training_arguments
+    arguments = arguments_module.training_arguments
 
     def at_most_two(config, out_dir):
         args = arguments(config, out_dir)
         args.save_total_limit = 2
         return args
 
-    monkeypatch.setattr(run_module, "training_arguments", at_most_two)
+    monkeypatch.setattr(arguments_module, "training_arguments", at_most_two)
     out = tmp_path / "run"
     assert main(_args(out, steps=6, save_steps=2)) == 0
     assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == [

@@ -76,7 +76,7 @@ def _language_weights(model):
 @pytest.mark.parametrize("which", ["embedders", "projector", "lora", "full"])
 def test_optimizer_holds_exactly_the_trainable_parameters(tmp_path, toy_model, which):
     from umbrella_core.data.interleave import Interleaving
-    from umbrella_core.train.run import training_arguments
+    from umbrella_core.train.arguments import training_arguments
     from umbrella_core.train.trainer import UmbrellaTrainer
 
     model, tokenizer = toy_model
@@ -328,10 +328,11 @@ def test_bad_stage_is_an_error_naming_the_stage(stages, message):
 
 def test_recipe_flag_runs_the_shipped_stages(monkeypatch, tmp_path):
     from umbrella_core import cli
-    from umbrella_core.train import recipes, run
+    from umbrella_core.train import recipes
 
     seen = {}
-    monkeypatch.setattr(run, "train", lambda config, pm: seen.setdefault("config", config))
+    # With stages the command line runs the recipe (which runs train() per stage).
+    monkeypatch.setattr(recipes, "run_stages", lambda config, pm: seen.setdefault("config", config))
     monkeypatch.setattr("umbrella_core.plugins.get_plugin_manager", lambda: None)
     assert cli.main(["train", "--recipe", "two-stage", "--output-dir", str(tmp_path)]) == 0
     assert seen["config"].stages == recipes.RECIPES["two-stage"]
@@ -412,7 +413,8 @@ def test_bf16_with_gradient_checkpointing_trains_on_cpu_with_a_finite_loss(tmp_p
 
     from umbrella_core.data.interleave import Interleaving
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import prepare, training_arguments
+    from umbrella_core.train.arguments import training_arguments
+    from umbrella_core.train.run import prepare
     from umbrella_core.train.trainer import UmbrellaTrainer
 
     config = _demo_config(
@@ -452,6 +454,7 @@ def test_two_stage_recipe_runs_end_to_end_each_stage_from_the_previous(
 ):
     from umbrella_core.plugins import get_plugin_manager
     from umbrella_core.train import run
+    from umbrella_core.train.recipes import run_stages
 
     starts = []
     prepare = run.prepare
@@ -468,7 +471,7 @@ def test_two_stage_recipe_runs_end_to_end_each_stage_from_the_previous(
         "trainer.max_steps=2",
         'stages=[{"model.trainable": projector}, {"model.trainable": lora}]',
     )
-    metrics = run.train(config, get_plugin_manager(), log=lambda _: None)
+    metrics = run_stages(config, get_plugin_manager(), log=lambda _: None)
 
     assert [s["stage"] for s in metrics["stages"]] == [1, 2]
     assert json.loads((tmp_path / "stages.json").read_text())[1]["output_dir"] == str(

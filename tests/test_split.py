@@ -296,7 +296,7 @@ def test_config_section_and_overrides(tmp_path):
 
 def test_manifest_fields_and_read_studies(tmp_path, toy_pm):
     from umbrella_core.data.demo import write_demo
-    from umbrella_core.train.run import read_studies
+    from umbrella_core.data.studies import read_studies
 
     spec = toy_pm.resolve_modality("t1").item
     demo = write_demo(tmp_path / "demo", {"t1": spec}, subjects=12)

@@ -123,6 +123,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         overrides.append("stages=" + json.dumps(list(recipe_stages(args.recipe))))
     config = load_config(args.config, overrides)
+    if config.stages:
+        from umbrella_core.train.recipes import run_stages as train
     try:
         train(config, get_plugin_manager())
     except BaseException:
@@ -157,8 +159,8 @@ def _end_process_group() -> bool:
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
     from umbrella_core.data.demo import write_demo
+    from umbrella_core.data.studies import resolve_specs
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import resolve_specs
 
     overrides = [f"data.modalities={args.modalities}"] if args.modalities else []
     config = load_config(None, overrides)
@@ -178,10 +180,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.config or args.set:
         from umbrella_core.config import load_config
         from umbrella_core.data.dataset import RecordDataset
+        from umbrella_core.data.studies import resolve_specs
         from umbrella_core.model.chat import chat_format
         from umbrella_core.model.start import load_tokenizer
         from umbrella_core.plugins import get_plugin_manager
-        from umbrella_core.train.run import resolve_specs
 
         config = load_config(args.config, args.set or [])
         locations += [(s.location, dict(s.options)) for s in config.data.studies]
@@ -217,8 +219,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
     from umbrella_core.data.cache import PreprocessedCache, build_cache, default_cache_root
+    from umbrella_core.data.studies import read_studies
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import read_studies
 
     config = load_config(args.config, _data_overrides(args))
     root = args.cache_dir or config.data.cache_dir or default_cache_root()

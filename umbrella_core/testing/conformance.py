@@ -73,7 +73,7 @@ def _plugin_name(plugin: object) -> str:
 
 
 def _hooks(plugin: object) -> Any:
-    from umbrella_core.testing import registered_hooks
+    from umbrella_core.testing.helpers import registered_hooks
 
     try:
         return registered_hooks(plugin)
@@ -183,7 +183,7 @@ def check_registration(plugin: object, *, entry_point: str | None = None) -> lis
             )
             seen[key] = spec.name
     # The plugin must register in a real manager beside the built-ins.
-    from umbrella_core.testing import fresh_plugin_manager
+    from umbrella_core.testing.helpers import fresh_plugin_manager
 
     try:
         fresh_plugin_manager(plugin).modality_registry()
@@ -227,7 +227,7 @@ def check_light_import(
     ``umbrella plugins`` imports every installed plugin: a torch import at
     module level makes it take seconds.
     """
-    from umbrella_core.testing import modules_imported_by
+    from umbrella_core.testing.helpers import modules_imported_by
 
     code = (
         f"import {module} as p\n"
@@ -397,7 +397,7 @@ def check_patch_embedder(
     """
     import attrs
 
-    from umbrella_core.testing import embed_and_backpropagate
+    from umbrella_core.testing.helpers import embed_and_backpropagate
 
     hooks = _hooks(plugin)
     module = hooks.umbrella_patch_embedder(spec=spec, hidden_size=hidden_size)

@@ -57,8 +57,8 @@ def load_for_inference(checkpoint: str | os.PathLike, pm: Any, *, device: Any = 
     import torch
 
     from umbrella_core.config import RunConfig, structure
+    from umbrella_core.data.studies import configure_spec
     from umbrella_core.model.build import load_checkpoint
-    from umbrella_core.train.run import configure_spec
 
     model, tokenizer, meta = load_checkpoint(checkpoint, pm)
     stored = meta.get("config")

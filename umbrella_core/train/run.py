@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -12,14 +11,15 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.config import RunConfig, StudyConfig
+from umbrella_core.config import RunConfig
 from umbrella_core.data.dataset import RecordDataset, group_records
-from umbrella_core.data.split import SplitTable, assign_splits
+from umbrella_core.data.studies import StudyData, read_studies, screen_records
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.plugins import PluginManager
+from umbrella_core.train import arguments
 from umbrella_core.types import ModalitySpec, StudyRecord
 
-__all__ = ["Prepared", "StudyData", "resolve_specs", "read_studies", "prepare", "train"]
+__all__ = ["Prepared", "held_out_sets", "prepare", "summary", "train"]
 
 
 @attrs.define
@@ -70,259 +70,6 @@ def held_out_sets(
         return None, None
     both = dataset(held_out, "held-out")
     return both, both
-
-
-def configure_spec(spec: ModalitySpec, settings: Any) -> ModalitySpec:
-    """``spec`` with ``data.preprocessing.<name>`` applied by its plugin's ``configure``."""
-    if not settings:
-        return spec
-    key = f"data.preprocessing.{spec.name}"
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{key}: expected a mapping of settings, got {settings!r}")
-    if spec.configure is None:
-        raise ConfigError(f"{key}: the {spec.name} plugin takes no preprocessing settings")
-    try:
-        configured = spec.configure(spec, dict(settings))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{key}: {exc}") from None
-    if not isinstance(configured, ModalitySpec) or configured.name != spec.name:
-        raise ConfigError(
-            f"{key}: the {spec.name} plugin's configure returned {configured!r}, "
-            "not a ModalitySpec of that modality"
-        )
-    return configured
-
-
-def resolve_specs(
-    config: RunConfig, pm: PluginManager, *, demo: bool
-) -> tuple[dict[str, ModalitySpec], dict[str, tuple[str, str, str]]]:
-    """Active modalities in canonical (sorted) order, with the run's geometry."""
-    names = config.data.modalities or tuple(pm.modality_registry())
-    if not names:
-        raise ConfigError("no modality plugin is installed: pip install umbrella-t1 (or another)")
-    provided = {}
-    for name in names:
-        p = pm.resolve_modality(name)
-        provided[p.item.name] = p
-    specs: dict[str, ModalitySpec] = {}
-    provenance: dict[str, tuple[str, str, str]] = {}
-    for section in ("geometry", "preprocessing"):
-        unknown = set(getattr(config.data, section)) - set(provided)
-        if unknown:
-            raise ConfigError(
-                f"data.{section}: {sorted(unknown)[0]!r} is not an active modality "
-                f"(active: {', '.join(sorted(provided))})"
-            )
-    for name in sorted(provided):
-        spec = provided[name].item
-        if demo:
-            spec = spec.for_demo()
-        override = config.data.geometry.get(name, {})
-        bad = set(override) - {"shape", "patch_size", "window_stride"}
-        if bad:
-            raise ConfigError(
-                f"data.geometry.{name}: unknown key {sorted(bad)[0]!r} "
-                "(shape, patch_size, window_stride)"
-            )
-        try:
-            spec = spec.with_geometry(override.get("shape"), override.get("patch_size"))
-            if "window_stride" in override:
-                spec = attrs.evolve(spec, window_stride=override["window_stride"])
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"data.geometry.{name}: {exc}") from None
-        spec = configure_spec(spec, config.data.preprocessing.get(name))
-        specs[name] = spec
-        provenance[name] = (
-            provided[name].plugin,
-            provided[name].distribution,
-            provided[name].version,
-        )
-    return specs, provenance
-
-
-def screen_records(
-    per_study: list[list[StudyRecord]],
-    *,
-    check: str,
-    encode: Callable[[StudyRecord], Any],
-    pm: PluginManager,
-    specs: dict[str, ModalitySpec] | None = None,
-) -> tuple[list[list[StudyRecord]], list[Any]]:
-    """Split records into usable ones and problems, before step 1 (I6).
-
-    ``check`` is ``files`` (every image file exists and its NIfTI header fits
-    the modality: readable, a regular affine, 4D for a 4D modality, at least one
-    window of a windowed one; every conversation encodes within the model's
-    length) or ``full`` (also decode and preprocess every image, as ``umbrella
-    validate`` does: truncated data, NaN, all-zero images) or ``none``
-    (encoding only).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from umbrella_core.imaging import missing_file_message
-    from umbrella_core.validate import Problem, check_headers, problem_from_error, validate_records
-
-    problems: list[Problem] = []
-    bad: set[int] = set()
-    everything = [r for records in per_study for r in records]
-    headers: dict[tuple[str, tuple[str, ...]], list[str]] = {}
-    if check in ("files", "full"):
-
-        def header(key: tuple[str, tuple[str, ...]]) -> list[str]:
-            spec = (specs or {}).get(key[0])
-            if spec is None:
-                return [missing_file_message(p) for p in key[1] if not os.path.isfile(p)]
-            return check_headers(spec, key[1])
-
-        keys = list(dict.fromkeys((i.modality, i.paths) for r in everything for i in r.images))
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            headers = dict(zip(keys, pool.map(header, keys), strict=True))
-    for record in everything:
-        source = record.source or f"subject {record.subject}"
-        for i, image in enumerate(record.images):
-            for message in headers.get((image.modality, image.paths), ()):
-                problems.append(Problem(source, f"images[{i}].path", message))
-                bad.add(id(record))
-        try:
-            encode(record)
-        except DataError as error:
-            problems.append(problem_from_error(error, source))
-            bad.add(id(record))
-    if check == "full":
-        by_source = {r.source: r for r in everything if id(r) not in bad}
-        usable = [r for r in everything if id(r) not in bad]
-        for problem in validate_records(usable, pm, specs=specs):
-            problems.append(problem)
-            record = by_source.get(problem.source)
-            if record is not None:
-                bad.add(id(record))
-    kept = [[r for r in records if id(r) not in bad] for records in per_study]
-    return kept, problems
-
-
-@attrs.define
-class StudyData:
-    """The records of a run's studies, with the active modalities they use."""
-
-    specs: dict[str, ModalitySpec]
-    provenance: dict[str, tuple[str, str, str]]
-    studies: list[StudyConfig]
-    per_study: list[list[StudyRecord]]
-    skipped: dict[str, int]
-    #: Records refused while reading (bad lines, unknown modalities, paths
-    #: outside the dataset root), as ``validate.Problem`` values.
-    problems: list[Any] = attrs.field(factory=list)
-    #: The split of the records (ARCHITECTURE I10): what each subject's side
-    #: is and whether it was made or given; a run writes it to split.tsv.
-    split: SplitTable | None = None
-
-    @property
-    def locations(self) -> list[str]:
-        return [study.location for study in self.studies]
-
-    @property
-    def records(self) -> list[StudyRecord]:
-        return [r for records in self.per_study for r in records]
-
-    def versions(self) -> dict[str, str]:
-        return plugin_versions(self.provenance)
-
-
-def plugin_versions(provenance: dict[str, tuple[str, str, str]]) -> dict[str, str]:
-    """Modality → ``distribution==version`` of its plugin, for cache keys."""
-    return {n: f"{d}=={v}" for n, (_, d, v) in provenance.items()}
-
-
-def read_studies(
-    config: RunConfig, pm: PluginManager, *, log: Callable[[str], None] = print
-) -> StudyData:
-    """Resolve the active modalities and read every study's records (the demo without studies).
-
-    Records of inactive modalities are counted in ``skipped``; images named by
-    alias get their canonical modality name. Bad records (a bad JSON line, a
-    missing field, a modality no plugin provides, an image outside the study's
-    root unless ``data.allow_outside_root``) become ``problems``, which
-    :func:`prepare` treats as ``data.on_bad`` says; an error about a whole
-    study (unreadable, empty, not JSON) is raised. Files are checked later, by
-    :func:`screen_records`. Every record then gets its split
-    (:func:`umbrella_core.data.split.assign_splits`, ``data.split``): a leak of
-    a subject or family across sides is raised as a DataError (unless
-    ``data.split.leak`` is ``warn``), and what was decided is ``StudyData.split``.
-    """
-    from umbrella_core.data.demo import cached_demo
-    from umbrella_core.validate import (
-        Problem,
-        canonical_modalities,
-        iter_study,
-        outside_root_problems,
-        problem_from_error,
-        study_root,
-    )
-
-    demo = not config.data.studies
-    specs, provenance = resolve_specs(config, pm, demo=demo)
-    studies = list(config.data.studies)
-    if demo:
-        log(
-            "no --study given: using the built-in demo "
-            f"({config.data.demo_subjects} subjects per modality)"
-        )
-        manifest = cached_demo(
-            specs,
-            plugin_versions(provenance),
-            subjects=config.data.demo_subjects,
-            seed=0,
-        )
-        studies = [StudyConfig(location=str(manifest))]
-    records: list[StudyRecord] = []
-    per_study: list[list[StudyRecord]] = []
-    skipped: dict[str, int] = {}
-    problems: list[Problem] = []
-
-    def refused(error: DataError) -> None:
-        problems.append(problem_from_error(error))
-
-    for study in studies:
-        per_study.append([])
-        root = study_root(study.location)
-        for record in iter_study(study.location, pm, study.options, refused):
-            if not demo and not config.data.allow_outside_root:
-                outside = outside_root_problems(record, root)
-                if outside:
-                    problems.extend(outside)
-                    continue
-            inactive = [m for m in record.modalities if m not in specs]
-            if inactive:
-                # Modalities may be named by alias in a manifest; a name no
-                # plugin provides is a bad record, not an inactive modality.
-                canonical, unknown = canonical_modalities(record, pm)
-                if canonical is None:
-                    problems.extend(unknown)
-                    continue
-                if not all(m in specs for m in canonical.modalities):
-                    skipped[record.modality_key] = skipped.get(record.modality_key, 0) + 1
-                    continue
-                record = canonical
-            records.append(record)
-            per_study[-1].append(record)
-    locations = [study.location for study in studies]
-    if not records and problems:
-        shown = "\n  ".join(str(p) for p in problems[:5])
-        more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
-        raise DataError(
-            f"{len(problems)} problem(s) in the data and no usable record; nothing was "
-            f"trained:\n  {shown}{more}"
-        )
-    if not records:
-        raise DataError(
-            f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
-        )
-    # Every record gets a side here, groups kept together (data.split); the
-    # demo's manifest names its own sides, so nothing is made for it.
-    assigned, table = assign_splits(records, config.data.split, log=log)
-    sides = {id(r): a for r, a in zip(records, assigned, strict=True)}
-    per_study = [[sides[id(r)] for r in study_records] for study_records in per_study]
-    return StudyData(specs, provenance, studies, per_study, skipped, problems, split=table)
 
 
 def prepare(
@@ -490,114 +237,6 @@ def _quiet(*_: Any) -> None:
     """``log`` of the processes other than the main one."""
 
 
-def resume_checkpoint(setting: str, out_dir: Path) -> str | None:
-    """The checkpoint ``trainer.resume`` names: ``auto`` is the latest in ``out_dir``.
-
-    ``auto`` with no checkpoint yet starts fresh (a job script can always pass
-    ``--resume``); a folder that is not a checkpoint is an error.
-    """
-    if not setting:
-        return None
-    if setting == "auto":
-        from umbrella_core.train.faults import last_complete_checkpoint
-
-        # Never a checkpoint a killed process was writing (train/faults.py).
-        return last_complete_checkpoint(out_dir)
-    folder = Path(setting).expanduser()
-    if not (folder / "trainer_state.json").is_file():
-        raise ConfigError(
-            f"trainer.resume: {folder} is not a training checkpoint (no trainer_state.json); "
-            "give a checkpoint-N folder of an earlier run, or auto"
-        )
-    return str(folder)
-
-
-def deepspeed_config(setting: str) -> str | None:
-    """The DeepSpeed JSON file for ``trainer.deepspeed``: ``zero2``, ``zero3`` or a path."""
-    if not setting:
-        return None
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(
-            f"trainer.deepspeed={setting}: DeepSpeed is not installed; "
-            "pip install 'umbrella-core[deepspeed]'"
-        )
-    shipped = Path(__file__).resolve().parent.parent / "configs" / f"deepspeed_{setting}.json"
-    if setting in ("zero2", "zero3"):
-        return str(shipped)
-    path = Path(setting).expanduser()
-    if not path.is_file():
-        raise ConfigError(
-            f"trainer.deepspeed: {setting!r} is neither zero2, zero3 nor a DeepSpeed JSON file"
-        )
-    return str(path)
-
-
-def training_arguments(config: RunConfig, out_dir: Path) -> Any:
-    """The transformers ``TrainingArguments`` of a run (one place for train, tests, benchmarks)."""
-    import torch
-    from transformers import TrainingArguments
-
-    from umbrella_core.train.callbacks import evaluation_arguments
-
-    t = config.trainer
-    args = TrainingArguments(
-        output_dir=str(out_dir),
-        max_steps=t.max_steps if t.max_steps > 0 else -1,
-        num_train_epochs=t.epochs,
-        per_device_train_batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
-        warmup_steps=int(math.ceil(t.warmup_ratio * max(t.max_steps, 1))) if t.max_steps > 0 else 0,
-        weight_decay=t.weight_decay,
-        adam_beta2=t.adam_beta2,
-        lr_scheduler_type="cosine",
-        logging_steps=t.logging_steps,
-        report_to="none",  # TensorBoard is added by train(), writing where we say
-        save_strategy="steps" if t.save_steps > 0 else "no",
-        save_steps=t.save_steps if t.save_steps > 0 else 500,
-        save_total_limit=t.save_total_limit if t.save_total_limit > 0 else None,
-        # Optimizer, scheduler and RNG states too, so --resume continues exactly
-        # (transformers reads them back with torch.load(weights_only=True)).
-        save_only_model=False,
-        seed=t.seed,
-        data_seed=t.seed,
-        remove_unused_columns=False,
-        dataloader_num_workers=config.data.workers,
-        disable_tqdm=not t.progress,
-        use_cpu=not torch.cuda.is_available(),
-        label_names=["labels"],
-        # Coverage (I4) runs every active embedder on every rank each step, so
-        # DDP needs no search for unused parameters.
-        ddp_find_unused_parameters=False,
-        deepspeed=deepspeed_config(t.deepspeed),
-        bf16=bf16_supported(t.bf16),
-        # UmbrellaModel.activation_checkpointing_enable: the language model's layers.
-        activation_checkpointing=t.gradient_checkpointing,
-        # eval_strategy, eval_steps, metric_for_best_model (see train/callbacks.py).
-        **evaluation_arguments(t),
-    )
-    if t.deepspeed and args.world_size > 1:
-        # On CPU accelerate starts the process group but not DeepSpeed's view
-        # of it, and ZeRO-3 partitions the model as it is built: start it here.
-        from deepspeed import comm
-
-        if not comm.is_initialized():
-            comm.init_distributed(
-                dist_backend="gloo" if args.use_cpu else "nccl", auto_mpi_discovery=False
-            )
-    return args
-
-
-def bf16_supported(wanted: bool) -> bool:
-    """``trainer.bf16``, refused on a GPU without bfloat16 (CPUs autocast to bf16)."""
-    import torch
-
-    if wanted and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise ConfigError("trainer.bf16: this GPU has no bfloat16 support; set trainer.bf16=false")
-    return wanted
-
-
 def describe_weights(final: dict[str, Any]) -> str:
     """Which weights ``final/`` holds, for the line above the table at the end of a run."""
     if final["weights"] == "best":
@@ -616,9 +255,10 @@ def train(
     With ``stages``, runs each stage in turn (see :mod:`umbrella_core.train.recipes`).
     """
     if config.stages:
-        from umbrella_core.train.recipes import run_stages
-
-        return run_stages(config, pm, log=log)
+        # The caller chooses (umbrella train does): recipes run this once per stage.
+        raise ConfigError(
+            "stages: a staged run is umbrella_core.train.recipes.run_stages, not train()"
+        )
     import torch
     from torch.utils.data import ConcatDataset
     from torch.utils.tensorboard import SummaryWriter
@@ -644,11 +284,11 @@ def train(
     # Creating the arguments starts the process group under torchrun /
     # accelerate launch / deepspeed; from here on only the main process
     # prints and writes, and it writes the demo data before the others read it.
-    args = training_arguments(config, out_dir)
+    args = arguments.training_arguments(config, out_dir)
     main_process = args.process_index == 0
     if not main_process:
         log = _quiet
-    resume = resume_checkpoint(t.resume, out_dir)
+    resume = arguments.resume_checkpoint(t.resume, out_dir)
     with args.main_process_first(desc="reading studies", local=False):
         data = read_studies(config, pm, log=log)
     prep = prepare(config, pm, log=log, data=data)
