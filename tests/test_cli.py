@@ -24,9 +24,10 @@ def test_demo_data_writes_real_nifti_files_and_a_manifest(tmp_path):
     assert main(["demo-data", str(tmp_path), "--subjects", "5"]) == 0
     records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert {r["images"][0]["modality"] for r in records} == {"t1", "fmri", "dmri"}
-    # 5 subjects per modality, each asked the hemisphere and the lesion's x coordinate.
-    assert len(records) == 30
-    assert sum(r["split"] == "test" for r in records) == 6  # one subject held out per modality
+    # 5 subjects per modality, each asked the hemisphere and (t1, dmri: their plugins
+    # give a phantom_measure) the lesion's x coordinate.
+    assert len(records) == 5 * 2 + 5 * 2 + 5
+    assert sum(r["split"] == "test" for r in records) == 5  # one subject held out per modality
     for record in records:
         paths = record["images"][0]["path"]
         for path in [paths] if isinstance(paths, str) else paths:

@@ -42,8 +42,8 @@ def record(modality, path, *, user="<image>\nWhich side?", assistant="left"):
 
 def test_the_clean_demo_passes(demo, capsys):
     assert main(["validate", str(demo)]) == 0
-    # 4 subjects, each asked two questions about its one image.
-    assert capsys.readouterr().out.strip() == "checked 8 records, 8 images: 0 problems in 0 records"
+    # 2 t1 subjects asked two questions (hemisphere, x coordinate), 2 fmri subjects one.
+    assert capsys.readouterr().out.strip() == "checked 6 records, 6 images: 0 problems in 0 records"
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_several_studies_and_unreadable_ones(tmp_path, demo, capsys):
     assert (str(missing), "study") in fields
     assert (f"{listed}: records[0]", "subject") in fields
     assert (f"{listed}: records[1]", "conversation") in fields
-    assert report.records == 10 and report.bad_records == 2  # the demo: 4 subjects x 2 questions
+    assert report.records == 8 and report.bad_records == 2  # the demo's 6 and the listed 2
 
 
 def test_brainvlm_files_are_checked_record_by_record(tmp_path, demo):

@@ -49,7 +49,7 @@ def make_bold_phantom(
     tr: float = 2.0,
     orientation: Sequence[str] | None = None,
     activation_radius: tuple[float, float] = (30.0, 40.0),
-    depth: tuple[float, float] = (0.25, 0.85),
+    depth: tuple[float, float] = (0.3, 0.55),
     signal_change: float = 0.04,
     noise: float = 0.012,
 ) -> list[PhantomFile]:
