@@ -124,11 +124,13 @@ def test_candidates_are_scored_by_their_summed_log_probability(toy):
         expected = [v / sum(expected) for v in expected]
         assert sample["probabilities"] == pytest.approx(expected, abs=1e-4)
         assert sample["answer"] == ("left", "middle", "right")[expected.index(max(expected))]
-    # Numeric answers are decoded greedily.
+    # Numeric answers are decoded greedily, for up to twice the longest answer's tokens
+    # (with its end) or 8 more, whichever is more.
+    longest = len(tokenizer("82 years", add_special_tokens=False)["input_ids"]) + 1
     for record in records[9:]:
         prompt = dataset.encode(record, add_generation_prompt=True).input_ids
         ids = greedy_generate(
-            model, prompt, dataset.images(record), max_new_tokens=32,
+            model, prompt, dataset.images(record), max_new_tokens=max(2 * longest, longest + 8),
             stop_token_ids=[tokenizer.eos_token_id],
         )  # fmt: skip
         assert (

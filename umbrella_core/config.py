@@ -298,7 +298,9 @@ class TrainerConfig:
             scores, evenly spread over the held-out set; 0: all. The table
             at the end always scores every ``test`` sample.
         eval_max_new_tokens: Most tokens decoded for an answer that is
-            generated (numbers, free text) rather than chosen among candidates.
+            generated (numbers, free text) rather than chosen among candidates;
+            within it, twice the longest answer the question has in the run
+            (at least 8 tokens more): an untrained model never stops by itself.
         early_stopping_patience: Evaluations without improvement of
             ``metric_for_best`` before training stops; 0: never.
         metric_for_best: The evaluation metric that picks the best checkpoint
@@ -347,7 +349,7 @@ class TrainerConfig:
     )
     eval_steps: int = 0
     eval_max_samples: int = attrs.field(default=0, validator=_not_negative)
-    eval_max_new_tokens: int = attrs.field(default=32, validator=_positive)
+    eval_max_new_tokens: int = attrs.field(default=128, validator=_positive)
     early_stopping_patience: int = 0
     metric_for_best: str = attrs.field(
         default="eval_loss", validator=_choice("eval_loss", "eval_accuracy")

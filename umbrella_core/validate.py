@@ -305,7 +305,7 @@ def check_headers(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
     """
     import nibabel as nib
 
-    from umbrella_core.imaging import _check_affine
+    from umbrella_core.imaging.nifti import _check_affine
 
     messages = []
     for path in paths:

@@ -71,6 +71,8 @@ class Question:
     classes: tuple[str, ...]
     #: The training records' answers (for majority class and training mean).
     train_answers: tuple[str, ...]
+    #: The longest answer over the run's records: how long a decoded answer may be.
+    longest: str = ""
 
 
 def index_questions(
@@ -95,6 +97,7 @@ def index_questions(
             family=family,
             classes=tuple(sorted(set(given))) if family.scoring == "candidates" else (),
             train_answers=tuple(train.get(question, ())),
+            longest=max(given, key=len),
         )
     return out
 
@@ -141,6 +144,7 @@ class _Items:
         self.dataset = dataset
         self.indices = list(indices)
         self.questions = questions
+        self.limits: dict[str, int] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -174,7 +178,17 @@ class _Items:
             item["rows"].append((None, (encoded.input_ids, encoded.labels)))
         if asked is not None and asked.family.scoring == "generate":
             item["prompt"] = dataset.encode(record, add_generation_prompt=True).input_ids
+            item["limit"] = self._limit(asked)
         return item
+
+    def _limit(self, asked: Question) -> int:
+        """Tokens worth decoding for an answer: twice the longest answer the question has
+        in the run, at least 8 more (a number needs a few; an untrained model never stops)."""
+        if asked.text not in self.limits:
+            tokenizer = self.dataset.tokenizer
+            n = len(tokenizer(asked.longest, add_special_tokens=False)["input_ids"]) + 1
+            self.limits[asked.text] = max(2 * n, n + 8)
+        return self.limits[asked.text]
 
 
 def _answered(record: StudyRecord, answer: str) -> StudyRecord:
@@ -215,7 +229,7 @@ def evaluate_dataset(
     batch_size: int = 16,
     workers: int = 0,
     max_samples: int = 0,
-    max_new_tokens: int = 32,
+    max_new_tokens: int = 128,
     progress: bool = False,
     description: str = "evaluating",
 ) -> Evaluation:
@@ -350,7 +364,8 @@ def _score_chunk(
             model,
             [chunk[n]["prompt"] for n in part],
             [chunk[n]["images"] for n in part],
-            max_new_tokens=max_new_tokens,
+            # The same on every rank: the items and the run's answers are.
+            max_new_tokens=min(max_new_tokens, max(chunk[n]["limit"] for n in part)),
             pad_token_id=tokenizer.pad_token_id,
             stop_token_ids=stops,
             all_steps=synced,

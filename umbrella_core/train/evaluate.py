@@ -203,7 +203,7 @@ def evaluate_trainer(
             batch_size=trainer.args.per_device_eval_batch_size,
             workers=trainer.args.dataloader_num_workers,
             max_samples=getattr(trainer, "eval_max_samples", 0),
-            max_new_tokens=getattr(trainer, "eval_max_new_tokens", 32),
+            max_new_tokens=getattr(trainer, "eval_max_new_tokens", 128),
             progress=not trainer.args.disable_tqdm and trainer.is_world_process_zero(),
         )
     metrics = summarize(evaluation.results, metric_key_prefix)

@@ -1,0 +1,71 @@
+"""Modality-agnostic NIfTI helpers shared by the modality plugins (``umbrella_core.imaging``).
+
+Reading and writing (:func:`load_nifti`, :func:`save_nifti`), reorientation
+(:func:`reorient`), resampling (:func:`resize`), intensity normalisation
+(:func:`robust_normalise`, :func:`zscore_time`) and the building blocks of the
+synthetic phantoms (:func:`head_phantom`, :func:`blob`, :func:`hemisphere_centre`,
+:func:`bias_field`, :func:`rician_noise`, :func:`random_orientation`).
+
+Nothing here knows about a particular modality: plugins combine these pieces
+with their own contrasts and conventions. numpy and nibabel are imported with
+the module; torch only inside :func:`resize`, so a plugin that imports this
+module at hook time does not pull torch into ``umbrella plugins``.
+
+Three modules hold them: :mod:`.nifti` (reading, writing, reorienting),
+:mod:`.intensity` (resampling, normalisation) and :mod:`.phantoms` (the
+phantoms' building blocks); this package re-exports their public names.
+"""
+
+from __future__ import annotations
+
+from umbrella_core.imaging.intensity import (
+    resize,
+    robust_normalise,
+    robust_zscore,
+    zscore_masked,
+    zscore_time,
+)
+from umbrella_core.imaging.nifti import (
+    RAS,
+    as_paths,
+    load_nifti,
+    missing_file_message,
+    reorient,
+    save_nifti,
+)
+from umbrella_core.imaging.phantoms import (
+    PHANTOM_ORIENTATIONS,
+    HeadPhantom,
+    bias_field,
+    blob,
+    head_phantom,
+    hemisphere_centre,
+    hemisphere_mask,
+    random_orientation,
+    rician_noise,
+    world_grid,
+)
+
+__all__ = [
+    "RAS",
+    "PHANTOM_ORIENTATIONS",
+    "as_paths",
+    "missing_file_message",
+    "load_nifti",
+    "save_nifti",
+    "reorient",
+    "resize",
+    "robust_normalise",
+    "zscore_masked",
+    "robust_zscore",
+    "zscore_time",
+    "HeadPhantom",
+    "head_phantom",
+    "world_grid",
+    "blob",
+    "hemisphere_centre",
+    "hemisphere_mask",
+    "bias_field",
+    "rician_noise",
+    "random_orientation",
+]
