@@ -323,10 +323,18 @@ def test_validate_reports_one_problem_naming_file_line_and_what_to_do(broken, cl
 
 
 @pytest.mark.parametrize("broken", list(CASES), indirect=True)
-def test_train_stops_before_step_1_and_keeps_the_earlier_run(broken, clean, earlier_run, capsys):
+def test_train_stops_before_step_1_and_keeps_the_earlier_run(
+    broken, clean, earlier_run, capsys, monkeypatch
+):
     case, manifest, line, says = broken
     out, before = earlier_run
     check = "full" if case.decode else "files"  # files: the default
+
+    def start_model(*args, **kwargs):
+        raise AssertionError("the model was built before the records were screened")
+
+    # Screening needs only the tokenizer: a bad record costs no model load.
+    monkeypatch.setattr("umbrella_core.model.start.start_model", start_model)
     assert _train(clean[1], manifest, out, f"data.check={check}") == 2
     error = capsys.readouterr().err
     assert error.startswith("umbrella: error: ") and "Traceback" not in error

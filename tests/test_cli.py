@@ -25,7 +25,7 @@ def test_demo_data_writes_real_nifti_files_and_a_manifest(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert {r["images"][0]["modality"] for r in records} == {"t1", "fmri", "dmri"}
     # 5 subjects per modality, each asked the hemisphere and (t1, dmri: their plugins
-    # give a phantom_measure) the lesion's x coordinate.
+    # give a Demo.measure) the lesion's x coordinate.
     assert len(records) == 5 * 2 + 5 * 2 + 5
     assert sum(r["split"] == "test" for r in records) == 5  # one subject held out per modality
     for record in records:
@@ -223,8 +223,8 @@ def test_preprocessing_settings_reach_the_plugins_loaders(tmp_path):
     fine = plain["t1"].load(plain["t1"], paths["t1"])
     assert (coarse != 0).sum() < 0.5 * (fine != 0).sum()
     # Resampled to TR 1 s, the demo's TR 2 s series has twice the frames (minus one).
-    frames = plain["fmri"].frames(plain["fmri"], paths["fmri"])
-    assert tuned["fmri"].frames(tuned["fmri"], paths["fmri"]) == 2 * frames - 1
+    frames = plain["fmri"].windows.frames(plain["fmri"], paths["fmri"])
+    assert tuned["fmri"].windows.frames(tuned["fmri"], paths["fmri"]) == 2 * frames - 1
 
 
 @pytest.mark.parametrize(

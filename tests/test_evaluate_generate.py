@@ -202,6 +202,32 @@ def test_umbrella_generate_answers_about_a_demo_file(run, capsys):
     assert capsys.readouterr().out.strip() == answer
 
 
+def test_umbrella_export_writes_a_model_that_answers_the_same(run, tmp_path, capsys):
+    from umbrella_core.data.studies import read_studies
+
+    run_dir, _, _ = run
+    exported = tmp_path / "exported"
+    assert main(["export", str(run_dir / "final"), str(exported), "--merge-lora"]) == 0
+    said = capsys.readouterr().out
+    assert "no LoRA adapters: nothing to merge" in said and f"to {exported}" in said
+    assert not list(exported.glob("*.pt")) and not list(exported.glob("evaluation-*"))
+    record = next(
+        r
+        for r in read_studies(load_config(None, SMALL), get_plugin_manager(), log=print).records
+        if r.modalities == ("dmri",)
+    )
+    answers = []
+    for checkpoint in (run_dir / "final", exported):
+        args = ["generate", "--checkpoint", str(checkpoint), "--modality", "dmri"]
+        args += ["--image", ",".join(record.images[0].paths), "--prompt", "Which hemisphere?"]
+        capsys.readouterr()
+        assert main(args) == 0
+        answers.append(capsys.readouterr().out.strip())
+    assert answers[0] == answers[1] and answers[0]
+    assert main(["export", str(exported), str(exported)]) == 2
+    assert "not over the checkpoint itself" in capsys.readouterr().err
+
+
 def test_umbrella_generate_says_when_the_modality_cannot_be_told(run, tmp_path, capsys):
     run_dir, _, _ = run
     odd = tmp_path / "scan.nii.gz"

@@ -19,6 +19,7 @@ def test_the_five_roles_have_hooks():
         "umbrella_metrics",
         "umbrella_modalities",
         "umbrella_patch_embedder",
+        "umbrella_study_kinds",  # not a role: names the reader's kinds for `umbrella plugins`
         "umbrella_study_reader",
     ]
 

@@ -138,6 +138,7 @@ def test_only_entry_points_load_and_the_env_lists_are_shown(entry_points, monkey
         "brainvlm": "loaded",
         "manifest": "loaded",
         "metrics": "loaded",
+        "embedder": "loaded",
         "good": "loaded",
         "other": "blocked",
     }

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from umbrella_core.data.collate import UmbrellaCollator
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
+from umbrella_core.testing.helpers import rank_order
 from umbrella_core.testing.strategies import (
     conversations,
     modality_specs,
@@ -189,7 +190,7 @@ def test_ranks_draw_disjoint_equal_shares(sizes, seed, epoch, world_size, batch_
     sampler = InterleavedSampler(mix, seed, global_batch=world_size * batch_size)
     if len(sampler) < world_size * batch_size:
         return  # fewer samples than one global batch: kept whole for one rank's sake
-    per_rank = [sampler.rank_order(r, world_size, batch_size, epoch) for r in range(world_size)]
+    per_rank = [rank_order(sampler, r, world_size, batch_size, epoch) for r in range(world_size)]
     assert {len(p) for p in per_rank} == {len(sampler) // world_size}
     drawn = np.concatenate(per_rank).tolist()
     assert len(set(drawn)) == len(drawn)  # no sample on two ranks

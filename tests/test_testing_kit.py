@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from umbrella_core import StudyRecord, hookimpl
+from umbrella_core.errors import DataError
 from umbrella_core.testing import (
     ConformanceError,
     ToyModalityPlugin,
@@ -16,7 +17,9 @@ from umbrella_core.testing import (
     check_modality_plugin,
     check_patch_embedder,
     check_phantom_round_trip,
+    check_records,
     check_registration,
+    check_reports_bad_records,
     check_study_reader,
     toy_modality,
     write_phantom,
@@ -75,10 +78,11 @@ def test_a_nondeterministic_loader_is_caught(tmp_path):
 
 def test_a_phantom_that_ignores_its_label_is_caught(tmp_path):
     def same(spec, rng, label):
-        return TOY.phantom(spec, rng, "left")
+        return TOY.demo.phantom(spec, rng, "left")
 
     with pytest.raises(ConformanceError, match="label is not in the image"):
-        check_phantom_round_trip(attrs.evolve(TOY, phantom=same), tmp_path)
+        same_toy = attrs.evolve(TOY, demo=attrs.evolve(TOY.demo, phantom=same))
+        check_phantom_round_trip(same_toy, tmp_path)
 
 
 def test_a_loader_that_loses_the_label_is_caught(tmp_path):
@@ -138,11 +142,12 @@ def test_bad_registration_is_caught():
         check_registration(ToyModalityPlugin(loose))
 
 
-def _record(path) -> StudyRecord:
+def _record(path, source: str | None = None) -> StudyRecord:
     return StudyRecord(
         subject="s1",
         images=[ImageRef(modality="toy", paths=[str(path)])],
         turns=[Turn(role="user", content="<image>\nSide?"), Turn(role="assistant", content="left")],
+        source=str(path) if source is None else source,
     )
 
 
@@ -176,3 +181,62 @@ def test_a_reader_raising_on_foreign_locations_or_naming_missing_files_is_caught
 
     with pytest.raises(ConformanceError, match="gone.nii.gz does not exist"):
         check_study_reader(Missing(), "mine:x", tmp_path / "scratch")
+
+
+def test_a_record_source_must_name_a_place_to_open(tmp_path):
+    image = write_phantom(TOY, tmp_path / "study", "left")[0]
+    table = tmp_path / "study" / "table.csv"
+    table.write_text("subject\ns1\n")
+    for good in (
+        f"{table}:2",
+        f"{table}: records[0]",
+        f"{image} ({table}:2)",
+        f"{image} + {image}",
+    ):
+        check_records([_record(image, good)])
+    with pytest.raises(ConformanceError, match="source '' is empty"):
+        check_records([_record(image, "")])
+    with pytest.raises(ConformanceError, match="does not start with a file"):
+        check_records([_record(image, "row 2 of the clinical table")])
+
+
+def _reader(image, table, *, report: str):
+    """A reader of ``mine:`` whose table's second row is bad, handled as ``report`` says."""
+
+    class Reader:
+        @hookimpl
+        def umbrella_study_reader(self, location, on_error):
+            if not location.startswith("mine:"):
+                return None
+            records = [_record(image, f"{table}:2")]
+            if location.endswith("bad"):
+                error = DataError(
+                    f"{table}:3: field 'label' is empty",
+                    source=f"{table}:3",
+                    field="" if report == "no field" else "label",
+                )
+                if report == "raise":
+                    raise error
+                on_error(error)
+            return records
+
+    return Reader()
+
+
+def test_a_reader_must_report_bad_records_and_go_on(tmp_path):
+    image = write_phantom(TOY, tmp_path / "study", "left")[0]
+    table = tmp_path / "study" / "table.csv"
+    table.write_text("subject,label\ns1,left\ns2,\n")
+    good = _reader(image, table, report="on_error")
+    check_study_reader(good, "mine:ok", tmp_path / "a", bad_location="mine:bad")
+    (error,) = check_reports_bad_records(good, "mine:bad")
+    assert (error.source, error.field) == (f"{table}:3", "label")
+    with pytest.raises(ConformanceError, match="report a bad record through on_error"):
+        check_reports_bad_records(_reader(image, table, report="raise"), "mine:bad")
+    with pytest.raises(ConformanceError, match="names no field"):
+        check_reports_bad_records(_reader(image, table, report="no field"), "mine:bad")
+    with pytest.raises(ConformanceError, match="no bad record of 'mine:ok' reached on_error"):
+        check_reports_bad_records(good, "mine:ok")
+    # A bad record in the sample that should have none is a failure too.
+    with pytest.raises(ConformanceError, match="should have none"):
+        check_study_reader(good, "mine:bad", tmp_path / "b")

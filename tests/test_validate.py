@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from umbrella_core.cli import main
+from umbrella_core.data.checks import Problem, validate_records
 from umbrella_core.data.demo import write_demo
 from umbrella_core.imaging import save_nifti
 from umbrella_core.plugins import get_plugin_manager
 from umbrella_core.types import ImageRef, StudyRecord, Turn
-from umbrella_core.validate import Problem, validate_locations, validate_records
+from umbrella_core.validate import validate_locations
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +185,49 @@ def test_an_image_with_several_files_is_judged_by_its_loader(pm, demo, tmp_path)
         turns=[Turn(role="user", content="<image>"), Turn(role="assistant", content="x")],
     )
     assert validate_records([record], pm, workers=1) == []
+
+
+def test_skip_removes_every_bad_record_of_a_shared_source(pm, demo, tmp_path):
+    # The BIDS reader gives one record per scan and task, so a scan's sex and age
+    # records share one source; a bad scan must take all of them out of the run,
+    # not one (which then failed at step 0 with data.on_bad=skip).
+    from umbrella_core.config import RunConfig, structure
+    from umbrella_core.data.studies import read_studies, screen_records
+
+    t1 = demo.parent / "t1" / "sub-t10000_T1w.nii.gz"
+    root = tmp_path / "ds"
+    (root / "dataset_description.json").parent.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "shared", "BIDSVersion": "1.8.0"}')
+    rows = ["participant_id\tage\tsex"]
+    for i, sub in enumerate(("01", "02", "03", "04")):
+        (root / f"sub-{sub}" / "anat").mkdir(parents=True)
+        path = root / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz"
+        shutil.copy(t1, path)
+        rows.append(f"sub-{sub}\t{40 + i}\t{'MF'[i % 2]}")
+    rows[0] += "\tsplit"
+    rows[1:] = [f"{row}\ttrain" for row in rows[1:]]
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    for sub in ("02", "03"):  # decodes to nothing: only the full check sees it
+        img = nib.load(t1)
+        zero = np.zeros(img.shape, dtype=np.float32)
+        nib.save(nib.Nifti1Image(zero, img.affine), root / f"sub-{sub}/anat/sub-{sub}_T1w.nii.gz")
+    config = structure(
+        RunConfig,
+        {
+            "data": {
+                "modalities": ["t1"],
+                "studies": [{"location": f"bids:{root}", "tasks": ["sex", "age"]}],
+                "split": {"leak": "warn"},
+            }
+        },
+    )
+    data = read_studies(config, pm, log=lambda _: None)
+    assert len(data.records) == 8 and len({r.source for r in data.records}) == 4
+    kept, problems = screen_records(
+        data.per_study, check="full", encode=lambda record: None, pm=pm, specs=data.specs
+    )
+    assert sorted(r.subject for r in kept[0]) == ["sub-01", "sub-01", "sub-04", "sub-04"]
+    assert len(problems) == 4
+    assert {p.source.split(" ")[0] for p in problems} == {
+        str(root / f"sub-{s}/anat/sub-{s}_T1w.nii.gz") for s in ("02", "03")
+    }

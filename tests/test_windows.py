@@ -18,7 +18,10 @@ from umbrella_core.types import ImageRef, StudyRecord, Turn
 @pytest.fixture
 def fmri():
     spec = get_plugin_manager().resolve_modality("fmri").item
-    return attrs.evolve(spec.with_geometry((16, 16, 16, 8), (8, 8, 8, 4)), window_stride=8)
+    return attrs.evolve(
+        spec.with_geometry((16, 16, 16, 8), (8, 8, 8, 4)),
+        windows=attrs.evolve(spec.windows, stride=8),
+    )
 
 
 @pytest.fixture
@@ -51,7 +54,7 @@ def test_a_long_series_gives_one_sample_per_window(fmri, series_file):
     )
     assert len(dataset) == 1 + (44 - 8) // 8 == 5
     windows = [dataset[i]["images"][0][1].numpy() for i in range(len(dataset))]
-    whole = fmri.series(fmri, (series_file,))[0]
+    whole = fmri.windows.series(fmri, (series_file,))[0]
     for i, window in enumerate(windows):
         assert window.shape == (1, 16, 16, 16, 8)
         assert np.allclose(window[0], whole[..., 8 * i : 8 * i + 8])
@@ -100,8 +103,8 @@ def test_repetition_time_from_sidecar_or_header_and_resampling(fmri, series_file
     assert repetition_time(series_file) == pytest.approx(1.0)  # the sidecar wins
     sidecar.unlink()
     faster = with_target_tr(fmri, 1.0)  # 2 s -> 1 s: twice the frames
-    assert faster.frames(faster, (series_file,)) == 87
-    series = faster.series(faster, (series_file,))
+    assert faster.windows.frames(faster, (series_file,)) == 87
+    series = faster.windows.series(faster, (series_file,))
     assert series.shape == (1, 16, 16, 16, 87)
     cache = PreprocessedCache(tmp_path / "cache", {"fmri": "test"})
     assert cache.key(faster, (series_file,), series=True) != cache.key(
@@ -114,4 +117,4 @@ def test_repetition_time_from_sidecar_or_header_and_resampling(fmri, series_file
     img.header.set_zooms((1.0, 1.0, 1.0, 0.0))
     nib.save(img, no_tr)
     with pytest.raises(DataError, match=r"nott_bold.nii.gz: no repetition time"):
-        faster.frames(faster, (no_tr,))
+        faster.windows.frames(faster, (no_tr,))

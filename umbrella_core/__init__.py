@@ -9,6 +9,8 @@ Importing this package loads neither torch nor any plugin.
 
 from __future__ import annotations
 
+from umbrella_core.constants import IGNORE_INDEX
+from umbrella_core.data.batch import Batch
 from umbrella_core.errors import (
     ConfigError,
     DataError,
@@ -21,6 +23,7 @@ from umbrella_core.errors import (
 from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import (
     IMAGE_PLACEHOLDER,
+    Demo,
     ImageRef,
     LossTerm,
     MetricFamily,
@@ -29,6 +32,7 @@ from umbrella_core.types import (
     QuestionAnswers,
     StudyRecord,
     Turn,
+    Windows,
     positive_settings,
 )
 
@@ -37,6 +41,8 @@ __version__ = "0.1.0"
 __all__ = [
     "hookimpl",
     "ModalitySpec",
+    "Demo",
+    "Windows",
     "PhantomFile",
     "ImageRef",
     "Turn",
@@ -45,6 +51,8 @@ __all__ = [
     "MetricFamily",
     "QuestionAnswers",
     "IMAGE_PLACEHOLDER",
+    "IGNORE_INDEX",
+    "Batch",
     "positive_settings",
     "UmbrellaError",
     "PluginError",

@@ -18,67 +18,12 @@ __all__ = ["main", "build_parser"]
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    import os
+    from umbrella_core.listing import plugins_listing
+    from umbrella_core.plugins import get_plugin_manager
 
-    from umbrella_core.plugins import ALLOW_ENV, BLOCK_ENV, get_plugin_manager
-
-    env = {name: os.environ.get(name, "") for name in (BLOCK_ENV, ALLOW_ENV)}
-    pm = get_plugin_manager()
-    infos = pm.plugins()
-    registry_error = None
-    try:
-        registry = pm.modality_registry()
-    except UmbrellaError as exc:
-        registry, registry_error = {}, str(exc)
-    if args.json:
-        payload = {
-            "plugins": [info.to_json() for info in infos],
-            "modalities": [
-                {
-                    "name": name,
-                    "aliases": list(p.item.aliases),
-                    "ndim": p.item.ndim,
-                    "channels": p.item.channels,
-                    "shape": list(p.item.shape),
-                    "patch_size": list(p.item.patch_size),
-                    "tokens": p.item.num_tokens,
-                    "plugin": p.plugin,
-                    "distribution": p.distribution,
-                    "version": p.version,
-                }
-                for name, p in registry.items()
-            ],
-            "errors": [registry_error] if registry_error else [],
-            "env": env,
-        }
-        print(json.dumps(payload, indent=2))
-        return 0
-    print("modalities")
-    if not registry:
-        print("  (none installed: pip install umbrella-t1 umbrella-fmri umbrella-dmri)")
-    for name, p in registry.items():
-        spec = p.item
-        aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
-        print(
-            f"  {name:<7} {p.distribution} {p.version}  {spec.ndim}D x{spec.channels}  "
-            f"shape {'x'.join(map(str, spec.shape))}  patch {'x'.join(map(str, spec.patch_size))}  "
-            f"{spec.num_tokens} tokens{aliases}"
-        )
-    print("plugins")
-    for info in infos:
-        line = f"  {info.name:<10} {info.distribution} {info.version}  [{info.status}]"
-        if info.hooks:
-            line += "  " + ", ".join(h.removeprefix("umbrella_") for h in info.hooks)
-        print(line)
-        if info.error:
-            print(f"      {info.error}")
-    if registry_error:
-        print(f"error: {registry_error}")
-    for name, value in env.items():
-        if value:
-            print(f"{name}={value}")
-    print(f"(block plugins with {BLOCK_ENV}=name,...; load only some with {ALLOW_ENV}=name,...)")
-    return 1 if registry_error else 0
+    listing = plugins_listing(get_plugin_manager())
+    print(json.dumps(listing.payload, indent=2) if args.json else listing.text)
+    return 0 if args.json or not listing.errors else 1
 
 
 def _data_overrides(args: argparse.Namespace) -> list[str]:
@@ -158,13 +103,14 @@ def _end_process_group() -> bool:
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
-    from umbrella_core.data.demo import write_demo
+    from umbrella_core.data.demo import with_phantoms, write_demo
     from umbrella_core.data.studies import resolve_specs
     from umbrella_core.plugins import get_plugin_manager
 
     overrides = [f"data.modalities={args.modalities}"] if args.modalities else []
     config = load_config(None, overrides)
     specs, _ = resolve_specs(config, get_plugin_manager(), demo=True)
+    specs = with_phantoms(specs)
     manifest = write_demo(args.directory, specs, subjects=args.subjects, seed=args.seed)
     print(f"wrote {args.subjects} subjects for each of {', '.join(specs)}: {manifest}")
     return 0
@@ -290,6 +236,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
             f"written to {output}: metrics.json, predictions.jsonl, "
             f"{len(written['figures'])} figure(s) in figures/"
         )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from umbrella_core.model.build import export_checkpoint
+    from umbrella_core.plugins import get_plugin_manager
+
+    folder, merged = export_checkpoint(
+        args.checkpoint, args.output, get_plugin_manager(), merge=args.merge_lora
+    )
+    if args.merge_lora and not merged:
+        print(f"{args.checkpoint} has no LoRA adapters: nothing to merge")
+    print(f"exported {args.checkpoint} to {folder}" + (" (LoRA merged)" if merged else ""))
     return 0
 
 
@@ -464,6 +423,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's model alone (weights, config, tokenizer), "
+        "optionally with its LoRA adapters merged",
+    )
+    p.add_argument("checkpoint", help="a checkpoint folder (a run's final/ or best/)")
+    p.add_argument("output", help="the folder to write")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="fold the LoRA adapters into the weights: the result loads without peft",
+    )
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -35,7 +35,32 @@ class ConfigError(UmbrellaError):
 
 
 class DataError(UmbrellaError):
-    """A manifest, record or image file cannot be used. The message names the file."""
+    """A manifest, record or image file cannot be used. The message names the file.
+
+    Args:
+        message: What is wrong, as one line a user reads; by convention it
+            starts with ``source`` when there is one.
+        source: Where: the record's ``StudyRecord.source`` (``FILE:LINE``,
+            ``FILE: records[i]``, a table row) or the file at fault; empty
+            when the message alone says it.
+        field: The field at fault (``subject``, ``images[0].path``,
+            ``conversation``); empty when it is the whole record or file.
+
+    ``umbrella validate`` and ``data.on_bad`` read ``source`` and ``field`` as
+    they are; nothing parses the message back. (Since 0.3.)
+    """
+
+    def __init__(self, message: str, *, source: str = "", field: str = "") -> None:
+        super().__init__(message)
+        self.source = str(source)
+        self.field = str(field)
+
+    @property
+    def detail(self) -> str:
+        """The message without its leading ``source:``."""
+        message = str(self)
+        prefix = f"{self.source}: "
+        return message[len(prefix) :] if self.source and message.startswith(prefix) else message
 
 
 class ModelError(UmbrellaError):

@@ -16,7 +16,7 @@ or that asks for an argument the hook does not have, is reported at start-up
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -24,6 +24,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time
     import torch.nn as nn
 
+    from umbrella_core.errors import DataError
     from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
 PROJECT = "umbrella"
@@ -83,7 +84,7 @@ def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module |
 
 @hookspec(firstresult=True)
 def umbrella_study_reader(
-    location: str, options: Mapping[str, Any]
+    location: str, options: Mapping[str, Any], on_error: Callable[[DataError], None]
 ) -> Iterable[StudyRecord] | None:
     """Read a study: a folder, a manifest file, or anything a plugin recognises.
 
@@ -93,11 +94,28 @@ def umbrella_study_reader(
         options: The study's settings from the run configuration (for example
             ``{"tasks": ["sex", "age"]}``): everything but ``location`` and
             ``weight``; empty when none were given. (Since 0.2.)
+        on_error: Call it with a :class:`~umbrella_core.errors.DataError`
+            for each record that cannot be used (a bad line, a missing
+            field, a phenotype that does not parse) and go on with the next
+            record. Give the error ``source`` (the record's
+            ``StudyRecord.source``, or the line or row at fault when no record
+            could be made) and ``field``. ``umbrella validate`` then lists
+            every bad record, and ``data.on_bad=skip`` trains without them;
+            a caller that wants the first error to stop reading passes an
+            ``on_error`` that raises it. A problem with the whole study (no
+            such folder, an unreadable table) is raised, not reported.
+            Optional: a reader that does not take it raises instead, and
+            its first bad record ends the study. (Since 0.3.)
 
     Returns:
         An iterable of StudyRecord (a generator is fine; it is consumed once),
         or None when the location is not of this plugin's kind. Recognition
         must be cheap and must not raise for foreign locations.
+
+    Each record's ``source`` says where it came from (``FILE:LINE``, a table
+    row, the scan's file); records may share one (several task records of
+    one scan). It is what problems, ``bad_samples.json`` and the
+    non-finite-loss report name, so make it a place a user can open.
 
     First result: stops at the first non-None result. Built-in readers are
     ``trylast`` so that third-party readers win.
@@ -158,6 +176,29 @@ def umbrella_metrics(settings: dict[str, Any]) -> Iterable[MetricFamily]:
         which are ``trylast``. A family says how it wants the model's answers
         (``scoring``): the probability of every candidate answer, or greedy
         decoding.
+
+    Every implementation is called.
+
+    Since: 0.3
+    """
+
+
+# ---------------------------------------------------------------------------
+# Listing
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def umbrella_study_kinds() -> Iterable[str]:
+    """Name the location kinds this plugin's study reader accepts.
+
+    A kind is what a user types before the colon of a ``KIND:PATH`` location
+    (``bids`` for ``bids:/data/ds000001``). ``umbrella plugins`` lists them
+    under the plugin. Declaring a kind routes nothing: the reader still
+    recognises its own locations (and may take unprefixed ones too).
+
+    Returns:
+        Kind names, lower-case (possibly none). Must be cheap: return constants.
 
     Every implementation is called.
 

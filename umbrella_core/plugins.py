@@ -1,4 +1,4 @@
-"""Plugin discovery, validation and the modality registry.
+"""Home to the plugin host: discovery, registration, the listing, hook calls that name the plugin.
 
 Plugins are found through the ``umbrella`` entry-point group, loaded lazily and
 once per :class:`PluginManager`. A plugin that fails to import is recorded as
@@ -17,6 +17,10 @@ so ``umbrella plugins`` still lists everything. A patch embedder that is not an
 ``nn.Module``, or whose output for one input is not ``(1, spec.num_tokens,
 hidden_size)``, and a loss term that is not a LossTerm are refused when the
 model is built, before step 1, naming the plugin.
+
+The modality registry (names, aliases, duplicates) is
+:mod:`umbrella_core.modality_registry`; the check of a patch embedder's output
+is :func:`umbrella_core.model.embeddings.probe_embedder`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import attrs
 import pluggy
 
 from umbrella_core import hookspecs
-from umbrella_core.errors import DuplicateNameError, PluginError, UmbrellaError
+from umbrella_core.errors import DataError, PluginError, UmbrellaError
+from umbrella_core.modality_registry import ModalityRegistry, Provided
 from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
 __all__ = [
@@ -56,6 +61,7 @@ DEFAULT_PLUGINS = (
     "umbrella_core.default_plugins.brainvlm",
     "umbrella_core.default_plugins.manifest",
     "umbrella_core.default_plugins.metrics",
+    "umbrella_core.default_plugins.embedder",
 )
 
 CORE_DISTRIBUTION = "umbrella-core"
@@ -63,7 +69,13 @@ CORE_DISTRIBUTION = "umbrella-core"
 
 @attrs.frozen
 class PluginInfo:
-    """What ``umbrella plugins`` shows about one plugin."""
+    """What ``umbrella plugins`` shows about one plugin: where it is from, what it offers.
+
+    ``description`` is the distribution's Summary, or the first line of the
+    plugin module's docstring; ``modalities``, ``study_kinds``, ``loss_terms``
+    (with default settings, for every installed modality) and ``metrics`` name
+    what its hooks give.
+    """
 
     name: str
     distribution: str
@@ -71,24 +83,24 @@ class PluginInfo:
     module: str
     status: str  # "loaded", "broken" or "blocked"
     error: str | None = None
+    description: str = ""
     hooks: tuple[str, ...] = ()
     modalities: tuple[str, ...] = ()
+    study_kinds: tuple[str, ...] = ()
+    loss_terms: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return attrs.asdict(self, recurse=False) | {
-            "hooks": list(self.hooks),
-            "modalities": list(self.modalities),
-        }
+        fields = attrs.asdict(self, recurse=False)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
-@attrs.frozen
-class Provided:
-    """A registered item and where it came from."""
-
-    item: Any
-    plugin: str
-    distribution: str
-    version: str
+#: PluginInfo field -> the hook that names it, the type of the hook's values and their name.
+_OFFERS: dict[str, tuple[str, type, Callable[[Any], str]]] = {
+    "study_kinds": ("umbrella_study_kinds", str, str),
+    "loss_terms": ("umbrella_loss_terms", LossTerm, lambda term: term.name),
+    "metrics": ("umbrella_metrics", MetricFamily, lambda family: family.name),
+}
 
 
 def _split_env(value: str | None) -> set[str]:
@@ -100,7 +112,7 @@ def _normalise_dist(name: str) -> str:
 
 
 class PluginManager:
-    """The plugin host: a pluggy manager plus discovery, provenance and the modality registry.
+    """The plugin host: a pluggy manager plus discovery, provenance and the listing.
 
     Create one with :func:`get_plugin_manager` (entry points + built-ins) or
     directly with ``PluginManager(load_entry_points=False)`` in tests, then
@@ -112,8 +124,7 @@ class PluginManager:
         self.pm.add_hookspecs(hookspecs)
         self._infos: dict[str, PluginInfo] = {}
         self._dist_of: dict[str, tuple[str, str]] = {}
-        self._modalities: dict[str, Provided] | None = None
-        self._aliases: dict[str, str] = {}
+        self._modalities: ModalityRegistry | None = None
         self._load_entry_points = load_entry_points
         self._entry_points_loaded = False
         if load_defaults:
@@ -135,8 +146,12 @@ class PluginManager:
         name: str | None = None,
         distribution: str = "<unregistered>",
         version: str = "",
+        description: str = "",
     ) -> str:
         """Register a plugin object (module or instance with ``@hookimpl`` methods).
+
+        ``description`` (one line for ``umbrella plugins``) defaults to the first
+        line of the plugin's docstring.
 
         Raises:
             PluginError: the plugin implements a hook with an unknown argument or
@@ -154,6 +169,7 @@ class PluginManager:
             version=version,
             module=getattr(plugin, "__name__", type(plugin).__module__),
             status="loaded",
+            description=description or _first_line(inspect.getdoc(plugin)),
         )
         self._modalities = None
         try:
@@ -190,34 +206,25 @@ class PluginManager:
         blocked = _split_env(os.environ.get(BLOCK_ENV))
         allowed = _split_env(os.environ.get(ALLOW_ENV))
         for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
-            dist = ep.dist.name if ep.dist is not None else "<unknown>"
-            version = ep.dist.version if ep.dist is not None else ""
-            keys = {ep.name.lower(), _normalise_dist(dist)}
             if ep.name in self._infos:
                 continue
+            dist = ep.dist.name if ep.dist is not None else "<unknown>"
+            version = ep.dist.version if ep.dist is not None else ""
+            summary = _summary(ep.dist)
+            unloaded = PluginInfo(ep.name, dist, version, ep.value, "blocked", description=summary)
+            keys = {ep.name.lower(), _normalise_dist(dist)}
             if keys & blocked or (allowed and not keys & allowed):
                 why = f"blocked by {BLOCK_ENV}" if keys & blocked else f"not in {ALLOW_ENV}"
-                self._infos[ep.name] = PluginInfo(
-                    name=ep.name,
-                    distribution=dist,
-                    version=version,
-                    module=ep.value,
-                    status="blocked",
-                    error=why,
-                )
+                self._infos[ep.name] = attrs.evolve(unloaded, error=why)
                 continue
             try:
                 plugin = ep.load()
-                self.register(plugin, name=ep.name, distribution=dist, version=version)
-            except Exception as exc:  # a broken plugin must not take the others down
-                self._infos[ep.name] = PluginInfo(
-                    name=ep.name,
-                    distribution=dist,
-                    version=version,
-                    module=ep.value,
-                    status="broken",
-                    error=f"{type(exc).__name__}: {exc}",
+                self.register(
+                    plugin, name=ep.name, distribution=dist, version=version, description=summary
                 )
+            except Exception as exc:  # a broken plugin must not take the others down
+                error = f"{type(exc).__name__}: {exc}"
+                self._infos[ep.name] = attrs.evolve(unloaded, status="broken", error=error)
 
     # -- queries --------------------------------------------------------------
 
@@ -225,21 +232,44 @@ class PluginManager:
         return sorted(n for n in dir(hookspecs) if n.startswith("umbrella_"))
 
     def plugins(self) -> list[PluginInfo]:
-        """Every plugin seen: loaded, broken or blocked, with the modalities it provides."""
+        """Every plugin seen (loaded, broken or blocked) and what each offers by name.
+
+        Works even when the modality registry is inconsistent (a duplicate
+        name): the listing is how a user finds out. A hook that fails while
+        listing is shown as the plugin's error.
+        """
         self.load_entry_points()
-        by_plugin: dict[str, list[str]] = {}
         try:
-            for name, provided in self.modality_registry().items():
-                by_plugin.setdefault(provided.plugin, []).append(name)
+            registry = self._registry().by_name
         except PluginError:
-            pass  # plugins() must work even when the registry is inconsistent
+            registry = {}
+        offers: dict[str, dict[str, Any]] = {}
+        for name, provided in registry.items():
+            offers.setdefault(provided.plugin, {}).setdefault("modalities", []).append(name)
+        for field, (hook_name, kind, name_of) in _OFFERS.items():
+            kwargs = {"modalities": tuple(sorted(registry)), "settings": {}}
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                found = offers.setdefault(impl.plugin_name, {})
+                try:
+                    result = self._call(impl, hook_name, kwargs)
+                    values = self._values(impl.plugin_name, hook_name, result, kind, _shown)
+                except UmbrellaError as error:
+                    found["error"] = str(error)
+                    continue
+                found[field] = [name_of(value) for value in values]
         out = []
         for name, info in sorted(self._infos.items()):
-            hooks: tuple[str, ...] = ()
             if info.status == "loaded":
                 plugin = self.pm.get_plugin(name)
-                hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
-            out.append(attrs.evolve(info, hooks=hooks, modalities=tuple(by_plugin.get(name, ()))))
+                hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+                found = offers.get(name, {})
+                info = attrs.evolve(
+                    info,
+                    hooks=tuple(hooks),
+                    error=found.pop("error", None),
+                    **{field: tuple(values) for field, values in found.items()},
+                )
+            out.append(info)
         return out
 
     def _impl_results(
@@ -256,17 +286,20 @@ class PluginManager:
         caller = getattr(self.pm.hook, hook_name)
         impls = caller.get_hookimpls()
         for impl in reversed(impls) if call_order else impls:
-            wanted = {k: v for k, v in kwargs.items() if k in impl.argnames}
-            try:
-                result = impl.function(**wanted)
-            except UmbrellaError:
-                raise
-            except Exception as exc:
-                raise PluginError(
-                    f"{self._describe(impl.plugin_name)} failed in {hook_name}: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            yield impl.plugin_name, result
+            yield impl.plugin_name, self._call(impl, hook_name, kwargs)
+
+    def _call(self, impl: Any, hook_name: str, kwargs: Mapping[str, Any]) -> Any:
+        """One implementation's result, given the arguments it asks for; errors name it."""
+        wanted = {k: v for k, v in kwargs.items() if k in impl.argnames}
+        try:
+            return impl.function(**wanted)
+        except UmbrellaError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"{self._describe(impl.plugin_name)} failed in {hook_name}: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
     def _describe(self, plugin_name: str) -> str:
         dist, version = self._dist_of.get(plugin_name, ("<unknown>", ""))
@@ -305,80 +338,45 @@ class PluginManager:
 
     def modality_registry(self) -> dict[str, Provided]:
         """Modality name → provided spec, refusing duplicate names and aliases."""
-        self.load_entry_points()
-        if self._modalities is not None:
-            return self._modalities
-        registry: dict[str, Provided] = {}
-        aliases: dict[str, str] = {}
-        caller = self.pm.hook.umbrella_modalities
-        results = []
-        for impl in caller.get_hookimpls():  # registration order
-            plugin_name = impl.plugin_name
-            try:
-                result = next(iter(self._impl_results_of(impl)))
-                specs = self._values(
-                    plugin_name, "umbrella_modalities", result, ModalitySpec, _shown
-                )
-            except UmbrellaError as error:
-                # Set it aside so that listing plugins still works, and stop the start-up.
-                self._set_aside(plugin_name, str(error))
-                raise
-            results.append((plugin_name, specs))
-        for plugin_name, specs in results:
-            dist, version = self._dist_of.get(plugin_name, ("<unknown>", ""))
-            for spec in specs:
-                for key in (spec.name, *spec.aliases):
-                    owner = aliases.get(key)
-                    if owner is not None:
-                        first = registry[owner]
-                        raise DuplicateNameError(
-                            f"modality name {key!r} is registered twice: by plugin "
-                            f"{first.plugin!r} (distribution {first.distribution} "
-                            f"{first.version}) and by plugin {plugin_name!r} (distribution "
-                            f"{dist} {version}); uninstall one of them or block it with "
-                            f"{BLOCK_ENV}"
-                        )
-                    aliases[key] = spec.name
-                registry[spec.name] = Provided(spec, plugin_name, dist, version)
-        self._modalities = registry
-        self._aliases = aliases
-        return registry
+        return self._registry().by_name
 
-    def _impl_results_of(self, impl: Any) -> Iterable[Any]:
-        try:
-            yield impl.function()
-        except UmbrellaError:
-            raise
-        except Exception as exc:
-            raise PluginError(
-                f"{self._describe(impl.plugin_name)} failed in umbrella_modalities: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
+    def _registry(self) -> ModalityRegistry:
+        self.load_entry_points()
+        if self._modalities is None:
+            provided = []
+            for impl in self.pm.hook.umbrella_modalities.get_hookimpls():  # registration order
+                name = impl.plugin_name
+                try:
+                    result = self._call(impl, "umbrella_modalities", {})
+                    specs = self._values(name, "umbrella_modalities", result, ModalitySpec, _shown)
+                except UmbrellaError as error:
+                    # Set it aside so that listing plugins still works, and stop the start-up.
+                    self._set_aside(name, str(error))
+                    raise
+                dist, version = self._dist_of.get(name, ("<unknown>", ""))
+                provided += [Provided(spec, name, dist, version) for spec in specs]
+            self._modalities = ModalityRegistry.from_provided(
+                provided, remedy=f"uninstall one of them or block it with {BLOCK_ENV}"
+            )
+        return self._modalities
 
     def resolve_modality(self, name: str) -> Provided:
-        """Look a modality up by name or alias (case-insensitive)."""
-        registry = self.modality_registry()
-        key = self._aliases.get(name.strip().lower())
-        if key is None:
-            known = ", ".join(sorted(registry)) or "none (install a modality plugin)"
-            broken = [
-                f"{info.name} ({info.distribution}): {info.error}"
-                for info in self._infos.values()
-                if info.status == "broken"
-            ]
-            hint = f"; broken plugins: {'; '.join(broken)}" if broken else ""
-            raise PluginError(
-                f"unknown modality {name!r}; installed modalities: {known}; fix the name or "
-                f"install the plugin that provides it{hint}"
-            )
-        return registry[key]
+        """Look a modality up by name or alias (case-insensitive); a miss names broken plugins."""
+        registry = self._registry()
+        broken = [
+            f"{info.name} ({info.distribution}): {info.error}"
+            for info in self._infos.values()
+            if info.status == "broken"
+        ]
+        return registry.resolve(name, broken=broken)
 
     def patch_embedder(self, spec: ModalitySpec, hidden_size: int) -> Any:
-        """The patch embedder for ``spec`` from the first plugin that provides one.
+        """The patch embedder for ``spec`` from the first plugin that gives one, probed.
 
-        Checked before it is used: an ``nn.Module`` whose output for one zero
-        input is ``(1, spec.num_tokens, hidden_size)`` (skipped for parameters
-        already partitioned by DeepSpeed ZeRO-3). Errors name the plugin.
+        Asked in pluggy's call order: a plugin's own embedder before the
+        built-in generic one (``trylast``). The module is checked by
+        :func:`umbrella_core.model.embeddings.probe_embedder` before it is used;
+        errors name the plugin.
         """
         self.load_entry_points()
         answers = self._impl_results(
@@ -390,47 +388,30 @@ class PluginManager:
                 f"no installed plugin provides a patch embedder for {spec.name!r}; install "
                 "the plugin of that modality"
             )
-        import torch
-        import torch.nn as nn
+        from umbrella_core.model.embeddings import probe_embedder
 
         plugin_name, module = found
-        who = self._describe(plugin_name)
-        if not isinstance(module, nn.Module):
-            raise PluginError(
-                f"{who}: umbrella_patch_embedder for {spec.name!r} returned "
-                f"{type(module).__name__}, expected torch.nn.Module; fix the plugin"
-            )
-        params = list(module.parameters())
-        if any(hasattr(p, "ds_id") for p in params):
-            return module  # partitioned (ZeRO-3): a forward here would need the engine
-        device = params[0].device if params else torch.device("cpu")
-        dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
-        expected = (1, spec.num_tokens, hidden_size)
-        try:
-            with torch.no_grad():
-                out = module(torch.zeros((1, *spec.input_shape), device=device, dtype=dtype))
-        except Exception as exc:
-            raise PluginError(
-                f"{who}: the patch embedder for {spec.name!r} fails on an input of shape "
-                f"{(1, *spec.input_shape)}: {type(exc).__name__}: {exc}; fix the plugin"
-            ) from exc
-        shape = tuple(getattr(out, "shape", ()))
-        if shape != expected:
-            raise PluginError(
-                f"{who}: the patch embedder for {spec.name!r} gives output of shape {shape} "
-                f"for an input of shape {(1, *spec.input_shape)}, expected {expected} "
-                f"(batch, spec.num_tokens, hidden_size); fix the plugin's embedder"
-            )
-        return module
+        return probe_embedder(module, spec, hidden_size, who=self._describe(plugin_name))
 
     def read_study(
-        self, location: str, options: Mapping[str, Any] | None = None
+        self,
+        location: str,
+        options: Mapping[str, Any] | None = None,
+        on_error: Callable[[DataError], None] | None = None,
     ) -> Iterable[StudyRecord]:
-        """Records of the study at ``location`` from the first reader that recognises it."""
+        """Records of the study at ``location`` from the first reader that recognises it.
+
+        ``on_error`` receives each record the reader cannot use, and reading
+        goes on; without it the first such record raises.
+        """
         self.load_entry_points()
         records = None
         for _, records in self._impl_results(
-            "umbrella_study_reader", call_order=True, location=location, options=dict(options or {})
+            "umbrella_study_reader",
+            call_order=True,
+            location=location,
+            options=dict(options or {}),
+            on_error=on_error or _raise,
         ):
             if records is not None:
                 break
@@ -467,15 +448,26 @@ class PluginManager:
             )
         return families
 
-    def provenance(self, plugin_name: str) -> tuple[str, str]:
-        """(distribution, version) of a registered plugin."""
-        return self._dist_of.get(plugin_name, ("<unknown>", ""))
+
+def _raise(error: DataError) -> None:
+    raise error
 
 
 def _shown(value: Any) -> str:
     """`` (VALUE)`` for short values, so the author sees what came back."""
     text = repr(value)
     return f" ({text})" if len(text) <= 60 else ""
+
+
+def _first_line(text: str | None) -> str:
+    return (text or "").strip().split("\n", 1)[0].strip()
+
+
+def _summary(dist: Any) -> str:
+    """The distribution's one-line Summary; "" when it has none (or no metadata)."""
+    meta = getattr(dist, "metadata", None)
+    summary = _first_line(meta.get("Summary") if meta is not None else None)
+    return "" if summary == "UNKNOWN" else summary
 
 
 def _dist_version(dist: str) -> str:

@@ -15,6 +15,8 @@ import attrs
 
 __all__ = [
     "ModalitySpec",
+    "Demo",
+    "Windows",
     "PhantomFile",
     "ImageRef",
     "Turn",
@@ -86,8 +88,8 @@ class PhantomFile:
     ``suffix`` names the file (``T1w``, ``bold``, ``FA``); a sample with several
     files (one per dMRI map, say) lists them in channel order. ``tr`` is the
     repetition time in seconds of a 4D series, written to the header.
-    ``measure`` is the number that :attr:`ModalitySpec.phantom_measure` asks
-    about (the lesion's diameter, say), given on the sample's first file.
+    ``measure`` is the number that :attr:`Demo.measure` asks about (the
+    lesion's diameter, say), given on the sample's first file.
     """
 
     suffix: str
@@ -95,6 +97,66 @@ class PhantomFile:
     affine: Any
     tr: float | None = None
     measure: float | None = None
+
+
+def _optional_shape(value: Any) -> tuple[int, ...] | None:
+    return None if value is None else _int_tuple(value)
+
+
+@attrs.frozen(kw_only=True)
+class Demo:
+    """How the built-in demo (and the conformance kit) makes samples of a modality.
+
+    Attributes:
+        phantom: ``phantom(spec, rng, label) -> list[PhantomFile]``: a synthetic
+            sample whose content depends on ``label`` (one of ``labels``).
+            None: the demo skips the modality, saying so.
+        labels: The answers the phantom task can have.
+        question: The question whose answer is the phantom's label.
+        measure: A question whose answer is a number the phantom reports
+            (:attr:`PhantomFile.measure`), such as the lesion's position; the
+            demo asks it beside ``question``, so a run shows a numeric metric
+            (MAE) too. Empty: none.
+        measure_unit: The unit written after that number (``cm``).
+        shape: Input shape the demo and the kit use (small, for CPU); None: the
+            modality's ``shape``.
+        patch_size: Patch size at that shape; None: the modality's ``patch_size``.
+    """
+
+    phantom: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
+    labels: tuple[str, ...] = attrs.field(default=("left", "right"), converter=tuple)
+    question: str = "Which hemisphere holds the lesion?"
+    measure: str = ""
+    measure_unit: str = ""
+    shape: tuple[int, ...] | None = attrs.field(default=None, converter=_optional_shape)
+    patch_size: tuple[int, ...] | None = attrs.field(default=None, converter=_optional_shape)
+
+
+@attrs.frozen(kw_only=True)
+class Windows:
+    """How a file holding several model inputs along its last axis (an fMRI series) is cut.
+
+    Each file gives ``1 + (frames - shape[-1]) // stride`` samples, window
+    ``i`` being frames ``i * stride ... i * stride + shape[-1] - 1``.
+
+    Attributes:
+        series: ``series(spec, paths) -> numpy.ndarray`` of shape
+            ``(channels, *shape[:-1], frames)``: the whole file preprocessed once
+            (per-subject statistics over all frames).
+        frames: ``frames(spec, paths) -> int``: the frames in the file, from the
+            header without decoding the data.
+        stride: Frames between the starts of consecutive windows. None: one
+            window per file, read with ``load`` (the demo's short files).
+    """
+
+    series: Callable[..., Any] = attrs.field(eq=False, repr=False)
+    frames: Callable[..., int] = attrs.field(eq=False, repr=False)
+    stride: int | None = attrs.field(default=None, converter=attrs.converters.optional(int))
+
+    @stride.validator
+    def _positive(self, attribute: attrs.Attribute, value: int | None) -> None:
+        if value is not None and value <= 0:
+            raise ValueError(f"window stride must be positive, got {value}")
 
 
 @attrs.frozen(kw_only=True)
@@ -111,29 +173,13 @@ class ModalitySpec:
             ``(channels, *shape)``: reads the file(s), reorients, brings the volume
             to ``shape`` and normalises intensity. Must raise
             :class:`umbrella_core.errors.DataError` naming the file on bad input.
-        phantom: ``phantom(spec, rng, label) -> list[PhantomFile]``: a synthetic
-            sample whose content depends on ``label`` (one of ``phantom_labels``).
-        phantom_labels: The answers the phantom task can have.
-        phantom_question: The question whose answer is the phantom's label.
-        phantom_measure: A question whose answer is a number the phantom
-            reports (:attr:`PhantomFile.measure`), such as the lesion's
-            diameter; the demo asks it beside ``phantom_question``, so a run
-            shows a numeric metric (MAE) too. Empty: none. (Since 0.3.)
-        phantom_measure_unit: The unit written after that number (``mm``).
         aliases: Other names users may type (``T1w``, ``sMRI``); matched case-insensitively.
         file_patterns: Glob patterns of files of this modality (``*_T1w.nii.gz``).
         description: One line for ``umbrella plugins``.
-        series: For modalities whose files hold more than one model input along
-            their last axis (fMRI series): ``series(spec, paths) -> numpy.ndarray``
-            of shape ``(channels, *shape[:-1], frames)``, the whole file
-            preprocessed once (per-subject statistics over all frames). A model
-            input is a window of ``shape[-1]`` frames of it.
-        frames: ``frames(spec, paths) -> int``, the frames in the file, read
-            from the header without decoding the data.
-        window_stride: Frames between the starts of consecutive windows; with
-            ``series`` and ``frames`` set, each file gives
-            ``1 + (frames - shape[-1]) // window_stride`` samples. None: one
-            window per file (``load``).
+        demo: The phantom, its question(s) and the small geometry of the
+            built-in demo (:class:`Demo`); None: the demo skips the modality.
+        windows: For modalities whose files hold several model inputs along
+            their last axis (:class:`Windows`); None: one input per file (``load``).
         companions: ``companions(spec, paths) -> list[str]``: files the loader
             reads besides ``paths`` because it finds them next to them (a brain
             mask beside a T1, ``.bval``/``.bvec`` beside a DWI series, a JSON
@@ -144,8 +190,11 @@ class ModalitySpec:
             in the config, e.g. ``{"spacing": 1.0}`` for ``t1``). Raises
             ValueError naming an unknown setting or a bad value. None: the
             modality takes no settings.
-        demo_shape: Input shape the built-in demo trains at (small, for CPU); defaults to ``shape``.
-        demo_patch_size: Patch size the built-in demo uses; defaults to ``patch_size``.
+
+    Changed in 0.3: the demo fields (``phantom``, ``phantom_labels``,
+    ``phantom_question``, ``phantom_measure``, ``demo_shape``, ...) are
+    grouped in ``demo``, and ``series``, ``frames`` and ``window_stride`` in
+    ``windows``.
     """
 
     name: str = attrs.field(converter=_lower)
@@ -154,27 +203,15 @@ class ModalitySpec:
     patch_size: tuple[int, ...] = attrs.field(converter=_int_tuple, validator=_check_geometry)
     channels: int = attrs.field(default=1, converter=int)
     load: Callable[..., Any] = attrs.field(eq=False, repr=False)
-    phantom: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
-    phantom_labels: tuple[str, ...] = attrs.field(default=("left", "right"), converter=tuple)
-    phantom_question: str = "Which hemisphere holds the lesion?"
-    phantom_measure: str = ""
-    phantom_measure_unit: str = ""
     aliases: tuple[str, ...] = attrs.field(
         default=(), converter=lambda v: tuple(_lower(a) for a in v)
     )
     file_patterns: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     description: str = ""
-    series: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
-    frames: Callable[..., int] | None = attrs.field(default=None, eq=False, repr=False)
-    window_stride: int | None = attrs.field(default=None, converter=attrs.converters.optional(int))
+    demo: Demo | None = None
+    windows: Windows | None = None
     companions: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
     configure: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
-    demo_shape: tuple[int, ...] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(_int_tuple)
-    )
-    demo_patch_size: tuple[int, ...] | None = attrs.field(
-        default=None, converter=attrs.converters.optional(_int_tuple)
-    )
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -189,21 +226,19 @@ class ModalitySpec:
     @property
     def windowed(self) -> bool:
         """Whether a file gives several model inputs (windows of its last axis)."""
-        return (
-            self.series is not None and self.frames is not None and self.window_stride is not None
-        )
+        return self.windows is not None and self.windows.stride is not None
 
     def window_count(self, frames: int) -> int:
-        """Windows of ``shape[-1]`` frames, ``window_stride`` apart, in ``frames`` frames."""
+        """Windows of ``shape[-1]`` frames, ``windows.stride`` apart, in ``frames`` frames."""
         length = self.shape[-1]
         if frames < length:
             return 0
-        if not self.window_stride:
+        if not self.windowed:
             return 1
-        return 1 + (frames - length) // self.window_stride
+        return 1 + (frames - length) // self.windows.stride
 
     def window_start(self, index: int) -> int:
-        return index * (self.window_stride or 0)
+        return index * (self.windows.stride if self.windowed else 0)
 
     def window_slice(self, index: int) -> slice:
         """The frames of window ``index``, for indexing the last axis of a series."""
@@ -227,13 +262,16 @@ class ModalitySpec:
         return attrs.evolve(self, **changes)
 
     def for_demo(self) -> ModalitySpec:
-        """A copy with the demo geometry (``demo_shape``/``demo_patch_size``) where declared.
+        """A copy with the demo geometry (``demo.shape``/``demo.patch_size``) where declared.
 
-        Demo files are short: they give one window each.
+        Demo files are short: they give one window each (``load``).
         """
-        return attrs.evolve(
-            self.with_geometry(self.demo_shape, self.demo_patch_size), window_stride=None
-        )
+        spec = self
+        if self.demo is not None:
+            spec = self.with_geometry(self.demo.shape, self.demo.patch_size)
+        if spec.windows is None:
+            return spec
+        return attrs.evolve(spec, windows=attrs.evolve(spec.windows, stride=None))
 
 
 def _paths(value: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str, ...]:
@@ -332,9 +370,9 @@ class LossTerm:
     ``compute(outputs, batch)`` returns a scalar tensor; ``outputs`` is the
     model's :class:`umbrella_core.model.umbrella.UmbrellaOutput` (the NLL,
     ``token_loss`` per position, image features per modality) and ``batch``
-    the collated batch (``input_ids``, ``labels``, ``pixel_values``,
-    ``image_modalities``). The term is multiplied by ``weight`` and logged
-    under ``loss/<name>``.
+    the collated batch (a :class:`umbrella_core.data.batch.Batch`:
+    ``input_ids``, ``labels``, ``pixel_values``, ``image_places``, ...). The
+    term is multiplied by ``weight`` and logged under ``loss/<name>``.
 
     Training computes logits only where labels are learned (full-vocabulary
     logits at every position cost ~1 GB per 1,000-token sample with a

@@ -231,7 +231,9 @@ def read_brainvlm(
             except json.JSONDecodeError as exc:
                 error = DataError(
                     f"{where}: invalid JSON: {exc.msg} (column {exc.colno}); "
-                    "fix the JSON or remove the line"
+                    "fix the JSON or remove the line",
+                    source=where,
+                    field="json",
                 )
                 if on_error is None:
                     raise error from None
@@ -289,14 +291,20 @@ def record_from_brainvlm(
         DataError: naming ``where`` and the field.
     """
     if not isinstance(obj, Mapping):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+        raise DataError(
+            f"{where}: a record must be a JSON object, got {type(obj).__name__}",
+            source=where,
+            field="record",
+        )
     if "modality_paths" in obj:
         subject, images, turns, phenotypes = _v1(obj, root, where, index)
     elif "images" in obj or "conversations" in obj:
         subject, images, turns, phenotypes = _v2(obj, root, where)
     else:
         raise DataError(
-            f"{where}: field 'modality_paths' (BrainVLM v1) or 'images' (v2) is missing"
+            f"{where}: field 'modality_paths' (BrainVLM v1) or 'images' (v2) is missing",
+            source=where,
+            field="modality_paths",
         )
     record = StudyRecord(
         subject=subject,
@@ -316,7 +324,9 @@ def record_from_brainvlm(
 def _paths(raw: Any, root: Path, where: str, field: str) -> list[str]:
     paths = [raw] if isinstance(raw, str) else raw
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
-        raise DataError(f"{where}: field {field!r} must be a path or a list of paths")
+        raise DataError(
+            f"{where}: field {field!r} must be a path or a list of paths", source=where, field=field
+        )
     return [str(root / p) for p in paths]
 
 
@@ -333,23 +343,38 @@ def _v1(
     turns = []
     for i, turn in enumerate(_require(obj, "conversations", list, where)):
         if not isinstance(turn, Mapping):
-            raise DataError(f"{where}: field 'conversations[{i}]' must be an object")
+            raise DataError(
+                f"{where}: field 'conversations[{i}]' must be an object",
+                source=where,
+                field=f"conversations[{i}]",
+            )
         role = turn.get("from", turn.get("role", ""))
         value = turn.get("value", turn.get("content", ""))
         if not isinstance(value, str):
             raise DataError(
-                f"{where}: field 'conversations[{i}].value' must be str, got {type(value).__name__}"
+                f"{where}: field 'conversations[{i}].value' must be str, "
+                f"got {type(value).__name__}",
+                source=where,
+                field=f"conversations[{i}].value",
             )
         try:
             turns.append(Turn(role=role, content=value))
         except ValueError as exc:
-            raise DataError(f"{where}: field 'conversations[{i}].from': {exc}") from None
+            raise DataError(
+                f"{where}: field 'conversations[{i}].from': {exc}",
+                source=where,
+                field=f"conversations[{i}].from",
+            ) from None
     turns = _prepend_placeholders(turns, len(images))
     subject = next(
         (obj[k] for k in ("subject_id", "subject", "id") if obj.get(k) not in (None, "")), index
     )
     if not isinstance(subject, (str, int)):
-        raise DataError(f"{where}: field 'subject_id' must be str, got {type(subject).__name__}")
+        raise DataError(
+            f"{where}: field 'subject_id' must be str, got {type(subject).__name__}",
+            source=where,
+            field="subject_id",
+        )
     phenotypes = dict(obj.get("metadata") or {})
     return str(subject), images, turns, phenotypes
 
@@ -375,36 +400,52 @@ def _v2(
     for i, image in enumerate(_require(obj, "images", list, where)):
         field = f"images[{i}]"
         if not isinstance(image, Mapping):
-            raise DataError(f"{where}: field {field!r} must be an object with path and modality")
-        modality = _require(image, "modality", str, f"{where}: {field}")
-        raw = _require(image, "path", (str, list), f"{where}: {field}")
+            raise DataError(
+                f"{where}: field {field!r} must be an object with path and modality",
+                source=where,
+                field=field,
+            )
+        modality = _require(image, "modality", str, where, field)
+        raw = _require(image, "path", (str, list), where, field)
         images.append(ImageRef(modality=modality, paths=_paths(raw, root, where, f"{field}.path")))
     turns = []
     for i, turn in enumerate(_require(obj, "conversations", list, where)):
         field = f"conversations[{i}]"
         if not isinstance(turn, Mapping):
-            raise DataError(f"{where}: field {field!r} must be an object")
+            raise DataError(
+                f"{where}: field {field!r} must be an object", source=where, field=field
+            )
         content = turn.get("content", "")
         if isinstance(content, list):
             content = _v2_content(content, where, field)
         elif not isinstance(content, str):
             raise DataError(
                 f"{where}: field '{field}.content' must be a list or str, "
-                f"got {type(content).__name__}"
+                f"got {type(content).__name__}",
+                source=where,
+                field=f"{field}.content",
             )
         try:
             turns.append(Turn(role=turn.get("role", turn.get("from", "")), content=content))
         except ValueError as exc:
-            raise DataError(f"{where}: field '{field}.role': {exc}") from None
+            raise DataError(
+                f"{where}: field '{field}.role': {exc}", source=where, field=f"{field}.role"
+            ) from None
     subject_ids = obj.get("subject_ids", obj.get("subject_id"))
     if isinstance(subject_ids, (str, int)):
         subject_ids = [subject_ids]
     if not isinstance(subject_ids, list) or not subject_ids:
-        raise DataError(f"{where}: field 'subject_ids' must be a non-empty list of subject ids")
+        raise DataError(
+            f"{where}: field 'subject_ids' must be a non-empty list of subject ids",
+            source=where,
+            field="subject_ids",
+        )
     metadata = obj.get("metadata") or {}
     if not isinstance(metadata, Mapping):
         raise DataError(
-            f"{where}: field 'metadata' must be an object, got {type(metadata).__name__}"
+            f"{where}: field 'metadata' must be an object, got {type(metadata).__name__}",
+            source=where,
+            field="metadata",
         )
     phenotypes = dict(metadata)
     if "task_id" in obj:
@@ -417,7 +458,9 @@ def _v2_content(items: list[Any], where: str, field: str) -> str:
     for j, item in enumerate(items):
         here = f"{field}.content[{j}]"
         if not isinstance(item, Mapping):
-            raise DataError(f"{where}: field {here!r} must be an object with a type")
+            raise DataError(
+                f"{where}: field {here!r} must be an object with a type", source=where, field=here
+            )
         kind = item.get("type")
         if kind == "image":
             parts.append(IMAGE_PLACEHOLDER)
@@ -425,9 +468,15 @@ def _v2_content(items: list[Any], where: str, field: str) -> str:
             text = item.get("text", "")
             if not isinstance(text, str):
                 raise DataError(
-                    f"{where}: field '{here}.text' must be str, got {type(text).__name__}"
+                    f"{where}: field '{here}.text' must be str, got {type(text).__name__}",
+                    source=where,
+                    field=f"{here}.text",
                 )
             parts.append(text)
         else:
-            raise DataError(f"{where}: field '{here}.type' must be 'text' or 'image', got {kind!r}")
+            raise DataError(
+                f"{where}: field '{here}.type' must be 'text' or 'image', got {kind!r}",
+                source=where,
+                field=f"{here}.type",
+            )
     return "\n".join(parts)

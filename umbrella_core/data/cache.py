@@ -89,7 +89,9 @@ class PreprocessedCache:
             "series": series,
             # Settings bound to the loader (functools.partial keywords, such as a
             # target spacing or repetition time) change the output too.
-            "settings": _bound_settings(spec.series if series else spec.load),
+            "settings": _bound_settings(
+                spec.windows.series if series and spec.windows is not None else spec.load
+            ),
             "channels": spec.channels,
             "plugin": self.versions.get(spec.name, ""),
             "files": files,
@@ -125,7 +127,7 @@ class PreprocessedCache:
         length) are stored once per window, trading disk for read speed.
         """
         key = self.key(spec, paths, series=True)
-        entry = self.root / spec.name / f"{key}-w{spec.shape[-1]}s{spec.window_stride}.npy"
+        entry = self.root / spec.name / f"{key}-w{spec.shape[-1]}s{spec.windows.stride}.npy"
         try:
             stored = np.load(entry, mmap_mode="r")
         except (FileNotFoundError, ValueError, OSError):
@@ -134,7 +136,7 @@ class PreprocessedCache:
             self.stats.hits += 1
         else:
             self.stats.misses += 1
-            series = np.asarray(spec.series(spec, tuple(paths)), dtype=np.float32)
+            series = np.asarray(spec.windows.series(spec, tuple(paths)), dtype=np.float32)
             length, count = spec.shape[-1], spec.window_count(series.shape[-1])
             if count == 0:
                 raise DataError(

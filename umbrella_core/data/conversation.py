@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core.model.chat import IGNORE_INDEX, Encoded, chat_format
+from umbrella_core.constants import IGNORE_INDEX
+from umbrella_core.model.chat import Encoded, chat_format
 from umbrella_core.types import Turn
 
 if TYPE_CHECKING:  # pragma: no cover

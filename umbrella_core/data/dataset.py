@@ -34,7 +34,9 @@ def load_image(
         if cache is not None:
             array = cache.window(spec, tuple(paths), window)
         else:
-            array = np.asarray(spec.series(spec, tuple(paths)))[..., spec.window_slice(window)]
+            array = np.asarray(spec.windows.series(spec, tuple(paths)))[
+                ..., spec.window_slice(window)
+            ]
     elif cache is not None:
         array = cache.load(spec, tuple(paths))
     else:
@@ -93,7 +95,7 @@ class RecordDataset:
             for image in record.images:
                 spec = self.specs.get(image.modality)
                 if spec is not None and spec.windowed:
-                    frames = spec.frames(spec, tuple(image.paths))
+                    frames = spec.windows.frames(spec, tuple(image.paths))
                     count = spec.window_count(frames)
                     if count == 0:
                         raise DataError(
@@ -119,7 +121,7 @@ class RecordDataset:
             tokens_per_modality=self.tokens_per_modality,
             max_length=self.max_length,
             add_generation_prompt=add_generation_prompt,
-            where=record.source or record.subject,
+            where=record.source or f"subject {record.subject}",
             chat=self.chat,
         )
 

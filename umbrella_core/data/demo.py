@@ -4,12 +4,13 @@ For each modality, every subject gets a phantom from its plugin (written as
 real ``.nii.gz`` files) and the question the plugin asks about it; the answer
 is the phantom's label (for the first-party plugins: the hemisphere that holds
 a lesion), so a model that answers well above chance has learned from the
-images. Where the plugin's phantom reports a number (``phantom_measure``: the
+images. Where the plugin's phantom reports a number (``Demo.measure``: the
 lesion's diameter for the first-party plugins), each subject is asked that
 too, so a run reports a numeric error (MAE) beside the accuracy. Subjects
 are split per modality: a fifth for ``test`` (the table at the end of a run),
 a tenth for ``validation`` (evaluation during training and the choice of the
-best checkpoint), the rest for ``train``.
+best checkpoint), the rest for ``train``. A modality whose plugin gives no
+phantom is left out of the demo, with a line saying so.
 """
 
 from __future__ import annotations
@@ -19,13 +20,20 @@ import json
 import os
 import shutil
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from umbrella_core.errors import DataError
+from umbrella_core.errors import ConfigError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec
 
-__all__ = ["write_demo", "demo_cache_dir", "cached_demo", "TEST_FRACTION", "VALIDATION_FRACTION"]
+__all__ = [
+    "write_demo",
+    "with_phantoms",
+    "demo_cache_dir",
+    "cached_demo",
+    "TEST_FRACTION",
+    "VALIDATION_FRACTION",
+]
 
 TEST_FRACTION = 0.2
 VALIDATION_FRACTION = 0.1
@@ -34,29 +42,59 @@ VALIDATION_FRACTION = 0.1
 FORMAT = 3
 
 
+def with_phantoms(
+    specs: Mapping[str, ModalitySpec], *, log: Callable[[str], None] = print
+) -> dict[str, ModalitySpec]:
+    """The modalities the demo can show: those whose plugin gives a phantom.
+
+    Each one left out is one line through ``log``, not an error: a modality
+    plugin without a phantom must not stop every demo run.
+
+    Raises:
+        ConfigError: none of ``specs`` has a phantom.
+    """
+    kept = {
+        name: spec
+        for name, spec in specs.items()
+        if spec.demo is not None and spec.demo.phantom is not None
+    }
+    for name in sorted(set(specs) - set(kept)):
+        log(f"demo: skipping modality {name!r}: its plugin gives no phantom")
+    if not kept:
+        raise ConfigError(
+            f"the built-in demo has nothing to show: no plugin of {', '.join(sorted(specs))} "
+            "gives a phantom; give a study (--study) or choose modalities whose plugins give "
+            "phantoms (--modalities)"
+        )
+    return kept
+
+
 def write_demo(
     directory: str | os.PathLike,
     specs: Mapping[str, ModalitySpec],
     *,
     subjects: int = 200,
     seed: int = 0,
+    log: Callable[[str], None] = print,
 ) -> Path:
-    """Write the demo study into ``directory``; returns the manifest path."""
+    """Write the demo study into ``directory``; returns the manifest path.
+
+    Modalities without a phantom are skipped (see :func:`with_phantoms`).
+    """
     import numpy as np
 
     from umbrella_core.imaging import save_nifti
 
+    specs = with_phantoms(specs, log=log)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     lines = []
     for name in sorted(specs):
         spec = specs[name]
-        if spec.phantom is None:
-            raise DataError(
-                f"modality {name!r} has no phantom generator, so it cannot be in the demo"
-            )
+        demo = spec.demo
+        assert demo is not None and demo.phantom is not None  # with_phantoms kept it
         rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        labels = [spec.phantom_labels[i % len(spec.phantom_labels)] for i in range(subjects)]
+        labels = [demo.labels[i % len(demo.labels)] for i in range(subjects)]
         labels = [labels[i] for i in rng.permutation(subjects)]
         n_test = max(1, int(round(subjects * TEST_FRACTION)))
         # Small demos (tests) may have none: their runs evaluate on test records.
@@ -67,16 +105,16 @@ def write_demo(
         for i, label in enumerate(labels):
             subject = f"sub-{name}{i:04d}"
             paths = []
-            parts = spec.phantom(spec, rng, label)
+            parts = demo.phantom(spec, rng, label)
             for part in parts:
                 rel = f"{name}/{subject}_{part.suffix}.nii.gz"
                 save_nifti(root / rel, part.data, part.affine, tr=part.tr)
                 paths.append(rel)
-            asked = [(spec.phantom_question, label)]
+            asked = [(demo.question, label)]
             measure = next((p.measure for p in parts if p.measure is not None), None)
-            if spec.phantom_measure and measure is not None:
-                unit = f" {spec.phantom_measure_unit}" if spec.phantom_measure_unit else ""
-                asked.append((spec.phantom_measure, f"{round(measure)}{unit}"))
+            if demo.measure and measure is not None:
+                unit = f" {demo.measure_unit}" if demo.measure_unit else ""
+                asked.append((demo.measure, f"{round(measure)}{unit}"))
             phenotypes = {"label": label} | ({"measure": measure} if measure is not None else {})
             for question, answer in asked:
                 lines.append(
@@ -113,14 +151,20 @@ def cached_demo(
     *,
     subjects: int,
     seed: int = 0,
+    log: Callable[[str], None] = print,
 ) -> Path:
     """The demo manifest for these modalities, written once into the cache and reused.
+
+    Modalities without a phantom are skipped, with a line through ``log`` on
+    every call (a cached demo too).
 
     The cache key holds the modality names, the versions of the plugins that
     provide them, the subject count and the seed, so upgrading a plugin writes
     a fresh demo. Writing goes to a temporary folder renamed into place, so an
     interrupted run never leaves a half-written demo behind.
     """
+    specs = with_phantoms(specs, log=log)
+    provenance = {name: v for name, v in provenance.items() if name in specs}
     key = json.dumps(
         {
             "format": FORMAT,
@@ -138,7 +182,7 @@ def cached_demo(
         return manifest
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_demo(tmp, specs, subjects=subjects, seed=seed)
+    write_demo(tmp, specs, subjects=subjects, seed=seed, log=log)
     try:
         tmp.rename(target)
     except OSError:  # another process finished first: use theirs

@@ -178,17 +178,6 @@ class InterleavedSampler:
             full = self.interleaving.epoch_order(self.seed, epoch, self.length)
         return full[: len(self)]
 
-    def rank_order(self, rank: int, world_size: int, batch_size: int, epoch: int | None = None):
-        """The indices rank ``rank`` draws, batch after batch (for loops without accelerate)."""
-        order = self.order(epoch)
-        return np.concatenate(
-            [
-                order[start + rank * batch_size : start + (rank + 1) * batch_size]
-                for start in range(0, len(order), batch_size * world_size)
-            ]
-            or [np.empty(0, dtype=np.int64)]
-        )
-
     def __iter__(self) -> Iterator[int]:
         return iter(self.order().tolist())
 

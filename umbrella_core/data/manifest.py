@@ -56,40 +56,73 @@ def find_manifest(location: str) -> Path | None:
     return None
 
 
-def _require(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+def _require(
+    obj: Mapping[str, Any],
+    key: str,
+    kind: type | tuple[type, ...],
+    where: str,
+    item: str = "",
+) -> Any:
+    """``obj[key]``, of type ``kind``; ``item`` names the list item ``obj`` is (``images[0]``)."""
+    field = f"{item}.{key}" if item else key
+    shown = f"{where}: {item}" if item else where
     if key not in obj:
-        raise DataError(f"{where}: field {key!r} is missing")
+        raise DataError(f"{shown}: field {key!r} is missing", source=where, field=field)
     value = obj[key]
     if not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise DataError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+        raise DataError(
+            f"{shown}: field {key!r} must be {names}, got {type(value).__name__}",
+            source=where,
+            field=field,
+        )
     return value
 
 
 def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRecord:
     """Turn one JSON record into a StudyRecord, naming ``where`` (file:line) on any problem."""
     if not isinstance(obj, Mapping):
-        raise DataError(f"{where}: a record must be a JSON object, got {type(obj).__name__}")
+        raise DataError(
+            f"{where}: a record must be a JSON object, got {type(obj).__name__}",
+            source=where,
+            field="record",
+        )
     subject = _require(obj, "subject", (str, int), where)
     images = []
     for i, image in enumerate(obj.get("images", [])):
         field = f"images[{i}]"
         if not isinstance(image, Mapping):
-            raise DataError(f"{where}: field {field!r} must be an object with modality and path")
-        modality = _require(image, "modality", str, f"{where}: {field}")
-        raw = _require(image, "path", (str, list), f"{where}: {field}")
+            raise DataError(
+                f"{where}: field {field!r} must be an object with modality and path",
+                source=where,
+                field=field,
+            )
+        modality = _require(image, "modality", str, where, field)
+        raw = _require(image, "path", (str, list), where, field)
         paths = [raw] if isinstance(raw, str) else raw
         if not paths or not all(isinstance(p, str) and p for p in paths):
-            raise DataError(f"{where}: field '{field}.path' must be a path or a list of paths")
+            raise DataError(
+                f"{where}: field '{field}.path' must be a path or a list of paths",
+                source=where,
+                field=f"{field}.path",
+            )
         images.append(ImageRef(modality=modality, paths=[str(root / p) for p in paths]))
     turns = []
     for i, turn in enumerate(_require(obj, "conversation", list, where)):
         if not isinstance(turn, Mapping):
-            raise DataError(f"{where}: field 'conversation[{i}]' must be an object")
+            raise DataError(
+                f"{where}: field 'conversation[{i}]' must be an object",
+                source=where,
+                field=f"conversation[{i}]",
+            )
         try:
             turns.append(Turn(role=turn.get("role", ""), content=turn.get("content", "")))
         except ValueError as exc:
-            raise DataError(f"{where}: field 'conversation[{i}].role': {exc}") from None
+            raise DataError(
+                f"{where}: field 'conversation[{i}].role': {exc}",
+                source=where,
+                field=f"conversation[{i}].role",
+            ) from None
     record = StudyRecord(
         subject=subject,
         session=obj.get("session"),
@@ -112,7 +145,11 @@ def _optional_text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise DataError(
+            f"{where}: field {key!r} must be a string, got {type(value).__name__}",
+            source=where,
+            field=key,
+        )
     return str(value)
 
 
@@ -122,22 +159,32 @@ def check_record(record: StudyRecord) -> None:
     if not any(t.role == "assistant" for t in record.turns):
         raise DataError(
             f"{where}: the conversation has no assistant turn to learn from; "
-            "add the answer as an assistant turn"
+            "add the answer as an assistant turn",
+            source=where,
+            field="conversation",
         )
     placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns if t.role == "user")
     in_assistant = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns if t.role != "user")
     if in_assistant:
-        raise DataError(f"{where}: {IMAGE_PLACEHOLDER} may only appear in user turns")
+        raise DataError(
+            f"{where}: {IMAGE_PLACEHOLDER} may only appear in user turns",
+            source=where,
+            field="conversation",
+        )
     if placeholders != len(record.images):
         raise DataError(
             f"{where}: the conversation has {placeholders} {IMAGE_PLACEHOLDER} placeholder(s) "
             f"but the record lists {len(record.images)} image(s); put one "
-            f"{IMAGE_PLACEHOLDER} in a user turn for each image"
+            f"{IMAGE_PLACEHOLDER} in a user turn for each image",
+            source=where,
+            field="conversation",
         )
     if record.split is not None and record.split not in ("train", "validation", "test"):
         raise DataError(
             f"{where}: field 'split' must be train, validation or test (or absent), "
-            f"got {record.split!r}"
+            f"got {record.split!r}",
+            source=where,
+            field="split",
         )
 
 
@@ -174,13 +221,14 @@ def read_manifest(
             try:
                 items.append((f"{path}:{lineno}", json.loads(line)))
             except json.JSONDecodeError as exc:
-                items.append((f"{path}:{lineno}", _BAD_LINE))
-                fail(
-                    DataError(
-                        f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno}); "
-                        "fix the JSON or remove the line"
-                    )
+                # Reported in its place among the records, when reading reaches it.
+                error = DataError(
+                    f"{path}:{lineno}: invalid JSON: {exc.msg} (column {exc.colno}); "
+                    "fix the JSON or remove the line",
+                    source=f"{path}:{lineno}",
+                    field="json",
                 )
+                items.append((f"{path}:{lineno}", error))
     else:
         try:
             obj = json.loads(text)
@@ -200,7 +248,8 @@ def read_manifest(
     if not items:
         raise DataError(f"{path}: the manifest holds no records; add records or remove the study")
     for where, item in items:
-        if item is _BAD_LINE:
+        if isinstance(item, DataError):
+            fail(item)
             continue
         try:
             record = record_from_json(item, root=root, where=where, study=study)
@@ -208,7 +257,3 @@ def read_manifest(
             fail(error)
             continue
         yield record
-
-
-#: Marks a JSONL line that did not parse (reported through ``on_error``).
-_BAD_LINE = object()

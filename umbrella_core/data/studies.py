@@ -89,7 +89,13 @@ def resolve_specs(
         try:
             spec = spec.with_geometry(override.get("shape"), override.get("patch_size"))
             if "window_stride" in override:
-                spec = attrs.evolve(spec, window_stride=override["window_stride"])
+                if spec.windows is None:
+                    raise ConfigError(
+                        f"data.geometry.{name}.window_stride: {name} files give one input "
+                        "each (the plugin declares no windows)"
+                    )
+                windows = attrs.evolve(spec.windows, stride=override["window_stride"])
+                spec = attrs.evolve(spec, windows=windows)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"data.geometry.{name}: {exc}") from None
         spec = configure_spec(spec, config.data.preprocessing.get(name))
@@ -121,8 +127,13 @@ def screen_records(
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from umbrella_core.data.checks import (
+        Problem,
+        check_headers,
+        problem_from_error,
+        problems_by_record,
+    )
     from umbrella_core.imaging import missing_file_message
-    from umbrella_core.validate import Problem, check_headers, problem_from_error, validate_records
 
     problems: list[Problem] = []
     bad: set[int] = set()
@@ -151,13 +162,12 @@ def screen_records(
             problems.append(problem_from_error(error, source))
             bad.add(id(record))
     if check == "full":
-        by_source = {r.source: r for r in everything if id(r) not in bad}
+        # By position, not by source: records may share one (the task
+        # records of one scan, a plugin's rows of one clinical table).
         usable = [r for r in everything if id(r) not in bad]
-        for problem in validate_records(usable, pm, specs=specs):
+        for index, problem in problems_by_record(usable, pm, specs=specs):
             problems.append(problem)
-            record = by_source.get(problem.source)
-            if record is not None:
-                bad.add(id(record))
+            bad.add(id(usable[index]))
     kept = [[r for r in records if id(r) not in bad] for records in per_study]
     return kept, problems
 
@@ -211,15 +221,14 @@ def read_studies(
     a subject or family across sides is raised as a DataError (unless
     ``data.split.leak`` is ``warn``), and what was decided is ``StudyData.split``.
     """
-    from umbrella_core.data.demo import cached_demo
-    from umbrella_core.validate import (
+    from umbrella_core.data.checks import (
         Problem,
         canonical_modalities,
-        iter_study,
         outside_root_problems,
         problem_from_error,
         study_root,
     )
+    from umbrella_core.data.demo import cached_demo
 
     demo = not config.data.studies
     specs, provenance = resolve_specs(config, pm, demo=demo)
@@ -234,6 +243,7 @@ def read_studies(
             plugin_versions(provenance),
             subjects=config.data.demo_subjects,
             seed=0,
+            log=log,
         )
         studies = [StudyConfig(location=str(manifest))]
     records: list[StudyRecord] = []
@@ -247,7 +257,7 @@ def read_studies(
     for study in studies:
         per_study.append([])
         root = study_root(study.location)
-        for record in iter_study(study.location, pm, study.options, refused):
+        for record in pm.read_study(study.location, study.options, refused):
             if not demo and not config.data.allow_outside_root:
                 outside = outside_root_problems(record, root)
                 if outside:

@@ -9,21 +9,27 @@ so this module comes before the manifest reader in ``DEFAULT_PLUGINS``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 
 from umbrella_core import hookimpl
 from umbrella_core.data.brainvlm import find_brainvlm
+from umbrella_core.errors import DataError
 from umbrella_core.types import StudyRecord
 
 
 @hookimpl(trylast=True)
 def umbrella_study_reader(
-    location: str, options: Mapping[str, Any]
+    location: str, options: Mapping[str, Any], on_error: Callable[[DataError], None]
 ) -> Iterable[StudyRecord] | None:
     study = find_brainvlm(location)
     if study is None:
         return None
-    return attrs.evolve(study, options=dict(options))
+    return attrs.evolve(study, options=dict(options)).records(on_error)
+
+
+@hookimpl
+def umbrella_study_kinds() -> list[str]:
+    return ["brainvlm"]

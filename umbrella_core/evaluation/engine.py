@@ -30,7 +30,8 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.data.conversation import IGNORE_INDEX
+from umbrella_core.constants import IGNORE_INDEX
+from umbrella_core.data.batch import batch_to
 from umbrella_core.errors import DataError
 from umbrella_core.types import (
     IMAGE_PLACEHOLDER,
@@ -199,21 +200,6 @@ def _answered(record: StudyRecord, answer: str) -> StudyRecord:
     return attrs.evolve(record, turns=turns)
 
 
-def _to_device(batch: Mapping[str, Any], device: Any) -> dict[str, Any]:
-    import torch
-
-    return {
-        k: (
-            v.to(device)
-            if isinstance(v, torch.Tensor)
-            else {m: t.to(device) for m, t in v.items()}
-            if isinstance(v, dict)
-            else v
-        )
-        for k, v in batch.items()
-    }
-
-
 def _distributed() -> bool:
     import torch.distributed as dist
 
@@ -322,11 +308,12 @@ def _score_chunk(
                     "labels": labels,
                     "images": chunk[n]["images"],
                     "key": chunk[n]["key"],
+                    "source": chunk[n]["source"],
                 }
                 for n, _, (ids, labels) in part
             ]
         )
-        batch = _to_device(batch, device)
+        batch = batch_to(batch, device)
         out = model(**batch, return_logits=False, return_correct=True)
         learned = batch["labels"][:, 1:] != IGNORE_INDEX
         summed = out.token_loss.float().sum(1)

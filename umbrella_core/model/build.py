@@ -21,7 +21,8 @@ model's frozen weights (``...q_proj.base_layer.weight``) and the adapters
 (``...q_proj.lora_A.default.weight``) side by side, and ``umbrella.json`` the
 settings that recreate them. A reloaded model gives bit-identical logits (a
 merge would round), training can go on with the same adapters, and the base
-weights can be checked untouched. :func:`merge_lora` folds them in for export.
+weights can be checked untouched. :func:`merge_lora` folds them in for export
+(``umbrella export --merge-lora``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "read_llava_config",
     "checkpoint_config",
     "merge_lora",
+    "export_checkpoint",
     "CHECKPOINT_META",
 ]
 
@@ -373,6 +375,42 @@ def load_checkpoint(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, meta
+
+
+def export_checkpoint(
+    source: str | os.PathLike,
+    target: str | os.PathLike,
+    plugin_manager: Any,
+    *,
+    merge: bool = False,
+) -> tuple[Path, bool]:
+    """Write the model of checkpoint ``source`` to ``target`` (``umbrella export``).
+
+    Only what inference needs is written (weights, config, tokenizer,
+    ``umbrella.json``; no optimizer state or evaluation reports). With
+    ``merge`` the LoRA adapters are folded into the weights
+    (:func:`merge_lora`): the result loads without peft and answers as the
+    adapted model does.
+
+    Returns:
+        ``(folder, merged)``: the written folder, and whether adapters were merged.
+    """
+    source = Path(source).expanduser()
+    target = Path(target).expanduser()
+    if target.resolve() == source.resolve():
+        raise ModelError(f"{target}: export to a new folder, not over the checkpoint itself")
+    model, tokenizer, meta = load_checkpoint(source, plugin_manager)
+    merged = merge and model.lora_settings is not None
+    if merged:
+        merge_lora(model)
+    provenance = {
+        e["name"]: (e.get("plugin", ""), e.get("distribution", ""), e.get("version", ""))
+        for e in meta["modalities"]
+    }
+    computed = {"format", "version", "modalities", "lora", "umbrella_core"}
+    extra = {k: v for k, v in meta.items() if k not in computed}
+    extra["exported_from"] = {"checkpoint": str(source), "merged_lora": merged}
+    return save_checkpoint(model, tokenizer, target, provenance=provenance, extra=extra), merged
 
 
 def checkpoint_config(folder: Path) -> Any:

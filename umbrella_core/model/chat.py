@@ -39,6 +39,7 @@ from typing import Any
 
 import attrs
 
+from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.errors import ConfigError, DataError, TokenCountError
 from umbrella_core.model.chat_templates import (
     DEFAULT_TEMPLATE,
@@ -63,8 +64,6 @@ __all__ = [
     "prepare_tokenizer",
     "resolve_template",
 ]
-
-IGNORE_INDEX = -100
 
 _PUBLIC = ("template", "name", "system_prompt", "end_of_turn", "stop_token_ids")
 
@@ -227,7 +226,9 @@ class ChatFormat:
             return self.render(messages, add_generation_prompt=generation)
         except jinja2.TemplateError as error:
             raise DataError(
-                f"{where}: the chat template ({self.name}) refuses this conversation: {error}"
+                f"{where}: the chat template ({self.name}) refuses this conversation: {error}",
+                source=where,
+                field="conversation",
             ) from None
 
     def _end_of_turn_at(self, text: str, start: int, stop: int) -> re.Match[str] | None:
@@ -270,7 +271,9 @@ class ChatFormat:
         if start < 0:
             raise DataError(
                 f"{where}: the chat template ({self.name}) does not write out the "
-                f"assistant reply {reply[:40]!r}, so it cannot be learned"
+                f"assistant reply {reply[:40]!r}, so it cannot be learned",
+                source=where,
+                field="conversation",
             )
         end = start + len(reply)
         eot = self._end_of_turn_at(text, end, len(text))
@@ -336,7 +339,9 @@ class ChatFormat:
         for modality in image_modalities:
             if modality not in tokens_per_modality:
                 raise DataError(
-                    f"{where}: image of modality {modality!r} is not active in this run"
+                    f"{where}: image of modality {modality!r} is not active in this run",
+                    source=where,
+                    field="images",
                 )
         cuts = sorted({c for span in spans for c in span})
         backend = self._backend(tokenizer)
@@ -353,7 +358,9 @@ class ChatFormat:
         if len(ids) > max_length:
             raise DataError(
                 f"{where}: the conversation is {len(ids)} tokens long (images included) but the "
-                f"model takes at most {max_length}; shorten it or raise model.max_length"
+                f"model takes at most {max_length}; shorten it or raise model.max_length",
+                source=where,
+                field="conversation",
             )
         return Encoded(ids, labels)
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from umbrella_core.data.conversation import IGNORE_INDEX
+from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.errors import ModelError
 
 __all__ = ["LogitHead", "learned_token_loss", "CHUNK_ELEMENTS", "UNIFORM_CHUNKS"]

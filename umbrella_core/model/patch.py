@@ -1,7 +1,9 @@
 """A generic patch embedding for 3D volumes and 4D series.
 
-Modality plugins return :class:`PatchEmbedding` from ``umbrella_patch_embedder``
-with their own channel count, shape and patch size; the module holds nothing
+The built-in default embedder (:mod:`umbrella_core.default_plugins.embedder`)
+builds :class:`PatchEmbedding` with each modality's channel count, shape and
+patch size when the modality's plugin gives no embedder of its own; a plugin
+may build it too (with ``norm=True``, say). The module holds nothing
 modality-specific.
 """
 

@@ -3,8 +3,9 @@
 The vision tower's patch embedding is replaced by :class:`ModalityEmbeddings`
 (one embedder per active modality). Tokens of each modality go through the
 shared vision body (the tower's transformer layers) and the multimodal
-projector, and are spliced into the text embeddings at the image placeholders
-of each sample, in order. One next-token loss trains everything.
+projector, and are spliced into the text embeddings, each image at its own
+placeholder (the batch records each image's row and placeholder ordinal; see
+:meth:`UmbrellaModel.splice`). One next-token loss trains everything.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from umbrella_core.data.conversation import IGNORE_INDEX
+from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.errors import ModelError, TokenCountError
 from umbrella_core.model.embeddings import ModalityEmbeddings
 from umbrella_core.model.loss import LogitHead, learned_token_loss
+from umbrella_core.model.placement import ordered_features
 from umbrella_core.types import LossTerm, ModalitySpec
 
 __all__ = ["UmbrellaModel", "UmbrellaOutput", "TRAINABLE_SETS"]
@@ -366,23 +368,20 @@ class UmbrellaModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         features: Mapping[str, torch.Tensor],
-        image_modalities: Sequence[str],
+        image_modalities: Sequence[str] | None,
+        image_places: Mapping[str, Sequence[tuple[int, int]]] | None = None,
     ) -> torch.Tensor:
-        """Text embeddings with each image's features at its placeholder tokens (I3)."""
+        """Text embeddings with each image's features at its own placeholder tokens (I3).
+
+        ``image_places[m][j]`` is ``(row, ordinal)`` of ``features[m][j]``,
+        checked against the placeholders (:mod:`umbrella_core.model.placement`):
+        a disagreement is a :class:`TokenCountError`, never a misplaced image.
+        """
         embeds = self.llava.get_input_embeddings()(input_ids)
         mask = input_ids == self.image_token_id
         n_placeholders = int(mask.sum())
-        taken = {m: 0 for m in features}
-        ordered = []
-        for modality in image_modalities:
-            if modality not in features or taken[modality] >= features[modality].shape[0]:
-                raise TokenCountError(
-                    f"image of modality {modality!r} has no features in this batch"
-                )
-            ordered.append(features[modality][taken[modality]])
-            taken[modality] += 1
-        n_features = sum(f.shape[0] for f in ordered)
-        if n_placeholders != n_features or any(taken[m] != features[m].shape[0] for m in features):
+        n_features = sum(f.shape[0] * f.shape[1] for f in features.values())
+        if n_placeholders != n_features:
             per = ", ".join(
                 f"{m}: {features[m].shape[0]} image(s) x {features[m].shape[1]} tokens"
                 for m in features
@@ -392,10 +391,10 @@ class UmbrellaModel(nn.Module):
                 f"{n_features} feature tokens ({per or 'no images'}); each <image> must expand "
                 "to exactly its modality's token count"
             )
-        if not ordered:
+        if not n_features:
             return embeds
-        flat = torch.cat(ordered, dim=0).to(embeds.dtype)
-        return embeds.masked_scatter(mask.unsqueeze(-1), flat)
+        flat = ordered_features(mask, features, image_modalities, image_places)
+        return embeds.masked_scatter(mask.unsqueeze(-1), flat.to(embeds.dtype))
 
     # -- forward --------------------------------------------------------------
 
@@ -406,7 +405,9 @@ class UmbrellaModel(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: Mapping[str, torch.Tensor] | None = None,
         image_modalities: Sequence[str] | None = None,
+        image_places: Mapping[str, Sequence[tuple[int, int]]] | None = None,
         sample_keys: Sequence[str] | None = None,
+        sample_sources: Sequence[str | None] | None = None,
         return_logits: bool | None = None,
         return_correct: bool | None = None,
         loss_chunk_size: int | None = None,
@@ -424,7 +425,11 @@ class UmbrellaModel(nn.Module):
             labels: ``(B, L)``, ``-100`` where nothing is learned; None to generate.
             pixel_values: Images per modality, ``(n, C, ...)``.
             image_modalities: Modality of each image placeholder run, in order.
+            image_places: Per modality, ``(row, ordinal)`` of each image of
+                ``pixel_values[m]``: where it goes (:meth:`splice`).
             sample_keys: Modality key per row, for :attr:`UmbrellaOutput.key_losses`.
+            sample_sources: Where each row's record was read; not used here
+                (the trainer's reports name them), taken so ``model(**batch)`` works.
             return_logits: Full ``(B, L, vocab)`` logits. Default: without labels,
                 in eval mode, or when a loss term sets ``needs_logits``.
             return_correct: :attr:`UmbrellaOutput.token_correct`. Default: in eval mode.
@@ -434,7 +439,7 @@ class UmbrellaModel(nn.Module):
             An :class:`UmbrellaOutput`.
         """
         features, coverage = self.image_features(pixel_values)
-        embeds = self.splice(input_ids, features, image_modalities or [])
+        embeds = self.splice(input_ids, features, image_modalities, image_places)
         # The base model, not Llava's head: logits at every position would be
         # B x L x vocab (see ARCHITECTURE's pitfalls).
         hidden = self.llava.model(
@@ -475,6 +480,7 @@ class UmbrellaModel(nn.Module):
                     "labels": labels,
                     "pixel_values": pixel_values,
                     "image_modalities": image_modalities,
+                    "image_places": image_places,
                 },
             )
             terms[term.name] = value

@@ -7,9 +7,10 @@
   installed entry points, so a test sees only what it registers.
 * :func:`registered_hooks`, :func:`embed_and_backpropagate` and
   :func:`modules_imported_by` are the building blocks of the checks.
-* ``check_*`` (from :mod:`umbrella_core.testing.conformance`) are the
-  conformance checks every modality or study plugin runs on itself;
-  :func:`check_modality_plugin` runs them all for a modality plugin.
+* ``check_*`` are the conformance checks every plugin runs on itself: a
+  modality plugin's in :mod:`umbrella_core.testing.conformance`
+  (:func:`check_modality_plugin` runs them all), a study reader's in
+  :mod:`umbrella_core.testing.study_conformance` (:func:`check_study_reader`).
 * :mod:`umbrella_core.testing.strategies` holds hypothesis strategies
   (imported on its own: hypothesis is a test dependency).
 * :mod:`umbrella_core.testing.families` builds tiny look-alikes of language-model
@@ -34,11 +35,8 @@ from umbrella_core.testing.conformance import (
     check_modality_plugin,
     check_patch_embedder,
     check_phantom_round_trip,
-    check_records,
     check_registration,
     check_spec,
-    check_study_reader,
-    check_study_reader_ignores_foreign,
     write_phantom,
 )
 from umbrella_core.testing.helpers import (
@@ -48,6 +46,13 @@ from umbrella_core.testing.helpers import (
     modules_imported_by,
     registered_hooks,
     toy_modality,
+)
+from umbrella_core.testing.study_conformance import (
+    check_records,
+    check_reports_bad_records,
+    check_source,
+    check_study_reader,
+    check_study_reader_ignores_foreign,
 )
 
 __all__ = [
@@ -63,6 +68,8 @@ __all__ = [
     "check_spec",
     "check_study_reader",
     "check_study_reader_ignores_foreign",
+    "check_reports_bad_records",
+    "check_source",
     "write_phantom",
     "toy_modality",
     "ToyModalityPlugin",

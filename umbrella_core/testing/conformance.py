@@ -1,4 +1,4 @@
-"""Conformance checks a modality or study plugin runs in its own tests.
+"""Conformance checks a modality plugin runs in its own tests (study readers: study_conformance).
 
 Each ``check_*`` function raises :class:`ConformanceError` (an AssertionError,
 so pytest reports it as a failed test) with a message naming the plugin, the
@@ -14,13 +14,7 @@ Typical use in a modality plugin's tests::
     def test_conformance(tmp_path):
         check_modality_plugin(plugin, tmp_path, entry_point="pet")
 
-and in a study plugin's tests::
-
-    from umbrella_core.testing import check_study_reader
-
-    def test_conformance(tmp_path):
-        folder = write_my_tiny_study(tmp_path / "study")
-        check_study_reader(plugin, f"mine:{folder}", tmp_path / "scratch")
+A study plugin's checks are in :mod:`umbrella_core.testing.study_conformance`.
 
 Importing this module does not import torch or nibabel.
 """
@@ -30,11 +24,11 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, PhantomFile, StudyRecord
+from umbrella_core.types import Demo, ModalitySpec, PhantomFile, Windows
 
 __all__ = [
     "ConformanceError",
@@ -46,9 +40,6 @@ __all__ = [
     "check_phantom_round_trip",
     "check_patch_embedder",
     "check_modality_plugin",
-    "check_records",
-    "check_study_reader",
-    "check_study_reader_ignores_foreign",
     "check_light_import",
     "write_phantom",
 ]
@@ -125,24 +116,26 @@ def check_spec(spec: ModalitySpec) -> None:
         len(set(spec.file_patterns)) == len(spec.file_patterns),
         f"{where}: file patterns repeat: {spec.file_patterns}",
     )
-    if spec.phantom is not None:
-        _require(callable(spec.phantom), f"{where}: phantom is not callable")
+    demo = spec.demo
+    _require(demo is None or isinstance(demo, Demo), f"{where}: demo is not a Demo")
+    if demo is not None and demo.phantom is not None:
+        _require(callable(demo.phantom), f"{where}: demo.phantom is not callable")
         _require(
-            len(spec.phantom_labels) >= 2
-            and len(set(spec.phantom_labels)) == len(spec.phantom_labels),
-            f"{where}: phantom_labels {spec.phantom_labels} must be two or more distinct answers",
+            len(demo.labels) >= 2 and len(set(demo.labels)) == len(demo.labels),
+            f"{where}: demo.labels {demo.labels} must be two or more distinct answers",
         )
-        _require(spec.phantom_question.strip(), f"{where}: phantom_question is empty")
-    for field in ("series", "frames", "companions", "configure"):
+        _require(demo.question.strip(), f"{where}: demo.question is empty")
+    for field in ("companions", "configure"):
         value = getattr(spec, field)
         _require(value is None or callable(value), f"{where}: {field} is not callable")
-    _require(
-        (spec.series is None) == (spec.frames is None),
-        f"{where}: series and frames go together (one is set, the other is not)",
-    )
-    if spec.window_stride is not None:
-        _require(spec.window_stride > 0, f"{where}: window_stride must be positive")
-    if spec.demo_shape is not None or spec.demo_patch_size is not None:
+    windows = spec.windows
+    _require(windows is None or isinstance(windows, Windows), f"{where}: windows is not a Windows")
+    if windows is not None:
+        _require(
+            callable(windows.series) and callable(windows.frames),
+            f"{where}: windows.series and windows.frames must be callable",
+        )
+    if demo is not None and (demo.shape is not None or demo.patch_size is not None):
         try:
             spec.for_demo()
         except ValueError as exc:
@@ -260,8 +253,11 @@ def write_phantom(
 
     from umbrella_core.imaging import save_nifti
 
-    _require(spec.phantom is not None, f"modality {spec.name!r} has no phantom")
-    files = spec.phantom(spec, np.random.default_rng(seed), label)
+    _require(
+        spec.demo is not None and spec.demo.phantom is not None,
+        f"modality {spec.name!r} has no phantom",
+    )
+    files = spec.demo.phantom(spec, np.random.default_rng(seed), label)
     _require(
         files and all(isinstance(f, PhantomFile) for f in files),
         f"modality {spec.name!r}: phantom must return a non-empty list of PhantomFile",
@@ -324,10 +320,13 @@ def check_phantom_round_trip(
     """
     import numpy as np
 
-    _require(spec.phantom is not None, f"modality {spec.name!r} has no phantom")
+    _require(
+        spec.demo is not None and spec.demo.phantom is not None,
+        f"modality {spec.name!r} has no phantom",
+    )
     folder = Path(folder)
     loaded: dict[str, list[Any]] = {}
-    for label in spec.phantom_labels:
+    for label in spec.demo.labels:
         for seed in seeds:
             paths = write_phantom(spec, folder / f"{label}-{seed}", label, seed=seed)
             loaded.setdefault(label, []).append(check_loader(spec, paths))
@@ -462,7 +461,7 @@ def check_modality_plugin(
     for spec in specs:
         spec = spec.for_demo() if demo else spec
         check_patch_embedder(plugin, spec, hidden_size=hidden_size)
-        if spec.phantom is not None:
+        if spec.demo is not None and spec.demo.phantom is not None:
             check_phantom_round_trip(
                 spec, Path(folder) / spec.name, label_of=(label_of or {}).get(spec.name)
             )
@@ -471,140 +470,3 @@ def check_modality_plugin(
     if light_import and module and type(plugin).__name__ == "module":
         check_light_import(module)
     return checked
-
-
-# ---------------------------------------------------------------------------
-# Study readers
-# ---------------------------------------------------------------------------
-
-
-def check_records(
-    records: Iterable[StudyRecord], *, modalities: Iterable[str] | None = None
-) -> list[StudyRecord]:
-    """Records a training run can use.
-
-    Each is a StudyRecord with a subject, a split in :data:`SPLITS`, at least
-    one assistant turn, exactly as many ``<image>`` placeholders in its user
-    turns as images (the tokenizer refuses a mismatch), and image files that exist.
-    ``modalities`` (names) limits the modalities the images may name.
-    """
-    known = set(modalities) if modalities is not None else None
-    out = []
-    for record in records:
-        where = f"record {record.source or record.subject!r}"
-        _require(isinstance(record, StudyRecord), f"reader yielded {type(record).__name__}")
-        _require(str(record.subject).strip(), f"{where}: empty subject")
-        # None: the study gives no split and UMBRELLA makes one (data.split).
-        _require(
-            record.split is None or record.split in SPLITS,
-            f"{where}: split {record.split!r} not in {SPLITS} (or None)",
-        )
-        _require(
-            any(t.role == "assistant" and t.content.strip() for t in record.turns),
-            f"{where}: no assistant turn with an answer",
-        )
-        placeholders = sum(t.content.count(IMAGE_PLACEHOLDER) for t in record.turns)
-        _require(
-            placeholders == len(record.images),
-            f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders for "
-            f"{len(record.images)} images",
-        )
-        _require(
-            all(t.role == "user" for t in record.turns if IMAGE_PLACEHOLDER in t.content),
-            f"{where}: an {IMAGE_PLACEHOLDER} placeholder in an assistant turn",
-        )
-        for image in record.images:
-            _require(image.paths, f"{where}: image of {image.modality!r} without a file")
-            if known is not None:
-                _require(
-                    image.modality in known,
-                    f"{where}: modality {image.modality!r} is not one of {sorted(known)}",
-                )
-            for path in image.paths:
-                _require(os.path.isabs(path), f"{where}: {path} is not an absolute path")
-                _require(os.path.exists(path), f"{where}: {path} does not exist")
-        out.append(record)
-    return out
-
-
-def check_study_reader_ignores_foreign(
-    plugin: object, folder: str | os.PathLike[str], *, options: Mapping[str, Any] | None = None
-) -> None:
-    """The reader returns None (and does not raise) for locations that are not its kind.
-
-    Tried: an empty folder, a folder with an unrelated file, the unrelated
-    file itself, a path that does not exist, a folder holding another kind's
-    manifest (``manifest.jsonl``), a URL, and an unknown ``kind:`` prefix.
-    """
-    hooks = _hooks(plugin)
-    base = Path(folder)
-    empty = base / "foreign-empty"
-    empty.mkdir(parents=True, exist_ok=True)
-    other = base / "foreign-files"
-    other.mkdir(exist_ok=True)
-    unrelated = other / "notes.txt"
-    unrelated.write_text("not a study\n", encoding="utf-8")
-    manifest = base / "foreign-manifest"
-    manifest.mkdir(exist_ok=True)
-    (manifest / "manifest.jsonl").write_text("", encoding="utf-8")
-    locations = [
-        str(empty),
-        str(other),
-        str(unrelated),
-        str(base / "does-not-exist"),
-        str(manifest),
-        "https://example.org/study",
-        f"zz-unknown-kind:{empty}",
-    ]
-    for location in locations:
-        try:
-            result = hooks.umbrella_study_reader(location=location, options=dict(options or {}))
-        except Exception as exc:
-            raise ConformanceError(
-                f"plugin {_plugin_name(plugin)!r}: umbrella_study_reader({location!r}) raised "
-                f"{type(exc).__name__}: {exc}; a location that is not yours must give None"
-            ) from exc
-        _require(
-            result is None,
-            f"plugin {_plugin_name(plugin)!r}: umbrella_study_reader({location!r}) claimed a "
-            "location that is not its kind (it must return None)",
-        )
-
-
-def check_study_reader(
-    plugin: object,
-    location: str,
-    folder: str | os.PathLike[str],
-    *,
-    options: Mapping[str, Any] | None = None,
-    modalities: Iterable[str] | None = None,
-    min_records: int = 1,
-) -> list[StudyRecord]:
-    """The reader claims ``location`` (its own sample) and no foreign one.
-
-    Args:
-        plugin: The plugin module or object.
-        location: A sample study of the reader's kind (as a user passes it to ``--study``).
-        folder: A scratch folder for the foreign locations.
-        options: Reader options to pass.
-        modalities: The modality names records may use (default: any).
-        min_records: Fewest records the sample must give.
-
-    Returns:
-        The records, checked with :func:`check_records`.
-    """
-    check_study_reader_ignores_foreign(plugin, folder)
-    hooks = _hooks(plugin)
-    result = hooks.umbrella_study_reader(location=location, options=dict(options or {}))
-    _require(
-        result is not None,
-        f"plugin {_plugin_name(plugin)!r} does not recognise its own sample {location!r}",
-    )
-    records = check_records(result, modalities=modalities)
-    _require(
-        len(records) >= min_records,
-        f"{location}: {len(records)} records, expected at least {min_records}",
-    )
-    again = list(hooks.umbrella_study_reader(location=location, options=dict(options or {})))
-    _require(again == records, f"{location}: reading the study twice gave different records")
-    return records

@@ -12,7 +12,7 @@ from typing import Any
 
 from umbrella_core.hookspecs import hookimpl
 from umbrella_core.plugins import PluginManager
-from umbrella_core.types import ModalitySpec, PhantomFile
+from umbrella_core.types import Demo, ModalitySpec, PhantomFile
 
 __all__ = [
     "toy_modality",
@@ -21,6 +21,7 @@ __all__ = [
     "registered_hooks",
     "embed_and_backpropagate",
     "modules_imported_by",
+    "rank_order",
 ]
 
 
@@ -47,7 +48,7 @@ def _toy_phantom(spec: ModalitySpec, rng: Any, label: str) -> list[PhantomFile]:
     shape = spec.shape
     data = rng.normal(0.0, 0.1, size=shape).astype(np.float32)
     half = shape[0] // 2
-    if label == spec.phantom_labels[0]:
+    if label == spec.demo.labels[0]:
         data[:half] += 1.0
     else:
         data[half:] += 1.0
@@ -71,7 +72,7 @@ def toy_modality(
         patch_size=patch_size,
         channels=channels,
         load=_toy_load,
-        phantom=_toy_phantom,
+        demo=Demo(phantom=_toy_phantom),
         aliases=aliases,
         description=f"toy {ndim}D modality for tests",
     )
@@ -105,11 +106,35 @@ def fresh_plugin_manager(*plugins: object) -> PluginManager:
     return pm
 
 
+class _DefaultEmbedder:
+    """The built-in default patch embedder, for the modalities the plugin under test declares.
+
+    A host asks it only for modalities in its registry; here that registry is
+    the one plugin's. So a plugin that relies on the default passes the
+    embedder checks, and an embedder of the plugin's own that answers for a
+    name it does not declare is still caught.
+    """
+
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+
+    @hookimpl(trylast=True)
+    def umbrella_patch_embedder(self, spec: ModalitySpec, hidden_size: int) -> Any:
+        declared = {s.name for result in self.hook.umbrella_modalities() for s in result or ()}
+        if spec.name not in declared:
+            return None
+        from umbrella_core.default_plugins import embedder
+
+        return embedder.umbrella_patch_embedder(spec=spec, hidden_size=hidden_size)
+
+
 def registered_hooks(plugin: object) -> Any:
     """A bare pluggy hook relay with ``plugin`` registered and checked.
 
     ``check_pending`` fails when the plugin implements an ``umbrella_*``
     function that is not a hook, or asks for an argument a hook does not have.
+    The built-in default patch embedder is registered too (``trylast``, and only
+    for the modalities ``plugin`` declares), as a host would have it.
     """
     import pluggy
 
@@ -118,6 +143,7 @@ def registered_hooks(plugin: object) -> Any:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(plugin)
+    pm.register(_DefaultEmbedder(pm.hook))
     pm.check_pending()
     return pm.hook
 
@@ -164,3 +190,22 @@ def modules_imported_by(code: str, modules: Sequence[str] = ("torch", "nibabel")
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+def rank_order(sampler: Any, rank: int, world_size: int, batch_size: int, epoch: int | None = None):
+    """The indices rank ``rank`` draws from an InterleavedSampler, batch after batch.
+
+    Each global batch of ``sampler.order(epoch)`` is cut into ``world_size``
+    consecutive batches, as accelerate's batch dispatch does; tests use it to
+    check that ranks draw disjoint, equal shares.
+    """
+    import numpy as np
+
+    order = sampler.order(epoch)
+    return np.concatenate(
+        [
+            order[start + rank * batch_size : start + (rank + 1) * batch_size]
+            for start in range(0, len(order), batch_size * world_size)
+        ]
+        or [np.empty(0, dtype=np.int64)]
+    )

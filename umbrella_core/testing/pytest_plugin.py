@@ -63,7 +63,7 @@ class Conformance:
         from umbrella_core.testing import conformance
 
         conformance.check_spec(spec)
-        if spec.phantom is not None:
+        if spec.demo is not None and spec.demo.phantom is not None:
             conformance.check_phantom_round_trip(spec, self._scratch(spec.name), label_of=label_of)
         if plugin is not None:
             conformance.check_patch_embedder(plugin, spec, hidden_size=hidden_size)
@@ -83,9 +83,10 @@ class Conformance:
         options: Mapping[str, Any] | None = None,
         modalities: Iterable[str] | None = None,
         min_records: int = 1,
+        bad_location: str | None = None,
     ) -> list[StudyRecord]:
-        """:func:`~umbrella_core.testing.conformance.check_study_reader`."""
-        from umbrella_core.testing.conformance import check_study_reader
+        """:func:`~umbrella_core.testing.study_conformance.check_study_reader`."""
+        from umbrella_core.testing.study_conformance import check_study_reader
 
         return check_study_reader(
             plugin,
@@ -94,6 +95,7 @@ class Conformance:
             options=options,
             modalities=modalities,
             min_records=min_records,
+            bad_location=bad_location,
         )
 
 

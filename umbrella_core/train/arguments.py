@@ -69,6 +69,8 @@ def training_arguments(config: RunConfig, out_dir: Path) -> Any:
     from umbrella_core.train.callbacks import evaluation_arguments
 
     t = config.trainer
+    if t.deepspeed and not torch.cuda.is_available():
+        _no_cpu_inference_kernels()
     args = TrainingArguments(
         output_dir=str(out_dir),
         max_steps=t.max_steps if t.max_steps > 0 else -1,
@@ -114,6 +116,22 @@ def training_arguments(config: RunConfig, out_dir: Path) -> Any:
                 dist_backend="gloo" if args.use_cpu else "nccl", auto_mpi_discovery=False
             )
     return args
+
+
+def _no_cpu_inference_kernels() -> None:
+    """Keep DeepSpeed on CPU from compiling its shared-memory all-reduce kernels.
+
+    DeepSpeed compiles them (about two minutes, once per machine) when its
+    communication starts on CPU, but only ``inference_all_reduce`` uses them:
+    training reduces through gloo. Best effort: another DeepSpeed version
+    without this table just compiles them as before.
+    """
+    try:
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    except Exception:  # pragma: no cover - a DeepSpeed without the table
+        return
 
 
 def bf16_supported(wanted: bool) -> bool:

@@ -41,7 +41,6 @@ __all__ = [
     "save_training_checkpoint",
     "StopOnSignal",
     "stop_on_signals",
-    "SampleSources",
     "check_loss",
 ]
 
@@ -296,22 +295,6 @@ def interrupted_error(stopper: StopOnSignal, out_dir: str | os.PathLike) -> Trai
 
 
 # -- non-finite losses -------------------------------------------------------------
-
-
-class SampleSources:
-    """A collator wrapper that adds ``sample_sources`` (each sample's file and line) to a batch.
-
-    The model ignores the key; the trainer uses it to name the samples of a step
-    whose loss is not finite.
-    """
-
-    def __init__(self, collator: Callable[[Sequence[dict[str, Any]]], dict[str, Any]]) -> None:
-        self.collator = collator
-
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(items)
-        batch["sample_sources"] = [item.get("source") for item in items]
-        return batch
 
 
 def _number(value: float) -> float | str:

@@ -15,12 +15,15 @@ import functools
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, Turn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from umbrella_core.data.batch import Batch
 
 __all__ = [
     "Loaded",
@@ -111,13 +114,31 @@ def with_placeholders(prompt: str, n_images: int) -> str:
     return f"{IMAGE_PLACEHOLDER}\n" * n_images + prompt
 
 
-def _pixel_values(images: Sequence[tuple[str, Any]], device: Any) -> dict[str, Any]:
-    import torch
+def _prompt_batch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    images: Sequence[Sequence[tuple[str, Any]]],
+    pad_token_id: int,
+    device: Any,
+) -> Batch:
+    """The prompts as the collator batches them for generation (left padding, no labels),
+    on ``device``."""
+    from umbrella_core.data.batch import batch_to
+    from umbrella_core.data.collate import UmbrellaCollator
 
-    groups: dict[str, list[Any]] = {}
-    for modality, tensor in images:
-        groups.setdefault(modality, []).append(torch.as_tensor(tensor))
-    return {m: torch.stack(ts).to(device) for m, ts in groups.items()}
+    # Modalities the model lacks are left in: the model names them (ModelError).
+    given = {m for row in images for m, _ in row}
+    order = (*model.modalities, *sorted(given - set(model.modalities)))
+    items = [
+        {
+            "input_ids": list(prompt),
+            "images": list(row),
+            "key": "+".join(dict.fromkeys(m for m, _ in row)) or "text",
+        }
+        for prompt, row in zip(prompts, images, strict=True)
+    ]
+    batch = UmbrellaCollator(pad_token_id, order, padding_side="left")(items)
+    return batch_to(batch, device)
 
 
 def greedy_generate(
@@ -151,10 +172,12 @@ def greedy_generate(
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
-            features, _ = model.image_features(_pixel_values(images, device))
-            embeds = model.splice(ids, features, [m for m, _ in images])
-            attention = torch.ones_like(ids)
+            batch = _prompt_batch(model, [input_ids], [images], 0, device)
+            features, _ = model.image_features(batch["pixel_values"])
+            embeds = model.splice(
+                batch["input_ids"], features, batch["image_modalities"], batch["image_places"]
+            )
+            attention = batch["attention_mask"]
             llava = model.llava
             out = llava(
                 inputs_embeds=embeds, attention_mask=attention, use_cache=True, logits_to_keep=1
@@ -215,20 +238,16 @@ def greedy_generate_batch(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), int(pad_token_id), dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, length - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-        attention[row, length - len(prompt) :] = 1
-    ids, attention = ids.to(device), attention.to(device)
-    flat = [image for row in images for image in row]
+    batch = _prompt_batch(model, prompts, images, pad_token_id, device)
+    attention = batch["attention_mask"]
     generated: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     try:
         with torch.no_grad():
-            features, _ = model.image_features(_pixel_values(flat, device))
-            embeds = model.splice(ids, features, [m for m, _ in flat])
+            features, _ = model.image_features(batch["pixel_values"])
+            embeds = model.splice(
+                batch["input_ids"], features, batch["image_modalities"], batch["image_places"]
+            )
             positions = (attention.cumsum(1) - 1).clamp(min=0)
             llava = model.llava
             out = llava(

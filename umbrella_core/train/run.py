@@ -79,41 +79,32 @@ def prepare(
     log: Callable[[str], None] = print,
     data: StudyData | None = None,
 ) -> Prepared:
-    """Resolve plugins, read studies (unless ``data`` holds them), build the model.
+    """Resolve plugins, read and screen studies (unless ``data`` holds them), build the model.
 
-    Nothing is trained yet. In a distributed run every rank calls this: under
-    ZeRO-3 building the model is a collective (parameters are partitioned as
-    they are created), so only :func:`read_studies` may run on one rank first.
+    Nothing is trained yet. Records are screened (:func:`screen_records`) with
+    the run's tokenizer alone, before the model is built: a bad record costs
+    seconds, not a model load. In a distributed run every rank calls this:
+    under ZeRO-3 building the model is a collective (parameters are
+    partitioned as they are created), so only :func:`read_studies` may run on
+    one rank first.
     """
     from umbrella_core.data.interleave import size_weights
     from umbrella_core.model.chat import chat_format
-    from umbrella_core.model.start import start_model
+    from umbrella_core.model.start import load_tokenizer, start_model
 
     if data is None:
         data = read_studies(config, pm, log=log)
     specs, provenance, studies = data.specs, data.provenance, data.studies
     per_study, skipped, locations = data.per_study, data.skipped, data.locations
 
-    terms = pm.loss_terms(tuple(specs), dict(config.loss))
-    started = start_model(config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed)
-    model, tokenizer = started.model, started.tokenizer
-    is_random, trainable = started.base_is_random, started.trainable
-    # The builder readied the tokenizer for model.chat_template (prepare_tokenizer).
-    chat = chat_format(tokenizer, config.model.chat_template, config.model.system_prompt)
-
-    cache = None
-    if config.data.cache:
-        from umbrella_core.data.cache import PreprocessedCache, default_cache_root
-
-        cache = PreprocessedCache(config.data.cache_dir or default_cache_root(), data.versions())
-
+    tokenizer, image_token_id = load_tokenizer(config.model)
     probe = RecordDataset(
         [],
         specs,
         tokenizer=tokenizer,
-        image_token_id=model.image_token_id,
+        image_token_id=image_token_id,
         max_length=config.model.max_length,
-        chat=chat,
+        chat=chat_format(tokenizer, config.model.chat_template, config.model.system_prompt),
     )
     per_study, problems = screen_records(
         per_study, check=config.data.check, encode=probe.encode, pm=pm, specs=specs
@@ -129,6 +120,19 @@ def prepare(
     if problems:
         log(f"skipping {len(problems)} bad sample(s) (data.on_bad=skip); first: {problems[0]}")
     data = attrs.evolve(data, per_study=per_study)
+
+    terms = pm.loss_terms(tuple(specs), dict(config.loss))
+    started = start_model(config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed)
+    model, tokenizer = started.model, started.tokenizer
+    is_random, trainable = started.base_is_random, started.trainable
+    # The builder readied the tokenizer for model.chat_template (prepare_tokenizer).
+    chat = chat_format(tokenizer, config.model.chat_template, config.model.system_prompt)
+
+    cache = None
+    if config.data.cache:
+        from umbrella_core.data.cache import PreprocessedCache, default_cache_root
+
+        cache = PreprocessedCache(config.data.cache_dir or default_cache_root(), data.versions())
 
     def dataset(group: list[StudyRecord], name: str) -> RecordDataset:
         return RecordDataset(

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from umbrella_core.data.conversation import IGNORE_INDEX
+from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
 from umbrella_core.model.build import save_checkpoint
-from umbrella_core.train.faults import SampleSources, check_loss, save_training_checkpoint
+from umbrella_core.train.faults import check_loss, save_training_checkpoint
 
 __all__ = ["UmbrellaTrainer"]
 
@@ -84,8 +84,6 @@ class UmbrellaTrainer(Trainer):
         self._key_tokens: dict[str, int] = {}
         self._term_sum: dict[str, float] = {}
         self._term_count = 0
-        # Each batch names its samples' files, for the report of a NaN loss.
-        self.data_collator = SampleSources(self.data_collator)
         self.add_callback(AbsentEmbeddersStayPut())
         if self.is_deepspeed_enabled:
             self.accelerator.unwrap_model(self.model).uniform_module_order = True
@@ -108,7 +106,6 @@ class UmbrellaTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
-        sources = inputs.pop("sample_sources", None)
         outputs = model(**inputs)
         loss = outputs.loss
         if num_items_in_batch is not None and outputs.nll is not None:
@@ -131,7 +128,8 @@ class UmbrellaTrainer(Trainer):
                 self._term_sum[name] = self._term_sum.get(name, 0.0) + float(value.detach())
             self._term_count += 1
             # Before the backward pass: a NaN/inf step is reported, never applied.
-            check_loss(self, loss, outputs, inputs.get("sample_keys"), sources)
+            # The collator's batch names each sample's source (file:line).
+            check_loss(self, loss, outputs, inputs.get("sample_keys"), inputs.get("sample_sources"))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -19,7 +19,7 @@ def write_example_study(folder: Path, subjects: int = 6, test: int = 2) -> Path:
     rows = []
     for i in range(subjects):
         subject = f"sub-{i:02d}"
-        label = spec.phantom_labels[i % 2]
+        label = spec.demo.labels[i % 2]
         write_phantom(spec, folder, label, seed=i, stem=subject)
         rows.append(
             {

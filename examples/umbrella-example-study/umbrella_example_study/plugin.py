@@ -18,14 +18,21 @@ Importing this module imports nothing heavy: ``umbrella plugins`` imports it.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from umbrella_core import ConfigError, DataError, StudyRecord, hookimpl
 from umbrella_core.types import IMAGE_PLACEHOLDER, ImageRef, Turn
 
-__all__ = ["PREFIX", "TABLE", "OPTIONS", "umbrella_study_reader", "read_example"]
+__all__ = [
+    "PREFIX",
+    "TABLE",
+    "OPTIONS",
+    "umbrella_study_reader",
+    "umbrella_study_kinds",
+    "read_example",
+]
 
 PREFIX = "example:"
 TABLE = "subjects.csv"
@@ -34,8 +41,14 @@ DEFAULT_QUESTION = "Which hemisphere holds the lesion?"
 
 
 @hookimpl
+def umbrella_study_kinds() -> list[str]:
+    """The location kind this plugin reads (``example:PATH``), for ``umbrella plugins``."""
+    return [PREFIX.rstrip(":")]
+
+
+@hookimpl
 def umbrella_study_reader(
-    location: str, options: Mapping[str, Any]
+    location: str, options: Mapping[str, Any], on_error: Callable[[DataError], None]
 ) -> Iterator[StudyRecord] | None:
     """Records of an ``example:PATH`` study; None for any other location."""
     if not location.startswith(PREFIX):
@@ -51,11 +64,20 @@ def umbrella_study_reader(
     if not table.is_file():
         raise DataError(f"{location}: no {TABLE} in {folder}")
     # Read the table now, so a bad row is an error before training, not mid-epoch.
-    return iter(list(read_example(folder, str((options or {}).get("question", DEFAULT_QUESTION)))))
+    question = str((options or {}).get("question", DEFAULT_QUESTION))
+    return iter(list(read_example(folder, question, on_error)))
 
 
-def read_example(folder: Path, question: str = DEFAULT_QUESTION) -> Iterator[StudyRecord]:
-    """The records of ``folder/subjects.csv``, one per row."""
+def _raise(error: DataError) -> None:
+    raise error
+
+
+def read_example(
+    folder: Path,
+    question: str = DEFAULT_QUESTION,
+    on_error: Callable[[DataError], None] = _raise,
+) -> Iterator[StudyRecord]:
+    """The records of ``folder/subjects.csv``, one per row; a bad row goes to ``on_error``."""
     table = folder / TABLE
     with table.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
@@ -66,7 +88,15 @@ def read_example(folder: Path, question: str = DEFAULT_QUESTION) -> Iterator[Stu
             subject = (row.get("subject") or "").strip()
             label = (row.get("label") or "").strip()
             if not subject or not label:
-                raise DataError(f"{table}:{line}: subject and label must not be empty")
+                # Reported with where and which field; the next rows are still read.
+                on_error(
+                    DataError(
+                        f"{table}:{line}: subject and label must not be empty",
+                        source=f"{table}:{line}",
+                        field="subject" if not subject else "label",
+                    )
+                )
+                continue
             name = (row.get("file") or "").strip() or f"{subject}_T1w.nii.gz"
             yield StudyRecord(
                 subject=subject,

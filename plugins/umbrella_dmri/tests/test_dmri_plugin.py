@@ -15,7 +15,7 @@ from umbrella_dmri.plugin import DMRI
 from umbrella_dmri.preprocess import FA_CENTRE, FA_SCALE, map_of
 
 from umbrella_core import DataError, imaging
-from umbrella_core.testing import embed_and_backpropagate
+from umbrella_core.testing import embed_and_backpropagate, registered_hooks
 
 ANATOMICAL = os.path.join(data_path, "anatomical.nii")
 DEMO = DMRI.for_demo()
@@ -63,8 +63,8 @@ def test_spec_metadata() -> None:
     assert DMRI.shape == (96, 96, 96) and DMRI.num_tokens == 216
     assert DEMO.shape == (32, 32, 32) and DEMO.num_tokens == 64
     assert {"*_FA.nii.gz", "*_MD.nii.gz"} <= set(DMRI.file_patterns)
-    assert DMRI.phantom_labels == ("left", "right")
-    assert DMRI.phantom_question == "Which hemisphere holds the lesion?"
+    assert DMRI.demo.labels == ("left", "right")
+    assert DMRI.demo.question == "Which hemisphere holds the lesion?"
 
 
 def test_passes_the_plugin_conformance_checks(umbrella_conformance) -> None:
@@ -82,7 +82,8 @@ def test_patch_embedder_takes_both_maps_as_channels(shape, patch, tokens) -> Non
 
     spec = DMRI.with_geometry(shape, patch)
     assert spec.num_tokens == tokens
-    module, x, _ = embed_and_backpropagate(plugin, spec, hidden_size=16)
+    # The plugin gives no embedder of its own: the core's default serves it.
+    module, x, _ = embed_and_backpropagate(registered_hooks(plugin), spec, hidden_size=16)
     assert x.shape == (2, 2, *shape)
     assert x.grad[:, 1].abs().sum() > 0  # the MD channel is used
     with pytest.raises(ValueError, match="expected input"):
@@ -95,7 +96,7 @@ def test_patch_embedder_takes_both_maps_as_channels(shape, patch, tokens) -> Non
 
 
 def test_phantom_loads_as_two_normalised_channels(tmp_path: Path) -> None:
-    files = DEMO.phantom(DEMO, np.random.default_rng(0), "left")
+    files = DEMO.demo.phantom(DEMO, np.random.default_rng(0), "left")
     assert [f.suffix for f in files] == ["FA", "MD"]
     fa_raw, md_raw = (f.data for f in files)
     assert 0.0 <= fa_raw.min() and fa_raw.max() <= 1.0 and 1e-4 < md_raw.max() < 4e-3

@@ -1,8 +1,9 @@
 """Hook implementations of the diffusion MRI plugin.
 
 Importing this module is cheap (no torch, no nibabel): ``umbrella plugins``
-imports it just to list what it provides. The loader, the phantom and the
-patch embedder import their dependencies when they are first used.
+imports it just to list what it provides. The loader and the phantom import
+their dependencies when they are first used. The patch embedder is the core's
+generic one (``umbrella_core.default_plugins.embedder``): the plugin gives none.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core import ModalitySpec, PhantomFile, hookimpl
+from umbrella_core import Demo, ModalitySpec, PhantomFile, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    from torch import nn
 
 
 def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
@@ -34,7 +34,7 @@ def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
 
 
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
-    """``ModalitySpec.phantom`` of ``dmri``; see :func:`umbrella_dmri.phantom.make_dmri_phantom`."""
+    """``Demo.phantom`` of ``dmri``; see :func:`umbrella_dmri.phantom.make_dmri_phantom`."""
     from umbrella_dmri.phantom import make_dmri_phantom
 
     return make_dmri_phantom(rng, label)
@@ -51,29 +51,22 @@ DMRI = ModalitySpec(
     channels=2,
     load=load,
     companions=companions,
-    phantom=phantom,
-    phantom_labels=("left", "right"),
-    phantom_question="Which hemisphere holds the lesion?",
-    phantom_measure="What is the RAS x coordinate of the centre of the lesion, in cm?",
-    phantom_measure_unit="cm",
+    # 64 tokens for the CPU demo.
+    demo=Demo(
+        phantom=phantom,
+        labels=("left", "right"),
+        question="Which hemisphere holds the lesion?",
+        measure="What is the RAS x coordinate of the centre of the lesion, in cm?",
+        measure_unit="cm",
+        shape=(32, 32, 32),
+        patch_size=(8, 8, 8),
+    ),
     aliases=("dwi", "dti", "diffusion"),
     file_patterns=("*_FA.nii.gz", "*_MD.nii.gz", "*_FA.nii", "*_MD.nii"),
     description="Diffusion MRI as FA and MD maps (2 channels), RAS, resampled, normalised per map",
-    # 64 tokens for the CPU demo.
-    demo_shape=(32, 32, 32),
-    demo_patch_size=(8, 8, 8),
 )
 
 
 @hookimpl
 def umbrella_modalities() -> list[ModalitySpec]:
     return [DMRI]
-
-
-@hookimpl
-def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module | None:
-    if spec.name != DMRI.name:
-        return None
-    from umbrella_core.model.patch import PatchEmbedding
-
-    return PatchEmbedding(spec.channels, spec.shape, spec.patch_size, hidden_size)

@@ -50,8 +50,8 @@ def test_spec_metadata() -> None:
     assert FMRI.shape == (64, 64, 48, 24) and FMRI.num_tokens == 4 * 4 * 3 * 6
     assert DEMO.shape == (24, 24, 24, 8) and DEMO.num_tokens == 54
     assert "*_bold.nii.gz" in FMRI.file_patterns
-    assert FMRI.phantom_labels == ("left", "right")
-    assert "hemisphere" in FMRI.phantom_question
+    assert FMRI.demo.labels == ("left", "right")
+    assert "hemisphere" in FMRI.demo.question
 
 
 def _label_of(series: np.ndarray) -> str:
@@ -84,7 +84,7 @@ def test_patch_embedder_follows_the_configured_geometry(shape, patch, tokens) ->
 
 
 def test_phantom_is_twice_the_window_and_loads_z_scored(tmp_path: Path) -> None:
-    files = DEMO.phantom(DEMO, np.random.default_rng(0), "left")
+    files = DEMO.demo.phantom(DEMO, np.random.default_rng(0), "left")
     assert [f.suffix for f in files] == ["bold"]
     assert files[0].data.ndim == 4 and files[0].data.shape[3] == 2 * DEMO.shape[3]
     series = DEMO.load(DEMO, _write(files, tmp_path))

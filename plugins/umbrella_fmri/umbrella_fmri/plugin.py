@@ -1,8 +1,9 @@
 """Hook implementations of the fMRI plugin.
 
 Importing this module is cheap (no torch, no nibabel): ``umbrella plugins``
-imports it just to list what it provides. The loader, the phantom and the
-patch embedder import their dependencies when they are first used.
+imports it just to list what it provides. The loader and the phantom import
+their dependencies when they are first used. The patch embedder is the core's
+generic one (``umbrella_core.default_plugins.embedder``): the plugin gives none.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core import ModalitySpec, PhantomFile, hookimpl, positive_settings
+from umbrella_core import Demo, ModalitySpec, PhantomFile, Windows, hookimpl, positive_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    from torch import nn
 
 
 def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
@@ -25,7 +25,7 @@ def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
 
 
 def series(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = None) -> Any:
-    """``ModalitySpec.series`` of ``fmri``; see :func:`umbrella_fmri.preprocess.bold_series`."""
+    """``Windows.series`` of ``fmri``; see :func:`umbrella_fmri.preprocess.bold_series`."""
     from umbrella_fmri.preprocess import bold_series
 
     return bold_series(spec, paths, target_tr=target_tr)
@@ -42,7 +42,7 @@ def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
 
 
 def frames(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = None) -> int:
-    """``ModalitySpec.frames`` of ``fmri``: the series length from the header."""
+    """``Windows.frames`` of ``fmri``: the series length from the header."""
     from umbrella_fmri.preprocess import bold_frames
 
     return bold_frames(spec, paths, target_tr=target_tr)
@@ -59,11 +59,14 @@ def with_target_tr(spec: ModalitySpec, target_tr: float) -> ModalitySpec:
 
     import attrs
 
-    return attrs.evolve(
-        spec,
+    if spec.windows is None:
+        raise ValueError(f"{spec.name}: target_tr needs a windowed spec (ModalitySpec.windows)")
+    windows = attrs.evolve(
+        spec.windows,
         series=functools.partial(series, target_tr=target_tr),
         frames=functools.partial(frames, target_tr=target_tr),
     )
+    return attrs.evolve(spec, windows=windows)
 
 
 def configure(spec: ModalitySpec, settings: dict[str, Any]) -> ModalitySpec:
@@ -73,7 +76,7 @@ def configure(spec: ModalitySpec, settings: dict[str, Any]) -> ModalitySpec:
 
 
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
-    """``ModalitySpec.phantom`` of ``fmri``: a series twice as long as the model's window."""
+    """``Demo.phantom`` of ``fmri``: a series twice as long as the model's window."""
     from umbrella_fmri.phantom import make_bold_phantom
 
     return make_bold_phantom(rng, label, frames=2 * spec.shape[3])
@@ -88,35 +91,26 @@ FMRI = ModalitySpec(
     patch_size=(16, 16, 16, 4),
     channels=1,
     load=load,
-    series=series,
-    frames=frames,
+    # Non-overlapping windows: a 200-frame series gives 8 samples of 24 frames.
+    windows=Windows(series=series, frames=frames, stride=24),
     companions=companions,
     configure=configure,
-    # Non-overlapping windows: a 200-frame series gives 8 samples of 24 frames.
-    window_stride=24,
-    phantom=phantom,
-    phantom_labels=("left", "right"),
-    phantom_question="Which hemisphere shows the task activation?",
-    # No phantom_measure yet: with a second question the fMRI demo learns the
-    # hemisphere more slowly (benchmarks/README.md); its phantom reports one.
+    # 3 * 3 * 3 * 2 = 54 tokens for the CPU demo.
+    demo=Demo(
+        phantom=phantom,
+        labels=("left", "right"),
+        question="Which hemisphere shows the task activation?",
+        shape=(24, 24, 24, 8),
+        patch_size=(8, 8, 8, 4),
+        # No measure yet: with a second question the fMRI demo learns the
+        # hemisphere more slowly (benchmarks/README.md); its phantom reports one.
+    ),
     aliases=("bold", "rsfmri", "func"),
     file_patterns=("*_bold.nii.gz", "*_bold.nii"),
     description="BOLD fMRI: a window of frames of a 4D series, RAS, resampled, z-scored per voxel",
-    # 3 * 3 * 3 * 2 = 54 tokens for the CPU demo.
-    demo_shape=(24, 24, 24, 8),
-    demo_patch_size=(8, 8, 8, 4),
 )
 
 
 @hookimpl
 def umbrella_modalities() -> list[ModalitySpec]:
     return [FMRI]
-
-
-@hookimpl
-def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module | None:
-    if spec.name != FMRI.name:
-        return None
-    from umbrella_core.model.patch import PatchEmbedding
-
-    return PatchEmbedding(spec.channels, spec.shape, spec.patch_size, hidden_size)

@@ -197,7 +197,7 @@ def bold_series(
     As :func:`load_bold`, but over every frame: the per-voxel mean and standard
     deviation of the z-score, and the background threshold, are the subject's
     statistics over the whole series, so every window of it is normalised the
-    same way. Windows are cut from this by the core (``ModalitySpec.series``).
+    same way. Windows are cut from this by the core (``Windows.series``).
     """
     path = _one_series(spec, paths)
     data, _ = load_nifti(path)

@@ -206,11 +206,18 @@ def test_column_task_split_and_overrides(pm, bids, text):
 
 
 @pytest.mark.parametrize("prefix", ["bids:", ""])
-def test_passes_the_study_reader_conformance_checks(umbrella_conformance, bids, prefix):
+def test_passes_the_study_reader_conformance_checks(umbrella_conformance, bids, prefix, tmp_path):
     # Foreign folders, files and missing paths give None; the sample gives valid records
-    # (existing absolute paths, placeholders matching images, an answer, a known split).
+    # (existing absolute paths, placeholders matching images, an answer, a known split,
+    # a source to open); a participant row with a bad split is reported and reading goes on.
     import umbrella_studies.plugin as plugin
 
+    broken = shutil.copytree(bids, tmp_path / "broken")
+    rows = PARTICIPANTS.splitlines()
+    splits = ["split", "train", "holdout", "test", "train"]  # sub-02's is not a split
+    (broken / "participants.tsv").write_text(
+        "".join(f"{row}\t{split}\n" for row, split in zip(rows, splits, strict=True))
+    )
     umbrella_conformance.registration(plugin, entry_point="studies")
     # No split given: the records leave it None, and UMBRELLA makes one (I10).
     records = umbrella_conformance.study_reader(
@@ -219,6 +226,7 @@ def test_passes_the_study_reader_conformance_checks(umbrella_conformance, bids, 
         options={"tasks": ["sex"]},
         modalities=("t1", "fmri", "dmri"),
         min_records=4,
+        bad_location=prefix + str(broken),
     )
     assert {r.subject for r in records} == {"sub-01", "sub-02", "sub-03", "sub-04"}
 
@@ -232,7 +240,7 @@ def test_a_bids_folder_that_also_holds_a_manifest_is_not_ours(pm, tmp_path, text
         '{"subject": "s", "images": [], "conversation": '
         '[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n',
     )
-    assert plugin.umbrella_study_reader(str(tmp_path), {}) is None
+    assert plugin.umbrella_study_reader(str(tmp_path), {}, print) is None
     assert [r.subject for r in pm.read_study(str(tmp_path))] == ["s"]
     with pytest.raises(PluginError):
         pm.read_study(str(tmp_path / "nothing"))

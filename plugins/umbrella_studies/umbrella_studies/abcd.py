@@ -30,7 +30,7 @@ from umbrella_studies.bids import study_name
 from umbrella_studies.phenotypes import Conventions
 from umbrella_studies.scans import bids_scans
 from umbrella_studies.tables import PhenotypeTable, Row, phenotype_file
-from umbrella_studies.templates import MergedTables, make_records
+from umbrella_studies.templates import ErrorHandler, MergedTables, make_records
 
 __all__ = ["read_abcd", "abcd_key", "event_session", "ABCD"]
 
@@ -87,7 +87,9 @@ def _load(path: Path) -> PhenotypeTable:
     )
 
 
-def read_abcd(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
+def read_abcd(
+    folder: Path, options: Mapping[str, Any], on_error: ErrorHandler | None = None
+) -> Iterator[StudyRecord]:
     """The records of an ABCD release at ``folder``."""
     path = phenotype_file(
         folder, options, ["abcd_p_demo.tsv", "abcd_p_demo.csv", "participants.tsv"]
@@ -109,4 +111,5 @@ def read_abcd(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]
         subject_key=abcd_key,
         conventions=ABCD,
         options=options,
+        on_error=on_error,
     )

@@ -32,7 +32,7 @@ from umbrella_studies.hbn import bids_roots
 from umbrella_studies.phenotypes import Conventions
 from umbrella_studies.scans import Scan, bids_scans, sidecar_beside
 from umbrella_studies.tables import PhenotypeTable, phenotype_file
-from umbrella_studies.templates import make_records
+from umbrella_studies.templates import ErrorHandler, make_records
 
 __all__ = ["read_abide", "abide_key", "ABIDE"]
 
@@ -79,7 +79,9 @@ def _scans(folder: Path, dmri_raw: bool) -> Iterator[Scan]:
     yield from _nitrc(folder)
 
 
-def read_abide(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
+def read_abide(
+    folder: Path, options: Mapping[str, Any], on_error: ErrorHandler | None = None
+) -> Iterator[StudyRecord]:
     """The records of an ABIDE folder."""
     path = (
         phenotype_file(
@@ -105,4 +107,5 @@ def read_abide(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord
         subject_key=abide_key,
         conventions=ABIDE,
         options=options,
+        on_error=on_error,
     )

@@ -16,7 +16,7 @@ from umbrella_core.types import StudyRecord
 from umbrella_studies.phenotypes import Conventions
 from umbrella_studies.scans import bids_scans
 from umbrella_studies.tables import PhenotypeTable, phenotype_file, read_json
-from umbrella_studies.templates import make_records
+from umbrella_studies.templates import ErrorHandler, make_records
 
 __all__ = ["read_bids", "bids_key", "study_name", "participants"]
 
@@ -60,7 +60,9 @@ def participants(folder: Path, options: Mapping[str, Any]) -> PhenotypeTable:
     )
 
 
-def read_bids(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
+def read_bids(
+    folder: Path, options: Mapping[str, Any], on_error: ErrorHandler | None = None
+) -> Iterator[StudyRecord]:
     """The records of the BIDS dataset at ``folder``."""
     return make_records(
         study=study_name(folder, options),
@@ -70,4 +72,5 @@ def read_bids(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]
         subject_key=bids_key,
         conventions=Conventions(),
         options=options,
+        on_error=on_error,
     )

@@ -24,7 +24,7 @@ from umbrella_studies.bids import bids_key, study_name
 from umbrella_studies.phenotypes import Conventions
 from umbrella_studies.scans import Scan, bids_scans, bids_subject_folders
 from umbrella_studies.tables import PhenotypeTable, Row, phenotype_file
-from umbrella_studies.templates import make_records
+from umbrella_studies.templates import ErrorHandler, make_records
 
 __all__ = ["read_hbn", "HBN", "bids_roots"]
 
@@ -57,7 +57,9 @@ def _load(path: Path) -> PhenotypeTable:
     )
 
 
-def read_hbn(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
+def read_hbn(
+    folder: Path, options: Mapping[str, Any], on_error: ErrorHandler | None = None
+) -> Iterator[StudyRecord]:
     """The records of an HBN release at ``folder``."""
     roots = bids_roots(folder)
     path = phenotype_file(folder, options, ["*.csv"], header="EID")
@@ -87,5 +89,6 @@ def read_hbn(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
         subject_key=bids_key,
         conventions=HBN,
         options=options,
+        on_error=on_error,
         site_of=None if roots == [folder] else site_folder,
     )

@@ -32,7 +32,7 @@ from umbrella_studies.bids import study_name
 from umbrella_studies.phenotypes import Conventions, age_from_range
 from umbrella_studies.scans import Scan
 from umbrella_studies.tables import PhenotypeTable, phenotype_file
-from umbrella_studies.templates import MergedTables, make_records
+from umbrella_studies.templates import ErrorHandler, MergedTables, make_records
 
 __all__ = ["read_hcp", "HCP"]
 
@@ -88,7 +88,9 @@ def _tables(folder: Path, options: Mapping[str, Any]) -> list[Path]:
     ]
 
 
-def read_hcp(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
+def read_hcp(
+    folder: Path, options: Mapping[str, Any], on_error: ErrorHandler | None = None
+) -> Iterator[StudyRecord]:
     """The records of an HCP release at ``folder``."""
     tables = [
         PhenotypeTable.load(path, id_columns=("Subject",), key=lambda v: str(v).strip())
@@ -107,4 +109,5 @@ def read_hcp(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
         subject_key=str,
         conventions=HCP,
         options=options,
+        on_error=on_error,
     )

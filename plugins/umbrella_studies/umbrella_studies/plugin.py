@@ -14,14 +14,14 @@ nibabel) are imported when a location is recognised.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from umbrella_core import ConfigError, DataError, StudyRecord, hookimpl
 from umbrella_core.data.manifest import MANIFEST_NAMES
 
-__all__ = ["READERS", "OPTIONS", "umbrella_study_reader"]
+__all__ = ["READERS", "OPTIONS", "umbrella_study_reader", "umbrella_study_kinds"]
 
 #: Location prefix to the ``module:function`` reading it.
 READERS = {
@@ -74,7 +74,7 @@ OPTIONS = (
 
 @hookimpl
 def umbrella_study_reader(
-    location: str, options: Mapping[str, Any]
+    location: str, options: Mapping[str, Any], on_error: Callable[[DataError], None]
 ) -> Iterable[StudyRecord] | None:
     """Records of a BIDS or cohort folder, or None when ``location`` is not one of our kinds."""
     found = _kind(location)
@@ -92,4 +92,10 @@ def umbrella_study_reader(
         raise DataError(f"{location}: no such folder")
     module_name, _, function = READERS[kind].partition(":")
     reader = getattr(importlib.import_module(module_name), function)
-    return reader(folder, dict(options or {}))
+    return reader(folder, dict(options or {}), on_error)
+
+
+@hookimpl
+def umbrella_study_kinds() -> list[str]:
+    """The ``KIND:PATH`` prefixes the reader takes, for ``umbrella plugins``."""
+    return list(READERS)

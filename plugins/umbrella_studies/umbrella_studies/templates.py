@@ -70,6 +70,9 @@ _DEFAULT_NEEDS = {"sex": "sex", "age": "age", "diagnosis": "diagnosis", "sex_com
 
 _SPLITS = ("train", "validation", "test")
 
+#: The ``on_error`` callback of the ``umbrella_study_reader`` hook.
+ErrorHandler = Callable[[DataError], None]
+
 _STATS: dict[str, TaskStats] = {}
 
 
@@ -196,7 +199,10 @@ def _split(
         return None  # the core makes the split, keeping subjects and families together
     split = str(value).strip().lower()
     if split not in _SPLITS:
-        raise DataError(f"{where}: expected train, validation or test, got {value!r}")
+        message = f"{where}: expected train, validation or test, got {value!r}"
+        if options.get("split") is not None:
+            raise ConfigError(message)  # the study's option: every record would be refused
+        raise DataError(message, source=row or "", field="split")
     return split
 
 
@@ -266,6 +272,7 @@ def make_records(
     conventions: Conventions,
     options: Mapping[str, Any],
     site_of: Callable[[Scan], str | None] | None = None,
+    on_error: ErrorHandler | None = None,
 ) -> Iterator[StudyRecord]:
     """The conversations of a study: every scan times every task, then the comparison pairs.
 
@@ -280,10 +287,13 @@ def make_records(
         options: The study's options (see the module docstring).
         site_of: A scan's site where the phenotype table names none (HBN: the
             site folder the scan is in).
+        on_error: Receives the error of each scan whose phenotype row cannot
+            be used (a bad ``split`` value), and reading goes on; without it
+            the first one raises.
 
     Raises:
         DataError: no conversation could be made (the message names the folder and why),
-            or a bad ``split`` value.
+            or (without ``on_error``) a bad ``split`` value in a row.
         ConfigError: an unknown task or option value.
     """
     conventions = conventions.with_options(options)
@@ -298,7 +308,13 @@ def make_records(
             continue
         row = table.lookup(subject_key(scan.subject), scan.session)
         phenotypes = common_phenotypes(row.values if row else {}, conventions)
-        split = _split(options, phenotypes, row.where if row else None)
+        try:
+            split = _split(options, phenotypes, row.where if row else None)
+        except DataError as error:
+            if on_error is None:
+                raise
+            on_error(error)
+            continue
         family, site = family_and_site(row.values if row else {}, conventions)
         if site is None and site_of is not None:
             site = site_of(scan)

@@ -33,7 +33,7 @@ from umbrella_studies.bids import study_name
 from umbrella_studies.phenotypes import Conventions
 from umbrella_studies.scans import Scan, sidecar_beside
 from umbrella_studies.tables import PhenotypeTable, phenotype_file
-from umbrella_studies.templates import make_records
+from umbrella_studies.templates import ErrorHandler, make_records
 
 __all__ = ["read_ukb", "UKB"]
 
@@ -113,7 +113,9 @@ class _Table:
         return row
 
 
-def read_ukb(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
+def read_ukb(
+    folder: Path, options: Mapping[str, Any], on_error: ErrorHandler | None = None
+) -> Iterator[StudyRecord]:
     """The records of a UK Biobank imaging folder."""
     path = phenotype_file(folder, options, ["*.csv", "*.tsv"], header="eid")
     table = PhenotypeTable.empty()
@@ -127,4 +129,5 @@ def read_ukb(folder: Path, options: Mapping[str, Any]) -> Iterator[StudyRecord]:
         subject_key=str,
         conventions=UKB,
         options=options,
+        on_error=on_error,
     )

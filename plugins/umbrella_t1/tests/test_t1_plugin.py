@@ -80,8 +80,8 @@ def test_spec_metadata() -> None:
     assert T1.shape == (128, 128, 128) and T1.num_tokens == 512
     assert DEMO.shape == (32, 32, 32) and DEMO.num_tokens == 64
     assert "*_T1w.nii.gz" in T1.file_patterns and "*_T1w.nii" in T1.file_patterns
-    assert T1.phantom_labels == ("left", "right")
-    assert T1.phantom_question == "Which hemisphere holds the lesion?"
+    assert T1.demo.labels == ("left", "right")
+    assert T1.demo.question == "Which hemisphere holds the lesion?"
 
 
 def test_passes_the_plugin_conformance_checks(umbrella_conformance) -> None:
@@ -105,7 +105,7 @@ def test_patch_embedder_follows_the_configured_geometry(shape, patch, tokens) ->
 
 
 def test_phantom_loads_to_the_documented_range(tmp_path: Path) -> None:
-    files = DEMO.phantom(DEMO, np.random.default_rng(0), "left")
+    files = DEMO.demo.phantom(DEMO, np.random.default_rng(0), "left")
     assert [f.suffix for f in files] == ["T1w"] and files[0].data.dtype == np.int16
     paths = _write(files, tmp_path)
     assert nib.load(paths[0]).get_data_dtype() == np.int16
@@ -150,11 +150,11 @@ def test_every_orientation_loads_to_the_same_input(tmp_path: Path, orientation) 
 
 
 def test_phantom_is_deterministic_and_orientation_is_random() -> None:
-    a = DEMO.phantom(DEMO, np.random.default_rng(11), "left")[0]
-    b = DEMO.phantom(DEMO, np.random.default_rng(11), "left")[0]
+    a = DEMO.demo.phantom(DEMO, np.random.default_rng(11), "left")[0]
+    b = DEMO.demo.phantom(DEMO, np.random.default_rng(11), "left")[0]
     np.testing.assert_array_equal(a.data, b.data)
     rng = np.random.default_rng(0)
-    codes = {nib.aff2axcodes(DEMO.phantom(DEMO, rng, "left")[0].affine) for _ in range(12)}
+    codes = {nib.aff2axcodes(DEMO.demo.phantom(DEMO, rng, "left")[0].affine) for _ in range(12)}
     assert len(codes) >= 3 and ("R", "A", "S") in codes
 
 

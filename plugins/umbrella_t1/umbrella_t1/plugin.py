@@ -1,8 +1,9 @@
 """Hook implementations of the T1 plugin.
 
 Importing this module is cheap (no torch, no nibabel): ``umbrella plugins``
-imports it just to list what it provides. The loader, the phantom and the
-patch embedder import their dependencies when they are first used.
+imports it just to list what it provides. The loader and the phantom import
+their dependencies when they are first used. The patch embedder is the core's
+generic one (``umbrella_core.default_plugins.embedder``): the plugin gives none.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core import ModalitySpec, PhantomFile, hookimpl, positive_settings
+from umbrella_core import Demo, ModalitySpec, PhantomFile, hookimpl, positive_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
-    from torch import nn
 
 
 def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
@@ -43,7 +43,7 @@ def configure(spec: ModalitySpec, settings: dict[str, Any]) -> ModalitySpec:
 
 
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:
-    """``ModalitySpec.phantom`` of ``t1``; see :func:`umbrella_t1.phantom.make_t1_phantom`."""
+    """``Demo.phantom`` of ``t1``; see :func:`umbrella_t1.phantom.make_t1_phantom`."""
     from umbrella_t1.phantom import make_t1_phantom
 
     return make_t1_phantom(rng, label)
@@ -59,29 +59,22 @@ T1 = ModalitySpec(
     load=load,
     companions=companions,
     configure=configure,
-    phantom=phantom,
-    phantom_labels=("left", "right"),
-    phantom_question="Which hemisphere holds the lesion?",
-    phantom_measure="What is the RAS x coordinate of the centre of the lesion, in cm?",
-    phantom_measure_unit="cm",
+    # 64 tokens: small enough for the CPU demo, large enough to see a lesion.
+    demo=Demo(
+        phantom=phantom,
+        labels=("left", "right"),
+        question="Which hemisphere holds the lesion?",
+        measure="What is the RAS x coordinate of the centre of the lesion, in cm?",
+        measure_unit="cm",
+        shape=(32, 32, 32),
+        patch_size=(8, 8, 8),
+    ),
     aliases=("t1w", "smri", "anat"),
     file_patterns=("*_T1w.nii.gz", "*_T1w.nii"),
     description="T1-weighted structural MRI: one 3D volume, RAS, 1.5 mm, head-centred, normalised",
-    # 64 tokens: small enough for the CPU demo, large enough to see a lesion.
-    demo_shape=(32, 32, 32),
-    demo_patch_size=(8, 8, 8),
 )
 
 
 @hookimpl
 def umbrella_modalities() -> list[ModalitySpec]:
     return [T1]
-
-
-@hookimpl
-def umbrella_patch_embedder(spec: ModalitySpec, hidden_size: int) -> nn.Module | None:
-    if spec.name != T1.name:
-        return None
-    from umbrella_core.model.patch import PatchEmbedding
-
-    return PatchEmbedding(spec.channels, spec.shape, spec.patch_size, hidden_size)

@@ -1,0 +1,89 @@
+"""What ``umbrella plugins`` shows: the installed modalities and plugins, as text or JSON."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+
+from umbrella_core.errors import UmbrellaError
+from umbrella_core.plugins import ALLOW_ENV, BLOCK_ENV, PluginManager
+
+__all__ = ["Listing", "plugins_listing"]
+
+
+@attrs.frozen
+class Listing:
+    """The listing as JSON (``payload``) and as text, and the errors it found."""
+
+    payload: dict[str, Any]
+    text: str
+    errors: tuple[str, ...]
+
+
+def plugins_listing(pm: PluginManager) -> Listing:
+    """Every modality (geometry, tokens, provider) and every plugin (status, what it offers)."""
+    env = {name: os.environ.get(name, "") for name in (BLOCK_ENV, ALLOW_ENV)}
+    infos = pm.plugins()
+    errors: list[str] = []
+    try:
+        registry = pm.modality_registry()
+    except UmbrellaError as exc:
+        registry = {}
+        errors.append(str(exc))
+    payload = {
+        "plugins": [info.to_json() for info in infos],
+        "modalities": [
+            {
+                "name": name,
+                "aliases": list(p.item.aliases),
+                "ndim": p.item.ndim,
+                "channels": p.item.channels,
+                "shape": list(p.item.shape),
+                "patch_size": list(p.item.patch_size),
+                "tokens": p.item.num_tokens,
+                "plugin": p.plugin,
+                "distribution": p.distribution,
+                "version": p.version,
+            }
+            for name, p in registry.items()
+        ],
+        "errors": list(errors),
+        "env": env,
+    }
+    lines = ["modalities"]
+    if not registry:
+        lines.append("  (none installed: pip install umbrella-t1 umbrella-fmri umbrella-dmri)")
+    for name, p in registry.items():
+        spec = p.item
+        aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        lines.append(
+            f"  {name:<7} {p.distribution} {p.version}  {spec.ndim}D x{spec.channels}  "
+            f"shape {'x'.join(map(str, spec.shape))}  patch {'x'.join(map(str, spec.patch_size))}  "
+            f"{spec.num_tokens} tokens{aliases}"
+        )
+    lines.append("plugins")
+    for info in infos:
+        line = f"  {info.name:<10} {info.distribution} {info.version}  [{info.status}]"
+        if info.hooks:
+            line += "  " + ", ".join(h.removeprefix("umbrella_") for h in info.hooks)
+        lines.append(line)
+        if info.description:
+            lines.append(f"      {info.description}")
+        for label, names in (
+            ("modalities", info.modalities),
+            ("study kinds", info.study_kinds),
+            ("loss terms", info.loss_terms),
+            ("metrics", info.metrics),
+        ):
+            if names:
+                lines.append(f"      {label}: {', '.join(names)}")
+        if info.error:
+            lines.append(f"      {info.error}")
+    lines += [f"error: {error}" for error in errors]
+    lines += [f"{name}={value}" for name, value in env.items() if value]
+    lines.append(
+        f"(block plugins with {BLOCK_ENV}=name,...; load only some with {ALLOW_ENV}=name,...)"
+    )
+    return Listing(payload, "\n".join(lines), tuple(errors))
