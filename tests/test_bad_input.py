@@ -12,8 +12,11 @@ fmri at demo geometry) and checks what a user sees:
   lists each of them in ``OUTPUT_DIR/bad_samples.json``.
 
 Problems visible in the NIfTI header are caught by the default
-``data.check=files``; those that need the voxels decoded (truncated data, NaN,
-all-zero images) by ``data.check=full`` (and ``umbrella validate``).
+``data.check=files`` (also 5-D images, NIfTI pairs, complex or RGB voxels,
+headers claiming more voxels than the ceiling or the file, gzip bombs, FIFOs,
+integer scaling past float32: none is decoded, see tests/test_hostile_files.py
+for their memory bounds); those that need the voxels decoded (truncated data,
+NaN, all-zero images) by ``data.check=full`` (and ``umbrella validate``).
 """
 
 from __future__ import annotations
@@ -185,6 +188,70 @@ def _symlink_outside(study, manifest):
     return _append(manifest, json.dumps(_record("t1", "link_T1w.nii.gz")))
 
 
+def _raw_nifti(study, name, shape, dtype, payload=None, **fields):
+    """A hand-written .nii.gz (header and payload as given): nibabel refuses to write these."""
+    import gzip
+
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(dtype)
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    for key, value in fields.items():
+        header[key] = value
+    if payload is None:
+        payload = gzip.compress(bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize))
+    (study / name).write_bytes(gzip.compress(header.binaryblock + bytes(4)) + payload)
+
+
+def _five_d(study, manifest):
+    _raw_nifti(study, "five_T1w.nii.gz", (8, 8, 8, 1, 3), np.float32)
+    return _append(manifest, json.dumps(_record("t1", "five_T1w.nii.gz")))
+
+
+def _nifti_pair(study, manifest):
+    volume = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32) + 1.0
+    nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(study / "pair_T1w.hdr.gz"))
+    return _append(manifest, json.dumps(_record("t1", "pair_T1w.hdr.gz")))
+
+
+def _complex(study, manifest):
+    _raw_nifti(study, "complex_T1w.nii.gz", (16, 16, 16), np.complex64)
+    return _append(manifest, json.dumps(_record("t1", "complex_T1w.nii.gz")))
+
+
+def _rgb(study, manifest):
+    _raw_nifti(study, "rgb_T1w.nii.gz", (16, 16, 16), np.dtype([(c, "u1") for c in "RGB"]))
+    return _append(manifest, json.dumps(_record("t1", "rgb_T1w.nii.gz")))
+
+
+def _huge_header(study, manifest):
+    _raw_nifti(study, "huge_T1w.nii.gz", (4000, 4000, 4000), np.uint8, payload=b"")
+    return _append(manifest, json.dumps(_record("t1", "huge_T1w.nii.gz")))
+
+
+def _gzip_bomb(study, manifest):
+    import gzip
+
+    # 1 GiB of zeros in about 1 MB (concatenated gzip members), under a 1024^3 header.
+    zeros = gzip.compress(bytes(1 << 24), compresslevel=9) * 64
+    _raw_nifti(study, "bomb_T1w.nii.gz", (1024, 1024, 1024), np.uint8, payload=zeros)
+    return _append(manifest, json.dumps(_record("t1", "bomb_T1w.nii.gz")))
+
+
+def _fifo(study, manifest):
+    os.mkfifo(study / "pipe_T1w.nii.gz")
+    return _append(manifest, json.dumps(_record("t1", "pipe_T1w.nii.gz")))
+
+
+def _scaled_overflow(study, manifest):
+    volume = np.arange(16**3, dtype=np.int16).reshape(16, 16, 16)
+    img = nib.Nifti1Image(volume, np.eye(4))
+    img.header.set_slope_inter(1e36, 0.0)
+    nib.save(img, str(study / "scaled_T1w.nii.gz"))
+    return _append(manifest, json.dumps(_record("t1", "scaled_T1w.nii.gz")))
+
+
 OUTSIDE = ("outside the dataset root", "data.allow_outside_root=true")
 CASES = {
     "missing-file": Case(_missing, ("anat/nope_T1w.nii.gz: file not found", "check the path")),
@@ -211,6 +278,15 @@ CASES = {
     "absolute-outside": Case(_absolute_outside, ("elsewhere_T1w.nii.gz", *OUTSIDE)),
     "dotdot-outside": Case(_dotdot_outside, ("up_T1w.nii.gz", *OUTSIDE)),
     "symlink-outside": Case(_symlink_outside, ("link_T1w.nii.gz", "resolves to", *OUTSIDE)),
+    # Header-level (issue 12): caught by data.check=files without decoding a voxel.
+    "5d-image": Case(_five_d, ("five_T1w.nii.gz: expected a 3D or 4D image, got a 5D",)),
+    "nifti-pair": Case(_nifti_pair, ("pair_T1w.hdr.gz: is part of a NIfTI pair", "convert")),
+    "complex64": Case(_complex, ("complex_T1w.nii.gz: holds complex-valued voxels", "magnitude")),
+    "rgb": Case(_rgb, ("rgb_T1w.nii.gz: holds colour voxels (RGB)", "grey-scale")),
+    "huge-header": Case(_huge_header, ("huge_T1w.nii.gz: the header claims a 4000x4000x4000",)),
+    "gzip-bomb": Case(_gzip_bomb, ("bomb_T1w.nii.gz: the header claims a 1024x1024x1024",)),
+    "fifo": Case(_fifo, ("pipe_T1w.nii.gz: is a FIFO (named pipe), not a regular file",)),
+    "scaled-overflow": Case(_scaled_overflow, ("scaled_T1w.nii.gz: scl_slope 1e+36", "float32")),
 }
 STUDY_LEVEL = {"empty-manifest"}
 
@@ -317,6 +393,8 @@ def test_validate_reports_one_problem_naming_file_line_and_what_to_do(broken, cl
     out = capsys.readouterr().out.strip().splitlines()
     problems = out[:-1]
     assert len(problems) == 1, "\n".join(out)
+    if line is not None:  # a record's problem, not the study's
+        assert out[-1].endswith(": 1 problem in 1 record"), out[-1]
     assert problems[0].startswith(_source(manifest, line)), problems[0]
     for fragment in says:
         assert fragment in problems[0], problems[0]
@@ -345,6 +423,17 @@ def test_train_stops_before_step_1_and_keeps_the_earlier_run(
     for fragment in says:
         assert fragment in error, error
     assert _hashes(out) == before  # the earlier run's checkpoint and outputs, byte-identical
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line(clean, tmp_path, capsys):
+    # Truncated data passes the default (header) check and fails when a worker decodes it.
+    manifest = Path(shutil.copytree(clean[0].parent, tmp_path / "study")) / "manifest.jsonl"
+    CASES["truncated"].build(manifest.parent, manifest)
+    out = tmp_path / "out"
+    assert _train(clean[1], manifest, out, "data.workers=2", "trainer.max_steps=20") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("umbrella: error: ") and "\n" not in error, error
+    assert "truncated_T1w.nii.gz" in error and "Traceback" not in error and "worker" not in error
 
 
 def test_skip_trains_without_every_bad_sample_and_counts_them(clean, tmp_path, monkeypatch, capsys):

@@ -317,6 +317,33 @@ def test_placeholder_mismatch_and_length_are_errors(tokenizer_name):
         )
 
 
+@pytest.mark.parametrize("tokenizer_name", ["byte", "gemma3"])
+def test_a_huge_conversation_is_refused_before_it_is_rendered(tokenizer_name, monkeypatch):
+    tokenizer, image_id = _prepared(tokenizer_name, "auto")
+    chat = chat_format(tokenizer)
+    # 10 MB in one turn: refused by its length in characters, never rendered or tokenised.
+    huge = [Turn(role="user", content="<image>\n" + "lesion " * 1_500_000)]
+    huge.append(Turn(role="assistant", content="left"))
+
+    def render(*args, **kwargs):
+        raise AssertionError("rendered")
+
+    monkeypatch.setattr(type(chat), "_render", render)
+    with pytest.raises(DataError, match=r"x.jsonl:3: the conversation is at least \d+ tokens"):
+        chat.encode(
+            huge,
+            ["t1"],
+            tokenizer=tokenizer,
+            image_token_id=image_id,
+            tokens_per_modality=TOKENS,
+            max_length=4096,
+            where="x.jsonl:3",
+        )
+    # A conversation that fits is not refused by the bound (it is rendered: here, refused).
+    with pytest.raises(AssertionError, match="rendered"):
+        _encode(chat, tokenizer, image_id, SINGLE, ["t1"])
+
+
 _WORDS = st.sampled_from(
     ["left", "right", "male", "female", "63", "years", "lesion", "Which", "the", "ok", "é", "?"]
 )

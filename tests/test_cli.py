@@ -98,7 +98,7 @@ def test_yaml_then_overrides(tmp_path):
     assert loaded.data.modalities == ("t1", "dmri")
     with pytest.raises(ConfigError, match="unknown setting model.trainabel"):
         load_config(None, ["model.trainabel=full"])
-    with pytest.raises(ConfigError, match="trainer.batch_size: must be positive"):
+    with pytest.raises(ConfigError, match="trainer.batch_size: must be a positive number"):
         load_config(None, ["trainer.batch_size=0"])
 
 

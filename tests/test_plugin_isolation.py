@@ -111,7 +111,7 @@ def test_a_broken_plugin_is_named_and_listed_while_the_others_work(
     assert infos["bad"].status == "broken" and infos["bad"].distribution == "acme-bad"
     assert fragment in infos["bad"].error and (hook is None or hook in infos["bad"].error)
     # Asking for a modality it would have provided says why it is missing.
-    with pytest.raises(PluginError, match="broken plugins: bad \\(acme-bad\\)"):
+    with pytest.raises(PluginError, match="installed but not loaded: bad \\(acme-bad\\)"):
         pm.resolve_modality("pet")
 
     # `umbrella plugins` still works (exit 0) and shows it as broken, in both formats.
@@ -264,3 +264,20 @@ def test_a_reader_that_raises_is_named():
     pm = fresh_plugin_manager(Reader())
     with pytest.raises(PluginError, match="'test-plugin-0'.*failed in umbrella_study_reader"):
         pm.read_study("/nowhere")
+
+
+def test_an_unknown_name_in_the_env_lists_is_refused(entry_points, monkeypatch, capsys):
+    entry_points(other=_good)
+    monkeypatch.setenv(BLOCK_ENV, "gooood")
+    assert main(["plugins"]) == 2
+    error = capsys.readouterr().err
+    assert f"{BLOCK_ENV}: no installed plugin is named 'gooood'" in error
+    assert "installed: good, other" in error and "Traceback" not in error
+
+
+def test_a_modality_of_a_blocked_plugin_says_it_is_blocked(entry_points, monkeypatch):
+    entry_points()
+    monkeypatch.setenv(BLOCK_ENV, "good")
+    pm = PluginManager()
+    with pytest.raises(PluginError, match="installed but not loaded: good .*blocked by"):
+        pm.resolve_modality("good")

@@ -228,7 +228,9 @@ def test_the_registry_resolves_names_and_aliases_and_refuses_duplicates():
     registry = ModalityRegistry.from_provided([_provided(t1), _provided(toy_modality("fmri"))])
     assert registry.resolve(" T1W ").item is t1
     assert list(registry.by_name) == ["t1", "fmri"]
-    with pytest.raises(PluginError, match="unknown modality 'pet'.*fmri, t1; .*broken plugins: x"):
+    with pytest.raises(
+        PluginError, match="unknown modality 'pet'.*fmri, t1; .*installed but not loaded: x"
+    ):
         registry.resolve("pet", broken=["x (acme): ImportError"])
     clash = attrs.evolve(toy_modality("anat"), aliases=("t1w",))
     with pytest.raises(DuplicateNameError, match="'t1w'.*'p' .*d 1.0.*'q'.*e 1.0.*; block it"):

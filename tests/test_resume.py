@@ -66,3 +66,36 @@ def test_resume_mid_epoch_draws_the_same_samples_and_logs_the_same_losses(tmp_pa
 def test_resume_from_a_folder_that_is_not_a_checkpoint_is_refused(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--output-dir", str(tmp_path / "o")]) == 2
     assert "not a training checkpoint" in capsys.readouterr().err
+
+
+class _Evil:
+    """Unpickling it would write a file: a checkpoint file holding code, not tensors."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_resume_refuses_a_checkpoint_file_that_holds_code(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    _train(out)
+    marker = tmp_path / "ran"
+    for checkpoint in out.glob("checkpoint-*"):
+        torch.save({"state": _Evil(marker)}, checkpoint / "optimizer.pt")
+    capsys.readouterr()
+    args = ["train", "--modalities", "t1,dmri", "--demo-subjects", "10", "--max-steps", "12"]
+    args += ["--batch-size", "2", "--output-dir", str(out), "--no-progress", "--resume"]
+    # The checkpoint's learning rate (any other is refused before loading: run_folder.py).
+    args += ["--lr", "0.01"]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert "checkpoint-10: refused to load the checkpoint's training state" in error
+    assert "weights_only" not in error and "Traceback" not in error and "\n" not in error
+    assert not marker.exists()

@@ -231,3 +231,6 @@ def test_skip_removes_every_bad_record_of_a_shared_source(pm, demo, tmp_path):
     assert {p.source.split(" ")[0] for p in problems} == {
         str(root / f"sub-{s}/anat/sub-{s}_T1w.nii.gz") for s in ("02", "03")
     }
+    # `umbrella validate` counts them as the 4 records they are, not 2 sources.
+    report = validate_locations([(f"bids:{root}", {"tasks": ["sex", "age"]})])
+    assert report.summary() == "checked 8 records, 8 images: 4 problems in 4 records"

@@ -61,6 +61,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             overrides.append(f"{key}={value}")
     if args.no_progress:
         overrides.append("trainer.progress=false")
+    if args.overwrite:
+        overrides.append("trainer.overwrite=true")
     if args.cache:
         overrides.append("data.cache=true")
     if args.recipe:
@@ -322,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the latest checkpoint in the output folder (or the one given), "
         "with the same samples and losses as an uninterrupted run",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove an earlier run's outputs in the output folder first (trainer.overwrite)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--cache", action="store_true", help="use the preprocessed-image cache (data.cache)"
@@ -440,6 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error's message; for one re-raised from a DataLoader worker, the original line.
+
+    torch re-raises a worker's error as ``Caught DataError in DataLoader worker
+    process 0. Original Traceback ...``: the user's line is the last one.
+    """
+    message = str(exc)
+    if "\nOriginal Traceback" not in message:
+        return message
+    kind = type(exc)
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__name__}: "):
+        at = message.rfind(prefix)
+        if at >= 0:
+            return message[at + len(prefix) :].strip()
+    return message.rstrip().splitlines()[-1]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -448,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UmbrellaError as exc:
         if args.debug:
             raise
-        print(f"umbrella: error: {exc}", file=sys.stderr)
+        print(f"umbrella: error: {_one_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)  # TrainingInterrupted: 128 + signal number
     except KeyboardInterrupt:
         print("umbrella: interrupted", file=sys.stderr)

@@ -8,6 +8,7 @@ key, e.g. ``trainer.learning_rate: expected float, got 'fast'``.
 
 from __future__ import annotations
 
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -43,18 +44,37 @@ def _choice(*options: str) -> Any:
 
 
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value <= 0:
-        raise ConfigError(f"{attribute.name}: must be positive, got {value!r}")
+    # Written so that NaN fails too (every comparison with NaN is false).
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{attribute.name}: must be a positive number, got {value!r}")
 
 
 def _not_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if value < 0:
+    if not (value >= 0 and math.isfinite(value)):
         raise ConfigError(f"{attribute.name}: must be 0 or more, got {value!r}")
 
 
 def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     if not 0.0 <= value < 1.0:
         raise ConfigError(f"{attribute.name}: expected a value in [0, 1), got {value!r}")
+
+
+def _unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{attribute.name}: expected a value in [0, 1], got {value!r}")
+
+
+def _weights(instance: Any, attribute: attrs.Attribute, value: Mapping[str, Any]) -> None:
+    for group, weight in value.items():
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not (weight >= 0 and math.isfinite(weight))
+        ):
+            raise ConfigError(
+                f"{attribute.name}.{group}: a sampling weight must be a number, 0 or more, "
+                f"got {weight!r}"
+            )
 
 
 @attrs.frozen(kw_only=True)
@@ -268,13 +288,13 @@ class DataConfig:
 
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=tuple)
-    weights: dict[str, float] = attrs.field(factory=dict)
+    weights: dict[str, float] = attrs.field(factory=dict, validator=_weights)
     temperature: float = attrs.field(default=1.0, validator=_positive)
     batching: str = attrs.field(default="mixed", validator=_choice("mixed", "modality"))
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     preprocessing: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     demo_subjects: int = attrs.field(default=240, validator=_positive)
-    workers: int = 0
+    workers: int = attrs.field(default=0, validator=_not_negative)
     check: str = attrs.field(default="files", validator=_choice("none", "files", "full"))
     on_bad: str = attrs.field(default="stop", validator=_choice("stop", "skip"))
     cache: bool = False
@@ -327,39 +347,48 @@ class TrainerConfig:
             ones are deleted (the best one is kept too). 0: keep all.
         resume: ``auto`` (the latest checkpoint in ``output_dir``) or a
             checkpoint folder to continue from; empty: start fresh.
+        overwrite: Remove the outputs of an earlier run in ``output_dir``
+            (checkpoints, ``final/``, ``best/``, metrics, TensorBoard events)
+            before starting; off, a folder holding them is refused (see
+            :mod:`umbrella_core.train.run_folder`).
+        resume_allow: Settings (dotted names, ``trainer.learning_rate``) that
+            may differ from the checkpoint's on ``resume``; the others are
+            refused, naming each change.
     """
 
     output_dir: str = "runs/umbrella"
     # The demo's validation accuracy levels off by step ~100; more steps only
     # go on fitting its 336 training images (see benchmarks/demo_seeds.py).
-    max_steps: int = 200
-    epochs: float = 1.0
+    max_steps: int = attrs.field(default=200, validator=_not_negative)
+    epochs: float = attrs.field(default=1.0, validator=_positive)
     batch_size: int = attrs.field(default=16, validator=_positive)
     learning_rate: float = attrs.field(default=1e-3, validator=_positive)
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
+    warmup_ratio: float = attrs.field(default=0.05, validator=_unit_interval)
+    weight_decay: float = attrs.field(default=0.0, validator=_not_negative)
     adam_beta2: float = attrs.field(default=0.95, validator=_fraction)
     seed: int = 0
     logging_steps: int = attrs.field(default=10, validator=_positive)
-    save_steps: int = 0
-    save_total_limit: int = 0
+    save_steps: int = attrs.field(default=0, validator=_not_negative)
+    save_total_limit: int = attrs.field(default=0, validator=_not_negative)
     progress: bool = True
     eval_strategy: str = attrs.field(
         default="epoch", validator=_choice("epoch", "steps", "end", "no")
     )
-    eval_steps: int = 0
+    eval_steps: int = attrs.field(default=0, validator=_not_negative)
     eval_max_samples: int = attrs.field(default=0, validator=_not_negative)
     eval_max_new_tokens: int = attrs.field(default=128, validator=_positive)
-    early_stopping_patience: int = 0
+    early_stopping_patience: int = attrs.field(default=0, validator=_not_negative)
     metric_for_best: str = attrs.field(
         default="eval_loss", validator=_choice("eval_loss", "eval_accuracy")
     )
     load_best_at_end: bool = True
-    generate_samples: int = 4
+    generate_samples: int = attrs.field(default=4, validator=_not_negative)
     bf16: bool = False
     gradient_checkpointing: bool = False
     deepspeed: str = ""
     resume: str = ""
+    overwrite: bool = False
+    resume_allow: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen(kw_only=True)
@@ -451,16 +480,43 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"{line}: key {key!r} appears twice (also on line {first}); keep one")
+        self.line = line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping that names a key twice.
+
+    PyYAML keeps the last value silently, so a setting written twice (the
+    second copy forgotten further down) would change a run unnoticed.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            if isinstance(key, str | int | float | bool):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults, then the YAML file (if any), then ``section.key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
-            loaded = yaml.safe_load(Path(path).read_text())
+            loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
         except OSError as exc:
             raise ConfigError(
                 f"{path}: cannot read the config file: {exc.strerror or exc}"
             ) from None
+        except _DuplicateKey as exc:
+            raise ConfigError(f"{path}:{exc}") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML: {exc}") from None
         if loaded is not None and not isinstance(loaded, Mapping):

@@ -72,8 +72,9 @@ class ModalityRegistry:
 
         Args:
             name: What the user or a record wrote.
-            broken: ``"plugin (distribution): error"`` for each broken plugin,
-                named in the error as a possible reason the modality is missing.
+            broken: ``"plugin (distribution): error"`` for each plugin that is
+                installed but broken or blocked, named in the error as the likely
+                reason the modality is missing.
 
         Raises:
             PluginError: no installed plugin provides ``name``.
@@ -81,7 +82,7 @@ class ModalityRegistry:
         key = self.names.get(name.strip().lower())
         if key is None:
             known = ", ".join(sorted(self.by_name)) or "none (install a modality plugin)"
-            hint = f"; broken plugins: {'; '.join(broken)}" if broken else ""
+            hint = f"; installed but not loaded: {'; '.join(broken)}" if broken else ""
             raise PluginError(
                 f"unknown modality {name!r}; installed modalities: {known}; fix the name or "
                 f"install the plugin that provides it{hint}"

@@ -205,7 +205,19 @@ class PluginManager:
         self._entry_points_loaded = True
         blocked = _split_env(os.environ.get(BLOCK_ENV))
         allowed = _split_env(os.environ.get(ALLOW_ENV))
-        for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
+        names = {ep.name.lower() for ep in eps}
+        names |= {_normalise_dist(ep.dist.name) for ep in eps if ep.dist is not None}
+        for variable, wanted in ((BLOCK_ENV, blocked), (ALLOW_ENV, allowed)):
+            unknown = sorted(wanted - names)
+            if unknown:
+                # A misspelt name would otherwise filter nothing (or everything) silently.
+                raise PluginError(
+                    f"{variable}: no installed plugin is named {', '.join(map(repr, unknown))}; "
+                    f"installed: {', '.join(sorted(ep.name for ep in eps)) or 'none'} "
+                    "(plugin or distribution names)"
+                )
+        for ep in eps:
             if ep.name in self._infos:
                 continue
             dist = ep.dist.name if ep.dist is not None else "<unknown>"
@@ -363,10 +375,12 @@ class PluginManager:
     def resolve_modality(self, name: str) -> Provided:
         """Look a modality up by name or alias (case-insensitive); a miss names broken plugins."""
         registry = self._registry()
+        # A plugin that is installed but broken or filtered out is the likelier
+        # reason than a missing install: name it.
         broken = [
             f"{info.name} ({info.distribution}): {info.error}"
             for info in self._infos.values()
-            if info.status == "broken"
+            if info.status in ("broken", "blocked")
         ]
         return registry.resolve(name, broken=broken)
 

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from umbrella_core.data.checks import (
-    STUDY_FIELD,
     Problem,
     outside_root_problems,
     problems_by_record,
@@ -54,16 +53,14 @@ class Report:
         problems: Every problem, in study and record order.
         records: Records checked, those the reader refused included.
         images: Images listed by the records that could be read.
+        bad_records: Records with at least one problem (counted as records,
+            not sources: records may share a source).
     """
 
     problems: tuple[Problem, ...]
     records: int
     images: int
-
-    @property
-    def bad_records(self) -> int:
-        """Records with at least one problem."""
-        return len({p.source for p in self.problems if p.field != STUDY_FIELD})
+    bad_records: int
 
     @property
     def ok(self) -> bool:
@@ -71,8 +68,8 @@ class Report:
 
     def summary(self) -> str:
         return (
-            f"checked {self.records} records, {self.images} images: "
-            f"{len(self.problems)} problems in {self.bad_records} records"
+            f"checked {_count(self.records, 'record')}, {_count(self.images, 'image')}: "
+            f"{_count(len(self.problems), 'problem')} in {_count(self.bad_records, 'record')}"
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -112,7 +109,7 @@ def validate_locations(
 
         pm = get_plugin_manager()
     problems: list[Problem] = []
-    n_records = n_images = 0
+    n_records = n_images = n_bad = 0
     for item in locations:
         location, options = (item, {}) if isinstance(item, str) else item
         records, located, refused = read_study_tolerantly(location, pm, options)
@@ -134,8 +131,17 @@ def validate_locations(
             [records[i] for i in inside], pm, workers=workers, specs=specs, encode=encode
         )
         found += [(inside[index], 1, problem) for index, problem in checked]
+        # Each reader report is a record of its own; checks count by record.
+        n_bad += len(located) - sum(position < 0 for position, _ in located)
+        n_bad += len({position for position, phase, _ in found if phase == 1})
         found.sort(key=lambda entry: entry[:2])  # stable: a record's problems keep their order
         problems.extend(problem for _, _, problem in found)
         n_records += len(records) + refused
         n_images += sum(len(r.images) for r in records)
-    return Report(problems=tuple(problems), records=n_records, images=n_images)
+    return Report(
+        problems=tuple(problems), records=n_records, images=n_images, bad_records=n_bad
+    )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")

@@ -289,9 +289,36 @@ def read_studies(
         raise DataError(
             f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
         )
+    _warn_about_copies(records, log)
     # Every record gets a side here, groups kept together (data.split); the
     # demo's manifest names its own sides, so nothing is made for it.
     assigned, table = assign_splits(records, config.data.split, log=log)
     sides = {id(r): a for r, a in zip(records, assigned, strict=True)}
     per_study = [[sides[id(r)] for r in study_records] for study_records in per_study]
     return StudyData(specs, provenance, studies, per_study, skipped, problems, split=table)
+
+
+def _warn_about_copies(records: list[StudyRecord], log: Callable[[str], None]) -> None:
+    """Say when records repeat exactly: each copy is one more draw of the same sample.
+
+    200 copies of one record among 215 make it 93 % of the draws; a user who
+    meant to weight a study has ``data.weights`` and study weights for that.
+    """
+    from collections import Counter
+
+    def key(record: StudyRecord) -> tuple[Any, ...]:
+        images = tuple((i.modality, i.paths) for i in record.images)
+        turns = tuple((t.role, t.content) for t in record.turns)
+        return (record.study, record.subject, record.session, images, turns)
+
+    counts = Counter(key(r) for r in records)
+    copies = sum(n - 1 for n in counts.values() if n > 1)
+    if not copies:
+        return
+    top, n = counts.most_common(1)[0]
+    first = next(r for r in records if key(r) == top)
+    log(
+        f"warning: {copies} record(s) repeat another exactly; the most repeated, "
+        f"{first.source or first.subject}, appears {n} times ({n / len(records):.0%} of the "
+        "records): remove the copies, or weight studies with data.weights / a study's weight"
+    )

@@ -5,7 +5,6 @@ Part of :mod:`umbrella_core.imaging`, which re-exports every public name.
 
 from __future__ import annotations
 
-import gzip
 import io
 import math
 import os
@@ -74,6 +73,13 @@ def missing_file_message(path: str | os.PathLike[str]) -> str:
         )
     if os.path.exists(name) and not os.access(name, os.R_OK):
         return f"{name}: cannot be read: permission denied; make it readable (chmod a+r)"
+    if os.path.exists(name) and not os.path.isfile(name):
+        from umbrella_core.imaging.header import open_regular
+
+        try:  # opens without blocking, and says what the file is
+            open_regular(name).close()
+        except DataError as error:
+            return str(error)
     return (
         f"{name}: file not found; check the path (relative paths are relative to the "
         "manifest's folder) or remove the record"
@@ -105,18 +111,24 @@ def load_nifti(
         voxel-to-world affine of that array.
 
     Raises:
-        DataError: The file is missing, is not a NIfTI image, cannot be decoded
-            (truncated or corrupt gzip, data shorter than the header says), has
-            fewer than three dimensions, holds NaN or infinite voxels, or has a
-            non-finite or singular affine. The message names the file.
+        DataError: The file is missing, is not a regular file, is not a
+            single-file NIfTI image, fails
+            :func:`~umbrella_core.imaging.header.read_nifti_header` (checked
+            before anything is allocated: not 3D or 4D, complex or RGB voxels,
+            scaling that overflows float32, more voxels than the ceilings or
+            than the file holds), cannot be decoded (truncated or corrupt gzip,
+            a gzip stream inflating past the header's image), holds NaN or
+            infinite voxels, or has a non-finite or singular affine. The
+            message names the file.
     """
+    from umbrella_core.imaging.header import read_nifti_header
+
     name = os.fspath(path)
-    if not os.path.exists(name) or not os.access(name, os.R_OK):
-        raise DataError(missing_file_message(name))
-    if os.path.isdir(name):
-        raise DataError(f"{name}: is a folder, expected a NIfTI file")
+    # Before any voxel: what the header shows (non-regular files, pairs,
+    # types, overflowing scaling, voxel ceilings, more voxels than the file holds).
+    facts = read_nifti_header(name)
     try:
-        img = _read_image(name)
+        img = _read_image(name, facts.expected)
     except PermissionError:
         raise DataError(missing_file_message(name)) from None
     except _DECODE_ERRORS as error:
@@ -142,11 +154,10 @@ def load_nifti(
         raise DataError(f"{name}: expected a 3D or 4D image, got shape {data.shape}")
     if data.size == 0:
         raise DataError(f"{name}: image is empty (shape {data.shape}); {REEXPORT}")
-    # Integers scaled by finite factors cannot be NaN or infinite: skip the scan.
-    stored_integer = np.issubdtype(img.get_data_dtype(), np.integer)
-    slope, inter = img.header.get_slope_inter()
-    scaling_finite = all(v is None or np.isfinite(v) for v in (slope, inter))
-    finite = True if stored_integer and scaling_finite else np.isfinite(data)
+    # Integers whose scaled range fits float32 cannot be NaN or infinite: skip
+    # the scan (read_nifti_header refuses scaling that overflows; scan anyway
+    # should that ever change).
+    finite = True if _integers_fit_float32(img) else np.isfinite(data)
     if finite is not True and not finite.all():
         bad = int(data.size - np.count_nonzero(finite))
         raise DataError(
@@ -164,18 +175,19 @@ def load_nifti(
     return data, affine
 
 
-def _gunzip(raw: bytes) -> bytes:
-    """Decompress a whole gzip stream, with ISA-L when it is installed.
-
-    Decompressing dominates the time to read a ``.nii.gz``; ISA-L's inflate is
-    about twice as fast as zlib's, and taking the file in one call avoids the
-    small reads nibabel's streaming reader makes.
-    """
-    try:
-        from isal import igzip
-    except ImportError:  # pragma: no cover - isal is a dependency; stdlib is the fallback
-        return gzip.decompress(raw)
-    return igzip.decompress(raw)
+def _integers_fit_float32(img: nib.spatialimages.SpatialImage) -> bool:
+    """Whether the image stores integers whose scaled range is finite in float32."""
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind not in "iu":
+        return False
+    slope, inter = img.header.get_slope_inter()
+    if slope is None:
+        return True
+    info = np.iinfo(dtype)
+    inter = inter or 0.0
+    ends = (float(slope) * float(info.min) + inter, float(slope) * float(info.max) + inter)
+    limit = float(np.finfo(np.float32).max)
+    return all(abs(end) <= limit for end in ends)
 
 
 def _voxels(img: nib.spatialimages.SpatialImage, *, native: bool = False) -> NDArray[Any]:
@@ -201,12 +213,16 @@ def _voxels(img: nib.spatialimages.SpatialImage, *, native: bool = False) -> NDA
     ):
         shape = proxy.shape
         count = math.prod(shape)
-        buffer = stream.getbuffer()
+        # getvalue hands back the bytes the stream was made from; getbuffer
+        # would first copy them (a second inflated image in memory).
+        buffer = stream.getvalue()
         if offset + count * dtype.itemsize <= len(buffer):
             raw = np.frombuffer(buffer, dtype=dtype, count=count, offset=int(offset))
             slope, inter = float(proxy.slope), float(proxy.inter)
             if native and slope == 1.0 and inter == 0.0:
-                return raw.reshape(shape, order=order)
+                # Callers may normalise in place: views of the read-only bytes
+                # are copied here, the only path that needs a second buffer.
+                return raw.reshape(shape, order=order).copy(order="K")
             data = raw.reshape(shape, order=order).astype(np.float32)
             if slope != 1.0:
                 data *= np.float32(slope)
@@ -225,19 +241,22 @@ def _scaled(proxy: Any) -> bool:
     return not (float(slope) == 1.0 and float(inter) == 0.0)
 
 
-def _read_image(name: str) -> nib.spatialimages.SpatialImage:
-    """The image at ``name``: gzip files are inflated in memory in one call."""
-    if not name.endswith(".gz"):
+def _read_image(name: str, expected: int) -> nib.spatialimages.SpatialImage:
+    """The image at ``name``, a single-file NIfTI whose voxels end at byte ``expected``.
+
+    Gzip files are inflated in memory in one call, bounded by ``expected``
+    (:func:`~umbrella_core.imaging.header.inflate`).
+    """
+    if not name.lower().endswith(".gz"):
         return nib.load(name)
-    with open(name, "rb") as handle:
+    from umbrella_core.imaging.header import inflate, open_regular
+
+    with open_regular(name) as handle:
         raw = handle.read()
-    data = _gunzip(raw)
+    data = inflate(name, raw, expected)
+    del raw
     klass = nib.Nifti2Image if _is_nifti2(data) else nib.Nifti1Image
-    try:
-        return klass.from_bytes(data)
-    except _DECODE_ERRORS:
-        # Not a single-file NIfTI: let nibabel say what the file is.
-        return nib.load(name)
+    return klass.from_bytes(data)
 
 
 def _is_nifti2(data: bytes) -> bool:

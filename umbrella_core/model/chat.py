@@ -132,6 +132,10 @@ class _Backend:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.size = len(tokenizer)
+        # The most characters one token can stand for (4x for normalisers that
+        # compose characters): a text of n characters is at least
+        # n / longest tokens, known before it is rendered or tokenised.
+        self.longest = 4 * max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.rust = None
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None:
@@ -326,6 +330,22 @@ class ChatFormat:
         messages = self.messages(turns)
         if add_generation_prompt and messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
+        backend = self._backend(tokenizer)
+        # A conversation far too long is refused before the template renders it
+        # and the tokenizer splits it (a 10 MB one took 40 s and 2 GB to refuse).
+        chars = sum(len(m["content"]) for m in messages)
+        chars -= len(IMAGE_PLACEHOLDER) * len(image_modalities)
+        least = chars // backend.longest + sum(
+            tokens_per_modality.get(m, 0) for m in image_modalities
+        )
+        if least > max_length:
+            raise DataError(
+                f"{where}: the conversation is at least {least} tokens long ({chars} "
+                f"characters, images included) but the model takes at most {max_length}; "
+                "shorten it or raise model.max_length",
+                source=where,
+                field="conversation",
+            )
         text = self._render(messages, add_generation_prompt, where)
         spans = self.learned_spans(messages, text, where=where)
         pieces = text.split(IMAGE_PLACEHOLDER)
@@ -344,7 +364,6 @@ class ChatFormat:
                     field="images",
                 )
         cuts = sorted({c for span in spans for c in span})
-        backend = self._backend(tokenizer)
         ids: list[int] = []
         labels: list[int] = []
         offset = 0

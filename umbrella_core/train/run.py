@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -163,6 +164,12 @@ def prepare(
             weights.append(float(config.data.weights.get(name, weight)))
     if not train_sets:
         raise DataError(f"no training record (split: train) in {', '.join(locations)}")
+    unknown = sorted(set(config.data.weights) - {ds.name for ds in train_sets})
+    if unknown:
+        raise ConfigError(
+            f"data.weights.{unknown[0]}: no such group of training records; the groups are "
+            f"{', '.join(ds.name for ds in train_sets)} (study/modalities)"
+        )
     eval_set, test_set = held_out_sets(data.records, dataset)
     return Prepared(
         config=config,
@@ -206,6 +213,12 @@ def summary(prep: Prepared) -> str:
     )
     if prep.trainable_reason:
         lines.append(f"               ({prep.trainable_reason})")
+    t = prep.config.trainer
+    lines.append(
+        f"  length       {t.max_steps} steps"
+        if t.max_steps
+        else f"  length       {t.epochs:g} epoch(s) (trainer.max_steps is 0: epochs decide)"
+    )
     lines.append("  modalities")
     counts: dict[str, int] = {}
     for ds in prep.train_sets:
@@ -264,10 +277,37 @@ def train(
             "stages: a staged run is umbrella_core.train.recipes.run_stages, not train()"
         )
     import torch
+    from transformers.utils import logging as hf_logging
+
+    from umbrella_core.train.run_folder import claim_run_folder
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(config.trainer.seed)
+    out_dir = Path(config.trainer.output_dir).expanduser().resolve()
+    # Creating the arguments starts the process group under torchrun /
+    # accelerate launch / deepspeed; from here on only the main process
+    # prints and writes, and it writes the demo data before the others read it.
+    args = arguments.training_arguments(config, out_dir)
+    if args.process_index != 0:
+        log = _quiet
+    resume = arguments.resume_checkpoint(config.trainer.resume, out_dir)
+    # One run at a time in out_dir, never mixed with another's outputs.
+    with claim_run_folder(config, out_dir, resume, main=args.process_index == 0, log=log):
+        return _train(config, pm, args, out_dir, resume, log)
+
+
+def _train(
+    config: RunConfig,
+    pm: PluginManager,
+    args: Any,
+    out_dir: Path,
+    resume: str | None,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """:func:`train` once it holds its output folder."""
     from torch.utils.data import ConcatDataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
-    from transformers.utils import logging as hf_logging
 
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.interleave import Interleaving
@@ -281,18 +321,8 @@ def train(
     from umbrella_core.train.faults import interrupted_error, stop_on_signals
     from umbrella_core.train.trainer import UmbrellaTrainer
 
-    hf_logging.set_verbosity_error()
-    torch.manual_seed(config.trainer.seed)
     t = config.trainer
-    out_dir = Path(t.output_dir).expanduser().resolve()
-    # Creating the arguments starts the process group under torchrun /
-    # accelerate launch / deepspeed; from here on only the main process
-    # prints and writes, and it writes the demo data before the others read it.
-    args = arguments.training_arguments(config, out_dir)
     main_process = args.process_index == 0
-    if not main_process:
-        log = _quiet
-    resume = arguments.resume_checkpoint(t.resume, out_dir)
     with args.main_process_first(desc="reading studies", local=False):
         data = read_studies(config, pm, log=log)
     prep = prepare(config, pm, log=log, data=data)
@@ -351,7 +381,17 @@ def train(
     best = attach_evaluation(trainer, config, prep, out_dir) if evaluating else None
     started = time.perf_counter()
     with stop_on_signals(trainer, log=log if main_process else _quiet) as stopper:
-        result = trainer.train(resume_from_checkpoint=resume)
+        try:
+            result = trainer.train(resume_from_checkpoint=resume)
+        except pickle.UnpicklingError as exc:
+            # torch's message advises loading with weights_only=False: never do that.
+            found = [line for line in str(exc).splitlines() if "GLOBAL" in line]
+            raise DataError(
+                f"{resume}: refused to load the checkpoint's training state: a file in it "
+                "holds objects other than tensors and numbers, which could run code when "
+                f"loaded ({(found or ['not a tensor file'])[0].strip()[:160]}); resume only "
+                "from checkpoints an UMBRELLA run wrote, or start afresh without --resume"
+            ) from None
     if stopper.stopped_at is not None:
         # SIGINT/SIGTERM: checkpoint-N is saved; no final/ and no metrics.json.
         raise interrupted_error(stopper, out_dir)

@@ -330,3 +330,32 @@ def test_validate_reads_the_studies_of_a_config_with_their_options(bids, tmp_pat
 def test_a_misspelt_option_is_refused_naming_it(pm, bids):
     with pytest.raises(ConfigError, match="unknown study option 'task'.*tasks"):
         list(pm.read_study("bids:" + str(bids), {"task": ["sex"]}))
+
+
+def test_a_table_that_is_not_utf8_names_its_file_and_line(pm, bids):
+    (bids / "participants.tsv").write_bytes(
+        PARTICIPANTS.replace("patient", "patiënt").encode("latin-1")
+    )
+    with pytest.raises(DataError, match=r"participants\.tsv:3: not UTF-8 \(byte 0xeb.*iconv"):
+        list(pm.read_study("bids:" + str(bids), {"tasks": ["sex"]}))
+
+
+def test_an_unreadable_subject_folder_is_reported_and_the_others_read(pm, bids, monkeypatch):
+    import os
+
+    locked = bids / "sub-02"
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):
+        # As a user without permission sees `chmod 000 sub-02` (root ignores it).
+        return os.fspath(path) != str(locked) and real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    reported = []
+    records = list(pm.read_study("bids:" + str(bids), {"tasks": ["sex"]}, reported.append))
+    assert "sub-02" not in {r.subject for r in records} and {"sub-01", "sub-03"} <= {
+        r.subject for r in records
+    }
+    (error,) = reported
+    assert (error.source, error.field) == (str(locked), "folder")
+    assert "cannot read the subject's folder: Permission denied" in str(error)

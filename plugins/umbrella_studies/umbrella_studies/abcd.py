@@ -106,7 +106,7 @@ def read_abcd(
     return make_records(
         study=study_name(folder, options, "abcd"),
         folder=folder,
-        scans=bids_scans(folder, dmri_raw=bool(options.get("dmri_raw", True))),
+        scans=bids_scans(folder, dmri_raw=bool(options.get("dmri_raw", True)), on_error=on_error),
         table=table,
         subject_key=abcd_key,
         conventions=ABCD,

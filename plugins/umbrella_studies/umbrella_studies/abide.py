@@ -66,9 +66,9 @@ def _nitrc(root: Path) -> Iterator[Scan]:
             yield Scan(subject=subject, session=session.name, image=image)
 
 
-def _scans(folder: Path, dmri_raw: bool) -> Iterator[Scan]:
+def _scans(folder: Path, dmri_raw: bool, on_error: ErrorHandler | None) -> Iterator[Scan]:
     for root in bids_roots(folder):
-        yield from bids_scans(root, dmri_raw=dmri_raw)
+        yield from bids_scans(root, dmri_raw=dmri_raw, on_error=on_error)
     for path in sorted(folder.rglob("*_func_preproc.nii.gz")):
         match = _PREPROC.fullmatch(path.name)
         if match is not None:
@@ -102,7 +102,7 @@ def read_abide(
     return make_records(
         study=study_name(folder, options, "abide"),
         folder=folder,
-        scans=_scans(folder, bool(options.get("dmri_raw", True))),
+        scans=_scans(folder, bool(options.get("dmri_raw", True)), on_error),
         table=table,
         subject_key=abide_key,
         conventions=ABIDE,

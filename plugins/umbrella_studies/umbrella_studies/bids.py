@@ -67,7 +67,7 @@ def read_bids(
     return make_records(
         study=study_name(folder, options),
         folder=folder,
-        scans=bids_scans(folder, dmri_raw=bool(options.get("dmri_raw", True))),
+        scans=bids_scans(folder, dmri_raw=bool(options.get("dmri_raw", True)), on_error=on_error),
         table=participants(folder, options),
         subject_key=bids_key,
         conventions=Conventions(),

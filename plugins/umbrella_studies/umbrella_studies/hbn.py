@@ -73,7 +73,7 @@ def read_hbn(
 
     def scans() -> Iterator[Scan]:
         for root in roots:
-            yield from bids_scans(root, dmri_raw=dmri_raw)
+            yield from bids_scans(root, dmri_raw=dmri_raw, on_error=on_error)
 
     def site_folder(scan: Scan) -> str | None:
         try:

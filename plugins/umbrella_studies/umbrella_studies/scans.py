@@ -7,13 +7,16 @@ no image is decoded here.
 
 from __future__ import annotations
 
+import errno
+import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from umbrella_core.errors import DataError
 from umbrella_core.types import ImageRef
 from umbrella_studies.tables import read_json
 
@@ -134,7 +137,12 @@ def bids_subject_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("sub-*") if p.is_dir())
 
 
-def bids_scans(root: Path, *, dmri_raw: bool = True) -> Iterator[Scan]:
+def bids_scans(
+    root: Path,
+    *,
+    dmri_raw: bool = True,
+    on_error: Callable[[DataError], None] | None = None,
+) -> Iterator[Scan]:
     """Every T1w, BOLD and diffusion image of a BIDS(-like) dataset at ``root``.
 
     * ``t1``: ``sub-X[/ses-Y]/anat/*_T1w.nii[.gz]``;
@@ -144,35 +152,58 @@ def bids_scans(root: Path, *, dmri_raw: bool = True) -> Iterator[Scan]:
       with their ``MD`` twins); without maps, the raw ``*_dwi.nii[.gz]`` as one
       path when ``dmri_raw`` (the dmri plugin expects maps, so such records
       need a plugin or preprocessing that accepts raw DWI).
+
+    A subject folder that cannot be read is reported to ``on_error`` (without
+    it: raised) and the other subjects are read.
     """
     for subject_dir in bids_subject_folders(root):
-        sessions = sorted(p for p in subject_dir.glob("ses-*") if p.is_dir()) or [subject_dir]
-        for folder in sessions:
-            session = folder.name if folder is not subject_dir else None
-            for modality, kind, suffix in (("t1", "anat", "T1w"), ("fmri", "func", "bold")):
-                for path in _images(folder / kind, suffix):
-                    yield Scan(
-                        subject=subject_dir.name,
-                        session=session,
-                        image=ImageRef(modality=modality, paths=[str(path)]),
-                        sidecar=bids_sidecar(path, root),
-                    )
-            relative = folder.relative_to(root)
-            derived = sorted(p / relative / "dwi" for p in (root / "derivatives").glob("*"))
-            pairs = dmri_maps([folder / "dwi", *derived])
-            if pairs:
-                for fa, md in pairs:
-                    yield Scan(
-                        subject=subject_dir.name,
-                        session=session,
-                        image=ImageRef(modality="dmri", paths=[str(fa), str(md)]),
-                        sidecar=sidecar_beside(fa),
-                    )
-            elif dmri_raw:
-                for path in _images(folder / "dwi", "dwi"):
-                    yield Scan(
-                        subject=subject_dir.name,
-                        session=session,
-                        image=ImageRef(modality="dmri", paths=[str(path)]),
-                        sidecar=bids_sidecar(path, root),
-                    )
+        try:
+            # pathlib's glob and is_dir take an unreadable folder for an empty one.
+            if not os.access(subject_dir, os.R_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, "Permission denied", str(subject_dir))
+            scans = list(_subject_scans(root, subject_dir, dmri_raw))
+        except OSError as exc:
+            error = DataError(
+                f"{subject_dir}: cannot read the subject's folder: {exc.strerror or exc}; "
+                "fix its permissions (chmod) or remove it",
+                source=str(subject_dir),
+                field="folder",
+            )
+            if on_error is None:
+                raise error from None
+            on_error(error)
+            continue
+        yield from scans
+
+
+def _subject_scans(root: Path, subject_dir: Path, dmri_raw: bool) -> Iterator[Scan]:
+    sessions = sorted(p for p in subject_dir.glob("ses-*") if p.is_dir()) or [subject_dir]
+    for folder in sessions:
+        session = folder.name if folder is not subject_dir else None
+        for modality, kind, suffix in (("t1", "anat", "T1w"), ("fmri", "func", "bold")):
+            for path in _images(folder / kind, suffix):
+                yield Scan(
+                    subject=subject_dir.name,
+                    session=session,
+                    image=ImageRef(modality=modality, paths=[str(path)]),
+                    sidecar=bids_sidecar(path, root),
+                )
+        relative = folder.relative_to(root)
+        derived = sorted(p / relative / "dwi" for p in (root / "derivatives").glob("*"))
+        pairs = dmri_maps([folder / "dwi", *derived])
+        if pairs:
+            for fa, md in pairs:
+                yield Scan(
+                    subject=subject_dir.name,
+                    session=session,
+                    image=ImageRef(modality="dmri", paths=[str(fa), str(md)]),
+                    sidecar=sidecar_beside(fa),
+                )
+        elif dmri_raw:
+            for path in _images(folder / "dwi", "dwi"):
+                yield Scan(
+                    subject=subject_dir.name,
+                    session=session,
+                    image=ImageRef(modality="dmri", paths=[str(path)]),
+                    sidecar=bids_sidecar(path, root),
+                )

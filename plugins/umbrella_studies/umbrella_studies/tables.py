@@ -66,11 +66,23 @@ def read_table(path: Path) -> tuple[list[str], list[Row]]:
         DataError: the file cannot be read, has no header, or a row has another
             number of fields than the header; the message names the file and line.
     """
+    import io
+
     delimiter = "," if path.suffix.lower() == ".csv" else "\t"
     try:
-        handle = path.open(encoding="utf-8-sig", newline="")
+        raw = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot read the table: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}, column {column}); "
+            "save the table as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+    handle = io.StringIO(text, newline="")
     rows: list[Row] = []
     with handle:
         reader = csv.reader(handle, delimiter=delimiter)

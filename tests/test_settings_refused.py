@@ -1,0 +1,105 @@
+"""Settings that would train something other than what was meant are refused or said aloud.
+
+Each bad setting is one line naming it (exit 2, no traceback); what is
+accepted but surprising (max_steps 0, a record repeated many times) is said
+in the run's output.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from umbrella_core.cli import main
+from umbrella_core.config import load_config
+from umbrella_core.data.studies import read_studies
+from umbrella_core.plugins import get_plugin_manager
+
+SMALL = [
+    "--modalities",
+    "t1",
+    "--demo-subjects",
+    "6",
+    "--set",
+    "data.geometry={t1: {shape: [16, 16, 16], patch_size: [8, 8, 8]}}",
+    "--no-progress",
+]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.learning_rate=.nan", "trainer.learning_rate: must be a positive number, got nan"),
+        ("trainer.learning_rate=-1e-3", "trainer.learning_rate: must be a positive number"),
+        ("trainer.warmup_ratio=-5", "trainer.warmup_ratio: expected a value in [0, 1], got -5.0"),
+        ("trainer.weight_decay=-0.1", "trainer.weight_decay: must be 0 or more"),
+        ("trainer.epochs=0", "trainer.epochs: must be a positive number"),
+        ("data.workers=-2", "data.workers: must be 0 or more, got -2"),
+        ("data.weights={demo/t1: -1}", "data.weights.demo/t1: a sampling weight must be a number"),
+        ("data.weights={demo/t1: .inf}", "data.weights.demo/t1: a sampling weight must be"),
+        ("trainer.save_steps=-3", "trainer.save_steps: must be 0 or more, got -3"),
+        ("trainer.save_total_limit=-1", "trainer.save_total_limit: must be 0 or more, got -1"),
+        ("trainer.max_steps=-1", "trainer.max_steps: must be 0 or more, got -1"),
+        ("trainer.eval_steps=-4", "trainer.eval_steps: must be 0 or more"),
+        ("trainer.generate_samples=-1", "trainer.generate_samples: must be 0 or more"),
+        ("trainer.early_stopping_patience=-2", "trainer.early_stopping_patience: must be 0"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it(override, message, tmp_path, capsys):
+    assert main(["train", "--set", override, "--output-dir", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "Traceback" not in error and "\n" not in error
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_key_written_twice_in_the_yaml_is_refused_with_both_lines(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("trainer:\n  learning_rate: 0.001\n  batch_size: 4\n  learning_rate: 0.1\n")
+    assert main(["train", "--config", str(config)]) == 2
+    error = capsys.readouterr().err
+    assert f"{config}:4: key 'learning_rate' appears twice (also on line 2)" in error
+
+
+def test_a_misspelt_weights_group_is_refused_naming_the_groups(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["train", *SMALL, "--set", "data.weights={demo/t1w: 2}", "--output-dir", str(out)]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "data.weights.demo/t1w: no such group of training records" in error
+    assert "the groups are " in error and "/t1" in error
+
+
+def test_max_steps_0_says_that_epochs_decide(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["train", *SMALL, "--set", "trainer.max_steps=0", "--set", "trainer.epochs=1"]
+    args += ["--set", "trainer.eval_strategy=no", "--batch-size", "4", "--output-dir", str(out)]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "length       1 epoch(s) (trainer.max_steps is 0: epochs decide)" in said
+    # 4 training subjects x 2 questions at 4 a step: one epoch is 2 steps.
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 2
+
+
+def test_a_record_repeated_many_times_is_warned_about(tmp_path):
+    t1 = tmp_path / "sub-01_T1w.nii.gz"
+    t1.write_bytes(b"")  # read_studies does not open images
+    line = {
+        "subject": "sub-01",
+        "images": [{"modality": "t1", "path": t1.name}],
+        "conversation": [
+            {"role": "user", "content": "<image>\nWhich side?"},
+            {"role": "assistant", "content": "left"},
+        ],
+    }
+    other = {**line, "subject": "sub-02"}
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [line] * 200 + [other] * 15) + "\n")
+    config = load_config(None, ["data.modalities=[t1]", f"data.studies=[{manifest}]"])
+    said: list[str] = []
+    read_studies(config, get_plugin_manager(), log=said.append)
+    (warning,) = [s for s in said if s.startswith("warning:")]
+    assert "213 record(s) repeat another exactly" in warning
+    assert f"{manifest}:1, appears 200 times (93% of the records)" in warning
