@@ -7,7 +7,7 @@ fmri at demo geometry) and checks what a user sees:
   line/field) and saying what to do;
 * ``umbrella train`` (``data.on_bad=stop``, the default) stops before step 1
   with that error and leaves an earlier run's outputs in the same output
-  folder byte-identical;
+  folder byte-identical, even with ``--overwrite``;
 * ``umbrella train --set data.on_bad=skip`` trains without the bad samples and
   lists each of them in ``OUTPUT_DIR/bad_samples.json``.
 
@@ -16,7 +16,17 @@ Problems visible in the NIfTI header are caught by the default
 headers claiming more voxels than the ceiling or the file, gzip bombs, FIFOs,
 integer scaling past float32: none is decoded, see tests/test_hostile_files.py
 for their memory bounds); those that need the voxels decoded (truncated data,
-NaN, all-zero images) by ``data.check=full`` (and ``umbrella validate``).
+NaN, all-zero images, a 4D series given as a T1) by ``data.check=full`` (and
+``umbrella validate``).
+
+Files that are not NIfTI are named for what they are, with how to convert
+them: DICOM files and folders (dcm2niix), FreeSurfer's MGZ (mri_convert),
+pictures, text; so are symlinks that loop or lead nowhere, empty files,
+folders, and a path whose other NIfTI suffix exists. An fMRI repetition time
+in milliseconds labelled as seconds (nibabel's own example4d.nii.gz) is
+refused from the header or the JSON sidecar. Files that only look wrong (a
+plain NIfTI named ``.nii.gz``) are read, so they are not cases here
+(tests/test_imaging.py).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import attrs
 import nibabel as nib
 import numpy as np
 import pytest
+from nibabel.testing import data_path
 
 from umbrella_core.cli import main
 from umbrella_core.data.demo import write_demo
@@ -62,6 +73,10 @@ def _append(manifest: Path, line: str) -> int:
 
 def _good_t1(study: Path) -> Path:
     return next((study / "t1").glob("*_T1w.nii.gz"))
+
+
+def _good_bold(study: Path) -> Path:
+    return next((study / "fmri").glob("*_bold.nii.gz"))
 
 
 @attrs.frozen
@@ -189,7 +204,10 @@ def _symlink_outside(study, manifest):
 
 
 def _raw_nifti(study, name, shape, dtype, payload=None, **fields):
-    """A hand-written .nii.gz (header and payload as given): nibabel refuses to write these."""
+    """A hand-written NIfTI (header and payload as given): nibabel refuses to write these.
+
+    Gzipped when ``name`` ends in ``.gz``.
+    """
     import gzip
 
     header = nib.Nifti1Header()
@@ -199,9 +217,12 @@ def _raw_nifti(study, name, shape, dtype, payload=None, **fields):
     header["vox_offset"] = 352
     for key, value in fields.items():
         header[key] = value
+    gzipped = name.endswith(".gz")
     if payload is None:
-        payload = gzip.compress(bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize))
-    (study / name).write_bytes(gzip.compress(header.binaryblock + bytes(4)) + payload)
+        payload = bytes(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        payload = gzip.compress(payload) if gzipped else payload
+    head = header.binaryblock + bytes(4)
+    (study / name).write_bytes((gzip.compress(head) if gzipped else head) + payload)
 
 
 def _five_d(study, manifest):
@@ -252,13 +273,144 @@ def _scaled_overflow(study, manifest):
     return _append(manifest, json.dumps(_record("t1", "scaled_T1w.nii.gz")))
 
 
+# -- files that are not NIfTI, or not files (issue 12 item 15) ---------------------------
+
+
+def _dicom_file(study, manifest):
+    # nibabel's 0.dcm: its preamble even starts with 348, NIfTI-1's header size.
+    shutil.copy(Path(data_path) / "0.dcm", study / "scan_T1w.dcm")
+    return _append(manifest, json.dumps(_record("t1", "scan_T1w.dcm")))
+
+
+def _dicom_folder(study, manifest):
+    # As a scanner exports a series: files without a suffix in one folder.
+    series = study / "dicom" / "T1_MPRAGE"
+    series.mkdir(parents=True)
+    for i in range(2):
+        shutil.copy(Path(data_path) / f"{i}.dcm", series / f"IM{i:04d}")
+    return _append(manifest, json.dumps(_record("t1", "dicom")))
+
+
+def _symlink_loop(study, manifest):
+    (study / "loop_T1w.nii.gz").symlink_to("loop_T1w.nii.gz")
+    return _append(manifest, json.dumps(_record("t1", "loop_T1w.nii.gz")))
+
+
+def _dangling_symlink(study, manifest):
+    (study / "moved_T1w.nii.gz").symlink_to("old/moved_T1w.nii.gz")
+    return _append(manifest, json.dumps(_record("t1", "moved_T1w.nii.gz")))
+
+
+def _folder_named_nii_gz(study, manifest):
+    (study / "unpacked_T1w.nii.gz").mkdir()
+    return _append(manifest, json.dumps(_record("t1", "unpacked_T1w.nii.gz")))
+
+
+def _folder_of_nifti(study, manifest):
+    return _append(manifest, json.dumps(_record("t1", "t1")))
+
+
+def _empty_file(study, manifest):
+    (study / "empty_T1w.nii.gz").write_bytes(b"")
+    return _append(manifest, json.dumps(_record("t1", "empty_T1w.nii.gz")))
+
+
+def _plain_pair(study, manifest):
+    volume = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32) + 1.0
+    nib.save(nib.Nifti1Pair(volume, np.eye(4)), str(study / "analyze_T1w.img"))
+    return _append(manifest, json.dumps(_record("t1", "analyze_T1w.img")))
+
+
+def _mgz(study, manifest):
+    volume = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32) + 1.0
+    (study / "freesurfer").mkdir()
+    nib.save(nib.MGHImage(volume, np.eye(4)), str(study / "freesurfer" / "T1.mgz"))
+    return _append(manifest, json.dumps(_record("t1", "freesurfer/T1.mgz")))
+
+
+def _png(study, manifest):
+    (study / "shot_T1w.nii.gz").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(1024))
+    return _append(manifest, json.dumps(_record("t1", "shot_T1w.nii.gz")))
+
+
+def _gzipped_text(study, manifest):
+    import gzip
+
+    (study / "log_T1w.nii.gz").write_bytes(gzip.compress(b"dcm2niix version v1.0\n" * 40))
+    return _append(manifest, json.dumps(_record("t1", "log_T1w.nii.gz")))
+
+
+def _other_suffix(study, manifest):
+    path = str(_good_t1(study).relative_to(study))[: -len(".gz")]  # the file is .nii.gz
+    return _append(manifest, json.dumps(_record("t1", path)))
+
+
+# -- damaged headers ---------------------------------------------------------------------
+
+
+def _nan_affine(study, manifest):
+    _raw_nifti(study, "nanaff_T1w.nii.gz", (16, 16, 16), np.float32, srow_x=[np.nan, 0, 0, 0])
+    return _append(manifest, json.dumps(_record("t1", "nanaff_T1w.nii.gz")))
+
+
+def _zero_dim(study, manifest):
+    _raw_nifti(study, "flat0_T1w.nii.gz", (16, 16, 16), np.float32, dim=[3, 16, 0, 16, 1, 1, 1, 1])
+    return _append(manifest, json.dumps(_record("t1", "flat0_T1w.nii.gz")))
+
+
+def _negative_dim(study, manifest):
+    dim = [3, 16, -16, 16, 1, 1, 1, 1]
+    _raw_nifti(study, "negdim_T1w.nii.gz", (16, 16, 16), np.float32, dim=dim)
+    return _append(manifest, json.dumps(_record("t1", "negdim_T1w.nii.gz")))
+
+
+def _sizeof_hdr(study, manifest):
+    _raw_nifti(study, "sizeof_T1w.nii.gz", (16, 16, 16), np.float32, sizeof_hdr=349)
+    return _append(manifest, json.dumps(_record("t1", "sizeof_T1w.nii.gz")))
+
+
+def _vox_offset(study, manifest):
+    _raw_nifti(study, "offset_T1w.nii", (16, 16, 16), np.float32, vox_offset=1e6)
+    return _append(manifest, json.dumps(_record("t1", "offset_T1w.nii")))
+
+
+def _series_as_t1(study, manifest):
+    series = np.random.default_rng(0).random((16, 16, 16, 3)).astype(np.float32) + 1.0
+    save_nifti(study / "series_T1w.nii.gz", series, np.eye(4))
+    return _append(manifest, json.dumps(_record("t1", "series_T1w.nii.gz")))
+
+
+# -- fMRI repetition time (issue 12 item 10) ---------------------------------------------
+
+
+def _tr_in_ms(study, manifest):
+    # nibabel's example4d: pixdim[4] 2000 in "sec"; with a target_tr it made a
+    # 20-frame series 1,979 frames (37 GB).
+    shutil.copy(Path(data_path) / "example4d.nii.gz", study / "example4d_bold.nii.gz")
+    return _append(manifest, json.dumps(_record("fmri", "example4d_bold.nii.gz")))
+
+
+def _sidecar_tr_in_ms(study, manifest):
+    shutil.copy(_good_bold(study), study / "ms_bold.nii.gz")
+    (study / "ms_bold.json").write_text(json.dumps({"RepetitionTime": 2000}))
+    return _append(manifest, json.dumps(_record("fmri", "ms_bold.nii.gz")))
+
+
+def _bad_sidecar(study, manifest):
+    shutil.copy(_good_bold(study), study / "side_bold.nii.gz")
+    (study / "side_bold.json").write_text("{RepetitionTime: 2.0}")
+    return _append(manifest, json.dumps(_record("fmri", "side_bold.nii.gz")))
+
+
 OUTSIDE = ("outside the dataset root", "data.allow_outside_root=true")
 CASES = {
     "missing-file": Case(_missing, ("anat/nope_T1w.nii.gz: file not found", "check the path")),
     "truncated": Case(
         _truncated, ("truncated_T1w.nii.gz", "truncated or corrupt", "re-export"), decode=True
     ),
-    "not-nifti": Case(_not_nifti, ("notes_T1w.nii.gz: not a readable NIfTI file", "re-export")),
+    "not-nifti": Case(
+        _not_nifti, ("notes_T1w.nii.gz: not a readable NIfTI file: it holds text", "give the")
+    ),
     "3d-as-fmri": Case(_volume_as_fmri, ("single_bold.nii.gz: expected a 4D series", "not a")),
     "short-series": Case(
         _short_series, ("short_bold.nii.gz", "fewer than the 8", "use a longer series")
@@ -287,6 +439,64 @@ CASES = {
     "gzip-bomb": Case(_gzip_bomb, ("bomb_T1w.nii.gz: the header claims a 1024x1024x1024",)),
     "fifo": Case(_fifo, ("pipe_T1w.nii.gz: is a FIFO (named pipe), not a regular file",)),
     "scaled-overflow": Case(_scaled_overflow, ("scaled_T1w.nii.gz: scl_slope 1e+36", "float32")),
+    # Not NIfTI, or not a file (issue 12 item 15): said what it is and how to convert it.
+    "dicom-file": Case(
+        _dicom_file, ("scan_T1w.dcm: not a NIfTI file: it is a DICOM file", "dcm2niix -z y -o")
+    ),
+    "dicom-folder": Case(
+        _dicom_folder, ("dicom: is a folder of DICOM files", "dcm2niix -z y -o OUT_FOLDER")
+    ),
+    "symlink-loop": Case(_symlink_loop, ("loop_T1w.nii.gz: is a symbolic link that loops",)),
+    "dangling-symlink": Case(
+        _dangling_symlink,
+        ("moved_T1w.nii.gz: is a symbolic link to old/moved_T1w.nii.gz, which does not exist",),
+    ),
+    "folder-named-nii-gz": Case(
+        _folder_named_nii_gz, ("unpacked_T1w.nii.gz: is a folder, expected a NIfTI file",)
+    ),
+    "folder-of-nifti": Case(
+        _folder_of_nifti, ("t1: is a folder, not a NIfTI file; give a file in it, e.g.", "_T1w")
+    ),
+    "empty-file": Case(_empty_file, ("empty_T1w.nii.gz: the file is empty (0 bytes)", "copy")),
+    "plain-pair": Case(_plain_pair, ("analyze_T1w.img: is part of a NIfTI pair", "convert")),
+    "mgz": Case(_mgz, ("T1.mgz: not a NIfTI file: it is a FreeSurfer MGH/MGZ", "mri_convert")),
+    "png": Case(_png, ("shot_T1w.nii.gz: not a NIfTI file: it is a PNG picture",)),
+    "gzipped-text": Case(
+        _gzipped_text, ("log_T1w.nii.gz: not a readable NIfTI file: it holds text", "dcm2niix v")
+    ),
+    "other-suffix": Case(
+        _other_suffix, ("_T1w.nii: file not found (there is sub-", "_T1w.nii.gz: is that the one?")
+    ),
+    # Damaged headers.
+    "nan-affine": Case(_nan_affine, ("nanaff_T1w.nii.gz: the affine", "not finite", "sform")),
+    "zero-size-dim": Case(
+        _zero_dim, ("flat0_T1w.nii.gz: image is empty (a dimension of size 0, shape (16, 0, 16))",)
+    ),
+    "negative-dim": Case(_negative_dim, ("negdim_T1w.nii.gz:", "dim has a negative size")),
+    "sizeof-hdr": Case(_sizeof_hdr, ("sizeof_T1w.nii.gz:", "sizeof_hdr is 349, not 348")),
+    "vox-offset-past-end": Case(
+        _vox_offset, ("offset_T1w.nii: the header's vox_offset (1,000,000) is past the end",)
+    ),
+    "series-as-t1": Case(
+        _series_as_t1,
+        ("series_T1w.nii.gz: expected one 3D", "(3 volumes); split the series"),
+        decode=True,
+    ),
+    # fMRI repetition time (issue 12 item 10), from the header alone.
+    "tr-in-ms": Case(
+        _tr_in_ms,
+        (
+            "example4d_bold.nii.gz: the header's repetition time is 2000 s",
+            "milliseconds labelled as seconds",
+            "data.preprocessing.fmri.max_tr",
+        ),
+    ),
+    "sidecar-tr-in-ms": Case(
+        _sidecar_tr_in_ms, ("ms_bold.json: RepetitionTime is 2000, over the 20 s", "in seconds")
+    ),
+    "bad-sidecar": Case(
+        _bad_sidecar, ("side_bold.json: not a valid JSON sidecar", "fix or remove")
+    ),
 }
 STUDY_LEVEL = {"empty-manifest"}
 
@@ -364,7 +574,7 @@ def _deny_locked_folder(locked: Path, monkeypatch) -> None:
     """As a user without permission sees ``chmod 000`` (root ignores it, so simulate)."""
     if os.geteuid() != 0:
         return  # the real chmod applies
-    real_access, real_stat = os.access, os.stat
+    real_access, real_stat, real_open = os.access, os.stat, os.open
     prefix = str(locked)
 
     def access(path, mode, *args, **kwargs):
@@ -377,8 +587,14 @@ def _deny_locked_folder(locked: Path, monkeypatch) -> None:
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_stat(path, *args, **kwargs)
 
+    def open_(path, *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(prefix + os.sep):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
     monkeypatch.setattr(os, "access", access)
     monkeypatch.setattr(os, "stat", stat)
+    monkeypatch.setattr(os, "open", open_)
 
 
 def _source(manifest: Path, line: int | None) -> str:
@@ -413,7 +629,8 @@ def test_train_stops_before_step_1_and_keeps_the_earlier_run(
 
     # Screening needs only the tokenizer: a bad record costs no model load.
     monkeypatch.setattr("umbrella_core.model.start.start_model", start_model)
-    assert _train(clean[1], manifest, out, f"data.check={check}") == 2
+    # --overwrite too: the earlier run goes only once the new run's data is screened.
+    assert _train(clean[1], manifest, out, f"data.check={check}", "trainer.overwrite=true") == 2
     error = capsys.readouterr().err
     assert error.startswith("umbrella: error: ") and "Traceback" not in error
     if line is not None:
@@ -460,9 +677,10 @@ def test_skip_trains_without_every_bad_sample_and_counts_them(clean, tmp_path, m
 @pytest.mark.parametrize(
     "broken", ["absolute-outside", "dotdot-outside", "symlink-outside"], indirect=True
 )
-def test_outside_root_is_accepted_when_the_setting_allows_it(broken, capsys):
+def test_outside_root_is_accepted_when_the_setting_allows_it(broken, clean, capsys):
     _, manifest, _, _ = broken
-    assert main(["validate", str(manifest), "--set", "data.allow_outside_root=true"]) == 0
+    allow = ["--set", "data.allow_outside_root=true"]
+    assert main(["validate", str(manifest), "--config", str(clean[1]), *allow]) == 0
     assert "0 problems" in capsys.readouterr().out
 
 

@@ -239,3 +239,23 @@ def test_preprocessing_settings_reach_the_plugins_loaders(tmp_path):
 def test_bad_preprocessing_settings_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         _specs(override)
+
+
+def test_an_error_during_training_gets_a_line_of_its_own_below_the_progress_bar(
+    tmp_path, capsys, monkeypatch
+):
+    from umbrella_core.data.demo import write_demo
+
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    manifest = write_demo(tmp_path / "study", _specs("data.modalities=t1"), subjects=4)
+    # Truncated data passes the default (header) check and fails when decoded, mid-run.
+    victim = sorted((tmp_path / "study" / "t1").glob("*.nii.gz"))[-1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2])
+    config = tmp_path / "study" / "run.yaml"
+    args = ["train", "--config", str(config), "--study", str(manifest)]
+    args += ["--max-steps", "6", "--batch-size", "1", "--output-dir", str(tmp_path / "out")]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert any("it/s]" in line or "s/it]" in line for line in lines), lines  # a bar was drawn
+    assert lines[-1].startswith("umbrella: error: ") and victim.name in lines[-1], lines[-3:]

@@ -54,6 +54,13 @@ def demo_run(tmp_path_factory):
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # Nothing but UMBRELLA's own lines: no library warning on every run.
+    noise = [
+        line
+        for line in (result.stdout + result.stderr).splitlines()
+        if "warning" in line.lower() or "deprecat" in line.lower()
+    ]
+    assert not noise, "\n".join(noise)
     return out / "run", result.stdout
 
 

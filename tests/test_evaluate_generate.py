@@ -228,6 +228,32 @@ def test_umbrella_export_writes_a_model_that_answers_the_same(run, tmp_path, cap
     assert "not over the checkpoint itself" in capsys.readouterr().err
 
 
+def test_generate_and_cache_build_refuse_what_validate_and_train_refuse(run, tmp_path, capsys):
+    from umbrella_core.imaging import save_nifti
+
+    run_dir, _, _ = run
+    # One file, four commands, one judgement (umbrella_core.data.checks.check_image).
+    study = tmp_path / "study"
+    study.mkdir()
+    noise = np.random.default_rng(0).random((8, 8, 8)).astype(np.float32)
+    save_nifti(study / "wide_T1w.nii.gz", noise, np.diag([53.0, 53.0, 53.0, 1.0]))
+    turns = [{"role": "user", "content": "<image>\nSide?"}]
+    turns.append({"role": "assistant", "content": "left"})
+    record = {"subject": "sub-w", "images": [{"modality": "t1", "path": "wide_T1w.nii.gz"}]}
+    (study / "manifest.jsonl").write_text(json.dumps(record | {"conversation": turns}) + "\n")
+    said = "wide_T1w.nii.gz: voxel size 53 x 53 x 53 mm is outside 0.05-20 mm"
+    image = str(study / "wide_T1w.nii.gz")
+    ask = ["generate", "--checkpoint", str(run_dir / "final"), "--image", image, "--prompt", "?"]
+    assert main(ask) == 2
+    assert said in capsys.readouterr().err
+    assert main(["validate", str(study)]) == 1
+    assert said in capsys.readouterr().out
+    cache = ["cache", "build", "--study", str(study), "--cache-dir", str(tmp_path / "cache")]
+    assert main(cache) == 1
+    assert said in capsys.readouterr().out
+    assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing built from it
+
+
 def test_umbrella_generate_says_when_the_modality_cannot_be_told(run, tmp_path, capsys):
     run_dir, _, _ = run
     odd = tmp_path / "scan.nii.gz"

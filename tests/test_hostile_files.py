@@ -1,11 +1,13 @@
 """Hostile image files: refused by name before anything is allocated (issue 12, points 5-8).
 
 A header that claims more voxels than the file holds, a gzip bomb, a FIFO or
-``/dev/zero`` named ``.nii.gz``, NIfTI pairs (gzipped or not), and integer
-scaling that overflows float32. Every load runs in a child process whose
-address space is capped (``RLIMIT_AS``) and whose time is bounded, so a
-regression shows as a failed test, never as a CI machine out of memory or a
-hung job.
+``/dev/zero`` named ``.nii.gz``, NIfTI pairs (gzipped or not), integer
+scaling that overflows float32, files whose name lies about their
+compression (issue 12 item 15), and an fMRI series whose repetition time in
+milliseconds would be resampled into thousands of frames (item 10). Every
+load runs in a child process whose address space is capped (``RLIMIT_AS``)
+and whose time is bounded, so a regression shows as a failed test, never as a
+CI machine out of memory or a hung job.
 """
 
 from __future__ import annotations
@@ -40,6 +42,12 @@ _CHILD = textwrap.dedent(
             from umbrella_core.imaging import load_nifti
             data, _ = load_nifti(path)
             result = {{"ok": [list(data.shape), bool(np.isfinite(data).all())]}}
+        elif what.startswith("fmri"):
+            # fmri:SETTINGS (JSON): the series of the demo geometry, configured.
+            from umbrella_fmri.plugin import FMRI, configure
+            spec = configure(FMRI.for_demo(), json.loads(what[5:]))
+            data = spec.windows.series(spec, (path,))
+            result = {{"ok": [list(data.shape), bool(np.isfinite(data).all())]}}
         else:
             from umbrella_core.data.checks import check_headers
             from umbrella_core.plugins import get_plugin_manager
@@ -55,7 +63,8 @@ _CHILD = textwrap.dedent(
 
 
 def _in_child(what: str, path: Path, timeout: float = 60) -> dict:
-    """Run ``load_nifti`` (``what="load"``) or ``check_headers`` on ``path`` in a capped child."""
+    """Run ``load_nifti`` (``what="load"``), ``check_headers`` (``"header"``) or the fMRI
+    series (``"fmri:{settings as JSON}"``) on ``path`` in a capped child."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     script = _CHILD.format(limit=LIMIT)
     try:
@@ -283,3 +292,55 @@ def test_well_formed_files_pass_the_header_check_and_load(tmp_path):
     padded = tmp_path / "members_T1w.nii.gz"
     padded.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]) + bytes(64))
     np.testing.assert_array_equal(load_nifti(padded)[0], volume)
+
+
+# -- issue 12 item 15: a name that lies about compression bypasses no bound ----------
+
+
+def test_a_plain_nifti_named_nii_gz_reads_only_its_image_however_long_the_file(tmp_path):
+    from umbrella_core.imaging import read_nifti_header
+
+    # Read as what it is (plain), and only up to its image: a 2 GiB tail (sparse)
+    # after a 64^3 uint8 image costs nothing.
+    path = tmp_path / "plain_T1w.nii.gz"
+    volume = np.random.default_rng(0).integers(1, 200, (64, 64, 64), dtype=np.uint8)
+    path.write_bytes(_header(volume.shape, np.uint8) + volume.tobytes(order="F"))
+    with path.open("r+b") as handle:
+        handle.truncate(2 << 30)
+    assert not read_nifti_header(path).gzipped
+    result = _in_child("load", path)
+    assert result == {"ok": [[64, 64, 64], True]}, result
+
+
+def test_a_gzip_bomb_named_nii_is_still_inflated_only_to_the_bound(tmp_path):
+    path = tmp_path / "bomb_T1w.nii"
+    volume = np.random.default_rng(0).integers(1, 200, (64, 64, 64), dtype=np.uint8)
+    first = gzip.compress(_header(volume.shape, np.uint8) + volume.tobytes(order="F"))
+    path.write_bytes(first + _zeros_members(1 << 30))
+    result = _in_child("load", path)
+    assert result.get("error", "").startswith(str(path)), result
+    assert "gzip bomb" in result["error"], result
+
+
+# -- issue 12 item 10: a TR in milliseconds is not resampled into a huge series ---------
+
+
+def test_a_tr_in_milliseconds_is_refused_before_resampling(tmp_path):
+    pytest.importorskip("umbrella_fmri")
+    # 20 frames at "2000 s" resampled to 2 s: 19,001 frames, 4.7 GB of float32
+    # for this 32^3 grid (37 GB and a traceback in the report).
+    path = tmp_path / "ms_bold.nii.gz"
+    series = np.random.default_rng(0).integers(100, 200, (32, 32, 32, 20), dtype=np.int16)
+    img = nib.Nifti1Image(series, np.diag([3.0, 3.0, 3.0, 1.0]))
+    img.header.set_zooms((3.0, 3.0, 3.0, 2000.0))
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, str(path))
+    result = _in_child('fmri:{"target_tr": 2.0}', path)
+    assert result.get("error", "").startswith(str(path)), result
+    assert "repetition time is 2000 s" in result["error"], result
+    # Even with the TR check relaxed, the resampling itself is bounded.
+    result = _in_child('fmri:{"target_tr": 2.0, "max_tr": 5000}', path)
+    assert "would turn 20 frames into 19,001, more than 8x" in result.get("error", ""), result
+    assert _in_child('fmri:{"target_tr": 1000.0, "max_tr": 5000}', path) == {
+        "ok": [[1, 24, 24, 24, 39], True]
+    }

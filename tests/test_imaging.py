@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -127,6 +128,153 @@ def test_other_formats_and_2d_images_are_refused(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------
 # load_nifti: orientation and data type
 # ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# What a file is, not what its name says (issue 12 item 15)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_a_plain_nifti_named_nii_gz_and_a_gzipped_one_named_nii_are_read(
+    tmp_path: Path, native: bool
+) -> None:
+    # Gzip or not is read from the first bytes: renaming is a common slip, and
+    # nibabel alone fails on both ("incorrect header check", "no NIfTI header").
+    volume = np.random.default_rng(0).random((9, 10, 11)).astype(np.float32)
+    plain = imaging.save_nifti(tmp_path / "a.nii", volume, np.diag([2.0, 2.0, 2.0, 1.0]))
+    packed = imaging.save_nifti(tmp_path / "b.nii.gz", volume, np.diag([2.0, 2.0, 2.0, 1.0]))
+    expected = imaging.load_nifti(plain, native=native)
+    for source, renamed in ((plain, "plain_T1w.nii.gz"), (packed, "packed_T1w.nii")):
+        (tmp_path / renamed).write_bytes(Path(source).read_bytes())
+        facts = imaging.read_nifti_header(tmp_path / renamed)
+        assert facts.gzipped == (source == packed) and facts.shape == (9, 10, 11)
+        data, affine = imaging.load_nifti(tmp_path / renamed, native=native)
+        np.testing.assert_array_equal(data, expected[0])
+        np.testing.assert_array_equal(affine, expected[1])
+
+
+def test_a_plain_nifti_named_nii_gz_is_read_only_up_to_its_image(tmp_path: Path) -> None:
+    volume = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    plain = imaging.save_nifti(tmp_path / "a.nii", volume, np.eye(4))
+    path = tmp_path / "tail_T1w.nii.gz"
+    path.write_bytes(Path(plain).read_bytes() + b"trailing bytes" * 100)
+    np.testing.assert_array_equal(imaging.load_nifti(path)[0], volume)
+
+
+def test_dicom_is_named_with_how_to_convert_it(tmp_path: Path) -> None:
+    # nibabel's 0.dcm has 348 (NIfTI-1's header size) in its preamble.
+    dicom = Path(data_path) / "0.dcm"
+    renamed = tmp_path / "dcm_T1w.nii.gz"
+    renamed.write_bytes(dicom.read_bytes())
+    for path in (dicom, renamed):
+        with pytest.raises(DataError, match=r"not a NIfTI file: it is a DICOM file; .*dcm2niix"):
+            imaging.load_nifti(path)
+
+
+def test_a_folder_is_named_for_what_it_holds(tmp_path: Path) -> None:
+    # DICOM files one level down, as exported (patient/series/IM0001), no suffix.
+    series = tmp_path / "dicom" / "series1"
+    series.mkdir(parents=True)
+    (series / "IM0001").write_bytes((Path(data_path) / "0.dcm").read_bytes())
+    with pytest.raises(
+        DataError, match=r"dicom: is a folder of DICOM files.*dcm2niix -z y -o OUT_FOLDER .*dicom"
+    ):
+        imaging.load_nifti(tmp_path / "dicom")
+    anat = tmp_path / "anat"
+    anat.mkdir()
+    imaging.save_nifti(anat / "sub-01_T1w.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(DataError, match=r"anat: is a folder.*e.g. .*anat/sub-01_T1w.nii.gz"):
+        imaging.read_nifti_header(anat)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: is a folder, expected a NIfTI file"):
+        imaging.load_nifti(tmp_path / "empty")
+    # As the checks say it when a record names a folder.
+    assert "empty: is a folder" in imaging.missing_file_message(tmp_path / "empty")
+
+
+def test_symlinks_that_loop_or_lead_nowhere_are_named_as_such(tmp_path: Path) -> None:
+    (tmp_path / "a.nii.gz").symlink_to("b.nii.gz")
+    (tmp_path / "b.nii.gz").symlink_to("a.nii.gz")
+    (tmp_path / "gone.nii.gz").symlink_to("elsewhere/gone.nii.gz")
+    for path, says in (
+        ("a.nii.gz", "a.nii.gz: is a symbolic link that loops"),
+        ("gone.nii.gz", "gone.nii.gz: is a symbolic link to elsewhere/gone.nii.gz, which does not"),
+    ):
+        assert says in imaging.missing_file_message(tmp_path / path)
+        with pytest.raises(DataError, match=says):
+            imaging.load_nifti(tmp_path / path)
+
+
+def test_a_missing_file_whose_other_suffix_exists_is_pointed_at(tmp_path: Path) -> None:
+    imaging.save_nifti(tmp_path / "sub-01_T1w.nii.gz", np.ones((4, 4, 4), np.float32), np.eye(4))
+    with pytest.raises(DataError, match=r"file not found \(there is sub-01_T1w.nii.gz: is that"):
+        imaging.load_nifti(tmp_path / "sub-01_T1w.nii")
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"", "the file is empty (0 bytes)"),
+        (b"\x89PNG\r\n\x1a\n" + bytes(600), "not a NIfTI file: it is a PNG picture"),
+        (b"\xff\xd8\xff\xe0" + bytes(600), "not a NIfTI file: it is a JPEG picture"),
+        (b"PK\x03\x04" + bytes(600), "not a NIfTI file: it is a ZIP archive; unpack it"),
+        (gzip.compress(b"age,sex\n42,F\n"), "not a readable NIfTI file: it holds text ('age,sex')"),
+        (
+            gzip.compress(gzip.compress(bytes(2000))),
+            "not a NIfTI file: it is gzip-compressed twice",
+        ),
+    ],
+    ids=["empty", "png", "jpeg", "zip", "text", "gzip-twice"],
+)
+def test_other_contents_are_named(tmp_path: Path, content: bytes, says: str) -> None:
+    path = tmp_path / "x_T1w.nii.gz"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"x_T1w.nii.gz: {says}")):
+        imaging.read_nifti_header(path)
+
+
+def test_mgz_is_named_with_mri_convert(tmp_path: Path) -> None:
+    path = tmp_path / "brain.mgz"
+    nib.save(nib.MGHImage(np.ones((4, 4, 4), np.float32), np.eye(4)), str(path))
+    with pytest.raises(DataError, match=r"brain.mgz: not a NIfTI file: it is a FreeSurfer .*mri_"):
+        imaging.load_nifti(path)
+
+
+def _damaged(path: Path, **fields) -> Path:
+    header = nib.Nifti1Header()
+    header.set_data_shape((4, 4, 4))
+    header.set_data_dtype(np.float32)
+    header.set_sform(np.eye(4), code=1)
+    header["vox_offset"] = 352
+    for key, value in fields.items():
+        header[key] = value
+    path.write_bytes(header.binaryblock + bytes(4) + bytes(4 * 64))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("fields", "says"),
+    [
+        ({"sizeof_hdr": 349}, "sizeof_hdr is 349, not 348: the header is damaged"),
+        ({"dim": [3, 4, -4, 4, 1, 1, 1, 1]}, "the header's dim has a negative size"),
+        ({"dim": [3, 4, 0, 4, 1, 1, 1, 1]}, "image is empty (a dimension of size 0"),
+        ({"vox_offset": 4096}, "the header's vox_offset (4,096) is past the end of the file"),
+    ],
+    ids=["sizeof_hdr", "negative-dim", "zero-dim", "vox_offset"],
+)
+def test_damaged_headers_say_what_is_damaged(tmp_path: Path, fields: dict, says: str) -> None:
+    path = _damaged(tmp_path / "d_T1w.nii", **fields)
+    with pytest.raises(DataError, match=r"d_T1w.nii: .*" + re.escape(says)):
+        imaging.load_nifti(path)
+
+
+def test_nifti2_reads_as_nifti1_does() -> None:
+    path = Path(data_path) / "example_nifti2.nii.gz"
+    data, affine = imaging.load_nifti(path)
+    expected = nib.as_closest_canonical(nib.load(path))
+    np.testing.assert_allclose(data, expected.get_fdata(), rtol=1e-6)
+    np.testing.assert_allclose(affine, expected.affine)
 
 
 def test_real_las_file_matches_nibabel_canonical() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -312,3 +313,77 @@ def test_resume_refuses_a_changed_model_even_when_allowed(tmp_path, capsys, key,
     assert main([*args, "--set", f"trainer.resume_allow={key}"]) == 2
     error = _error(capsys)
     assert shown in error and f"{key} cannot change on resuming" in error
+
+
+# -- 13. a folder that cannot be written, a disk that fills -------------------------
+
+
+def test_an_unwritable_output_folder_is_refused_before_any_study_is_read(
+    tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "ro"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):  # as on a read-only mount (root ignores chmod)
+        if os.fspath(path).startswith(str(out) + os.sep):
+            raise OSError(30, "Read-only file system", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    def read_studies(*args, **kwargs):
+        raise AssertionError("studies were read before the output folder was checked")
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr("umbrella_core.train.run.read_studies", read_studies)
+    assert _train(out) == 2
+    assert _error(capsys) == (
+        f"umbrella: error: {out}: the output folder cannot be written (Read-only file "
+        "system); give a writable --output-dir"
+    )
+
+
+def test_a_write_that_fails_for_want_of_room_is_one_line_and_leaves_no_partial(
+    tmp_path, umbrella_cache
+):
+    # A real failed write: the process may write no file over 1 MiB (a
+    # checkpoint's weights are ~5 MiB), as a full disk refuses a write.
+    out = tmp_path / "run"
+    limit = (
+        "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); "
+        "from umbrella_core.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = ["train", *TINY, *CADENCE, "--max-steps", "2", "--output-dir", str(out)]
+    ran = subprocess.run(
+        [sys.executable, "-c", limit, *args],
+        env=os.environ | {"UMBRELLA_CACHE": str(umbrella_cache), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 2, ran.stderr[-3000:]
+    assert ran.stderr.strip() == (
+        f"umbrella: error: {out}: a write failed (File too large); no checkpoint was "
+        "completed; raise the file-size limit (ulimit -f), then train again"
+    )
+    assert not any(p.name.startswith(".") for p in out.iterdir())  # no partial checkpoint
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_a_learning_rate_allowed_to_change_takes_effect_from_the_resumed_step(tmp_path):
+    out = tmp_path / "run"
+    every = ["--max-steps", "4", "--set", "trainer.logging_steps=1"]
+    assert _train(out, *every, "--lr", "0.01") == 0
+    first = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    for done in ("checkpoint-4", "final", "best"):
+        shutil.rmtree(out / done, ignore_errors=True)
+    (out / "metrics.json").unlink()
+    allow = ["--set", "trainer.resume_allow=learning_rate"]
+    assert _train(out, *every, "--lr", "0.02", "--resume", *allow) == 0
+    second = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+
+    def rates(history, steps):
+        return [e["learning_rate"] for e in history if "loss" in e and e["step"] in steps]
+
+    assert rates(second, (1, 2)) == rates(first, (1, 2))  # restored as they were
+    assert rates(second, (3, 4)) == pytest.approx([2 * r for r in rates(first, (3, 4))])
+    assert all(r > 0 for r in rates(first, (3,)))

@@ -41,10 +41,29 @@ def record(modality, path, *, user="<image>\nWhich side?", assistant="left"):
     }
 
 
-def test_the_clean_demo_passes(demo, capsys):
-    assert main(["validate", str(demo)]) == 0
+def test_the_clean_demo_passes_at_its_geometry(demo, capsys):
+    assert main(["validate", "--config", str(demo.parent / "run.yaml")]) == 0
     # 2 t1 subjects asked two questions (hemisphere, x coordinate), 2 fmri subjects one.
     assert capsys.readouterr().out.strip() == "checked 6 records, 6 images: 0 problems in 0 records"
+
+
+def test_validate_judges_the_study_as_train_would(demo, tmp_path, capsys):
+    # The plugins' own geometry: 24-frame fMRI windows, longer than the demo's 16-frame series.
+    assert main(["validate", str(demo)]) == 1
+    said = capsys.readouterr().out
+    assert said.count("16 frames, fewer than the 24 of one fmri window") == 2, said
+    out = tmp_path / "run"
+    assert main(["train", "--study", str(demo), "--output-dir", str(out)]) == 2
+    trained = capsys.readouterr().err
+    assert trained.count("16 frames, fewer than the 24 of one fmri window") == 2, trained
+    # data.modalities: the fMRI records are left out, as training leaves them out.
+    assert main(["validate", str(demo), "--set", "data.modalities=t1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "checked 6 records, 4 images: 0 problems in 0 records; left out as training leaves "
+        "them out (2 fmri): modalities not in data.modalities"
+    )
+    assert main(["validate", str(demo), "--set", "data.modalities=dmri"]) == 1
+    assert "no record of the run's modalities (dmri)" in capsys.readouterr().out
 
 
 @pytest.fixture
@@ -112,11 +131,12 @@ def test_json_output(broken, capsys):
     assert first["source"] == f"{broken}:2" and first["field"] == "images[0].path"
 
 
-def test_several_studies_and_unreadable_ones(tmp_path, demo, capsys):
+def test_several_studies_and_unreadable_ones(tmp_path, demo, pm):
     missing = tmp_path / "nowhere.jsonl"
     listed = tmp_path / "listed.json"
     listed.write_text(json.dumps({"records": [{"images": []}, {"subject": 1}]}))
-    report = validate_locations([str(demo), str(missing), str(listed)])
+    specs = {n: pm.resolve_modality(n).item.for_demo() for n in ("t1", "fmri")}
+    report = validate_locations([str(demo), str(missing), str(listed)], specs=specs)
     fields = [(p.source, p.field) for p in report.problems]
     assert (str(missing), "study") in fields
     assert (f"{listed}: records[0]", "subject") in fields

@@ -105,7 +105,7 @@ def _end_process_group() -> bool:
 
 def _cmd_demo_data(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
-    from umbrella_core.data.demo import with_phantoms, write_demo
+    from umbrella_core.data.demo import RUN_CONFIG, with_phantoms, write_demo
     from umbrella_core.data.studies import resolve_specs
     from umbrella_core.plugins import get_plugin_manager
 
@@ -115,45 +115,37 @@ def _cmd_demo_data(args: argparse.Namespace) -> int:
     specs = with_phantoms(specs)
     manifest = write_demo(args.directory, specs, subjects=args.subjects, seed=args.seed)
     print(f"wrote {args.subjects} subjects for each of {', '.join(specs)}: {manifest}")
+    config = manifest.parent / RUN_CONFIG
+    print(f"train or validate it at its geometry: umbrella train --config {config}")
     return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from umbrella_core.config import load_config
+    from umbrella_core.data.studies import resolve_specs
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.train.run import record_encoder
     from umbrella_core.validate import validate_locations
 
+    # Judged as `umbrella train --study LOCATION [--config] [--set]` would
+    # judge it: the run's modalities, geometry, tokenizer and max_length.
+    config = load_config(args.config, args.set or [])
     locations: list[str | tuple[str, dict[str, Any]]] = list(args.locations)
-    specs = None
-    encode = None
-    allow_outside_root = False
-    if args.config or args.set:
-        from umbrella_core.config import load_config
-        from umbrella_core.data.dataset import RecordDataset
-        from umbrella_core.data.studies import resolve_specs
-        from umbrella_core.model.chat import chat_format
-        from umbrella_core.model.start import load_tokenizer
-        from umbrella_core.plugins import get_plugin_manager
-
-        config = load_config(args.config, args.set or [])
-        locations += [(s.location, dict(s.options)) for s in config.data.studies]
-        specs, _ = resolve_specs(config, get_plugin_manager(), demo=False)
-        allow_outside_root = config.data.allow_outside_root
-        # The run's tokenizer, image token counts and model.max_length: a
-        # conversation too long for the run is found here, not at its step 1.
-        tokenizer, image_token_id = load_tokenizer(config.model)
-        encode = RecordDataset(
-            [],
-            specs,
-            tokenizer=tokenizer,
-            image_token_id=image_token_id,
-            max_length=config.model.max_length,
-            chat=chat_format(tokenizer, config.model.chat_template, config.model.system_prompt),
-        ).encode
+    locations += [(s.location, dict(s.options)) for s in config.data.studies]
     if not locations:
         raise ConfigError(
             "nothing to validate: give study locations, or a --config with data.studies"
         )
+    pm = get_plugin_manager()
+    specs, _ = resolve_specs(config, pm, demo=False)
+    # A conversation too long for the run is found here, not at its step 1.
+    encode = record_encoder(config, specs)
     report = validate_locations(
-        locations, specs=specs, allow_outside_root=allow_outside_root, encode=encode
+        locations,
+        pm,
+        specs=specs,
+        allow_outside_root=config.data.allow_outside_root,
+        encode=encode,
     )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
@@ -166,29 +158,71 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
-    from umbrella_core.data.cache import PreprocessedCache, build_cache, default_cache_root
+    from umbrella_core.data.cache import PreprocessedCache, default_cache_root
+    from umbrella_core.data.cache_build import build_cache, verify_cache
+    from umbrella_core.data.checks import check_image
     from umbrella_core.data.studies import read_studies
     from umbrella_core.plugins import get_plugin_manager
 
     config = load_config(args.config, _data_overrides(args))
     root = args.cache_dir or config.data.cache_dir or default_cache_root()
     if args.action == "info":
-        info = PreprocessedCache(root, {}).info()
+        cache = PreprocessedCache(root, {})
+        stale = cache.remove_stale()
         print(f"cache: {root}")
-        for modality, entry in info.items():
+        for modality, entry in cache.info().items():
             print(f"  {modality:<8} {entry['entries']} images, {entry['bytes'] / 2**20:.1f} MiB")
+        if stale:
+            print(f"  removed {len(stale)} temporary file(s) left by killed builds")
         return 0
-    data = read_studies(config, get_plugin_manager())
-    cache = PreprocessedCache(root, data.versions())
-    images = [
-        (data.specs[image.modality], tuple(image.paths))
-        for record in data.records
-        for image in record.images
-    ]
-    done, problems = build_cache(cache, images, workers=args.workers)
+    whole_folder = args.action == "verify" and not (
+        args.config or args.study or args.modalities or args.set
+    )
+    images = None
+    versions: dict[str, str] = {}
+    if not whole_folder:
+        data = read_studies(config, get_plugin_manager())
+        versions = data.versions()
+        images = [
+            (data.specs[image.modality], tuple(image.paths))
+            for record in data.records
+            for image in record.images
+        ]
+    cache = PreprocessedCache(root, versions)
+    if args.action == "verify":
+        found = verify_cache(cache, images, dry_run=args.dry_run, workers=args.workers)
+        for line in found.corrupt:
+            print(line)
+        if args.dry_run:
+            outcome = "left in place (--dry-run)"
+        elif images is None:
+            outcome = f"{found.removed} removed (rebuilt on their next read or cache build)"
+        else:
+            outcome = f"{found.removed} removed, {found.rebuilt} rebuilt"
+        scope = "the whole folder" if images is None else f"{found.missing} not built yet"
+        print(
+            f"cache: {root}: {found.checked} entries checked ({scope}), "
+            f"{len(found.corrupt)} corrupt: {outcome}"
+        )
+        return 1 if found.corrupt else 0
+    assert images is not None
+    # The header checks train and validate apply: nothing they refuse is cached.
+    refused: list[str] = []
+    sound = []
+    for spec, paths in dict.fromkeys(images):
+        messages = check_image(spec, paths, decode=False)
+        refused += messages
+        if not messages:
+            sound.append((spec, paths))
+    built = build_cache(cache, sound, workers=args.workers)
+    problems = refused + built.problems
     for problem in problems:
         print(problem)
-    print(f"cache: {root}: {done} images ready, {len(problems)} could not be read")
+    rebuilt = f" ({built.rebuilt} corrupt entries rebuilt)" if built.rebuilt else ""
+    print(
+        f"cache: {root}: {built.done} images ready{rebuilt}, "
+        f"{len(problems)} refused or could not be read"
+    )
     return 1 if problems else 0
 
 
@@ -362,15 +396,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser(
-        "cache", help="build or inspect the preprocessed-image cache (decode each file once)"
+        "cache",
+        help="build, inspect or verify the preprocessed-image cache (decode each file once)",
+        description=(
+            "build: preprocess the run's images into the cache (entries already there are "
+            "checked; corrupt ones are rebuilt). info: entries and size per modality; "
+            "temporary files of killed builds are not counted, and are removed once their "
+            "writer is dead or they are an hour old. verify: read every entry in full "
+            "(checksum, shape, dtype, no NaN or infinite value) and list the corrupt ones; "
+            "with no --config, --study, --modalities or --set it checks the whole cache "
+            "folder and removes corrupt entries (they are rebuilt on their next read or "
+            "'cache build'); with them, only the run's entries, and corrupt ones are "
+            "rebuilt from their source files. Exit status 1 when any entry was corrupt."
+        ),
     )
-    p.add_argument("action", choices=["build", "info"])
+    p.add_argument("action", choices=["build", "info", "verify"])
     p.add_argument("--study", "--data", dest="study", action="append", metavar="LOCATION")
     p.add_argument("--modalities", help="comma-separated (default: every installed one)")
     p.add_argument("--config", help="YAML run configuration (its geometry decides the shapes)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.add_argument("--cache-dir", help="default: data.cache_dir or $UMBRELLA_CACHE/preprocessed")
     p.add_argument("--workers", type=int, default=1, help="processes that preprocess")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="verify: only list corrupt entries; remove and rebuild nothing",
+    )
     p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("generate", help="answer a question about images with a trained checkpoint")
@@ -464,14 +515,42 @@ def _one_line(exc: BaseException) -> str:
     return message.rstrip().splitlines()[-1]
 
 
+def _quiet_library_notices() -> None:
+    """Keep notices a user can do nothing about off every run's output.
+
+    DeepSpeed (imported by transformers' Trainer when installed) logs
+    ``Setting accelerator to CPU`` at WARNING on each start without a GPU.
+    """
+    import logging
+
+    deepspeed = logging.getLogger("DeepSpeed")
+    if not any(getattr(f, "umbrella", False) for f in deepspeed.filters):
+
+        def no_cpu_notice(record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Setting accelerator to CPU")
+
+        no_cpu_notice.umbrella = True  # type: ignore[attr-defined]
+        deepspeed.addFilter(no_cpu_notice)
+
+
+def _end_progress_bars() -> None:
+    """End the line of a progress bar the error interrupted: the error gets a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    # Closing a bar ends its line (or clears it, for one that does not stay).
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_library_notices()
     try:
         return int(args.func(args) or 0)
     except UmbrellaError as exc:
         if args.debug:
             raise
+        _end_progress_bars()
         print(f"umbrella: error: {_one_line(exc)}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)  # TrainingInterrupted: 128 + signal number
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ __all__ = [
     "DataError",
     "ModelError",
     "TokenCountError",
+    "OutputError",
 ]
 
 
@@ -69,3 +70,11 @@ class ModelError(UmbrellaError):
 
 class TokenCountError(ModelError):
     """Image placeholders and image features disagree (invariant I3)."""
+
+
+class OutputError(UmbrellaError):
+    """A run's output folder cannot be written: no room, a quota, read-only, no permission.
+
+    The message names the folder, says what the last complete checkpoint is
+    and how to go on. (Since 0.3.)
+    """

@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from umbrella_core.data.checks import (
+    STUDY_FIELD,
     Problem,
+    canonical_modalities,
     outside_root_problems,
     problems_by_record,
     read_study_tolerantly,
@@ -55,22 +57,33 @@ class Report:
         images: Images listed by the records that could be read.
         bad_records: Records with at least one problem (counted as records,
             not sources: records may share a source).
+        inactive: Records left out as training leaves them out, by the
+            modalities they use (``"dmri"``, ``"fmri+t1"``): modalities
+            installed but not among the run's ``data.modalities``.
     """
 
     problems: tuple[Problem, ...]
     records: int
     images: int
     bad_records: int
+    inactive: dict[str, int] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def summary(self) -> str:
-        return (
+        line = (
             f"checked {_count(self.records, 'record')}, {_count(self.images, 'image')}: "
             f"{_count(len(self.problems), 'problem')} in {_count(self.bad_records, 'record')}"
         )
+        if self.inactive:
+            left = ", ".join(f"{n} {key}" for key, n in sorted(self.inactive.items()))
+            line += (
+                f"; left out as training leaves them out ({left}): "
+                "modalities not in data.modalities"
+            )
+        return line
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +91,7 @@ class Report:
             "records": self.records,
             "images": self.images,
             "problem_records": self.bad_records,
+            "inactive_records": dict(self.inactive),
             "problems": [p.to_json() for p in self.problems],
         }
 
@@ -98,7 +112,10 @@ def validate_locations(
             (a config's ``data.studies``).
         pm: The plugin manager (the installed plugins when None).
         workers: Threads decoding images.
-        specs: The run's modality specs, as for :func:`validate_records`.
+        specs: The run's modality specs, as for :func:`validate_records`;
+            given, records of other modalities are left out (counted in
+            ``Report.inactive``), as training leaves them out, and studies
+            with no record of these modalities at all are a problem.
         allow_outside_root: Accept image files outside each study's root
             (:func:`study_root`); otherwise they are problems and not opened.
     """
@@ -110,9 +127,13 @@ def validate_locations(
         pm = get_plugin_manager()
     problems: list[Problem] = []
     n_records = n_images = n_bad = 0
+    inactive: dict[str, int] = {}
     for item in locations:
         location, options = (item, {}) if isinstance(item, str) else item
         records, located, refused = read_study_tolerantly(location, pm, options)
+        n_records += len(records) + refused
+        if specs is not None:
+            records = _active(records, pm, specs, inactive)
         # (records read before it, 0 for the reader's own report or 1 for a check, problem):
         # sorted, a refused line 3 comes before a missing file on line 5.
         found = [(position, 0, problem) for position, problem in located]
@@ -136,10 +157,46 @@ def validate_locations(
         n_bad += len({position for position, phase, _ in found if phase == 1})
         found.sort(key=lambda entry: entry[:2])  # stable: a record's problems keep their order
         problems.extend(problem for _, _, problem in found)
-        n_records += len(records) + refused
         n_images += sum(len(r.images) for r in records)
+    if specs is not None and inactive and n_images == 0 and not problems:
+        # Training would stop here: nothing of its modalities to train on.
+        problems.append(_no_active_record(", ".join(map(_location, locations)), specs))
     return Report(
-        problems=tuple(problems), records=n_records, images=n_images, bad_records=n_bad
+        problems=tuple(problems),
+        records=n_records,
+        images=n_images,
+        bad_records=n_bad,
+        inactive=inactive,
+    )
+
+
+def _active(
+    records: list[StudyRecord],
+    pm: PluginManager,
+    specs: Mapping[str, ModalitySpec],
+    inactive: dict[str, int],
+) -> list[StudyRecord]:
+    """The records training keeps: those of the run's modalities (or of unknown ones, reported)."""
+    kept = []
+    for record in records:
+        canonical, _ = canonical_modalities(record, pm)
+        if canonical is not None and not all(m in specs for m in canonical.modalities):
+            inactive[canonical.modality_key] = inactive.get(canonical.modality_key, 0) + 1
+            continue
+        kept.append(record)
+    return kept
+
+
+def _location(item: str | tuple[str, Mapping[str, Any]]) -> str:
+    return item if isinstance(item, str) else item[0]
+
+
+def _no_active_record(locations: str, specs: Mapping[str, ModalitySpec]) -> Problem:
+    return Problem(
+        locations,
+        STUDY_FIELD,
+        f"no record of the run's modalities ({', '.join(specs)}): training would have "
+        "nothing to train on; check data.modalities",
     )
 
 

@@ -10,12 +10,17 @@ The checks ``umbrella validate`` runs and training runs before step 1
 * :func:`outside_root_problems`: image files outside the study's root
   (:func:`study_root`);
 * :func:`canonical_modalities`: modality names no installed plugin provides;
-* :func:`check_headers`: what NIfTI headers alone tell (cheap);
+* :func:`check_image`: one image as the run will see it: what its NIfTI
+  headers alone tell (:func:`check_headers`, cheap: missing or unreadable
+  files, wrong dimensions, voxel sizes, too few frames for one of the run's
+  windows) and, with ``decode``, what decoding it by its modality's loader
+  tells, at the demo geometry (``ModalitySpec.for_demo``: the loader's checks
+  run in full, only the final resampling is to a small grid). Training
+  (``data.check``), ``umbrella validate``, ``umbrella generate`` and
+  ``umbrella cache build`` all judge images by it;
 * :func:`problems_by_record` / :func:`validate_records`: structure, encoding and
-  every image decoded by its modality's loader at its demo geometry
-  (``ModalitySpec.for_demo``: the loader's checks run in full, only the final
-  resampling is to a small grid); files shared by several records are
-  decoded once.
+  every image checked with :func:`check_image`; files shared by several
+  records are checked once.
 
 Each problem is a :class:`Problem`: ``SOURCE: FIELD: MESSAGE``, where SOURCE
 is the record's ``source`` (``FILE:LINE``, ``FILE: records[i]``, a table row)
@@ -35,7 +40,6 @@ import attrs
 
 from umbrella_core.data.dataset import load_image
 from umbrella_core.errors import DataError, UmbrellaError
-from umbrella_core.imaging import missing_file_message
 from umbrella_core.types import ModalitySpec, StudyRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "VOXEL_SIZE_RANGE",
+    "check_image",
     "STUDY_FIELD",
     "Problem",
     "problem_from_error",
@@ -190,20 +195,30 @@ def check_headers(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
     NIfTI, NIfTI pairs, images that are not 3D or 4D, complex or RGB voxels,
     integer scaling that overflows float32, singular or non-finite affines,
     more voxels than the ceilings or than the file can hold), a 3D file for a
-    4D modality, and a series with fewer frames than one window of a windowed
-    modality. Each file costs one ``stat`` and at most 544 (inflated) bytes
-    read. Decoding problems (truncated gzip data, NaN, all-zero images) need
-    :func:`validate_records`.
+    4D modality, voxel sizes outside :data:`VOXEL_SIZE_RANGE`, and a series
+    with fewer frames than one window of a windowed modality. Each file
+    costs one ``stat`` and at most 544 (inflated) bytes read. Decoding
+    problems (truncated gzip data, NaN, all-zero images) need
+    :func:`check_image` with ``decode``.
     """
     from umbrella_core.imaging.header import read_nifti_header
 
     messages = []
+    low, high = VOXEL_SIZE_RANGE
     for path in paths:
         try:
-            shape = read_nifti_header(path).shape
+            header = read_nifti_header(path)
         except DataError as error:
             messages.append(str(error))
             continue
+        shape = header.shape
+        zooms = header.header.get_zooms()[:3]
+        if any(not low <= float(z) <= high for z in zooms):
+            sizes = " x ".join(f"{float(z):g}" for z in zooms)
+            messages.append(
+                f"{path}: voxel size {sizes} mm is outside {low:g}-{high:g} mm; "
+                "check the header's pixdim and units"
+            )
         if spec.ndim == 4 and len(shape) < 4:
             messages.append(
                 f"{path}: expected a 4D series for {spec.name}, got a {len(shape)}D image of "
@@ -224,49 +239,38 @@ def check_headers(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
     return messages
 
 
-def _check_image(spec: ModalitySpec, paths: tuple[str, ...]) -> list[str]:
-    """What is wrong with one image (empty when nothing), each message naming the file."""
+def check_image(spec: ModalitySpec, paths: Sequence[str], *, decode: bool) -> list[str]:
+    """What is wrong with one image as the run sees it (empty when nothing), each naming the file.
+
+    ``spec`` is the run's (its geometry decides how many frames a window
+    takes). The header checks (:func:`check_headers`) come first; with
+    ``decode``, an image they pass is decoded and preprocessed by its
+    modality's loader at the demo geometry: undecodable data, NaN or
+    infinite values, all-zero images.
+    """
     import numpy as np
 
-    from umbrella_core.imaging.header import read_nifti_header
-
-    missing = [p for p in paths if not os.path.isfile(p) or not os.access(p, os.R_OK)]
-    if missing:
-        return [missing_file_message(p) for p in missing]
-    messages = []
+    messages = check_headers(spec, tuple(paths))
+    if messages or not decode:
+        return messages
     # How many files an image takes is the loader's business (a T1 and its
     # brain mask, a DWI series with .bval and .bvec): it refuses wrong counts.
     try:
         # The loader as training calls it, shape check included.
-        array = load_image(spec, paths).numpy()
+        array = load_image(spec.for_demo(), tuple(paths)).numpy()
     except DataError as error:
-        messages.append(str(error))
+        return [str(error)]
     except Exception as error:  # a loader bug is still a problem to report, not a crash
-        messages.append(
-            f"{', '.join(paths)}: the {spec.name} loader failed: {type(error).__name__}: {error}"
-        )
-    else:
-        if not np.isfinite(array).all():
-            messages.append(f"{', '.join(paths)}: NaN or infinite values after preprocessing")
-        elif not array.any():
-            messages.append(
-                f"{', '.join(paths)}: all voxels are zero after preprocessing (an empty or "
-                "constant image carries no information); re-export the file or remove the record"
-            )
-    low, high = VOXEL_SIZE_RANGE
-    for path in paths:
-        try:
-            # Not nib.load: it would wait on a FIFO the loader has refused.
-            zooms = read_nifti_header(path).header.get_zooms()[:3]
-        except Exception:
-            continue  # undecodable: the loader has said so
-        if any(not low <= float(z) <= high for z in zooms):
-            sizes = " x ".join(f"{float(z):g}" for z in zooms)
-            messages.append(
-                f"{path}: voxel size {sizes} mm is outside {low:g}-{high:g} mm; "
-                "check the header's pixdim and units"
-            )
-    return messages
+        failed = f"{type(error).__name__}: {error}"
+        return [f"{', '.join(paths)}: the {spec.name} loader failed: {failed}"]
+    if not np.isfinite(array).all():
+        return [f"{', '.join(paths)}: NaN or infinite values after preprocessing"]
+    if not array.any():
+        return [
+            f"{', '.join(paths)}: all voxels are zero after preprocessing (an empty or "
+            "constant image carries no information); re-export the file or remove the record"
+        ]
+    return []
 
 
 def canonical_modalities(
@@ -368,12 +372,12 @@ def problems_by_record(
             except PluginError as error:
                 found.append((index, i, Problem(source, f"images[{i}].modality", str(error))))
                 continue
-            specs.setdefault(spec.name, run_specs.get(spec.name, spec).for_demo())
+            specs.setdefault(spec.name, run_specs.get(spec.name, spec))
             jobs.setdefault((spec.name, image.paths), []).append((index, source, i))
     workers = workers or min(4, os.cpu_count() or 1)
     keys = list(jobs)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(lambda key: _check_image(specs[key[0]], key[1]), keys)
+        results = pool.map(lambda key: check_image(specs[key[0]], key[1], decode=True), keys)
         for key, messages in zip(keys, results, strict=True):
             for index, source, i in jobs[key]:
                 for message in messages:

@@ -26,7 +26,11 @@ from pathlib import Path
 from umbrella_core.errors import ConfigError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec
 
+#: The run config written next to a demo study's manifest.
+RUN_CONFIG = "run.yaml"
+
 __all__ = [
+    "RUN_CONFIG",
     "write_demo",
     "with_phantoms",
     "demo_cache_dir",
@@ -133,6 +137,25 @@ def write_demo(
                 )
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # The files are at the demo geometry (short fMRI series, small grids);
+    # plugins' default geometry would refuse them, so the study comes with
+    # the settings that fit it: --config DIR/run.yaml.
+    (root / RUN_CONFIG).write_text(
+        json.dumps(  # JSON is YAML
+            {
+                "data": {
+                    "studies": [str(manifest.resolve())],
+                    "modalities": sorted(specs),
+                    "geometry": {
+                        name: {"shape": list(s.shape), "patch_size": list(s.patch_size)}
+                        for name, s in sorted(specs.items())
+                    },
+                }
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return manifest
 
 

@@ -129,7 +129,7 @@ def screen_records(
 
     from umbrella_core.data.checks import (
         Problem,
-        check_headers,
+        check_image,
         problem_from_error,
         problems_by_record,
     )
@@ -145,7 +145,7 @@ def screen_records(
             spec = (specs or {}).get(key[0])
             if spec is None:
                 return [missing_file_message(p) for p in key[1] if not os.path.isfile(p)]
-            return check_headers(spec, key[1])
+            return check_image(spec, key[1], decode=False)
 
         keys = list(dict.fromkeys((i.modality, i.paths) for r in everything for i in r.images))
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:

@@ -1,6 +1,7 @@
 """Modality-agnostic NIfTI helpers shared by the modality plugins (``umbrella_core.imaging``).
 
-Reading and writing (:func:`load_nifti`, :func:`save_nifti`), reorientation
+Reading and writing (:func:`load_nifti`, :func:`save_nifti`; the header alone,
+bounded and checked: :func:`read_nifti_header`), reorientation
 (:func:`reorient`), resampling (:func:`resize`), intensity normalisation
 (:func:`robust_normalise`, :func:`zscore_time`) and the building blocks of the
 synthetic phantoms (:func:`head_phantom`, :func:`blob`, :func:`hemisphere_centre`,
@@ -11,13 +12,16 @@ with their own contrasts and conventions. numpy and nibabel are imported with
 the module; torch only inside :func:`resize`, so a plugin that imports this
 module at hook time does not pull torch into ``umbrella plugins``.
 
-Three modules hold them: :mod:`.nifti` (reading, writing, reorienting),
+Modules hold them: :mod:`.header` (what a header alone tells, and the
+bounds on what a file may allocate), :mod:`.formats` (what a file that is not
+NIfTI is, for the error), :mod:`.nifti` (reading, writing, reorienting),
 :mod:`.intensity` (resampling, normalisation) and :mod:`.phantoms` (the
 phantoms' building blocks); this package re-exports their public names.
 """
 
 from __future__ import annotations
 
+from umbrella_core.imaging.header import NiftiHeader, read_nifti_header, voxel_ceilings
 from umbrella_core.imaging.intensity import (
     resize,
     robust_normalise,
@@ -51,6 +55,9 @@ __all__ = [
     "PHANTOM_ORIENTATIONS",
     "as_paths",
     "missing_file_message",
+    "NiftiHeader",
+    "read_nifti_header",
+    "voxel_ceilings",
     "load_nifti",
     "save_nifti",
     "reorient",

@@ -7,7 +7,11 @@ voxel is decoded: files that are not regular files (a FIFO would block, a
 ``/dev/zero`` never ends), NIfTI pairs (``.hdr``/``.img``, gzipped or not),
 images that are not 3D or 4D, complex or RGB voxels, scaling that overflows
 float32, more voxels than the ceilings below, and more voxels than the file
-can hold. The checks before training (``data.check=files``) and
+can hold. Whether a file is gzipped is read from its first bytes, not its
+name: a plain NIfTI named ``.nii.gz`` (or a gzipped one named ``.nii``) is
+read as what it is. A file that is something else (DICOM, MGH, a picture,
+text, a folder of DICOM files) is named as such, with how to convert it
+(:mod:`umbrella_core.imaging.formats`). The checks before training (``data.check=files``) and
 :func:`~umbrella_core.imaging.load_nifti` both run it, so memory follows what
 the file holds, never only what its header claims. :func:`inflate` then
 decompresses a ``.nii.gz`` with a bound: never more than the header's image
@@ -16,6 +20,7 @@ plus :data:`INFLATE_MARGIN`.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
@@ -27,6 +32,7 @@ import nibabel as nib
 import numpy as np
 
 from umbrella_core.errors import ConfigError, DataError
+from umbrella_core.imaging.formats import folder_message, foreign_format
 
 __all__ = [
     "MAX_VOLUME_VOXELS",
@@ -38,7 +44,14 @@ __all__ = [
     "read_nifti_header",
     "open_regular",
     "inflate",
+    "REEXPORT",
+    "missing_file_message",
+    "check_affine",
 ]
+
+#: What to do about a file that does not decode.
+REEXPORT = "the file is truncated or corrupt: copy or re-export it"
+
 
 #: Most voxels one 3D volume may have (512^3, 0.5 GiB as float32; a 0.5 mm
 #: whole-head 7T scan has about a third of it). The environment variable
@@ -61,6 +74,7 @@ INFLATE_MARGIN = 1 << 20
 # NIfTI-2 headers are 540 bytes, NIfTI-1 348; both are followed by 4 extension bytes.
 _HEAD_BYTES = 544
 _PAIR_SUFFIXES = (".hdr", ".img", ".hdr.gz", ".img.gz")
+_GZIP_MAGIC = b"\x1f\x8b"
 _KINDS = (
     (stat.S_ISDIR, "a folder"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -78,7 +92,8 @@ class NiftiHeader:
     Attributes:
         path: The file.
         header: nibabel's ``Nifti1Header`` or ``Nifti2Header``.
-        gzipped: Whether the file is gzip-compressed (its name ends in ``.gz``).
+        gzipped: Whether the file is gzip-compressed (by its first bytes,
+            whatever its name says).
         shape: The image's shape (3 or 4 dimensions).
         dtype: The stored voxel type.
         offset: Where the voxels start in the (inflated) file.
@@ -121,26 +136,107 @@ def voxel_ceilings() -> tuple[int, int]:
     return values[0], values[1]
 
 
+def missing_file_message(path: str | os.PathLike[str]) -> str:
+    """Why ``path`` cannot be opened, naming it and saying what to do.
+
+    A folder on the way that the user may not enter (``chmod 000``) makes a
+    file look absent to ``stat``; the message then names that folder instead
+    of claiming the file does not exist.
+    """
+    name = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(name))
+    while folder and not os.path.isdir(folder):
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            break
+        folder = parent
+    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
+        return (
+            f"{name}: cannot be read: permission denied on the folder {folder}; "
+            "make it readable (chmod a+rx) or run as a user who can read it"
+        )
+    link = _broken_link_message(name)
+    if link:
+        return link
+    if os.path.exists(name) and not os.access(name, os.R_OK):
+        return f"{name}: cannot be read: permission denied; make it readable (chmod a+r)"
+    if os.path.exists(name) and not os.path.isfile(name):
+        try:  # opens without blocking, and says what the file is
+            open_regular(name).close()
+        except DataError as error:
+            return str(error)
+    return (
+        f"{name}: file not found{_sibling_hint(name)}; check the path (relative paths are "
+        "relative to the manifest's folder) or remove the record"
+    )
+
+
+def _broken_link_message(name: str) -> str:
+    """What is wrong when ``name``, or a folder on its way, is a symlink leading nowhere."""
+    try:
+        os.stat(name)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return (
+                f"{name}: is a symbolic link that loops (it, or a link on its way, leads back "
+                "to itself); point the link at the real file or give the file's own path"
+            )
+        if error.errno == errno.ENOENT and os.path.islink(name):
+            target = os.readlink(name)
+            return (
+                f"{name}: is a symbolic link to {target}, which does not exist; fix the "
+                "link or give the file's own path"
+            )
+    return ""
+
+
+def _sibling_hint(name: str) -> str:
+    """`` (there is X)`` when the same name with the other NIfTI suffix exists."""
+    for suffix, other in ((".nii.gz", ".nii"), (".nii", ".nii.gz")):
+        if name.lower().endswith(suffix):
+            sibling = name[: -len(suffix)] + other
+            if os.path.isfile(sibling):
+                return f" (there is {os.path.basename(sibling)}: is that the one?)"
+            break
+    return ""
+
+
+def check_affine(name: str, affine: Any) -> None:
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(
+            f"{name}: the affine (voxel-to-world matrix) is not finite; "
+            "fix the sform/qform of the file"
+        )
+    linear = affine[:3, :3]
+    scale = float(np.abs(linear).max())
+    # Relative test: a 1 mm and a 1 um voxel grid are both legitimate.
+    if scale == 0.0 or abs(float(np.linalg.det(linear))) <= (1e-6 * scale) ** 3:
+        raise DataError(
+            f"{name}: the affine (voxel-to-world matrix) is singular, so the orientation "
+            "is unknown; fix the sform/qform of the file"
+        )
+
+
 def open_regular(name: str) -> Any:
     """``name`` opened for binary reading, refused unless it is a regular file.
 
     Opened without blocking and checked on the open descriptor, so a FIFO is
     refused rather than waited on, and a file swapped after a check is still seen.
     """
-    from umbrella_core.imaging.nifti import missing_file_message
-
     try:
         fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except (FileNotFoundError, PermissionError, NotADirectoryError):
         raise DataError(missing_file_message(name)) from None
     except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise DataError(missing_file_message(name)) from None
         raise DataError(f"{name}: cannot be opened ({error.strerror or error})") from None
     mode = os.fstat(fd).st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
         if kind == "a folder":
-            raise DataError(f"{name}: is a folder, expected a NIfTI file")
+            raise DataError(folder_message(name))
         raise DataError(
             f"{name}: is {kind}, not a regular file; give the path of a NIfTI file "
             "(.nii or .nii.gz)"
@@ -158,22 +254,27 @@ def read_nifti_header(path: str | os.PathLike[str]) -> NiftiHeader:
         DataError: One message, naming the file, for the first problem found
             (see the module's docstring).
     """
-    from umbrella_core.imaging.nifti import REEXPORT, _check_affine
-
     name = os.fspath(path)
     lowered = name.lower()
     if lowered.endswith(_PAIR_SUFFIXES):
         raise DataError(_pair_message(name))
-    gzipped = lowered.endswith(".gz")
     with open_regular(name) as handle:
         size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            raise DataError(
+                f"{name}: the file is empty (0 bytes), as an interrupted copy or export "
+                "leaves it; copy or re-export it"
+            )
+        # By content, not name: a plain NIfTI named .nii.gz is read as it is.
+        gzipped = handle.read(2) == _GZIP_MAGIC
+        handle.seek(0)
         try:
             head = _read_head(handle, gzipped)
         except (OSError, EOFError, zlib.error) as error:
             raise DataError(
                 f"{name}: not a readable NIfTI file ({_reason(error)}); {REEXPORT}"
             ) from None
-    header = _parse(name, head)
+    header = _parse(name, head, gzipped)
     shape = _shape(name, header)
     dtype = _dtype(name, header)
     header_facts = NiftiHeader(
@@ -189,7 +290,7 @@ def read_nifti_header(path: str | os.PathLike[str]) -> NiftiHeader:
             f"{name}: the affine (voxel-to-world matrix) cannot be read ({_reason(error)}); "
             "fix the sform/qform of the file"
         ) from None
-    _check_affine(name, affine)
+    check_affine(name, affine)
     return header_facts
 
 
@@ -206,8 +307,6 @@ def inflate(name: str, raw: bytes, expected: int) -> bytes:
             end early or are corrupt (truncated), or inflate to less than
             ``expected``.
     """
-    from umbrella_core.imaging.nifti import REEXPORT
-
     try:
         from isal import isal_zlib as inflater_module
     except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
@@ -261,11 +360,32 @@ def _read_head(handle: Any, gzipped: bool) -> bytes:
     return head
 
 
-def _parse(name: str, head: bytes) -> Any:
-    from umbrella_core.imaging.nifti import REEXPORT
+def _nifti_magic(head: bytes, sizes: set[int]) -> bytes:
+    """The NIfTI magic where the header size says it is (b'' when none)."""
+    where = slice(4, 8) if 540 in sizes else slice(344, 348)
+    magic = head[where].rstrip(b"\0")
+    return magic if magic in (b"n+1", b"ni1", b"n+2", b"ni2") else b""
 
+
+def _parse(name: str, head: bytes, gzipped: bool) -> Any:
     sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
     klass = nib.Nifti2Header if 540 in sizes else nib.Nifti1Header
+    if not (sizes & {348, 540} and _nifti_magic(head, sizes)):
+        # Not a NIfTI header: say what it is when that is known. (DICOM's
+        # preamble is free: nibabel's own 0.dcm starts with 348.)
+        found = foreign_format(head)
+        if found is not None:
+            what, advice = found
+            if what.startswith("text"):
+                raise DataError(f"{name}: not a readable NIfTI file: it holds {what}; {advice}")
+            packed = " (gzip-compressed)" if gzipped and "gzip" not in what else ""
+            raise DataError(f"{name}: not a NIfTI file: it is {what}{packed}; {advice}")
+    if not sizes & {348, 540} and head[344:347] in (b"n+1", b"ni1"):
+        size = int.from_bytes(head[:4], "little")
+        raise DataError(
+            f"{name}: not a readable NIfTI file (the header's sizeof_hdr is {size}, not 348: "
+            f"the header is damaged); {REEXPORT}"
+        )
     if not sizes & {348, 540} and not name.lower().endswith((".nii", ".nii.gz")):
         raise DataError(
             f"{name}: not a NIfTI file; convert it to NIfTI (.nii or .nii.gz), e.g. with "
@@ -316,8 +436,15 @@ def _shape(name: str, header: Any) -> tuple[int, ...]:
             f"{name}: expected a 3D or 4D image, got a {len(shape)}D image of shape {shape}; "
             "give one volume or one series (split the extra dimensions into files)"
         )
-    if min(shape) <= 0:
-        raise DataError(f"{name}: image is empty (shape {shape}); re-export the file")
+    if min(shape) < 0:
+        raise DataError(
+            f"{name}: not a readable NIfTI file (the header's dim has a negative size, shape "
+            f"{shape}: the header is damaged); re-export the file"
+        )
+    if min(shape) == 0:
+        raise DataError(
+            f"{name}: image is empty (a dimension of size 0, shape {shape}); re-export the file"
+        )
     return shape
 
 
@@ -364,9 +491,12 @@ def _check_ceilings(name: str, shape: tuple[int, ...]) -> None:
 
 
 def _check_payload(facts: NiftiHeader) -> None:
-    from umbrella_core.imaging.nifti import REEXPORT
-
     name, expected, size = facts.path, facts.expected, facts.size
+    if not facts.gzipped and facts.offset >= size:
+        raise DataError(
+            f"{name}: the header's vox_offset ({facts.offset:,}) is past the end of the file "
+            f"({size:,} bytes), so it holds no voxels: the header is damaged or {REEXPORT}"
+        )
     if not facts.gzipped and size < expected:
         raise DataError(
             f"{name}: truncated: the header's image needs {expected:,} bytes, the file "

@@ -17,6 +17,14 @@ import numpy as np
 from nibabel import orientations as nio
 
 from umbrella_core.errors import DataError
+from umbrella_core.imaging.header import (
+    REEXPORT,
+    check_affine,
+    inflate,
+    missing_file_message,
+    open_regular,
+    read_nifti_header,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from numpy.typing import ArrayLike, NDArray
@@ -37,9 +45,6 @@ _DECODE_ERRORS = (
 )
 
 
-#: What to do about a file that does not decode.
-REEXPORT = "the file is truncated or corrupt: copy or re-export it"
-
 # ---------------------------------------------------------------------------
 # Reading and writing
 # ---------------------------------------------------------------------------
@@ -50,40 +55,6 @@ def as_paths(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -
     if isinstance(paths, (str, os.PathLike)):
         return (os.fspath(paths),)
     return tuple(os.fspath(p) for p in paths)
-
-
-def missing_file_message(path: str | os.PathLike[str]) -> str:
-    """Why ``path`` cannot be opened, naming it and saying what to do.
-
-    A folder on the way that the user may not enter (``chmod 000``) makes a
-    file look absent to ``stat``; the message then names that folder instead
-    of claiming the file does not exist.
-    """
-    name = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(name))
-    while folder and not os.path.isdir(folder):
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            break
-        folder = parent
-    if os.path.isdir(folder) and not os.access(folder, os.R_OK | os.X_OK):
-        return (
-            f"{name}: cannot be read: permission denied on the folder {folder}; "
-            "make it readable (chmod a+rx) or run as a user who can read it"
-        )
-    if os.path.exists(name) and not os.access(name, os.R_OK):
-        return f"{name}: cannot be read: permission denied; make it readable (chmod a+r)"
-    if os.path.exists(name) and not os.path.isfile(name):
-        from umbrella_core.imaging.header import open_regular
-
-        try:  # opens without blocking, and says what the file is
-            open_regular(name).close()
-        except DataError as error:
-            return str(error)
-    return (
-        f"{name}: file not found; check the path (relative paths are relative to the "
-        "manifest's folder) or remove the record"
-    )
 
 
 def load_nifti(
@@ -121,14 +92,12 @@ def load_nifti(
             infinite voxels, or has a non-finite or singular affine. The
             message names the file.
     """
-    from umbrella_core.imaging.header import read_nifti_header
-
     name = os.fspath(path)
     # Before any voxel: what the header shows (non-regular files, pairs,
     # types, overflowing scaling, voxel ceilings, more voxels than the file holds).
     facts = read_nifti_header(name)
     try:
-        img = _read_image(name, facts.expected)
+        img = _read_image(name, facts.expected, gzipped=facts.gzipped)
     except PermissionError:
         raise DataError(missing_file_message(name)) from None
     except _DECODE_ERRORS as error:
@@ -141,7 +110,7 @@ def load_nifti(
             "convert it to NIfTI (.nii or .nii.gz), e.g. with dcm2niix"
         )
     affine = np.asarray(img.affine, dtype=np.float64)
-    _check_affine(name, affine)
+    check_affine(name, affine)
     try:
         # asarray with a dtype scales in float32: get_fdata would build a
         # float64 copy twice the size of what we keep.
@@ -241,19 +210,19 @@ def _scaled(proxy: Any) -> bool:
     return not (float(slope) == 1.0 and float(inter) == 0.0)
 
 
-def _read_image(name: str, expected: int) -> nib.spatialimages.SpatialImage:
+def _read_image(name: str, expected: int, *, gzipped: bool) -> nib.spatialimages.SpatialImage:
     """The image at ``name``, a single-file NIfTI whose voxels end at byte ``expected``.
 
-    Gzip files are inflated in memory in one call, bounded by ``expected``
-    (:func:`~umbrella_core.imaging.header.inflate`).
+    Gzip files (by content, whatever the name) are inflated in memory in one
+    call, bounded by ``expected`` (:func:`~umbrella_core.imaging.header.inflate`).
+    A plain file named otherwise than ``.nii`` (a ``.nii.gz`` that was never
+    compressed), which nibabel would take by its name, is read up to ``expected``.
     """
-    if not name.lower().endswith(".gz"):
+    if not gzipped and name.lower().endswith(".nii"):
         return nib.load(name)
-    from umbrella_core.imaging.header import inflate, open_regular
-
     with open_regular(name) as handle:
-        raw = handle.read()
-    data = inflate(name, raw, expected)
+        raw = handle.read() if gzipped else handle.read(expected)
+    data = inflate(name, raw, expected) if gzipped else raw
     del raw
     klass = nib.Nifti2Image if _is_nifti2(data) else nib.Nifti1Image
     return klass.from_bytes(data)
@@ -268,22 +237,6 @@ def _is_nifti2(data: bytes) -> bool:
 def _reason(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
-
-
-def _check_affine(name: str, affine: NDArray[np.float64]) -> None:
-    if affine.shape != (4, 4) or not np.isfinite(affine).all():
-        raise DataError(
-            f"{name}: the affine (voxel-to-world matrix) is not finite; "
-            "fix the sform/qform of the file"
-        )
-    linear = affine[:3, :3]
-    scale = float(np.abs(linear).max())
-    # Relative test: a 1 mm and a 1 um voxel grid are both legitimate.
-    if scale == 0.0 or abs(float(np.linalg.det(linear))) <= (1e-6 * scale) ** 3:
-        raise DataError(
-            f"{name}: the affine (voxel-to-world matrix) is singular, so the orientation "
-            "is unknown; fix the sform/qform of the file"
-        )
 
 
 def save_nifti(

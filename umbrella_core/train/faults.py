@@ -39,6 +39,7 @@ __all__ = [
     "NonFiniteLossError",
     "last_complete_checkpoint",
     "save_training_checkpoint",
+    "remove_partials",
     "StopOnSignal",
     "stop_on_signals",
     "check_loss",
@@ -117,7 +118,7 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
-def _remove_partials(run_dir: Path) -> None:
+def remove_partials(run_dir: Path) -> None:
     """Remove the partial checkpoints a killed process left behind."""
     if not run_dir.is_dir():
         return
@@ -147,7 +148,7 @@ def save_training_checkpoint(trainer: Any, trial: Any = None) -> Path:
     partial = run_dir / f"{PARTIAL_PREFIX}{final.name}"
     wait = trainer.accelerator.wait_for_everyone
     if args.should_save:
-        _remove_partials(run_dir)
+        remove_partials(run_dir)
     wait()
     trainer.save_model(str(partial), _internal_call=True)
     # transformers lets other ranks write their RNG state while the main

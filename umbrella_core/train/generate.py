@@ -332,6 +332,7 @@ def generate_answer(
             a modality the checkpoint lacks is named as such); default: the
             checkpoint's.
     """
+    from umbrella_core.data.checks import check_image
     from umbrella_core.data.dataset import load_image
     from umbrella_core.model.chat import chat_format
 
@@ -358,6 +359,10 @@ def generate_answer(
                 f"{files[0]}: a {name} image, but the checkpoint was trained on "
                 f"{', '.join(specs)}; give --modality"
             )
+        # Judged as training judged its images (umbrella_core.data.checks).
+        problems = check_image(specs[name], tuple(files), decode=False)
+        if problems:
+            raise DataError("; ".join(problems))
         names.append(name)
     tensors = [
         (name, load_image(specs[name], tuple(files), where=files[0]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -15,7 +16,7 @@ import attrs
 from umbrella_core.config import RunConfig
 from umbrella_core.data.dataset import RecordDataset, group_records
 from umbrella_core.data.studies import StudyData, read_studies, screen_records
-from umbrella_core.errors import ConfigError, DataError
+from umbrella_core.errors import ConfigError, DataError, OutputError
 from umbrella_core.plugins import PluginManager
 from umbrella_core.train import arguments
 from umbrella_core.types import ModalitySpec, StudyRecord
@@ -73,6 +74,28 @@ def held_out_sets(
     return both, both
 
 
+def record_encoder(
+    config: RunConfig, specs: dict[str, ModalitySpec]
+) -> Callable[[StudyRecord], Any]:
+    """How the run tokenises a record, from its tokenizer alone (no model is built).
+
+    Screening (``train``, ``validate``) encodes each record with it, so a
+    conversation too long for the run is found before step 1.
+    """
+    from umbrella_core.model.chat import chat_format
+    from umbrella_core.model.start import load_tokenizer
+
+    tokenizer, image_token_id = load_tokenizer(config.model)
+    return RecordDataset(
+        [],
+        specs,
+        tokenizer=tokenizer,
+        image_token_id=image_token_id,
+        max_length=config.model.max_length,
+        chat=chat_format(tokenizer, config.model.chat_template, config.model.system_prompt),
+    ).encode
+
+
 def prepare(
     config: RunConfig,
     pm: PluginManager,
@@ -91,24 +114,15 @@ def prepare(
     """
     from umbrella_core.data.interleave import size_weights
     from umbrella_core.model.chat import chat_format
-    from umbrella_core.model.start import load_tokenizer, start_model
+    from umbrella_core.model.start import start_model
 
     if data is None:
         data = read_studies(config, pm, log=log)
     specs, provenance, studies = data.specs, data.provenance, data.studies
     per_study, skipped, locations = data.per_study, data.skipped, data.locations
 
-    tokenizer, image_token_id = load_tokenizer(config.model)
-    probe = RecordDataset(
-        [],
-        specs,
-        tokenizer=tokenizer,
-        image_token_id=image_token_id,
-        max_length=config.model.max_length,
-        chat=chat_format(tokenizer, config.model.chat_template, config.model.system_prompt),
-    )
     per_study, problems = screen_records(
-        per_study, check=config.data.check, encode=probe.encode, pm=pm, specs=specs
+        per_study, check=config.data.check, encode=record_encoder(config, specs), pm=pm, specs=specs
     )
     problems = data.problems + problems  # refused while reading, then screened
     if problems and config.data.on_bad == "stop":
@@ -279,7 +293,7 @@ def train(
     import torch
     from transformers.utils import logging as hf_logging
 
-    from umbrella_core.train.run_folder import claim_run_folder
+    from umbrella_core.train.run_folder import claim_run_folder, write_failure
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(config.trainer.seed)
@@ -292,8 +306,33 @@ def train(
         log = _quiet
     resume = arguments.resume_checkpoint(config.trainer.resume, out_dir)
     # One run at a time in out_dir, never mixed with another's outputs.
-    with claim_run_folder(config, out_dir, resume, main=args.process_index == 0, log=log):
-        return _train(config, pm, args, out_dir, resume, log)
+    with claim_run_folder(
+        config, out_dir, resume, main=args.process_index == 0, log=log
+    ) as clear_earlier_run:
+        try:
+            return _train(config, pm, args, out_dir, resume, clear_earlier_run, log)
+        except Exception as exc:
+            code = write_failure(exc)
+            if code is None:
+                raise
+            raise _no_room(out_dir, code) from exc
+
+
+def _no_room(out_dir: Path, code: int) -> OutputError:
+    """The line for a run whose outputs no longer fit: what is kept, how to go on."""
+    from umbrella_core.train.faults import last_complete_checkpoint, remove_partials
+
+    remove_partials(out_dir)  # half-written checkpoints: room back, never resumed from
+    kept = last_complete_checkpoint(out_dir)
+    last = f"the last complete checkpoint is {kept}" if kept else "no checkpoint was completed"
+    fix = {
+        errno.EFBIG: "raise the file-size limit (ulimit -f)",
+        errno.EROFS: "make the file system writable",
+    }.get(code, "free space (or raise the quota)")
+    go_on = "umbrella train --resume with the same settings" if kept else "train again"
+    return OutputError(
+        f"{out_dir}: a write failed ({os.strerror(code)}); {last}; {fix}, then {go_on}"
+    )
 
 
 def _train(
@@ -302,6 +341,7 @@ def _train(
     args: Any,
     out_dir: Path,
     resume: str | None,
+    clear_earlier_run: Callable[[], None],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """:func:`train` once it holds its output folder."""
@@ -329,6 +369,8 @@ def _train(
     log(summary(prep))
     if resume is not None:
         log(f"resuming from {resume}")
+    # Screened and built: only now may --overwrite remove the earlier run.
+    clear_earlier_run()
     out_dir.mkdir(parents=True, exist_ok=True)
     if data.split is not None and main_process:
         from umbrella_core.data.split import SPLIT_FILE

@@ -23,8 +23,10 @@ studies (every rank checks, the main process alone locks and removes):
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -35,7 +37,7 @@ from typing import Any
 import attrs
 
 from umbrella_core.config import RunConfig
-from umbrella_core.errors import ConfigError
+from umbrella_core.errors import ConfigError, OutputError
 
 __all__ = [
     "LOCK_FILE",
@@ -47,6 +49,7 @@ __all__ = [
     "config_changes",
     "check_run_folder",
     "claim_run_folder",
+    "write_failure",
 ]
 
 LOCK_FILE = "umbrella.lock"
@@ -131,8 +134,15 @@ class RunLock:
 
     @classmethod
     def acquire(cls, out_dir: Path) -> RunLock:
-        """Create the lock, taking over one of a dead process of this host; else refuse."""
-        out_dir.mkdir(parents=True, exist_ok=True)
+        """Create the lock, taking over one of a dead process of this host; else refuse.
+
+        The run's first write: a folder it cannot write is refused here, before
+        a study is read or the model built.
+        """
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _unwritable(out_dir, exc) from None
         path = out_dir / LOCK_FILE
         mine = {
             "pid": os.getpid(),
@@ -148,8 +158,15 @@ class RunLock:
                     continue
                 _refuse_or_take_over(path, held, out_dir)
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(mine) + "\n")
+            except OSError as exc:
+                raise _unwritable(out_dir, exc) from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(mine) + "\n")
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                raise _unwritable(out_dir, exc) from None
             return cls(path, mine)
         raise ConfigError(f"{out_dir}: could not lock it ({path}); try again")
 
@@ -158,6 +175,36 @@ class RunLock:
         if _read_lock(self.path) == self.holder:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
+
+
+def _unwritable(out_dir: Path, exc: OSError) -> OutputError:
+    return OutputError(
+        f"{out_dir}: the output folder cannot be written ({exc.strerror or exc}); "
+        "give a writable --output-dir"
+    )
+
+
+#: Writes that fail for the file system's sake, not the run's: no room, a
+#: quota, a file-size limit, a read-only mount.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def write_failure(exc: BaseException) -> int | None:
+    """The errno of a write the file system refused (:data:`NO_ROOM`) behind ``exc``, or None.
+
+    Looks through the chain of causes, and at messages of libraries that
+    report the OS error as text (safetensors: ``... (os error 28)``).
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in NO_ROOM:
+            return exc.errno
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        if found and int(found.group(1)) in NO_ROOM:
+            return int(found.group(1))
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
@@ -389,27 +436,34 @@ def claim_run_folder(
     *,
     main: bool,
     log: Callable[[str], None] = print,
-) -> Iterator[None]:
-    """Hold ``out_dir`` for the block: locked (main process), checked, cleared where asked.
+) -> Iterator[Callable[[], None]]:
+    """Hold ``out_dir`` for the block: locked (main process) and checked.
 
-    Only the main process locks and removes: in a distributed run the other
-    ranks share its folder; they check it too (before the main process writes
-    anything into it), so that every rank refuses the same start.
+    Gives the block a function that removes an earlier run's outputs where
+    that was asked (``--overwrite``, or ``--resume`` with no checkpoint yet);
+    the block calls it once its studies are screened, so that a start refused
+    for its data leaves the earlier run as it was. Only the main process locks
+    and removes: in a distributed run the other ranks share its folder; they
+    check it too (before the main process writes anything into it), so that
+    every rank refuses the same start.
     """
     lock = RunLock.acquire(out_dir) if main else None
+
+    def clear() -> None:
+        if not main or resume is not None:
+            return
+        split_file = config.data.split.file
+        keep = (Path(split_file).expanduser(),) if split_file else ()
+        removed = remove_outputs(out_dir, keep)
+        if removed:
+            log(
+                f"removed the outputs of an earlier run in {out_dir}: "
+                + ", ".join(p.name for p in removed)
+            )
+
     try:
         check_run_folder(config, out_dir, resume)
-        if main and resume is None:
-            # --overwrite, or --resume with no checkpoint yet: the earlier outputs go.
-            split_file = config.data.split.file
-            keep = (Path(split_file).expanduser(),) if split_file else ()
-            removed = remove_outputs(out_dir, keep)
-            if removed:
-                log(
-                    f"removed the outputs of an earlier run in {out_dir}: "
-                    + ", ".join(p.name for p in removed)
-                )
-        yield
+        yield clear
     finally:
         if lock is not None:
             lock.release()

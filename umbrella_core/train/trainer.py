@@ -175,6 +175,22 @@ class UmbrellaTrainer(Trainer):
         self._key_sum, self._key_tokens, self._term_sum = key_sum, key_tokens, term_sum
         self._term_count = sum(part[3] for part in parts)
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # The restored scheduler brings back the learning rates it was made
+        # with; a learning rate allowed to change on resuming
+        # (trainer.resume_allow) takes effect from the resumed step on.
+        scheduler = self.lr_scheduler
+        wanted = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        lambdas = getattr(scheduler, "lr_lambdas", None)
+        if checkpoint is None or lambdas is None or list(scheduler.base_lrs) == wanted:
+            return
+        scheduler.base_lrs = list(wanted)
+        for group, lr, factor in zip(self.optimizer.param_groups, wanted, lambdas, strict=True):
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor(scheduler.last_epoch)
+        scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         # checkpoint-N/ appears whole or not at all (train/faults.py).
         save_training_checkpoint(self, trial)

@@ -175,13 +175,97 @@ def test_real_series_is_flipped_to_ras() -> None:
 
 
 def test_a_series_shorter_than_the_window_is_refused_naming_the_file() -> None:
-    spec = FMRI.with_geometry((32, 32, 16, 4), (8, 8, 8, 4))
+    # example4d says TR 2000 s: max_tr lets it through, to reach its 2 frames.
+    spec = plugin.configure(FMRI.with_geometry((32, 32, 16, 4), (8, 8, 8, 4)), {"max_tr": 3000})
     with pytest.raises(
         DataError, match=r"example4d.nii.gz: the series has 2 frames, fewer than the 4 frames"
     ):
         spec.load(spec, [EXAMPLE4D])
-    short = FMRI.with_geometry((32, 32, 16, 2), (8, 8, 8, 2))
+    short = plugin.configure(FMRI.with_geometry((32, 32, 16, 2), (8, 8, 8, 2)), {"max_tr": 3000})
     assert short.load(short, [EXAMPLE4D]).shape == (1, 32, 32, 16, 2)
+
+
+# ---------------------------------------------------------------------------
+# Repetition time: milliseconds labelled as seconds, bounded resampling (issue 12)
+# ---------------------------------------------------------------------------
+
+MS_AS_SECONDS = r"repetition time is 2000 s .*milliseconds labelled as seconds"
+
+
+def test_example4d_tr_in_milliseconds_is_refused_from_the_header_alone() -> None:
+    # nibabel's example4d: pixdim[4] 2000 with the unit "sec". Resampled to 2 s it
+    # would become 1,001 frames of 128x96x24 (1.2 GB); refused before any voxel.
+    slow = plugin.with_target_tr(DEMO, 2.0)
+    for spec in (DEMO, slow):
+        with pytest.raises(DataError, match=r"example4d.nii.gz: the header's " + MS_AS_SECONDS):
+            spec.windows.frames(spec, (EXAMPLE4D,))
+        with pytest.raises(DataError, match=MS_AS_SECONDS):
+            spec.windows.series(spec, (EXAMPLE4D,))
+        with pytest.raises(DataError, match=r"fix the header .* data.preprocessing.fmri.max_tr"):
+            spec.load(spec, (EXAMPLE4D,))
+
+
+def _series(path: Path, frames: int = 20, tr: float = 2.0, unit: str = "sec") -> str:
+    data = np.random.default_rng(0).random((8, 8, 8, frames)).astype(np.float32) + 1.0
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_zooms((2.0, 2.0, 2.0, tr))
+    img.header.set_xyzt_units("mm", unit)
+    nib.save(img, str(path))
+    return str(path)
+
+
+def test_a_tr_in_milliseconds_labelled_msec_is_read_as_seconds(tmp_path: Path) -> None:
+    from umbrella_fmri.preprocess import repetition_time
+
+    assert repetition_time(_series(tmp_path / "a_bold.nii.gz", tr=2000, unit="msec")) == 2.0
+
+
+def test_a_sidecar_in_seconds_overrides_a_wrong_header_and_one_in_ms_is_refused(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    path = _series(tmp_path / "sub-01_bold.nii.gz", tr=2000)
+    sidecar = tmp_path / "sub-01_bold.json"
+    sidecar.write_text(json.dumps({"RepetitionTime": 2.0}))
+    assert DEMO.windows.frames(DEMO, (path,)) == 20  # the hint in the error works
+    sidecar.write_text(json.dumps({"RepetitionTime": 2000}))
+    with pytest.raises(DataError, match=r"sub-01_bold.json: RepetitionTime is 2000, over the 20 s"):
+        DEMO.windows.frames(DEMO, (path,))
+    sidecar.write_text("{not json")
+    with pytest.raises(DataError, match=r"sub-01_bold.json: not a valid JSON sidecar"):
+        DEMO.load(DEMO, (path,))
+
+
+def test_max_tr_setting_raises_the_limit_and_is_checked() -> None:
+    spec = plugin.configure(DEMO, {"max_tr": 2500})
+    assert spec.windows.frames(spec, (EXAMPLE4D,)) == 2
+    both = plugin.configure(DEMO, {"max_tr": 2500, "target_tr": 1000.0})
+    assert both.windows.frames(both, (EXAMPLE4D,)) == 3  # 2000 s -> 1000 s
+    with pytest.raises(ValueError, match="max_tr must be a positive number"):
+        plugin.configure(DEMO, {"max_tr": 0})
+    with pytest.raises(ValueError, match="unknown setting 'tr'; fmri takes: max_tr, target_tr"):
+        plugin.configure(DEMO, {"tr": 2.0})
+
+
+def test_resampling_that_would_grow_a_series_past_its_bound_is_refused(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from umbrella_fmri.preprocess import MAX_TIME_GROWTH
+
+    path = _series(tmp_path / "sub-01_bold.nii.gz", frames=20, tr=2.0)
+    fine = plugin.with_target_tr(DEMO, 2.0 / MAX_TIME_GROWTH)
+    assert fine.windows.frames(fine, (path,)) == 19 * MAX_TIME_GROWTH + 1
+    fast = plugin.with_target_tr(DEMO, 0.1)  # 2 s -> 0.1 s: 20 times the frames
+    growth = r"sub-01_bold.nii.gz: resampling from TR 2 s to target_tr 0.1 s would turn 20 "
+    with pytest.raises(DataError, match=growth + r"frames into 381, more than 8x"):
+        fast.windows.frames(fast, (path,))
+    with pytest.raises(DataError, match=growth):
+        fast.windows.series(fast, (path,))
+    # Within the growth bound, the voxel ceiling still holds for the resampled series.
+    monkeypatch.setenv("UMBRELLA_MAX_VOXELS", str(8**3 * 100))
+    with pytest.raises(DataError, match=r"would make 153 frames .* over the ceiling of 51,200"):
+        fine.windows.frames(fine, (path,))
 
 
 def test_a_3d_volume_is_refused_naming_the_file() -> None:

@@ -17,18 +17,23 @@ if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 
-def load(spec: ModalitySpec, paths: Sequence[str]) -> Any:
+def load(spec: ModalitySpec, paths: Sequence[str], max_tr: float | None = None) -> Any:
     """``ModalitySpec.load`` of ``fmri``; see :func:`umbrella_fmri.preprocess.load_bold`."""
     from umbrella_fmri.preprocess import load_bold
 
-    return load_bold(spec, paths)
+    return load_bold(spec, paths, max_tr=max_tr)
 
 
-def series(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = None) -> Any:
+def series(
+    spec: ModalitySpec,
+    paths: Sequence[str],
+    target_tr: float | None = None,
+    max_tr: float | None = None,
+) -> Any:
     """``Windows.series`` of ``fmri``; see :func:`umbrella_fmri.preprocess.bold_series`."""
     from umbrella_fmri.preprocess import bold_series
 
-    return bold_series(spec, paths, target_tr=target_tr)
+    return bold_series(spec, paths, target_tr=target_tr, max_tr=max_tr)
 
 
 def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
@@ -41,18 +46,23 @@ def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
     return [path for path in found if os.path.isfile(path)]
 
 
-def frames(spec: ModalitySpec, paths: Sequence[str], target_tr: float | None = None) -> int:
+def frames(
+    spec: ModalitySpec,
+    paths: Sequence[str],
+    target_tr: float | None = None,
+    max_tr: float | None = None,
+) -> int:
     """``Windows.frames`` of ``fmri``: the series length from the header."""
     from umbrella_fmri.preprocess import bold_frames
 
-    return bold_frames(spec, paths, target_tr=target_tr)
+    return bold_frames(spec, paths, target_tr=target_tr, max_tr=max_tr)
 
 
-def with_target_tr(spec: ModalitySpec, target_tr: float) -> ModalitySpec:
-    """``spec`` resampling every series in time to ``target_tr`` seconds before windowing.
+def _with_timing(spec: ModalitySpec, **timing: float) -> ModalitySpec:
+    """``spec`` whose loader and window functions get ``timing`` as keyword arguments.
 
-    For example ``with_target_tr(FMRI, 0.8)`` makes a 24-frame window 19.2 s
-    long in every cohort. The functions stay picklable (DataLoader workers,
+    Partials of the functions ``spec`` already has, so settings add up
+    (``target_tr`` and ``max_tr``); they stay picklable (DataLoader workers,
     ``umbrella cache build --workers``).
     """
     import functools
@@ -60,19 +70,37 @@ def with_target_tr(spec: ModalitySpec, target_tr: float) -> ModalitySpec:
     import attrs
 
     if spec.windows is None:
-        raise ValueError(f"{spec.name}: target_tr needs a windowed spec (ModalitySpec.windows)")
+        raise ValueError(f"{spec.name}: {', '.join(timing)} needs a windowed spec")
     windows = attrs.evolve(
         spec.windows,
-        series=functools.partial(series, target_tr=target_tr),
-        frames=functools.partial(frames, target_tr=target_tr),
+        series=functools.partial(spec.windows.series, **timing),
+        frames=functools.partial(spec.windows.frames, **timing),
     )
-    return attrs.evolve(spec, windows=windows)
+    # load (a fixed window, validate) takes no target_tr: it reads the TR only to check it.
+    checks = {k: v for k, v in timing.items() if k == "max_tr"}
+    load_with = functools.partial(spec.load, **checks) if checks else spec.load
+    return attrs.evolve(spec, windows=windows, load=load_with)
+
+
+def with_target_tr(spec: ModalitySpec, target_tr: float) -> ModalitySpec:
+    """``spec`` resampling every series in time to ``target_tr`` seconds before windowing.
+
+    For example ``with_target_tr(FMRI, 0.8)`` makes a 24-frame window 19.2 s
+    long in every cohort.
+    """
+    return _with_timing(spec, target_tr=target_tr)
 
 
 def configure(spec: ModalitySpec, settings: dict[str, Any]) -> ModalitySpec:
-    """``data.preprocessing.fmri``: ``target_tr`` (seconds; see :func:`with_target_tr`)."""
-    target_tr = positive_settings(spec.name, settings, ("target_tr",)).get("target_tr")
-    return spec if target_tr is None else with_target_tr(spec, target_tr)
+    """``data.preprocessing.fmri``: ``target_tr`` and ``max_tr``, in seconds.
+
+    ``target_tr``: resample every series to it (:func:`with_target_tr`).
+    ``max_tr``: the longest repetition time taken as real (default
+    :data:`umbrella_fmri.preprocess.MAX_TR`, 20 s); a longer one is refused
+    as milliseconds labelled as seconds.
+    """
+    timing = positive_settings(spec.name, settings, ("target_tr", "max_tr"))
+    return _with_timing(spec, **timing) if timing else spec
 
 
 def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[PhantomFile]:

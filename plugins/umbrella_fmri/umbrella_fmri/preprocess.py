@@ -1,14 +1,31 @@
-"""From a 4D BOLD NIfTI series to a model input."""
+"""From a 4D BOLD NIfTI series to a model input.
+
+Every entry point (:func:`load_bold`, :func:`bold_series`, and the
+header-only :func:`bold_frames` that the checks before training call) first
+reads the repetition time (:func:`repetition_time`) and refuses one over
+:data:`MAX_TR`: the usual cause is milliseconds labelled as seconds, and
+resampling such a series to a ``target_tr`` would multiply its frames by a
+thousand. Resampling in time is bounded too (:data:`MAX_TIME_GROWTH`, and the
+core's voxel ceiling on the result).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from umbrella_core import DataError, ModalitySpec
-from umbrella_core.imaging import as_paths, load_nifti, resize, zscore_time
+from umbrella_core.imaging import (
+    as_paths,
+    load_nifti,
+    read_nifti_header,
+    resize,
+    voxel_ceilings,
+    zscore_time,
+)
 
 __all__ = [
     "load_bold",
@@ -17,15 +34,31 @@ __all__ = [
     "repetition_time",
     "sidecar_of",
     "BACKGROUND_FRACTION",
+    "MAX_TR",
+    "MAX_TIME_GROWTH",
 ]
 
 #: Voxels whose mean over the window is below this fraction of the 98th
 #: percentile of voxel means are background (air, outside the head).
 BACKGROUND_FRACTION = 0.2
 
+#: Longest repetition time, in seconds, taken as real (sparse-sampling designs
+#: reach about 10 s). A longer one is almost always milliseconds labelled as
+#: seconds: nibabel's own ``example4d.nii.gz`` says 2000 s. The setting
+#: ``data.preprocessing.fmri.max_tr`` changes it.
+MAX_TR = 20.0
+
+#: Most times as many frames as it has that a series may become when resampled
+#: to ``target_tr``: 8 covers a 3 s cohort resampled to 0.4 s; more means a
+#: wrong repetition time, and would multiply the memory of the series.
+MAX_TIME_GROWTH = 8
+
 
 def load_bold(
-    spec: ModalitySpec, paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+    spec: ModalitySpec,
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    max_tr: float | None = None,
 ) -> np.ndarray:
     """Load a window of a BOLD series as a ``(1, x, y, z, T)`` float32 array.
 
@@ -46,20 +79,18 @@ def load_bold(
     Args:
         spec: The ``fmri`` modality with the configured shape.
         paths: One file (a path, or a sequence holding one path).
+        max_tr: Longest plausible repetition time in seconds (None:
+            :data:`MAX_TR`).
 
     Raises:
-        DataError: Not exactly one file, an unreadable file, a 3D volume
+        DataError: Not exactly one file, an unreadable file, a repetition
+            time over ``max_tr`` (or a sidecar that is not JSON), a 3D volume
             instead of a series, or a series shorter than ``T`` frames. The
             message names the file.
     """
-    files = as_paths(paths)
-    if len(files) != 1:
-        raise DataError(
-            f"{spec.name} takes one 4D file per image, got {len(files)}: "
-            f"{', '.join(files) or 'none'}"
-        )
-    path = files[0]
+    path = _one_series(spec, paths)
     frames = spec.shape[3]
+    repetition_time(path, max_tr=MAX_TR if max_tr is None else max_tr)
     data, _ = load_nifti(path)
     if data.ndim == 3:
         raise DataError(
@@ -98,19 +129,24 @@ def sidecar_of(path: str | os.PathLike[str]) -> str:
     return stem + ".json"
 
 
-def repetition_time(path: str | os.PathLike[str]) -> float | None:
+def repetition_time(path: str | os.PathLike[str], *, max_tr: float | None = MAX_TR) -> float | None:
     """The repetition time in seconds: the BIDS sidecar's ``RepetitionTime``, else the header.
 
     The sidecar is the ``.json`` file with the image's name; the header's
     ``pixdim[4]`` is converted from its time unit (ms and us are common in the
-    wild). None when neither gives a positive value.
+    wild). None when neither gives a positive value. Only the header is read
+    (:func:`~umbrella_core.imaging.read_nifti_header`), never a voxel.
+
+    Args:
+        path: The series.
+        max_tr: Longest plausible repetition time in seconds; None accepts any.
 
     Raises:
-        DataError: The sidecar exists but is not valid JSON. Names the file.
+        DataError: The sidecar exists but is not valid JSON, the image's
+            header is unusable, or the repetition time is over ``max_tr``
+            (milliseconds labelled as seconds). Names the file and what to do.
     """
     import json
-
-    import nibabel as nib
 
     name = os.fspath(path)
     sidecar = sidecar_of(name)
@@ -118,25 +154,72 @@ def repetition_time(path: str | os.PathLike[str]) -> float | None:
         try:
             with open(sidecar, encoding="utf-8") as handle:
                 value = json.load(handle).get("RepetitionTime")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
-            raise DataError(f"{sidecar}: not a valid JSON sidecar ({error})") from None
-        if isinstance(value, (int, float)) and value > 0:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+            raise DataError(
+                f"{sidecar}: not a valid JSON sidecar ({error}); fix or remove it"
+            ) from None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            if max_tr is not None and value > max_tr:
+                raise DataError(
+                    f"{sidecar}: RepetitionTime is {value:g}, over the {max_tr:g} s a BOLD "
+                    "frame can take; BIDS gives it in seconds, so this is probably "
+                    "milliseconds: write it in seconds, or raise "
+                    "data.preprocessing.fmri.max_tr if it is real"
+                )
             return float(value)
-    header = nib.load(name).header
+    header = read_nifti_header(name).header
     zooms = header.get_zooms()
     if len(zooms) < 4 or not zooms[3] > 0:
         return None
     unit = header.get_xyzt_units()[1]
-    return float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+    tr = float(zooms[3]) * {"msec": 1e-3, "usec": 1e-6}.get(unit, 1.0)
+    if max_tr is not None and tr > max_tr:
+        stated = "no time unit, read as seconds" if unit == "unknown" else f"time unit {unit}"
+        raise DataError(
+            f"{name}: the header's repetition time is {tr:g} s (pixdim[4] {float(zooms[3]):g}, "
+            f"{stated}), over the {max_tr:g} s a BOLD frame can take: probably milliseconds "
+            "labelled as seconds; fix the header (pixdim[4] in seconds, or xyzt_units in msec), "
+            f"or give the TR in seconds in the JSON sidecar {os.path.basename(sidecar)} "
+            '("RepetitionTime"), or raise data.preprocessing.fmri.max_tr if it is real'
+        )
+    return tr
 
 
 def _resampled_frames(frames: int, tr: float, target_tr: float) -> int:
     return int(np.floor((frames - 1) * tr / target_tr + 1e-9)) + 1
 
 
-def _resample_time(data: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
-    """Linear interpolation of the last axis from ``tr`` to ``target_tr`` seconds."""
-    count = _resampled_frames(data.shape[-1], tr, target_tr)
+def _resampled_count(path: str, shape: Sequence[int], tr: float, target_tr: float) -> int:
+    """Frames of the ``shape`` series of ``path`` resampled from ``tr`` to ``target_tr`` seconds.
+
+    Raises:
+        DataError: It would grow more than :data:`MAX_TIME_GROWTH` times, or
+            past the core's voxel ceiling for one image.
+    """
+    frames = int(shape[-1])
+    count = _resampled_frames(frames, tr, target_tr)
+    if count > MAX_TIME_GROWTH * frames:
+        raise DataError(
+            f"{path}: resampling from TR {tr:g} s to target_tr {target_tr:g} s would turn "
+            f"{frames} frames into {count:,}, more than {MAX_TIME_GROWTH}x as many; check the "
+            "repetition time (header or JSON sidecar), or set data.preprocessing.fmri.target_tr "
+            "closer to it"
+        )
+    voxels = math.prod(int(s) for s in shape[:-1]) * count
+    ceiling = voxel_ceilings()[1]
+    if voxels > ceiling:
+        raise DataError(
+            f"{path}: resampling from TR {tr:g} s to target_tr {target_tr:g} s would make "
+            f"{count:,} frames ({voxels:,} voxels), over the ceiling of {ceiling:,}; set "
+            "data.preprocessing.fmri.target_tr closer to the series' TR, or raise "
+            "UMBRELLA_MAX_VOXELS if the memory is there"
+        )
+    return count
+
+
+def _resample_time(path: str, data: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
+    """Linear interpolation of the last axis from ``tr`` to ``target_tr`` seconds (bounded)."""
+    count = _resampled_count(path, data.shape, tr, target_tr)
     position = np.arange(count) * (target_tr / tr)
     low = np.minimum(np.floor(position).astype(np.int64), data.shape[-1] - 1)
     high = np.minimum(low + 1, data.shape[-1] - 1)
@@ -144,11 +227,14 @@ def _resample_time(data: np.ndarray, tr: float, target_tr: float) -> np.ndarray:
     return data[..., low] * (1.0 - weight) + data[..., high] * weight
 
 
-def _target_tr(path: str, target_tr: float | None) -> float | None:
-    """The source TR when the series must be resampled to ``target_tr``, else None."""
+def _target_tr(path: str, target_tr: float | None, max_tr: float | None) -> float | None:
+    """The source TR when the series must be resampled to ``target_tr``, else None.
+
+    The repetition time is read, and checked against ``max_tr``, either way.
+    """
+    tr = repetition_time(path, max_tr=MAX_TR if max_tr is None else max_tr)
     if target_tr is None:
         return None
-    tr = repetition_time(path)
     if tr is None:
         raise DataError(
             f"{path}: no repetition time in the header or a JSON sidecar, so the series "
@@ -162,23 +248,24 @@ def bold_frames(
     paths: str | os.PathLike[str] | Sequence[str],
     *,
     target_tr: float | None = None,
+    max_tr: float | None = None,
 ) -> int:
     """Frames in the series (after resampling to ``target_tr``), from the header alone.
 
-    Raises:
-        DataError: Not one file, not readable as NIfTI, or not 4D. Names the file.
-    """
-    import nibabel as nib
+    The checks before training call it (``Windows.frames``), so what it
+    refuses is refused before step 1 without decoding a voxel.
 
+    Raises:
+        DataError: Not one file, not a usable NIfTI header, not 4D, a
+            repetition time over ``max_tr`` (None: :data:`MAX_TR`), or a
+            resampling that would grow the series past its bounds. Names the file.
+    """
     path = _one_series(spec, paths)
-    try:
-        shape = nib.load(path).shape
-    except Exception as error:  # nibabel raises several types for unreadable files
-        raise DataError(f"{path}: not a readable NIfTI file ({error})") from None
+    shape = read_nifti_header(path).shape
     if len(shape) != 4:
         raise DataError(f"{path}: expected a 4D series (x, y, z, time), got shape {shape}")
-    tr = _target_tr(path, target_tr)
-    return int(shape[3]) if tr is None else _resampled_frames(int(shape[3]), tr, target_tr)
+    tr = _target_tr(path, target_tr, max_tr)
+    return int(shape[3]) if tr is None else _resampled_count(path, shape, tr, target_tr)
 
 
 def bold_series(
@@ -186,6 +273,7 @@ def bold_series(
     paths: str | os.PathLike[str] | Sequence[str],
     *,
     target_tr: float | None = None,
+    max_tr: float | None = None,
 ) -> np.ndarray:
     """The whole series preprocessed once, ``(1, x, y, z, frames)`` float32.
 
@@ -198,14 +286,18 @@ def bold_series(
     deviation of the z-score, and the background threshold, are the subject's
     statistics over the whole series, so every window of it is normalised the
     same way. Windows are cut from this by the core (``Windows.series``).
+
+    Raises:
+        DataError: As :func:`bold_frames` (an implausible repetition time, a
+            resampling past its bounds) and :func:`load_bold`. Names the file.
     """
     path = _one_series(spec, paths)
+    tr = _target_tr(path, target_tr, max_tr)  # before any voxel: refuses an implausible TR
     data, _ = load_nifti(path)
     if data.ndim != 4:
         raise DataError(f"{path}: expected a 4D series (x, y, z, time), got shape {data.shape}")
-    tr = _target_tr(path, target_tr)
     if tr is not None:
-        data = _resample_time(data, tr, target_tr)
+        data = _resample_time(path, data, tr, target_tr)
     if data.shape[3] < spec.shape[3]:
         raise DataError(
             f"{path}: the series has {data.shape[3]} frames, fewer than the {spec.shape[3]} "
