@@ -43,6 +43,28 @@ def _choice(*options: str) -> Any:
     return check
 
 
+#: The experiment trackers ``trainer.report_to`` may name (train/trackers.py).
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+def _trackers(value: Any) -> tuple[str, ...]:
+    # A comma string (``--set trainer.report_to=tensorboard,mlflow``) or a list;
+    # ``none`` (as in transformers) is the empty list.
+    if isinstance(value, str):
+        value = value.split(",")
+    names = (str(v).strip().lower() for v in value)
+    return tuple(dict.fromkeys(n for n in names if n and n != "none"))
+
+
+def _known_trackers(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
+    for name in value:
+        if name not in TRACKERS:
+            raise ConfigError(
+                f"{attribute.name}: unknown tracker {name!r}; known: {', '.join(TRACKERS)} "
+                "(or none)"
+            )
+
+
 def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     # Written so that NaN fails too (every comparison with NaN is false).
     if not (value > 0 and math.isfinite(value)):
@@ -354,6 +376,17 @@ class TrainerConfig:
         resume_allow: Settings (dotted names, ``trainer.learning_rate``) that
             may differ from the checkpoint's on ``resume``; the others are
             refused, naming each change.
+        report_to: Experiment trackers that get the losses, the evaluation
+            metrics and the run configuration: ``tensorboard``
+            (``OUTPUT_DIR/tensorboard``), ``mlflow`` (``OUTPUT_DIR/mlruns``
+            unless ``MLFLOW_TRACKING_URI`` is set), ``wandb`` (offline into
+            ``OUTPUT_DIR/wandb`` unless W&B is set up for online); a list or a
+            comma string, ``none`` for none (see
+            :mod:`umbrella_core.train.trackers`). (Since 0.3.)
+        experiment: The MLflow experiment and W&B project of the run; empty:
+            ``MLFLOW_EXPERIMENT_NAME`` / ``WANDB_PROJECT``, else the output
+            folder's name (the run itself is always named after the output
+            folder). (Since 0.3.)
     """
 
     output_dir: str = "runs/umbrella"
@@ -389,6 +422,10 @@ class TrainerConfig:
     resume: str = ""
     overwrite: bool = False
     resume_allow: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    report_to: tuple[str, ...] = attrs.field(
+        default=("tensorboard",), converter=_trackers, validator=_known_trackers
+    )
+    experiment: str = ""
 
 
 @attrs.frozen(kw_only=True)

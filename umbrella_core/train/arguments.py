@@ -13,6 +13,7 @@ from typing import Any
 
 from umbrella_core.config import RunConfig
 from umbrella_core.errors import ConfigError
+from umbrella_core.train.trackers import check_trackers
 
 __all__ = ["training_arguments", "resume_checkpoint", "deepspeed_config", "bf16_supported"]
 
@@ -69,6 +70,8 @@ def training_arguments(config: RunConfig, out_dir: Path) -> Any:
     from umbrella_core.train.callbacks import evaluation_arguments
 
     t = config.trainer
+    # A tracker that is not installed stops the run here, before any data is read.
+    check_trackers(t.report_to)
     if t.deepspeed and not torch.cuda.is_available():
         _no_cpu_inference_kernels()
     args = TrainingArguments(
@@ -82,7 +85,9 @@ def training_arguments(config: RunConfig, out_dir: Path) -> Any:
         adam_beta2=t.adam_beta2,
         lr_scheduler_type="cosine",
         logging_steps=t.logging_steps,
-        report_to="none",  # TensorBoard is added by train(), writing where we say
+        # trainer.report_to's callbacks are added by train() (train/trackers.py),
+        # writing where we say and told the run's configuration.
+        report_to="none",
         save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=t.save_steps if t.save_steps > 0 else 500,
         save_total_limit=t.save_total_limit if t.save_total_limit > 0 else None,

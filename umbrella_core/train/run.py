@@ -347,7 +347,6 @@ def _train(
     """:func:`train` once it holds its output folder."""
     from torch.utils.data import ConcatDataset
     from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
 
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.interleave import Interleaving
@@ -359,6 +358,7 @@ def _train(
     )
     from umbrella_core.train.evaluate import format_table, log_figures, summarize
     from umbrella_core.train.faults import interrupted_error, stop_on_signals
+    from umbrella_core.train.trackers import describe_trackers, finish_trackers, tracker_callbacks
     from umbrella_core.train.trainer import UmbrellaTrainer
 
     t = config.trainer
@@ -406,10 +406,8 @@ def _train(
         batching=config.data.batching,
         provenance=prep.provenance,
         run_meta=run_meta,
-        # One event file, from the main process (the callback logs only there).
-        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(str(logging_dir)))]
-        if main_process
-        else [],
+        # trainer.report_to, from the main process only (one event file, one run).
+        callbacks=tracker_callbacks(t.report_to, out_dir, config) if main_process else [],
     )
     # Each question's metric family, from every record of the run (a small
     # held-out set alone could make a closed question look open).
@@ -479,6 +477,7 @@ def _train(
             "no evaluation (trainer.eval_strategy=no); the table of the held-out records: "
             f"umbrella evaluate --checkpoint {final_dir}"
         )
+    test_metrics: dict[str, float] = {}
     if test_set is not None:
         log(f"evaluating final/ on {len(test_set)} {test_set.name} samples")
         with trainer.compute_loss_context_manager():
@@ -508,10 +507,17 @@ def _train(
             written.write_text(json.dumps(meta, indent=2, default=str) + "\n")
             os.replace(written, meta_path)  # a reader never sees half of it
             (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-            with SummaryWriter(str(logging_dir)) as writer:
-                for name, value in summarize(results, "test").items():
-                    writer.add_scalar(name.replace("_", "/", 1), value, result.global_step)
-                log_figures(writer, evaluation, result.global_step, "test")
+            test_metrics = summarize(results, "test")
+            if "tensorboard" in t.report_to:
+                with SummaryWriter(str(logging_dir)) as writer:
+                    for name, value in test_metrics.items():
+                        writer.add_scalar(name.replace("_", "/", 1), value, result.global_step)
+                    log_figures(writer, evaluation, result.global_step, "test")
+    # The held-out table to MLflow / W&B too, then their runs end.
+    finish_trackers(trainer, test_metrics, result.global_step)
     log(f"checkpoint:  {final_dir}")
-    log(f"tensorboard: {logging_dir}   (tensorboard --logdir {logging_dir})")
+    if "tensorboard" in t.report_to:
+        log(f"tensorboard: {logging_dir}   (tensorboard --logdir {logging_dir})")
+    for line in describe_trackers(trainer):
+        log(line)
     return metrics
