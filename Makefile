@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
-PACKAGES := -e . -e plugins/umbrella_t1 -e plugins/umbrella_fmri -e plugins/umbrella_dmri -e plugins/umbrella_studies
+PACKAGES := -e ".[serve]" -e plugins/umbrella_t1 -e plugins/umbrella_fmri -e plugins/umbrella_dmri -e plugins/umbrella_studies
 
 .PHONY: install demo test test-install test-fast
 

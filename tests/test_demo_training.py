@@ -31,37 +31,7 @@ from umbrella_core.plugins import get_plugin_manager
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    env = dict(os.environ)
-    env.setdefault("UMBRELLA_CACHE", str(out / "cache"))
-    env["OMP_NUM_THREADS"] = "2"  # torch's thread count: one the benchmark table covers
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "umbrella_core.cli",
-            "train",
-            "--modalities",
-            "t1,dmri",
-            "--output-dir",
-            str(out / "run"),
-            "--no-progress",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    # Nothing but UMBRELLA's own lines: no library warning on every run.
-    noise = [
-        line
-        for line in (result.stdout + result.stderr).splitlines()
-        if "warning" in line.lower() or "deprecat" in line.lower()
-    ]
-    assert not noise, "\n".join(noise)
-    return out / "run", result.stdout
+# demo_run (tests/conftest.py): the quick start's run, shared with the serve tests.
 
 
 HEMISPHERE = "Which hemisphere holds the lesion?"

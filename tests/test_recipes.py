@@ -15,7 +15,6 @@ from umbrella_core.data.conversation import encode_conversation
 from umbrella_core.errors import ConfigError, ModelError
 from umbrella_core.model.build import (
     build_model,
-    export_checkpoint,
     load_base,
     load_checkpoint,
     save_checkpoint,
@@ -198,32 +197,6 @@ def test_lora_checkpoint_reloads_with_identical_logits(tmp_path, toy_model, toy_
     model.eval()
     loaded.eval()
     assert torch.equal(loaded(**batch).logits, model(**batch).logits)
-
-
-def test_export_merges_lora_into_weights_that_load_without_adapters(tmp_path, toy_model, toy_pm):
-    # What `umbrella export CHECKPOINT OUT --merge-lora` does.
-    model, tokenizer = toy_model
-    model.add_lora()
-    _randomise_adapters(model)
-    model.eval()
-    batch = _batch(model, tokenizer)
-    adapted = model(**batch).logits
-    source = save_checkpoint(
-        model, tokenizer, tmp_path / "adapted", provenance=PROVENANCE, extra={"run": {"x": 1}}
-    )
-    kept, merged = export_checkpoint(source, tmp_path / "as-is", toy_pm)
-    folder, merged_now = export_checkpoint(source, tmp_path / "merged", toy_pm, merge=True)
-    assert (merged, merged_now) == (False, True)
-    loaded, _, meta = load_checkpoint(folder, toy_pm)
-    assert meta["lora"] is None and meta["run"] == {"x": 1}
-    assert meta["exported_from"] == {"checkpoint": str(source), "merged_lora": True}
-    assert not [n for n, _ in loaded.named_parameters() if "lora_" in n]
-    torch.testing.assert_close(loaded.eval()(**batch).logits, adapted, rtol=1e-4, atol=1e-4)
-    same, _, meta = load_checkpoint(kept, toy_pm)
-    assert meta["lora"] == model.lora_settings
-    assert torch.equal(same.eval()(**batch).logits, adapted)
-    with pytest.raises(ModelError, match="not over the checkpoint itself"):
-        export_checkpoint(source, source, toy_pm)
 
 
 @pytest.mark.parametrize("lora", [False, True])

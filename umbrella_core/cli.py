@@ -276,15 +276,19 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from umbrella_core.model.build import export_checkpoint
+    from umbrella_core.model.export import export_checkpoint
     from umbrella_core.plugins import get_plugin_manager
 
     folder, merged = export_checkpoint(
-        args.checkpoint, args.output, get_plugin_manager(), merge=args.merge_lora
+        args.checkpoint, args.output, get_plugin_manager(), overwrite=args.overwrite
     )
     if args.merge_lora and not merged:
         print(f"{args.checkpoint} has no LoRA adapters: nothing to merge")
-    print(f"exported {args.checkpoint} to {folder}" + (" (LoRA merged)" if merged else ""))
+    print(
+        f"exported {args.checkpoint} to {folder}: language/ (a transformers causal LM"
+        + (", LoRA merged" if merged else "")
+        + "), vision.safetensors, umbrella.json, README.md (the model card)"
+    )
     return 0
 
 
@@ -484,17 +488,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="write a checkpoint's model alone (weights, config, tokenizer), "
-        "optionally with its LoRA adapters merged",
+        help="write a checkpoint as a folder to hand on: language/ (loads with transformers "
+        "alone, LoRA merged), vision.safetensors, umbrella.json and a model card",
     )
     p.add_argument("checkpoint", help="a checkpoint folder (a run's final/ or best/)")
-    p.add_argument("output", help="the folder to write")
+    p.add_argument("output", help="the folder to write (new or empty, unless --overwrite)")
     p.add_argument(
         "--merge-lora",
         action="store_true",
-        help="fold the LoRA adapters into the weights: the result loads without peft",
+        help="accepted for old scripts: LoRA adapters are always merged into language/",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
     p.set_defaults(func=_cmd_export)
+
+    from umbrella_core.serve import add_serve_parser
+
+    add_serve_parser(sub)
+
+    from umbrella_core.launch import add_launch_parser
+
+    add_launch_parser(sub)  # after train: its parser checks the train arguments
     return parser
 
 

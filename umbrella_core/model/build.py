@@ -21,8 +21,14 @@ model's frozen weights (``...q_proj.base_layer.weight``) and the adapters
 (``...q_proj.lora_A.default.weight``) side by side, and ``umbrella.json`` the
 settings that recreate them. A reloaded model gives bit-identical logits (a
 merge would round), training can go on with the same adapters, and the base
-weights can be checked untouched. :func:`merge_lora` folds them in for export
-(``umbrella export --merge-lora``).
+weights can be checked untouched. :func:`merge_lora` folds them in for export.
+
+:func:`load_checkpoint` also reads the hand-off folder ``umbrella export``
+writes (:mod:`umbrella_core.model.export`): ``language/`` (a plain transformers
+causal LM), ``vision.safetensors`` (embedders, vision body, projector) and
+``umbrella.json`` with ``format: umbrella-export``. The reader lives here, next
+to the checkpoint reader, so that the writer can import this module and not
+the other way round (no import cycle).
 """
 
 from __future__ import annotations
@@ -50,13 +56,22 @@ __all__ = [
     "read_llava_config",
     "checkpoint_config",
     "merge_lora",
-    "export_checkpoint",
+    "vision_weight_names",
     "CHECKPOINT_META",
+    "EXPORT_FORMAT",
+    "LANGUAGE_DIR",
+    "VISION_WEIGHTS",
 ]
 
 TINY = "tiny"
 CHECKPOINT_META = "umbrella.json"
 WEIGHTS = "model.safetensors"
+#: ``umbrella.json``'s ``format`` in a folder ``umbrella export`` wrote.
+EXPORT_FORMAT = "umbrella-export"
+#: The exported language model, a plain transformers causal-LM folder.
+LANGUAGE_DIR = "language"
+#: The exported embedders, vision body and projector.
+VISION_WEIGHTS = "vision.safetensors"
 
 
 def tiny_llava_config(
@@ -316,7 +331,8 @@ def load_checkpoint(
     *,
     loss_terms: Sequence[LossTerm] = (),
 ) -> tuple[Any, Any, dict]:
-    """``(model, tokenizer, meta)`` from a checkpoint folder (LoRA adapters recreated).
+    """``(model, tokenizer, meta)`` from a checkpoint folder (LoRA adapters recreated)
+    or a folder ``umbrella export`` wrote.
 
     Raises:
         ModelError: the folder is not a checkpoint, a modality it needs has no
@@ -332,6 +348,26 @@ def load_checkpoint(
     if not meta_path.is_file():
         raise ModelError(f"{folder}: not an UMBRELLA checkpoint (no {CHECKPOINT_META})")
     meta = json.loads(meta_path.read_text())
+    specs = _checkpoint_specs(folder, meta, plugin_manager)
+    if meta.get("format") == EXPORT_FORMAT:
+        return _load_export(folder, meta, specs, plugin_manager, loss_terms)
+    config = checkpoint_config(folder)
+    llava = llava_class(config.model_type, str(folder))(config)
+    model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
+    if meta.get("lora"):
+        model.add_lora(**meta["lora"])
+    try:
+        load_model(model, str(folder / WEIGHTS), strict=True)
+    except RuntimeError as exc:
+        raise _misfit(folder, meta, exc) from None
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, meta
+
+
+def _checkpoint_specs(folder: Path, meta: Mapping[str, Any], plugin_manager: Any) -> dict:
+    """The saved modalities, as the installed plugins define them, at the saved geometry."""
     specs: dict[str, ModalitySpec] = {}
     for entry in meta["modalities"]:
         try:
@@ -355,69 +391,116 @@ def load_checkpoint(
         specs[spec.name] = attrs.evolve(
             spec.with_geometry(entry["shape"], entry["patch_size"]), channels=entry["channels"]
         )
-    config = checkpoint_config(folder)
-    llava = llava_class(config.model_type, str(folder))(config)
-    model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
-    if meta.get("lora"):
-        model.add_lora(**meta["lora"])
-    try:
-        load_model(model, str(folder / WEIGHTS), strict=True)
-    except RuntimeError as exc:
-        saved = ", ".join(
-            f"{e['name']} from {e.get('distribution')} {e.get('version')}"
-            for e in meta["modalities"]
+    return specs
+
+
+def _misfit(folder: Path, meta: Mapping[str, Any], exc: Exception) -> ModelError:
+    saved = ", ".join(
+        f"{e['name']} from {e.get('distribution')} {e.get('version')}" for e in meta["modalities"]
+    )
+    return ModelError(
+        f"{folder}: the weights do not fit the model the installed plugins build "
+        f"(saved with {saved}): {str(exc).splitlines()[0]}"
+    )
+
+
+def vision_weight_names(model: Any) -> dict[str, str]:
+    """Each non-language weight of ``model`` (state-dict name) → its name in
+    ``vision.safetensors``: ``embedders.<modality>.…``, ``vision.…`` (the shared
+    body), ``projector.…``, and ``other.…`` for anything else a LLaVA layout
+    carries (LLaVA-OneVision's ``image_newline``).
+
+    Derived from the model's structure, so the writer and the reader agree for
+    any vision tower and language model.
+    """
+    from umbrella_core.model.umbrella import _vision_tower
+
+    llava = model.llava
+    where = {id(module): name for name, module in model.named_modules()}
+    # Most specific first: the embedders sit inside the vision tower.
+    parts = [
+        (where[id(module)] + ".", f"embedders.{name}.")
+        for name, module in model.embeddings.embedders.items()
+    ]
+    parts += [
+        (where[id(_vision_tower(llava))] + ".", "vision."),
+        (where[id(llava.model.multi_modal_projector)] + ".", "projector."),
+    ]
+    language = (
+        where[id(model.language_model)] + ".",
+        where[id(llava.get_output_embeddings())] + ".",
+    )
+    names = {}
+    for name in model.state_dict():
+        if name.startswith(language):
+            continue
+        prefix, part = next(
+            ((p, part) for p, part in parts if name.startswith(p)), ("llava.", "other.")
         )
-        raise ModelError(
-            f"{folder}: the weights do not fit the model the installed plugins build "
-            f"(saved with {saved}): {str(exc).splitlines()[0]}"
-        ) from None
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        names[name] = part + name.removeprefix(prefix)
+    return names
+
+
+def _load_export(
+    folder: Path,
+    meta: Mapping[str, Any],
+    specs: Mapping[str, ModalitySpec],
+    plugin_manager: Any,
+    loss_terms: Sequence[LossTerm],
+) -> tuple[Any, Any, dict]:
+    """:func:`load_checkpoint` of an ``umbrella export`` folder."""
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = checkpoint_config(folder)
+    language = folder / LANGUAGE_DIR
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            language, local_files_only=True, dtype="float32"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(language, local_files_only=True)
+        vision = load_file(str(folder / VISION_WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ModelError(f"{folder}: cannot read the exported model: {exc}") from None
+    # The Llava shell's own language model would only be replaced: built
+    # without weights (buffers kept real), it costs no memory.
+    with init_empty_weights(include_buffers=False):
+        llava = llava_class(config.model_type, str(folder))(config)
+    llava.model.language_model = lm.get_decoder()
+    llava.lm_head = lm.get_output_embeddings()
+    model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
+    names = {out: name for name, out in vision_weight_names(model).items()}
+    lacks, extra = sorted(set(names) - set(vision)), sorted(set(vision) - set(names))
+    if lacks or extra:
+        what = f"lacks {lacks[0]}" if lacks else f"holds {extra[0]}, which the model has not"
+        raise _misfit(folder, meta, ValueError(f"{VISION_WEIGHTS} {what}"))
+    try:
+        model.load_state_dict({names[k]: v for k, v in vision.items()}, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise _misfit(folder, meta, exc) from None
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty:
+        raise ModelError(f"{folder}: the exported weights lack {empty[0]}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, meta
 
 
-def export_checkpoint(
-    source: str | os.PathLike,
-    target: str | os.PathLike,
-    plugin_manager: Any,
-    *,
-    merge: bool = False,
-) -> tuple[Path, bool]:
-    """Write the model of checkpoint ``source`` to ``target`` (``umbrella export``).
-
-    Only what inference needs is written (weights, config, tokenizer,
-    ``umbrella.json``; no optimizer state or evaluation reports). With
-    ``merge`` the LoRA adapters are folded into the weights
-    (:func:`merge_lora`): the result loads without peft and answers as the
-    adapted model does.
-
-    Returns:
-        ``(folder, merged)``: the written folder, and whether adapters were merged.
-    """
-    source = Path(source).expanduser()
-    target = Path(target).expanduser()
-    if target.resolve() == source.resolve():
-        raise ModelError(f"{target}: export to a new folder, not over the checkpoint itself")
-    model, tokenizer, meta = load_checkpoint(source, plugin_manager)
-    merged = merge and model.lora_settings is not None
-    if merged:
-        merge_lora(model)
-    provenance = {
-        e["name"]: (e.get("plugin", ""), e.get("distribution", ""), e.get("version", ""))
-        for e in meta["modalities"]
-    }
-    computed = {"format", "version", "modalities", "lora", "umbrella_core"}
-    extra = {k: v for k, v in meta.items() if k not in computed}
-    extra["exported_from"] = {"checkpoint": str(source), "merged_lora": merged}
-    return save_checkpoint(model, tokenizer, target, provenance=provenance, extra=extra), merged
-
-
 def checkpoint_config(folder: Path) -> Any:
-    """The LLaVA config of an UMBRELLA checkpoint folder (any of :data:`LLAVA_TYPES`)."""
-    from transformers import AutoConfig
+    """The LLaVA config of an UMBRELLA checkpoint folder (any of :data:`LLAVA_TYPES`), or
+    of an exported one (its language model's config inside the stored LLaVA settings)."""
+    from transformers import CONFIG_MAPPING, AutoConfig
 
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+    folder = Path(folder)
+    meta_path = folder / CHECKPOINT_META
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if meta.get("format") != EXPORT_FORMAT:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    text = AutoConfig.from_pretrained(folder / LANGUAGE_DIR, local_files_only=True)
+    stored = dict(meta["llava_config"])
+    return CONFIG_MAPPING[stored["model_type"]].from_dict({**stored, "text_config": text.to_dict()})
 
 
 def merge_lora(model: Any) -> Any:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +31,11 @@ __all__ = [
     "guess_modality",
     "with_placeholders",
     "greedy_generate",
+    "iter_greedy",
     "greedy_generate_batch",
+    "read_images",
+    "encode_prompt",
+    "resolve_modality",
     "generate_answer",
     "record_prompt",
 ]
@@ -164,6 +168,28 @@ def greedy_generate(
     Returns:
         The generated token ids.
     """
+    return list(
+        iter_greedy(
+            model,
+            input_ids,
+            images,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_token_id,
+            stop_token_ids=stop_token_ids,
+        )
+    )
+
+
+def iter_greedy(
+    model: Any,
+    input_ids: Sequence[int],
+    images: Sequence[tuple[str, Any]],
+    *,
+    max_new_tokens: int = 32,
+    eos_token_id: int | None = None,
+    stop_token_ids: Collection[int] = (),
+) -> Iterator[int]:
+    """:func:`greedy_generate`, one token at a time as each is decoded (for streaming)."""
     import torch
 
     stops = set(stop_token_ids) | ({eos_token_id} if eos_token_id is not None else set())
@@ -182,11 +208,10 @@ def greedy_generate(
             out = llava(
                 inputs_embeds=embeds, attention_mask=attention, use_cache=True, logits_to_keep=1
             )
-            generated: list[int] = []
-            for _ in range(max_new_tokens):
+            for count in range(1, max_new_tokens + 1):
                 token = int(out.logits[0, -1].argmax())
-                generated.append(token)
-                if token in stops or len(generated) == max_new_tokens:
+                yield token
+                if token in stops or count == max_new_tokens:
                     break
                 attention = torch.cat([attention, attention.new_ones((1, 1))], dim=1)
                 step = llava.get_input_embeddings()(
@@ -201,7 +226,6 @@ def greedy_generate(
                 )
     finally:
         model.train(was_training)
-    return generated
 
 
 def greedy_generate_batch(
@@ -313,16 +337,14 @@ def record_prompt(dataset: Any, index: int) -> tuple[list[int], list[tuple[str, 
     return encoded.input_ids, dataset.images(record, window)
 
 
-def generate_answer(
+def read_images(
     loaded: Loaded,
     images: Sequence[Sequence[str]],
-    prompt: str,
     *,
     modalities: Sequence[str] = (),
-    max_new_tokens: int = 64,
     installed: Mapping[str, ModalitySpec] | None = None,
-) -> str:
-    """``umbrella generate``: the answer to ``prompt`` about the images.
+) -> list[tuple[str, Any]]:
+    """Each image as the checkpoint's run read it: ``(modality, tensor)`` in order.
 
     Args:
         images: The files of each image (one, or one per channel, e.g. FA and MD maps).
@@ -331,10 +353,13 @@ def generate_answer(
         installed: Every installed modality, to guess among (so that a file of
             a modality the checkpoint lacks is named as such); default: the
             checkpoint's.
+
+    Raises:
+        DataError: a file is missing or refused by the checks training applies.
+        ConfigError: a modality cannot be told or the checkpoint lacks it.
     """
     from umbrella_core.data.checks import check_image
     from umbrella_core.data.dataset import load_image
-    from umbrella_core.model.chat import chat_format
 
     if not images:
         raise ConfigError("give at least one --image")
@@ -351,7 +376,7 @@ def generate_answer(
                 raise DataError(f"{path}: image file not found")
         if modalities:
             given = modalities[0] if len(modalities) == 1 else modalities[i]
-            name = _resolve(given, specs)
+            name = resolve_modality(given, specs)
         else:
             name = guess_modality(files[0], {**dict(installed or {}), **specs})
         if name not in specs:
@@ -364,35 +389,68 @@ def generate_answer(
         if problems:
             raise DataError("; ".join(problems))
         names.append(name)
-    tensors = [
+    return [
         (name, load_image(specs[name], tuple(files), where=files[0]))
         for name, files in zip(names, images, strict=True)
     ]
-    model = loaded.model
-    # The checkpoint's tokenizer carries the chat template it was trained with
-    # ("auto" finds it), its run configuration the system prompt.
-    chat = chat_format(loaded.tokenizer, "auto", loaded.config.model.system_prompt)
+
+
+def encode_prompt(
+    loaded: Loaded,
+    turns: Sequence[Turn],
+    modalities: Sequence[str],
+    *,
+    where: str = "--prompt",
+    system_prompt: str | None = None,
+) -> tuple[list[int], Any]:
+    """The prompt ids of a conversation that ends with a user turn, and its chat format.
+
+    The checkpoint's tokenizer carries the chat template it was trained with
+    (``auto`` finds it), its run configuration the system prompt (unless
+    ``system_prompt`` is given); each ``<image>`` expands to its modality's
+    token count, in ``modalities`` order.
+    """
+    from umbrella_core.model.chat import chat_format
+
+    system = loaded.config.model.system_prompt if system_prompt is None else system_prompt
+    chat = chat_format(loaded.tokenizer, "auto", system)
     encoded = chat.encode(
-        [Turn(role="user", content=with_placeholders(prompt, len(images)))],
-        names,
+        list(turns),
+        list(modalities),
         tokenizer=loaded.tokenizer,
-        image_token_id=model.image_token_id,
-        tokens_per_modality={n: s.num_tokens for n, s in specs.items()},
+        image_token_id=loaded.model.image_token_id,
+        tokens_per_modality={n: s.num_tokens for n, s in loaded.specs.items()},
         max_length=loaded.config.model.max_length,
         add_generation_prompt=True,
-        where="--prompt",
+        where=where,
     )
-    ids = greedy_generate(
-        model,
-        encoded.input_ids,
+    return encoded.input_ids, chat
+
+
+def generate_answer(
+    loaded: Loaded,
+    images: Sequence[Sequence[str]],
+    prompt: str,
+    *,
+    modalities: Sequence[str] = (),
+    max_new_tokens: int = 64,
+    installed: Mapping[str, ModalitySpec] | None = None,
+) -> str:
+    """``umbrella generate``: the answer to ``prompt`` about the images (:func:`read_images`)."""
+    tensors = read_images(loaded, images, modalities=modalities, installed=installed)
+    turn = Turn(role="user", content=with_placeholders(prompt, len(images)))
+    ids, chat = encode_prompt(loaded, [turn], [name for name, _ in tensors])
+    generated = greedy_generate(
+        loaded.model,
+        ids,
         tensors,
         max_new_tokens=max_new_tokens,
         stop_token_ids=chat.stop_token_ids,
     )
-    return decode(loaded.tokenizer, ids)
+    return decode(loaded.tokenizer, generated)
 
 
-def _resolve(name: str, specs: Mapping[str, ModalitySpec]) -> str:
+def resolve_modality(name: str, specs: Mapping[str, ModalitySpec]) -> str:
     """A modality name or alias (case-insensitive) as one of ``specs``' names."""
     wanted = name.strip().lower()
     for canonical, spec in specs.items():

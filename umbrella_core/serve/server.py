@@ -1,0 +1,161 @@
+"""The ``umbrella serve`` command: one uvicorn server with the page at ``/`` and the API at ``/v1``.
+
+It binds to 127.0.0.1 unless ``--host`` says otherwise (a checkpoint and the
+files under ``--data-root`` are then reachable by whoever reaches the host:
+``--api-key`` asks for a key). No usage telemetry leaves the machine:
+Gradio's analytics are off, and the page loads nothing from elsewhere (the
+theme's fonts ship with Gradio).
+
+(Since 0.3.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from umbrella_core.errors import ConfigError
+
+__all__ = ["add_parser", "build_app", "serve"]
+
+
+def build_app(
+    assistant: Any,
+    *,
+    web: bool = True,
+    data_root: str | os.PathLike | None = None,
+    api_key: str | None = None,
+    max_upload_mb: int = 512,
+    max_new_tokens: int = 64,
+    scratch: Path | None = None,
+) -> Any:
+    """The FastAPI app: the API's routes, and the page at ``/`` unless ``web`` is false."""
+    from fastapi import FastAPI
+
+    from umbrella_core.serve.api import api_router
+
+    app = FastAPI(title="UMBRELLA", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    app.include_router(
+        api_router(
+            assistant,
+            data_root=data_root,
+            api_key=api_key,
+            max_upload_mb=max_upload_mb,
+            max_new_tokens=max_new_tokens,
+        )
+    )
+    if not web:
+        return app
+    # Read when gradio is imported: set before.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    from umbrella_core.serve.web import THEME_CSS, build_page
+
+    scratch = Path(scratch or tempfile.mkdtemp(prefix="umbrella-serve-"))
+    (scratch / "demo").mkdir(parents=True, exist_ok=True)
+    (scratch / "uploads").mkdir(parents=True, exist_ok=True)
+    blocks = build_page(
+        assistant,
+        demo_folder=scratch / "demo",
+        scratch=scratch / "uploads",
+        max_new_tokens=max_new_tokens,
+    )
+    return gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/",
+        footer_links=[],
+        css=THEME_CSS,
+        max_file_size=f"{max_upload_mb}mb",
+        allowed_paths=[str(scratch)],
+        ssr_mode=False,
+        mcp_server=False,
+    )
+
+
+def serve(args: argparse.Namespace) -> int:
+    """``umbrella serve``: load the checkpoint, then serve until interrupted."""
+    from umbrella_core.plugins import get_plugin_manager
+
+    web = not args.api
+    needed = ["fastapi", "uvicorn"] + (["gradio"] if web else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(
+            f"umbrella serve needs {', '.join(missing)}: pip install 'umbrella-core[serve]'"
+        )
+    if args.data_root and not Path(args.data_root).is_dir():
+        raise ConfigError(f"--data-root {args.data_root}: not a folder")
+    import uvicorn
+
+    from umbrella_core.serve.assistant import Assistant
+
+    print(f"loading {args.checkpoint}", flush=True)
+    assistant = Assistant.from_checkpoint(args.checkpoint, get_plugin_manager())
+    scratch = Path(tempfile.mkdtemp(prefix="umbrella-serve-"))
+    try:
+        app = build_app(
+            assistant,
+            web=web,
+            data_root=args.data_root,
+            api_key=args.api_key or os.environ.get("UMBRELLA_API_KEY") or None,
+            max_upload_mb=args.max_upload_mb,
+            max_new_tokens=args.max_new_tokens,
+            scratch=scratch,
+        )
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        base = f"http://{host}:{args.port}"
+        if web:
+            print(f"page: {base}/", flush=True)
+        print(f"api:  {base}/v1  (model {assistant.name!r})", flush=True)
+        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            raise ConfigError(f"could not listen on {args.host}:{args.port} (in use?)")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+def add_parser(sub: Any) -> Any:
+    p = sub.add_parser(
+        "serve",
+        help="a web page (three planes, slice sliders, a conversation) and an "
+        "OpenAI-compatible API over a checkpoint",
+        description=(
+            "Serve a checkpoint: the page at / (upload NIfTI files or pick a demo file, look "
+            "at them in three planes, ask questions) and /v1/chat/completions, an "
+            "OpenAI-compatible API whose image_url parts name a file under --data-root or "
+            "carry it base64 in a data: URL."
+        ),
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder (a run's final/ or best/)"
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--api", action="store_true", help="the API only, no page (gradio not needed)")
+    p.add_argument(
+        "--data-root",
+        help="the API may read image files under this folder (paths outside it are refused; "
+        "without it, images come base64 only)",
+    )
+    p.add_argument(
+        "--api-key", help="require this key (Authorization: Bearer KEY); or $UMBRELLA_API_KEY"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64, help="default answer length in tokens")
+    p.add_argument("--max-upload-mb", type=int, default=512, help="largest file accepted")
+    p.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.set_defaults(func=serve)
+    return p
