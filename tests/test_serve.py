@@ -641,6 +641,23 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
         "the answer about the demo file",
     )
 
+    # A name that tells no modality: the page says so, and the user's choice reads it.
+    ((t1_files, _),) = held_out(demo_study, HEMISPHERE, "t1", 1)
+    unnamed = tmp_path / "scan.nii.gz"
+    shutil.copyfile(t1_files[0], unnamed)
+    status = _upload(driver, [str(unnamed)])
+    assert "error: scan.nii.gz: cannot tell the modality from the file name" in status, status
+    assert "choose its modality below" in status
+    driver.find_element(By.CSS_SELECTOR, "#umbrella-modality input").click()
+    choices = _wait(
+        driver,
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#umbrella-modality [role=option]"),
+        "the modalities",
+    )
+    next(o for o in choices if o.text.strip() == "t1").click()
+    _wait(driver, lambda d: "t1: scan.nii.gz — read as" in _status(d), "the file read as t1")
+    assert "error" not in _status(driver)
+
     # A file that is no NIfTI: the line `umbrella generate` prints, on the page.
     bad = tmp_path / "sub-09_T1w.nii.gz"
     bad.write_bytes(b"not a NIfTI file at all" * 20)

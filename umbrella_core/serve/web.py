@@ -17,6 +17,7 @@ shown on the page.
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 import tempfile
@@ -30,7 +31,7 @@ from umbrella_core.serve.assistant import Assistant, Image, group_files
 from umbrella_core.serve.views import PLANES, volume_of
 from umbrella_core.types import Turn
 
-__all__ = ["build_page", "write_demo_files", "THEME_CSS"]
+__all__ = ["build_page", "write_demo_files", "THEME_CSS", "EMPTY"]
 
 THEME_CSS = """
 #umbrella-status p { margin: 0.25em 0; }
@@ -88,23 +89,31 @@ class _Page:
 
     def load(
         self, paths: Sequence[str], modality: str | None, folder: Path | None
-    ) -> tuple[list[Image], list[str]]:
-        """The images of ``paths`` that read, and one line per one that does not."""
+    ) -> dict[str, Any]:
+        """The page's state for ``paths``: the images that read, one line per one that does not.
+
+        An image whose modality the file name does not tell waits in
+        ``pending`` (its files and the line) until the user chooses one.
+        """
         images: list[Image] = []
         problems: list[str] = []
+        pending: list[tuple[list[str], str]] = []
         specs = {**self.assistant.installed, **self.assistant.specs}
         for chosen, files in group_files(paths, specs, modality=modality):
             try:
                 images.append(self.assistant.read(files, chosen))
             except UmbrellaError as error:
-                problems.append(self.message(error, folder))
-        if not images and not problems:
+                if chosen is None:
+                    pending.append((files, self.message(error, folder)))
+                else:
+                    problems.append(self.message(error, folder))
+        if not images and not problems and not pending:
             problems.append("no NIfTI file (.nii or .nii.gz) among the files given")
-        return images, problems
+        return {"images": images, "problems": problems, "pending": pending, "folder": folder}
 
     def upload(self, uploaded: Sequence[Any] | None, modality: str | None) -> dict[str, Any]:
         if not uploaded:
-            return {"images": [], "problems": [], "folder": None, "paths": []}
+            return dict(EMPTY)
         folder = self.session_folder()
         paths = []
         for item in uploaded:
@@ -113,8 +122,7 @@ class _Page:
             target = folder / source.name
             shutil.copyfile(source, target)
             paths.append(str(target))
-        images, problems = self.load(paths, modality, folder)
-        return {"images": images, "problems": problems, "folder": folder, "paths": paths}
+        return self.load(paths, modality, folder)
 
     # -- views ---------------------------------------------------------------
 
@@ -127,11 +135,17 @@ class _Page:
         return [volume.slice(plane, where[plane], frame) for plane in PLANES]
 
 
-def _status(images: Sequence[Image], problems: Sequence[str]) -> str:
-    lines = [f'<p class="error">error: {p}</p>' for p in problems]
+#: The page's state with nothing loaded.
+EMPTY: dict[str, Any] = {"images": [], "problems": [], "pending": [], "folder": None}
+
+
+def _status(loaded: Mapping[str, Any], extra: Sequence[str] = ()) -> str:
+    images = loaded.get("images") or []
+    problems = [*loaded.get("problems", ()), *(m for _, m in loaded.get("pending", ())), *extra]
+    lines = [f'<p class="error">error: {html.escape(p)}</p>' for p in problems]
     for image in images:
         shape = "×".join(str(n) for n in image.tensor.shape[1:])
-        lines.append(f"<p>{image.label} — read as the model reads it: {shape}</p>")
+        lines.append(f"<p>{html.escape(image.label)} — read as the model reads it: {shape}</p>")
     return "\n".join(lines) or "<p>Upload NIfTI files or pick a demo file.</p>"
 
 
@@ -166,15 +180,16 @@ def build_page(
         )
         return out
 
-    def shown(loaded: dict[str, Any]) -> list[Any]:
+    def shown(loaded: dict[str, Any], selected: int = 0) -> list[Any]:
         images: list[Image] = loaded["images"]
-        first = images[0] if images else None
+        selected = min(selected, len(images) - 1) if images else 0
+        first = images[selected] if images else None
         choices = [(image.label, i) for i, image in enumerate(images)]
         volume_views = page.views(first, 0, volume_of(first.tensor).middle() if first else {}, 0)
         return [
             loaded,
-            _status(images, loaded["problems"]),
-            gr.Dropdown(choices=choices, value=0 if images else None),
+            _status(loaded),
+            gr.Dropdown(choices=choices, value=selected if images else None),
             gr.Dropdown(value=first.modality if first else None),
             *volume_views,
             *slider_updates(first),
@@ -189,22 +204,34 @@ def build_page(
 
     def on_demo(choice: str | None, _loaded: Any) -> list[Any]:
         if not choice:
-            return shown({"images": [], "problems": [], "folder": None, "paths": []})
-        paths = page.demo[choice]
-        images, problems = page.load(paths, None, None)
-        return shown({"images": images, "problems": problems, "folder": None, "paths": paths})
+            return shown(dict(EMPTY))
+        return shown(page.load(page.demo[choice], None, None))
 
     def on_modality(modality: str | None, which: int | None, loaded: dict[str, Any]) -> list[Any]:
         images = list(loaded.get("images") or [])
-        if not modality or which is None or which >= len(images):
+        problems = list(loaded.get("problems") or [])
+        pending = list(loaded.get("pending") or [])
+        if not modality:
+            return shown(loaded, which or 0)
+        folder = loaded.get("folder")
+        if pending:
+            # The files whose modality the name did not tell: read as the chosen one.
+            selected = len(images)
+            for files, _ in pending:
+                try:
+                    images.append(page.assistant.read(files, modality))
+                except UmbrellaError as error:
+                    problems.append(page.message(error, folder))
+            return shown(
+                {**loaded, "images": images, "problems": problems, "pending": []}, selected
+            )
+        if which is None or which >= len(images):
             return shown(loaded)
-        current = images[which]
-        problems = [p for p in loaded["problems"]]
         try:
-            images[which] = page.assistant.read(current.files, modality)
+            images[which] = page.assistant.read(images[which].files, modality)
         except UmbrellaError as error:
-            problems.append(page.message(error, loaded.get("folder")))
-        return shown({**loaded, "images": images, "problems": problems})
+            problems.append(page.message(error, folder))
+        return shown({**loaded, "images": images, "problems": problems}, which)
 
     def on_pick(which: int | None, loaded: dict[str, Any]) -> list[Any]:
         images = loaded.get("images") or []
@@ -237,7 +264,7 @@ def build_page(
         images = loaded.get("images") or []
         history = list(history or [])
         if not question:
-            yield [history, gr.Textbox(), _status(images, loaded.get("problems", []))]
+            yield [history, gr.Textbox(), _status(loaded)]
             return
         turns = [Turn(role=m["role"], content=_plain(m["content"])) for m in history]
         turns.append(Turn(role="user", content=question))
@@ -246,17 +273,17 @@ def build_page(
             reply = page.assistant.reply(images, turns, max_new_tokens=max_new_tokens)
             for piece in reply:
                 history[-1]["content"] += piece
-                yield [history, gr.Textbox(value=""), _status(images, loaded.get("problems", []))]
+                yield [history, gr.Textbox(value=""), _status(loaded)]
         except UmbrellaError as error:
             history = history[:-2]
-            problems = [*loaded.get("problems", []), page.message(error, loaded.get("folder"))]
-            yield [history, gr.Textbox(value=question), _status(images, problems)]
+            problem = page.message(error, loaded.get("folder"))
+            yield [history, gr.Textbox(value=question), _status(loaded, [problem])]
             return
         history[-1]["content"] = history[-1]["content"].strip()
-        yield [history, gr.Textbox(value=""), _status(images, loaded.get("problems", []))]
+        yield [history, gr.Textbox(value=""), _status(loaded)]
 
     with gr.Blocks(title="UMBRELLA", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
-        loaded = gr.State({"images": [], "problems": [], "folder": None, "paths": []})
+        loaded = gr.State(dict(EMPTY))
         gr.Markdown(
             f"## UMBRELLA — {assistant.name}\n"
             f"Modalities: {', '.join(modalities)}. Images are shown as the model reads them "
@@ -289,7 +316,7 @@ def build_page(
                         visible=False,
                         elem_id="umbrella-view-channel",
                     )
-                status = gr.HTML(_status([], []), elem_id="umbrella-status")
+                status = gr.HTML(_status(EMPTY), elem_id="umbrella-status")
                 with gr.Row():
                     views = [
                         gr.Image(
@@ -344,7 +371,7 @@ def build_page(
         ]
         upload.upload(on_upload, [upload, loaded], outputs)
         demo.input(on_demo, [demo, loaded], outputs)
-        modality.input(on_modality, [modality, which, loaded], outputs)
+        modality.select(on_modality, [modality, which, loaded], outputs)
         which.input(on_pick, [which, loaded], [modality, *views, *sliders, frame, channel])
         view_inputs = [loaded, which, channel, *sliders, frame]
         for control in (*sliders, frame, channel):
