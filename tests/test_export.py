@@ -233,9 +233,10 @@ def test_exported_logits_equal_the_umbrella_models(case, exported, plain_load):
     # The exported tokenizer is the checkpoint's: the same ids for the same text.
     from transformers import AutoTokenizer
 
-    assert report[case]["ids"] == AutoTokenizer.from_pretrained(source)(jobs[case]["text"])[
-        "input_ids"
-    ]
+    assert (
+        report[case]["ids"]
+        == AutoTokenizer.from_pretrained(source)(jobs[case]["text"])["input_ids"]
+    )
     plain = load_file(jobs[case]["out"])["logits"]
     torch.testing.assert_close(plain, _umbrella_logits(source, ids), rtol=1e-4, atol=1e-4)
     keys = load_file(folder / "language" / "model.safetensors")
@@ -479,3 +480,62 @@ def test_umbrella_export_and_generate_from_the_folder(tmp_path, capsys):
     assert main(["export", str(source), str(out), "--overwrite"]) == 0
     assert main(["export", str(source), str(source)]) == 2
     assert "not over the checkpoint itself" in capsys.readouterr().err
+
+
+def _t1_export(root: Path):
+    """``(checkpoint, export)`` of the tiny model on the installed t1 plugin at 16^3, LoRA
+    adapters merged into the export."""
+    from umbrella_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    spec = pm.resolve_modality("t1").item.with_geometry([16, 16, 16], [8, 8, 8])
+    llava, tokenizer, _ = load_base("tiny")
+    model = build_model(llava, {"t1": spec}, pm.patch_embedder)
+    model.add_lora(**LORA)
+    _randomise_adapters(model)
+    source = save_checkpoint(model, tokenizer, root / "final", provenance={})
+    out, merged = export_checkpoint(source, root / "handoff", pm)
+    assert merged
+    return source, out
+
+
+def test_the_tokenizer_of_an_exported_folder_is_read_from_language(tmp_path):
+    from umbrella_core.model.start import load_tokenizer
+
+    source, out = _t1_export(tmp_path)
+    assert not (out / "tokenizer_config.json").exists()  # it is in language/
+    exported, image_id = load_tokenizer(str(out))
+    checkpoint, checkpoint_image_id = load_tokenizer(str(source))
+    assert exported.get_vocab() == checkpoint.get_vocab()
+    assert (
+        image_id
+        == checkpoint_image_id
+        == json.loads((out / "umbrella.json").read_text())["vision_metadata"]["image_token_id"]
+    )
+
+
+@pytest.mark.slow
+def test_umbrella_train_starts_from_an_exported_folder(tmp_path, monkeypatch):
+    """``umbrella train --model EXPORT`` trains, and its first loss is the checkpoint's
+    (the export holds its LoRA adapters merged: equal up to rounding)."""
+    from umbrella_core.plugins import get_plugin_manager
+
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    pm = get_plugin_manager()
+    source, out = _t1_export(tmp_path)
+    losses = {}
+    for name, base in (("from-checkpoint", source), ("from-export", out)):
+        run = tmp_path / name
+        args = ["train", "--model", str(base), "--modalities", "t1", "--output-dir", str(run)]
+        args += ["--max-steps", "1", "--batch-size", "2", "--demo-subjects", "4", "--no-progress"]
+        for setting in (
+            "data.geometry={t1: {shape: [16, 16, 16], patch_size: [8, 8, 8]}}",
+            "trainer.eval_strategy=no",
+            "trainer.report_to=none",
+        ):
+            args += ["--set", setting]
+        assert main(args) == 0, name
+        losses[name] = json.loads((run / "metrics.json").read_text())["train_loss"]
+        again, _, meta = load_checkpoint(run / "final", pm)
+        assert meta["format"] == "umbrella-checkpoint" and set(again.specs) == {"t1"}
+    assert losses["from-export"] == pytest.approx(losses["from-checkpoint"], rel=1e-4)

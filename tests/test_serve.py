@@ -158,6 +158,21 @@ def test_planes_are_drawn_right_on_the_right_anterior_and_superior_up():
     assert volume.slice("axial", 9, size=64).shape == (60, 48), "scaled by whole voxels"
 
 
+def test_a_series_is_shown_frame_by_frame_in_one_grey_window():
+    data = np.zeros((1, 6, 6, 6, 5), dtype=np.float32)
+    data[0, 2, 3, 4, 3] = 10.0  # one voxel lights up in frame 3 only
+    data[0, ..., :] += np.linspace(0, 1, 5)  # a slow drift over time
+    volume = volume_of(data)
+    assert volume.frames == 5 and volume.shape == (6, 6, 6)
+    lit = volume.slice("axial", 4, frame=3, size=0)
+    assert lit[6 - 1 - 3, 2] == 255
+    assert volume.slice("axial", 4, frame=2, size=0)[6 - 1 - 3, 2] < 255
+    # One window for every frame, so frames compare: the drift shows.
+    first, last = (volume.slice("coronal", 0, frame=f, size=0).mean() for f in (0, 4))
+    assert last > first
+    assert volume.slice("axial", 4, frame=99, size=0).shape == (6, 6), "frame clamped"
+
+
 # -- the API of the quick start's checkpoint -------------------------------------
 
 

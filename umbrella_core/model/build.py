@@ -26,9 +26,9 @@ weights can be checked untouched. :func:`merge_lora` folds them in for export.
 :func:`load_checkpoint` also reads the hand-off folder ``umbrella export``
 writes (:mod:`umbrella_core.model.export`): ``language/`` (a plain transformers
 causal LM), ``vision.safetensors`` (embedders, vision body, projector) and
-``umbrella.json`` with ``format: umbrella-export``. The reader lives here, next
-to the checkpoint reader, so that the writer can import this module and not
-the other way round (no import cycle).
+``umbrella.json`` with ``format: umbrella-export``. Its reader is
+:mod:`umbrella_core.model.exported`, which this module imports and which
+imports neither this module nor the writer (no import cycle).
 """
 
 from __future__ import annotations
@@ -42,6 +42,18 @@ from typing import Any
 import attrs
 
 from umbrella_core.errors import ModelError, PluginError
+from umbrella_core.model.exported import (
+    CHECKPOINT_META,
+    EXPORT_FORMAT,
+    LANGUAGE_DIR,
+    VISION_WEIGHTS,
+    export_config,
+    is_export,
+    load_export,
+    misfit,
+    vision_weight_names,
+)
+from umbrella_core.model.llava import LLAVA_TYPES, llava_class, read_llava_config
 from umbrella_core.types import LossTerm, ModalitySpec
 
 __all__ = [
@@ -52,6 +64,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "is_checkpoint",
+    "LLAVA_TYPES",
     "llava_class",
     "read_llava_config",
     "checkpoint_config",
@@ -64,14 +77,7 @@ __all__ = [
 ]
 
 TINY = "tiny"
-CHECKPOINT_META = "umbrella.json"
 WEIGHTS = "model.safetensors"
-#: ``umbrella.json``'s ``format`` in a folder ``umbrella export`` wrote.
-EXPORT_FORMAT = "umbrella-export"
-#: The exported language model, a plain transformers causal-LM folder.
-LANGUAGE_DIR = "language"
-#: The exported embedders, vision body and projector.
-VISION_WEIGHTS = "vision.safetensors"
 
 
 def tiny_llava_config(
@@ -117,45 +123,6 @@ def tiny_llava_config(
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
     )
-
-
-#: The LLaVA layouts a ``model.base`` checkpoint may have (``config.json``'s model_type).
-LLAVA_TYPES = ("llava", "llava_onevision")
-
-
-def llava_class(model_type: str, where: str = "model.base") -> Any:
-    """The transformers class of a LLaVA layout: llava-1.5 / llava-interleave (CLIP or SigLIP
-    towers, ``llava``) or LLaVA-OneVision (``llava_onevision``)."""
-    import transformers
-
-    names = {
-        "llava": "LlavaForConditionalGeneration",
-        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    }
-    if model_type not in names:
-        raise ModelError(
-            f"{where}: a {model_type!r} model is not a LLaVA layout UMBRELLA trains "
-            f"({', '.join(LLAVA_TYPES)}); for a language model alone use model.language"
-        )
-    return getattr(transformers, names[model_type])
-
-
-def read_llava_config(location: str, local: bool, name: str) -> Any:
-    """The config of a LLaVA checkpoint (a folder or a hub id), refused unless it is a layout
-    UMBRELLA trains (:data:`LLAVA_TYPES`)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(location, local_files_only=local)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{name}: cannot read a model config: {exc}") from exc
-    if getattr(config, "vision_config", None) is None:
-        raise ModelError(
-            f"model.base: {name} is a {config.model_type!r} model without a vision tower; "
-            "compose a LLaVA-style model from it with model.language (--language)"
-        )
-    llava_class(config.model_type)
-    return config
 
 
 def load_base(name: str, *, seed: int = 0) -> tuple[Any, Any, bool]:
@@ -350,7 +317,13 @@ def load_checkpoint(
     meta = json.loads(meta_path.read_text())
     specs = _checkpoint_specs(folder, meta, plugin_manager)
     if meta.get("format") == EXPORT_FORMAT:
-        return _load_export(folder, meta, specs, plugin_manager, loss_terms)
+        return load_export(
+            folder,
+            meta,
+            lambda llava: build_model(
+                llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms
+            ),
+        )
     config = checkpoint_config(folder)
     llava = llava_class(config.model_type, str(folder))(config)
     model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
@@ -359,7 +332,7 @@ def load_checkpoint(
     try:
         load_model(model, str(folder / WEIGHTS), strict=True)
     except RuntimeError as exc:
-        raise _misfit(folder, meta, exc) from None
+        raise misfit(folder, meta, exc) from None
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -394,113 +367,15 @@ def _checkpoint_specs(folder: Path, meta: Mapping[str, Any], plugin_manager: Any
     return specs
 
 
-def _misfit(folder: Path, meta: Mapping[str, Any], exc: Exception) -> ModelError:
-    saved = ", ".join(
-        f"{e['name']} from {e.get('distribution')} {e.get('version')}" for e in meta["modalities"]
-    )
-    return ModelError(
-        f"{folder}: the weights do not fit the model the installed plugins build "
-        f"(saved with {saved}): {str(exc).splitlines()[0]}"
-    )
-
-
-def vision_weight_names(model: Any) -> dict[str, str]:
-    """Each non-language weight of ``model`` (state-dict name) → its name in
-    ``vision.safetensors``: ``embedders.<modality>.…``, ``vision.…`` (the shared
-    body), ``projector.…``, and ``other.…`` for anything else a LLaVA layout
-    carries (LLaVA-OneVision's ``image_newline``).
-
-    Derived from the model's structure, so the writer and the reader agree for
-    any vision tower and language model.
-    """
-    from umbrella_core.model.umbrella import _vision_tower
-
-    llava = model.llava
-    where = {id(module): name for name, module in model.named_modules()}
-    # Most specific first: the embedders sit inside the vision tower.
-    parts = [
-        (where[id(module)] + ".", f"embedders.{name}.")
-        for name, module in model.embeddings.embedders.items()
-    ]
-    parts += [
-        (where[id(_vision_tower(llava))] + ".", "vision."),
-        (where[id(llava.model.multi_modal_projector)] + ".", "projector."),
-    ]
-    language = (
-        where[id(model.language_model)] + ".",
-        where[id(llava.get_output_embeddings())] + ".",
-    )
-    names = {}
-    for name in model.state_dict():
-        if name.startswith(language):
-            continue
-        prefix, part = next(
-            ((p, part) for p, part in parts if name.startswith(p)), ("llava.", "other.")
-        )
-        names[name] = part + name.removeprefix(prefix)
-    return names
-
-
-def _load_export(
-    folder: Path,
-    meta: Mapping[str, Any],
-    specs: Mapping[str, ModalitySpec],
-    plugin_manager: Any,
-    loss_terms: Sequence[LossTerm],
-) -> tuple[Any, Any, dict]:
-    """:func:`load_checkpoint` of an ``umbrella export`` folder."""
-    from accelerate import init_empty_weights
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    config = checkpoint_config(folder)
-    language = folder / LANGUAGE_DIR
-    try:
-        lm = AutoModelForCausalLM.from_pretrained(
-            language, local_files_only=True, dtype="float32"
-        )
-        tokenizer = AutoTokenizer.from_pretrained(language, local_files_only=True)
-        vision = load_file(str(folder / VISION_WEIGHTS))
-    except (OSError, ValueError, SafetensorError) as exc:
-        raise ModelError(f"{folder}: cannot read the exported model: {exc}") from None
-    # The Llava shell's own language model would only be replaced: built
-    # without weights (buffers kept real), it costs no memory.
-    with init_empty_weights(include_buffers=False):
-        llava = llava_class(config.model_type, str(folder))(config)
-    llava.model.language_model = lm.get_decoder()
-    llava.lm_head = lm.get_output_embeddings()
-    model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
-    names = {out: name for name, out in vision_weight_names(model).items()}
-    lacks, extra = sorted(set(names) - set(vision)), sorted(set(vision) - set(names))
-    if lacks or extra:
-        what = f"lacks {lacks[0]}" if lacks else f"holds {extra[0]}, which the model has not"
-        raise _misfit(folder, meta, ValueError(f"{VISION_WEIGHTS} {what}"))
-    try:
-        model.load_state_dict({names[k]: v for k, v in vision.items()}, strict=False, assign=True)
-    except RuntimeError as exc:
-        raise _misfit(folder, meta, exc) from None
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if empty:
-        raise ModelError(f"{folder}: the exported weights lack {empty[0]}")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, meta
-
-
 def checkpoint_config(folder: Path) -> Any:
     """The LLaVA config of an UMBRELLA checkpoint folder (any of :data:`LLAVA_TYPES`), or
     of an exported one (its language model's config inside the stored LLaVA settings)."""
-    from transformers import CONFIG_MAPPING, AutoConfig
+    from transformers import AutoConfig
 
     folder = Path(folder)
-    meta_path = folder / CHECKPOINT_META
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    if meta.get("format") != EXPORT_FORMAT:
-        return AutoConfig.from_pretrained(folder, local_files_only=True)
-    text = AutoConfig.from_pretrained(folder / LANGUAGE_DIR, local_files_only=True)
-    stored = dict(meta["llava_config"])
-    return CONFIG_MAPPING[stored["model_type"]].from_dict({**stored, "text_config": text.to_dict()})
+    if is_export(folder):
+        return export_config(folder, json.loads((folder / CHECKPOINT_META).read_text()))
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def merge_lora(model: Any) -> Any:

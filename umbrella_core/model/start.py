@@ -26,6 +26,7 @@ from umbrella_core.model.build import (
     load_checkpoint,
     read_llava_config,
 )
+from umbrella_core.model.exported import language_folder
 from umbrella_core.types import LossTerm, ModalitySpec
 
 __all__ = ["Started", "auto_trainable", "start_model", "load_tokenizer"]
@@ -37,8 +38,9 @@ def load_tokenizer(model_config: Any) -> tuple[Any, int]:
     ``model_config`` is the run's ``model`` section (or a ``base`` name). For
     ``tiny`` the byte-level tokenizer; for a Llava or UMBRELLA checkpoint
     folder (or a hub id the user names) its tokenizer and the image token of
-    its config; for ``model.language`` the language model's tokenizer with the
-    ``<image>`` token a composed model adds. The chat template setting is
+    its config (an exported folder's tokenizer is in its ``language/``); for
+    ``model.language`` the language model's tokenizer with the ``<image>``
+    token a composed model adds. The chat template setting is
     applied as :func:`start_model` applies it.
     """
     from transformers import AutoTokenizer
@@ -66,12 +68,15 @@ def load_tokenizer(model_config: Any) -> tuple[Any, int]:
             raise ModelError(f"{name}: cannot load its tokenizer: {exc}") from exc
         image_id = add_image_token(tokenizer)
     else:
-        location, local = resolve_location(name, "model.base")
-        config = (
-            checkpoint_config(Path(location))
-            if is_checkpoint(location)
-            else read_llava_config(location, local, name)
-        )
+        if is_checkpoint(name):
+            # Read where it lies, not through resolve_location: an exported folder has
+            # no config.json of its own, and keeps its tokenizer in language/.
+            folder = Path(name).expanduser()
+            config = checkpoint_config(folder)
+            location, local = str(language_folder(folder)), True
+        else:
+            location, local = resolve_location(name, "model.base")
+            config = read_llava_config(location, local, name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local)
         except (OSError, ValueError) as exc:
