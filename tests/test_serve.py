@@ -695,3 +695,19 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
     cli_line = capsys.readouterr().err.strip().removeprefix("umbrella: error: ")
     status = _upload(driver, [str(bad)])
     assert f"error: {cli_line.replace(f'{tmp_path}/', '')}" in status, (status, cli_line)
+
+
+def test_a_taken_port_is_one_line_before_the_checkpoint_is_loaded(tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("gradio")
+    from umbrella_core.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["serve", "--checkpoint", str(tmp_path / "none"), "--port", str(port)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"umbrella: error: 127.0.0.1:{port}: cannot listen there")
+    assert err.endswith("give another --port") and len(err.splitlines()) == 1

@@ -79,6 +79,21 @@ def build_app(
     )
 
 
+def _check_port(host: str, port: int) -> None:
+    """Refuse a taken address before the checkpoint is loaded, in one line."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ConfigError(
+                f"{host}:{port}: cannot listen there ({error.strerror}); give another --port"
+            ) from None
+
+
 def serve(args: argparse.Namespace) -> int:
     """``umbrella serve``: load the checkpoint, then serve until interrupted."""
     from umbrella_core.plugins import get_plugin_manager
@@ -92,6 +107,7 @@ def serve(args: argparse.Namespace) -> int:
         )
     if args.data_root and not Path(args.data_root).is_dir():
         raise ConfigError(f"--data-root {args.data_root}: not a folder")
+    _check_port(args.host, args.port)
     import uvicorn
 
     from umbrella_core.serve.assistant import Assistant
@@ -116,9 +132,12 @@ def serve(args: argparse.Namespace) -> int:
         print(f"api:  {base}/v1  (model {assistant.name!r})", flush=True)
         config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level)
         server = uvicorn.Server(config)
-        server.run()
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind (taken since the check)
+            server.started = False
         if not server.started:
-            raise ConfigError(f"could not listen on {args.host}:{args.port} (in use?)")
+            raise ConfigError(f"{args.host}:{args.port}: cannot listen there; give another --port")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
