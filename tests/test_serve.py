@@ -177,22 +177,28 @@ def test_a_series_is_shown_frame_by_frame_in_one_grey_window():
 
 
 @pytest.fixture(scope="module")
-def api(demo_run, demo_study, tmp_path_factory):
-    """``umbrella serve --api`` over the demo checkpoint, reading files under the demo study."""
-    pytest.importorskip("openai")
-    pytest.importorskip("fastapi")
-    import openai
+def server(demo_run, demo_study, tmp_path_factory):
+    """``umbrella serve`` over the demo checkpoint (page and API), reading under the demo study.
 
+    One server for the API's tests and the page's (``--api`` alone is tested in
+    process below): each start loads the checkpoint and Gradio.
+    """
+    pytest.importorskip("fastapi")
+    pytest.importorskip("gradio")
     run_dir, _ = demo_run
-    log = tmp_path_factory.mktemp("serve-api") / "serve.log"
-    process, base = start_server(
-        run_dir / "final", "--api", "--data-root", str(demo_study.parent), log=log
-    )
-    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process, base = start_server(run_dir / "final", "--data-root", str(demo_study.parent), log=log)
     try:
-        yield client, base, demo_study
+        yield base
     finally:
         stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def api(server, demo_study):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0, timeout=120)
+    return client, server, demo_study
 
 
 @pytest.mark.slow
@@ -443,14 +449,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page(demo_run, tmp_path_factory, browser):
-    run_dir, _ = demo_run
-    log = tmp_path_factory.mktemp("serve-page") / "serve.log"
-    process, base = start_server(run_dir / "final", log=log)
-    try:
-        yield base
-    finally:
-        stop_server(process)
+def page(server, browser):
+    return server
 
 
 def _wait(driver, condition, what: str, timeout: float = 120):

@@ -8,7 +8,6 @@ key, e.g. ``trainer.learning_rate: expected float, got 'fast'``.
 
 from __future__ import annotations
 
-import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -16,11 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
+from umbrella_core.config_checks import (
+    TRACKERS,
+    fraction,
+    known_trackers,
+    not_negative,
+    one_of,
+    positive,
+    sampling_weights,
+    tracker_names,
+    unit_interval,
+)
+from umbrella_core.config_yaml import apply_overrides, read_config_file
 from umbrella_core.errors import ConfigError
 
 __all__ = [
+    "TRACKERS",
     "StudyConfig",
     "SplitConfig",
     "LoraConfig",
@@ -31,72 +42,6 @@ __all__ = [
     "load_config",
     "apply_overrides",
 ]
-
-
-def _choice(*options: str) -> Any:
-    def check(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-        if value not in options:
-            raise ConfigError(
-                f"{attribute.name}: expected one of {', '.join(options)}, got {value!r}"
-            )
-
-    return check
-
-
-#: The experiment trackers ``trainer.report_to`` may name (train/trackers.py).
-TRACKERS = ("tensorboard", "mlflow", "wandb")
-
-
-def _trackers(value: Any) -> tuple[str, ...]:
-    # A comma string (``--set trainer.report_to=tensorboard,mlflow``) or a list;
-    # ``none`` (as in transformers) is the empty list.
-    if isinstance(value, str):
-        value = value.split(",")
-    names = (str(v).strip().lower() for v in value)
-    return tuple(dict.fromkeys(n for n in names if n and n != "none"))
-
-
-def _known_trackers(instance: Any, attribute: attrs.Attribute, value: tuple[str, ...]) -> None:
-    for name in value:
-        if name not in TRACKERS:
-            raise ConfigError(
-                f"{attribute.name}: unknown tracker {name!r}; known: {', '.join(TRACKERS)} "
-                "(or none)"
-            )
-
-
-def _positive(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    # Written so that NaN fails too (every comparison with NaN is false).
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{attribute.name}: must be a positive number, got {value!r}")
-
-
-def _not_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not (value >= 0 and math.isfinite(value)):
-        raise ConfigError(f"{attribute.name}: must be 0 or more, got {value!r}")
-
-
-def _fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{attribute.name}: expected a value in [0, 1), got {value!r}")
-
-
-def _unit_interval(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{attribute.name}: expected a value in [0, 1], got {value!r}")
-
-
-def _weights(instance: Any, attribute: attrs.Attribute, value: Mapping[str, Any]) -> None:
-    for group, weight in value.items():
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not (weight >= 0 and math.isfinite(weight))
-        ):
-            raise ConfigError(
-                f"{attribute.name}.{group}: a sampling weight must be a number, 0 or more, "
-                f"got {weight!r}"
-            )
 
 
 @attrs.frozen(kw_only=True)
@@ -113,9 +58,9 @@ class LoraConfig:
             is adapted, never the vision tower.
     """
 
-    r: int = attrs.field(default=8, validator=_positive)
-    alpha: float = attrs.field(default=16.0, validator=_positive)
-    dropout: float = attrs.field(default=0.05, validator=_fraction)
+    r: int = attrs.field(default=8, validator=positive)
+    alpha: float = attrs.field(default=16.0, validator=positive)
+    dropout: float = attrs.field(default=0.05, validator=fraction)
     target_modules: tuple[str, ...] = attrs.field(
         default=("q_proj", "k_proj", "v_proj", "o_proj"), converter=tuple
     )
@@ -170,12 +115,12 @@ class ModelConfig:
     base: str = "tiny"
     language: str = ""
     vision: str = "fresh"
-    vision_hidden_size: int = attrs.field(default=256, validator=_positive)
-    vision_layers: int = attrs.field(default=2, validator=_positive)
+    vision_hidden_size: int = attrs.field(default=256, validator=positive)
+    vision_layers: int = attrs.field(default=2, validator=positive)
     trainable: str = attrs.field(
-        default="auto", validator=_choice("auto", "embedders", "projector", "lora", "full")
+        default="auto", validator=one_of("auto", "embedders", "projector", "lora", "full")
     )
-    max_length: int = attrs.field(default=1024, validator=_positive)
+    max_length: int = attrs.field(default=1024, validator=positive)
     lora: LoraConfig = attrs.field(factory=LoraConfig)
     chat_template: str = "auto"
     system_prompt: str = ""
@@ -256,13 +201,13 @@ class SplitConfig:
             and the given splits are kept.
     """
 
-    by: str = attrs.field(default="auto", validator=_choice("auto", "subject", "family", "site"))
+    by: str = attrs.field(default="auto", validator=one_of("auto", "subject", "family", "site"))
     stratify: str | None = attrs.field(default=None, converter=lambda v: v or None)
-    test: float = attrs.field(default=0.1, validator=_fraction)
-    validation: float = attrs.field(default=0.1, validator=_fraction)
+    test: float = attrs.field(default=0.1, validator=fraction)
+    validation: float = attrs.field(default=0.1, validator=fraction)
     seed: int = 0
     file: str = ""
-    leak: str = attrs.field(default="error", validator=_choice("error", "warn"))
+    leak: str = attrs.field(default="error", validator=one_of("error", "warn"))
 
     def __attrs_post_init__(self) -> None:
         if self.test + self.validation >= 1.0:
@@ -310,15 +255,15 @@ class DataConfig:
 
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=tuple)
-    weights: dict[str, float] = attrs.field(factory=dict, validator=_weights)
-    temperature: float = attrs.field(default=1.0, validator=_positive)
-    batching: str = attrs.field(default="mixed", validator=_choice("mixed", "modality"))
+    weights: dict[str, float] = attrs.field(factory=dict, validator=sampling_weights)
+    temperature: float = attrs.field(default=1.0, validator=positive)
+    batching: str = attrs.field(default="mixed", validator=one_of("mixed", "modality"))
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     preprocessing: dict[str, dict[str, Any]] = attrs.field(factory=dict)
-    demo_subjects: int = attrs.field(default=240, validator=_positive)
-    workers: int = attrs.field(default=0, validator=_not_negative)
-    check: str = attrs.field(default="files", validator=_choice("none", "files", "full"))
-    on_bad: str = attrs.field(default="stop", validator=_choice("stop", "skip"))
+    demo_subjects: int = attrs.field(default=240, validator=positive)
+    workers: int = attrs.field(default=0, validator=not_negative)
+    check: str = attrs.field(default="files", validator=one_of("none", "files", "full"))
+    on_bad: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
     cache: bool = False
     cache_dir: str = ""
     allow_outside_root: bool = False
@@ -392,30 +337,30 @@ class TrainerConfig:
     output_dir: str = "runs/umbrella"
     # The demo's validation accuracy levels off by step ~100; more steps only
     # go on fitting its 336 training images (see benchmarks/demo_seeds.py).
-    max_steps: int = attrs.field(default=200, validator=_not_negative)
-    epochs: float = attrs.field(default=1.0, validator=_positive)
-    batch_size: int = attrs.field(default=16, validator=_positive)
-    learning_rate: float = attrs.field(default=1e-3, validator=_positive)
-    warmup_ratio: float = attrs.field(default=0.05, validator=_unit_interval)
-    weight_decay: float = attrs.field(default=0.0, validator=_not_negative)
-    adam_beta2: float = attrs.field(default=0.95, validator=_fraction)
+    max_steps: int = attrs.field(default=200, validator=not_negative)
+    epochs: float = attrs.field(default=1.0, validator=positive)
+    batch_size: int = attrs.field(default=16, validator=positive)
+    learning_rate: float = attrs.field(default=1e-3, validator=positive)
+    warmup_ratio: float = attrs.field(default=0.05, validator=unit_interval)
+    weight_decay: float = attrs.field(default=0.0, validator=not_negative)
+    adam_beta2: float = attrs.field(default=0.95, validator=fraction)
     seed: int = 0
-    logging_steps: int = attrs.field(default=10, validator=_positive)
-    save_steps: int = attrs.field(default=0, validator=_not_negative)
-    save_total_limit: int = attrs.field(default=0, validator=_not_negative)
+    logging_steps: int = attrs.field(default=10, validator=positive)
+    save_steps: int = attrs.field(default=0, validator=not_negative)
+    save_total_limit: int = attrs.field(default=0, validator=not_negative)
     progress: bool = True
     eval_strategy: str = attrs.field(
-        default="epoch", validator=_choice("epoch", "steps", "end", "no")
+        default="epoch", validator=one_of("epoch", "steps", "end", "no")
     )
-    eval_steps: int = attrs.field(default=0, validator=_not_negative)
-    eval_max_samples: int = attrs.field(default=0, validator=_not_negative)
-    eval_max_new_tokens: int = attrs.field(default=128, validator=_positive)
-    early_stopping_patience: int = attrs.field(default=0, validator=_not_negative)
+    eval_steps: int = attrs.field(default=0, validator=not_negative)
+    eval_max_samples: int = attrs.field(default=0, validator=not_negative)
+    eval_max_new_tokens: int = attrs.field(default=128, validator=positive)
+    early_stopping_patience: int = attrs.field(default=0, validator=not_negative)
     metric_for_best: str = attrs.field(
-        default="eval_loss", validator=_choice("eval_loss", "eval_accuracy")
+        default="eval_loss", validator=one_of("eval_loss", "eval_accuracy")
     )
     load_best_at_end: bool = True
-    generate_samples: int = attrs.field(default=4, validator=_not_negative)
+    generate_samples: int = attrs.field(default=4, validator=not_negative)
     bf16: bool = False
     gradient_checkpointing: bool = False
     deepspeed: str = ""
@@ -423,7 +368,7 @@ class TrainerConfig:
     overwrite: bool = False
     resume_allow: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     report_to: tuple[str, ...] = attrs.field(
-        default=("tensorboard",), converter=_trackers, validator=_known_trackers
+        default=("tensorboard",), converter=tracker_names, validator=known_trackers
     )
     experiment: str = ""
 
@@ -517,68 +462,8 @@ def structure(cls: type, data: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}.{exc}" if prefix else str(exc)) from None
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first: int) -> None:
-        super().__init__(f"{line}: key {key!r} appears twice (also on line {first}); keep one")
-        self.line = line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a mapping that names a key twice.
-
-    PyYAML keeps the last value silently, so a setting written twice (the
-    second copy forgotten further down) would change a run unnoticed.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if isinstance(key, str | int | float | bool) and key in seen:
-                raise _DuplicateKey(key, line, seen[key])
-            if isinstance(key, str | int | float | bool):
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
     """Defaults, then the YAML file (if any), then ``section.key=value`` overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
-        except OSError as exc:
-            raise ConfigError(
-                f"{path}: cannot read the config file: {exc.strerror or exc}"
-            ) from None
-        except _DuplicateKey as exc:
-            raise ConfigError(f"{path}:{exc}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, Mapping):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        data = dict(loaded or {})
+    data = read_config_file(path) if path is not None else {}
     data = apply_overrides(data, overrides)
     return structure(RunConfig, data)
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML) to a nested dict."""
-    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected section.key=value")
-        dotted, raw = item.split("=", 1)
-        parts = dotted.strip().split(".")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a section")
-        node[parts[-1]] = value
-    return out
