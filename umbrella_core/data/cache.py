@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import socket
-import struct
 import sys
 import tempfile
 import time
@@ -49,25 +48,22 @@ from typing import Any
 import attrs
 import numpy as np
 
+from umbrella_core.data.cache_format import (
+    FORMAT,
+    _Corrupt,
+    _read_in_memory,
+    _read_trailer,
+    _trailer,
+    checksum,
+)
 from umbrella_core.errors import DataError
 from umbrella_core.types import ModalitySpec
 
-try:  # ISA-L's CRC-32: the same values as zlib's, ~4x faster.
-    from isal.isal_zlib import crc32 as _crc32
-except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same checksum
-    from zlib import crc32 as _crc32
-
 __all__ = ["PreprocessedCache", "default_cache_root", "CacheStats", "checksum"]
 
-#: Part of every key: bump it whenever what an entry holds changes.
-#: 2: a checksum trailer after the array.
-FORMAT = 2
 #: A temporary file older than this is a dead writer's, whatever its pid says.
 STALE_AFTER_S = 3600.0
 _TMP = ".tmp-"
-_MAGIC = b"UMBRELLA-CACHE02"
-_TAIL = struct.Struct("<Q16s")  # trailer length, magic
-_MAX_TRAILER = 1 << 20
 
 
 def _bound_settings(function: Any) -> list[list[str]]:
@@ -102,66 +98,6 @@ def _all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(np.dot(flat, flat))) or bool(np.isfinite(flat).all())
 
 
-def checksum(array: np.ndarray) -> int:
-    """CRC-32 of a C-contiguous array's bytes (what an entry's trailer records)."""
-    return _crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
-
-
-class _Corrupt(Exception):
-    pass
-
-
-def _parse_trailer(rest: bytes) -> dict[str, Any]:
-    """The trailer's JSON object from the bytes after the array."""
-    if len(rest) < _TAIL.size or rest[-_TAIL.size :][8:] != _MAGIC:
-        raise _Corrupt("no checksum (overwritten, or written by an older cache format)")
-    (length,) = struct.unpack("<Q", rest[-_TAIL.size :][:8])
-    if length != len(rest) - _TAIL.size:
-        raise _Corrupt("damaged checksum trailer")
-    try:
-        meta = json.loads(rest[:length])
-    except ValueError:
-        raise _Corrupt("damaged checksum trailer") from None
-    if not isinstance(meta, dict):
-        raise _Corrupt("damaged checksum trailer")
-    return meta
-
-
-def _read_trailer(entry: Path, array: np.memmap) -> dict[str, Any]:
-    with open(entry, "rb") as handle:
-        handle.seek(int(array.offset) + array.nbytes)
-        return _parse_trailer(handle.read(_MAX_TRAILER + _TAIL.size + 1))
-
-
-def _read_in_memory(entry: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, dict[str, Any]]:
-    """An entry's array, read into memory in one sequential pass, and its trailer.
-
-    A check reads the whole entry anyway; reading it rather than mapping it
-    lets the caller keep the array without copying it out of a memory map.
-    """
-    from numpy.lib import format as npy
-
-    with open(entry, "rb") as handle:
-        try:
-            major, _ = npy.read_magic(handle)
-            if major not in (1, 2):
-                raise ValueError(f"unsupported .npy version {major}")
-            read_header = npy.read_array_header_1_0 if major == 1 else npy.read_array_header_2_0
-            found, fortran, dtype = read_header(handle)
-        except ValueError as exc:
-            raise _Corrupt(f"unreadable ({exc})") from None
-        if dtype != np.float32 or fortran:
-            order = " (Fortran order)" if fortran else ""
-            raise _Corrupt(f"dtype {dtype}{order}, expected float32 in C order")
-        if tuple(found) != tuple(shape):
-            raise _Corrupt(f"shape {tuple(found)}, expected {tuple(shape)}")
-        array = np.empty(shape, np.float32)  # the expected shape, never the header's claim
-        if handle.readinto(memoryview(array).cast("B")) != array.nbytes:
-            raise _Corrupt("truncated")
-        meta = _parse_trailer(handle.read(_MAX_TRAILER + _TAIL.size + 1))
-    return array, meta
-
-
 def _verdict(array: np.ndarray, meta: dict[str, Any], window: int | None = None) -> str | None:
     """What is wrong with an array against its trailer (None when nothing).
 
@@ -187,22 +123,6 @@ def _verdict(array: np.ndarray, meta: dict[str, Any], window: int | None = None)
     if not _all_finite(array):
         return "NaN or infinite values"
     return None
-
-
-def _trailer(
-    array: np.ndarray, spec: ModalitySpec, paths: Sequence[str], *, windows: bool = False
-) -> bytes:
-    meta = {
-        "format": FORMAT,
-        # One per window for a series cut into windows: a read checks its window only.
-        "crc32": [checksum(block) for block in array] if windows else checksum(array),
-        "shape": list(array.shape),
-        "dtype": array.dtype.str,
-        "modality": spec.name,
-        "sources": [os.path.abspath(p) for p in paths],
-    }
-    body = json.dumps(meta, sort_keys=True).encode()
-    return body + _TAIL.pack(len(body), _MAGIC)
 
 
 def _pid_alive(pid: int) -> bool:
