@@ -13,7 +13,8 @@ the module; torch only inside :func:`resize`, so a plugin that imports this
 module at hook time does not pull torch into ``umbrella plugins``.
 
 Modules hold them: :mod:`.header` (what a header alone tells, and the
-bounds on what a file may allocate), :mod:`.formats` (what a file that is not
+bounds on what a file may allocate), :mod:`.files` (opening only regular,
+existing files, and saying why not), :mod:`.formats` (what a file that is not
 NIfTI is, for the error), :mod:`.nifti` (reading, writing, reorienting),
 :mod:`.intensity` (resampling, normalisation) and :mod:`.phantoms` (the
 phantoms' building blocks); this package re-exports their public names.
