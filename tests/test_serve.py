@@ -101,6 +101,18 @@ def held_out(manifest: Path, question: str, modality: str, n: int) -> list[tuple
     return found[:n]
 
 
+def generate_error(checkpoint: Path, image: Path, capsys) -> str:
+    """The one line ``umbrella generate`` prints for a bad ``image`` (without its prefix)."""
+    from umbrella_core.cli import main
+
+    capsys.readouterr()
+    code = main(
+        ["generate", "--checkpoint", str(checkpoint), "--image", str(image), "--prompt", HEMISPHERE]
+    )
+    assert code == 2
+    return capsys.readouterr().err.strip().removeprefix("umbrella: error: ")
+
+
 def image_part(files: list[str]) -> dict:
     return {"type": "image_url", "image_url": {"url": ",".join(files)}}
 
@@ -320,8 +332,6 @@ def test_files_outside_the_data_root_bad_files_and_unknown_models_are_refused(
 ):
     import openai
 
-    from umbrella_core.cli import main
-
     client, _, manifest = api
     model = client.models.list().data[0].id
     ((files, _),) = held_out(manifest, HEMISPHERE, "t1", 1)
@@ -345,23 +355,8 @@ def test_files_outside_the_data_root_bad_files_and_unknown_models_are_refused(
     # A bad file gets the one line `umbrella generate` prints for it.
     bad = tmp_path / "sub-02_T1w.nii.gz"
     bad.write_bytes(b"not a NIfTI file at all" * 20)
-    capsys.readouterr()
     run_dir, _ = demo_run
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(run_dir / "final"),
-                "--image",
-                str(bad),
-                "--prompt",
-                HEMISPHERE,
-            ]
-        )
-        == 2
-    )
-    cli_line = capsys.readouterr().err.strip().removeprefix("umbrella: error: ")
+    cli_line = generate_error(run_dir / "final", bad, capsys)
     payload = base64.b64encode(bad.read_bytes()).decode()
     sent = {"url": f"data:application/gzip;name={bad.name};base64,{payload}"}
     with pytest.raises(openai.BadRequestError) as refused:
@@ -615,8 +610,6 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
 ):
     from selenium.webdriver.common.by import By
 
-    from umbrella_core.cli import main
-
     driver = browser
     driver.get(page)
     _wait(
@@ -677,22 +670,7 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
     bad = tmp_path / "sub-09_T1w.nii.gz"
     bad.write_bytes(b"not a NIfTI file at all" * 20)
     run_dir, _ = demo_run
-    capsys.readouterr()
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(run_dir / "final"),
-                "--image",
-                str(bad),
-                "--prompt",
-                HEMISPHERE,
-            ]
-        )
-        == 2
-    )
-    cli_line = capsys.readouterr().err.strip().removeprefix("umbrella: error: ")
+    cli_line = generate_error(run_dir / "final", bad, capsys)
     status = _upload(driver, [str(bad)])
     assert f"error: {cli_line.replace(f'{tmp_path}/', '')}" in status, (status, cli_line)
 

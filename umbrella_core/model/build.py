@@ -235,7 +235,6 @@ def save_checkpoint(
             ZeRO-3 gathers them for saving; the model then holds only its
             partition).
     """
-    import shutil
 
     from safetensors.torch import save_file, save_model
 
@@ -268,6 +267,18 @@ def save_checkpoint(
     meta["lora"] = getattr(model, "lora_settings", None)
     meta["umbrella_core"] = _core_version()
     (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    swap_into_place(tmp, target)
+    return target
+
+
+def swap_into_place(tmp: Path, target: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``target``, replacing a folder already there.
+
+    The old folder is set aside, not deleted first: a crash between the
+    renames leaves a whole folder under one of the two names.
+    """
+    import shutil
+
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         target.rename(old)
@@ -275,7 +286,6 @@ def save_checkpoint(
         shutil.rmtree(old)
     else:
         tmp.rename(target)
-    return target
 
 
 def _core_version() -> str:

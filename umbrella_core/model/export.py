@@ -38,7 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from umbrella_core.errors import ConfigError, ModelError
-from umbrella_core.model.build import _core_version, load_checkpoint, merge_lora
+from umbrella_core.model.build import (
+    _core_version,
+    load_checkpoint,
+    merge_lora,
+    swap_into_place,
+)
 from umbrella_core.model.exported import (
     CHECKPOINT_META,
     EXPORT_FORMAT,
@@ -137,14 +142,7 @@ def _written_whole(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        if target.exists():
-            # Set aside, not deleted first: a crash between the renames keeps a whole folder.
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
+        swap_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
