@@ -457,6 +457,23 @@ def _wait(driver, condition, what: str, timeout: float = 120):
     return wait.until(condition, message=f"waited for {what}")
 
 
+def _options(driver, css: str, what: str) -> dict[str, object]:
+    """A dropdown's options by their text, once every one has rendered its text.
+
+    Gradio fills a list's options in over several frames: an option found early can still
+    have no text (this made the test fail on another machine), so wait for all of them. The
+    selected option carries a check mark, which is not part of its label.
+    """
+    from selenium.webdriver.common.by import By
+
+    def rendered(d):
+        found = d.find_elements(By.CSS_SELECTOR, f"{css} [role=option]")
+        texts = [(o.get_attribute("textContent") or "").strip(" ✓\n") for o in found]
+        return dict(zip(texts, found, strict=True)) if found and all(texts) else False
+
+    return _wait(driver, rendered, what)
+
+
 def _status(driver) -> str:
     from selenium.webdriver.common.by import By
 
@@ -626,13 +643,8 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
 
     # A demo file, picked from the list: one per label of each modality.
     driver.find_element(By.CSS_SELECTOR, "#umbrella-demo input").click()
-    options = _wait(
-        driver,
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#umbrella-demo [role=option]"),
-        "the demo files",
-    )
-    labels = [o.text.strip() for o in options]
-    assert sorted(labels) == sorted(
+    options = _options(driver, "#umbrella-demo", "the demo files")
+    assert sorted(options) == sorted(
         f"{m}: {f} (answer: {side})"
         for side in ("left", "right")
         for m, f in (
@@ -640,7 +652,7 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
             ("dmri", f"sub-demo{side}_FA.nii.gz + sub-demo{side}_MD.nii.gz"),
         )
     )
-    next(o for o in options if o.text.strip().startswith("t1:")).click()
+    next(o for label, o in options.items() if label.startswith("t1:")).click()
     _wait(driver, lambda d: "t1: sub-demo" in _status(d), "the demo file to be read")
     driver.find_element(By.ID, "umbrella-ask").click()
     _wait(
@@ -657,12 +669,7 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
     assert "error: scan.nii.gz: cannot tell the modality from the file name" in status, status
     assert "choose its modality below" in status
     driver.find_element(By.CSS_SELECTOR, "#umbrella-modality input").click()
-    choices = _wait(
-        driver,
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#umbrella-modality [role=option]"),
-        "the modalities",
-    )
-    next(o for o in choices if o.text.strip() == "t1").click()
+    _options(driver, "#umbrella-modality", "the modalities")["t1"].click()
     _wait(driver, lambda d: "t1: scan.nii.gz — read as" in _status(d), "the file read as t1")
     assert "error" not in _status(driver)
 
