@@ -501,6 +501,15 @@ CASES = {
 STUDY_LEVEL = {"empty-manifest"}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _umbrella_cache(tmp_path_factory):
+    """A scratch UMBRELLA_CACHE: fMRI windows read without the cache save their series'
+    statistics there, and these runs must not write to the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UMBRELLA_CACHE", str(tmp_path_factory.mktemp("umbrella-cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
     """A clean study (2 subjects of t1 and of fmri, demo geometry) and a run config for it."""

@@ -124,4 +124,4 @@ def test_install_uninstall_reinstall_a_modality_plugin(scratch_env):
     pip("install", "--no-deps", "-e", str(ROOT / "plugins/umbrella_fmri"))
     assert set(_modalities(run, umbrella)) == {"t1", "fmri", "dmri"}
     trained = _train(run, umbrella, base, "t1,fmri,dmri")
-    assert "umbrella-fmri 0.1.0" in trained.stdout and "checkpoint:" in trained.stdout
+    assert "umbrella-fmri 0.1.1" in trained.stdout and "checkpoint:" in trained.stdout

@@ -221,12 +221,13 @@ def test_grouped_order_has_the_same_draws_in_homogeneous_blocks(sources, seed, e
     epochs,
     st.integers(1, 6),
     st.integers(0, 40),
-    st.sampled_from(("mixed", "modality")),
+    st.sampled_from(("mixed", "modality", "length")),
 )
 def test_resuming_after_k_batches_gives_exactly_the_rest(sizes, seed, epoch, batch, k, batching):
     keys = [("t1", "dmri")[i % 2] for i in range(len(sizes))]
+    lengths = np.arange(sum(sizes)) * 7 % 11  # for length batching: many ties
     first = InterleavedSampler(
-        Interleaving(sizes, keys=keys), seed, global_batch=batch, batching=batching
+        Interleaving(sizes, keys=keys, lengths=lengths), seed, global_batch=batch, batching=batching
     )
     first.set_epoch(epoch)
     stream = iter(first)
@@ -234,7 +235,7 @@ def test_resuming_after_k_batches_gives_exactly_the_rest(sizes, seed, epoch, bat
     rest = list(stream)
     # A new process: other epochs computed first, then the same (seed, epoch) again.
     resumed = InterleavedSampler(
-        Interleaving(sizes, keys=keys), seed, global_batch=batch, batching=batching
+        Interleaving(sizes, keys=keys, lengths=lengths), seed, global_batch=batch, batching=batching
     )
     for other in (epoch + 1, epoch + 3):
         resumed.order(other)

@@ -44,6 +44,7 @@ def _record(path):
     )
 
 
+@pytest.mark.usefixtures("umbrella_cache")  # windows read alone save statistics
 def test_a_long_series_gives_one_sample_per_window(fmri, series_file):
     dataset = RecordDataset(
         [_record(series_file)],
@@ -62,6 +63,7 @@ def test_a_long_series_gives_one_sample_per_window(fmri, series_file):
     assert not np.allclose(windows[0].mean(axis=-1), 0, atol=1e-3)
 
 
+@pytest.mark.usefixtures("umbrella_cache")  # windows read alone save statistics
 def test_cached_window_equals_uncached_and_reads_only_its_frames(fmri, series_file, tmp_path):
     cache = PreprocessedCache(tmp_path / "cache", {"fmri": "test"})
     for index in range(5):

@@ -287,6 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML run configuration (its geometry decides the shapes)")
     p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
     p.add_argument("--cache-dir", help="default: data.cache_dir or $UMBRELLA_CACHE/preprocessed")
+    p.add_argument(
+        "--cache-dtype",
+        choices=["float32", "float16"],
+        help="how entries are stored (data.cache_dtype; default float32): build and verify "
+        "the entries of that dtype, as a run with it reads them",
+    )
     p.add_argument("--workers", type=int, default=1, help="processes that preprocess")
     p.add_argument(
         "--dry-run",

@@ -45,7 +45,8 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
-    from umbrella_core.data.studies import resolve_specs
+    from umbrella_core.data.header_index import HeaderIndex
+    from umbrella_core.data.studies import plugin_versions, resolve_specs
     from umbrella_core.plugins import get_plugin_manager
     from umbrella_core.train.run import record_encoder
     from umbrella_core.validate import validate_locations
@@ -60,16 +61,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
             "nothing to validate: give study locations, or a --config with data.studies"
         )
     pm = get_plugin_manager()
-    specs, _ = resolve_specs(config, pm, demo=False)
+    specs, provenance = resolve_specs(config, pm, demo=False)
     # A conversation too long for the run is found here, not at its step 1.
     encode = record_encoder(config, specs)
+    # Images decoded by an earlier validate (unchanged since) are not decoded again.
+    index = HeaderIndex.for_setting(config.data.header_index, plugin_versions(provenance))
     report = validate_locations(
         locations,
         pm,
         specs=specs,
         allow_outside_root=config.data.allow_outside_root,
         encode=encode,
+        index=index,
+        workers=config.data.workers or None,
     )
+    index.save()
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
@@ -87,7 +93,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from umbrella_core.data.studies import read_studies
     from umbrella_core.plugins import get_plugin_manager
 
-    config = load_config(args.config, data_overrides(args))
+    overrides = data_overrides(args)
+    if args.cache_dtype:
+        overrides.append(f"data.cache_dtype={args.cache_dtype}")
+    config = load_config(args.config, overrides)
     root = args.cache_dir or config.data.cache_dir or default_cache_root()
     if args.action == "info":
         cache = PreprocessedCache(root, {})
@@ -111,7 +120,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             for record in data.records
             for image in record.images
         ]
-    cache = PreprocessedCache(root, versions)
+    cache = PreprocessedCache(root, versions, dtype=config.data.cache_dtype)
     if args.action == "verify":
         found = verify_cache(cache, images, dry_run=args.dry_run, workers=args.workers)
         for line in found.corrupt:
@@ -143,7 +152,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print(problem)
     rebuilt = f" ({built.rebuilt} corrupt entries rebuilt)" if built.rebuilt else ""
     print(
-        f"cache: {root}: {built.done} images ready{rebuilt}, "
+        f"cache: {root}: {built.done} images ready as {config.data.cache_dtype}{rebuilt}, "
         f"{len(problems)} refused or could not be read"
     )
     return 1 if problems else 0

@@ -230,21 +230,34 @@ class DataConfig:
         temperature: Where weights follow group sizes, they follow
             ``size ** (1 / temperature)``: 1 is proportional to size (every
             sample once an epoch), larger values move towards equal shares.
-        batching: ``mixed`` (any modalities in a batch) or ``modality`` (each
+        batching: ``mixed`` (any modalities in a batch), ``modality`` (each
             optimizer step, over all ranks, holds one modality: LLaVA's
-            group-by-modality).
+            group-by-modality) or ``length`` (as ``modality``, and each step's
+            samples of similar length, so batches pad less; since 0.3).
         geometry: Per-modality overrides, ``{t1: {shape: [..], patch_size: [..]}}``.
         preprocessing: Per-modality preprocessing settings, as each plugin
             defines them: ``{t1: {spacing: 1.0}, fmri: {target_tr: 0.8}}``.
         demo_subjects: Subjects per modality in the built-in demo (a tenth for
             validation, a fifth for test).
-        workers: DataLoader worker processes.
+        workers: DataLoader worker processes (the records are packed for
+            them, :mod:`umbrella_core.data.packed`); 2 or more: also the
+            processes that check images the header index does not hold.
         check: Checks before step 1: ``files`` (files exist, conversations fit),
             ``full`` (also decode every image, as ``umbrella validate``) or ``none``.
         on_bad: ``stop`` (default: no training while any sample is bad) or ``skip``
             (train without them; they are listed in ``bad_samples.json``).
         cache: Keep preprocessed images in the on-disk cache (decode each file once).
         cache_dir: Where; default ``$UMBRELLA_CACHE/preprocessed``.
+        cache_dtype: How cache entries are stored: ``float32``, or ``float16``
+            (half the disk and read bandwidth; read back as float32, each value
+            to a relative 2⁻¹¹; an image beyond float16's ±65504 keeps a float32
+            entry). The two never share entries. Since 0.3.
+        header_index: Folder of the header index, which keeps what checking
+            each image found between launches, so a relaunch or ``--resume``
+            opens only new or changed files
+            (:mod:`umbrella_core.data.header_index`); default
+            ``$UMBRELLA_CACHE/headers``; ``off``: check every file on every
+            launch. Since 0.3.
         allow_outside_root: Accept image paths outside each study's root (its
             folder, or the folder holding its manifest): absolute paths
             elsewhere, ``../`` out of it, symlinks pointing out. Off: such a
@@ -257,7 +270,7 @@ class DataConfig:
     studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=tuple)
     weights: dict[str, float] = attrs.field(factory=dict, validator=sampling_weights)
     temperature: float = attrs.field(default=1.0, validator=positive)
-    batching: str = attrs.field(default="mixed", validator=one_of("mixed", "modality"))
+    batching: str = attrs.field(default="mixed", validator=one_of("mixed", "modality", "length"))
     geometry: dict[str, dict[str, list[int]]] = attrs.field(factory=dict)
     preprocessing: dict[str, dict[str, Any]] = attrs.field(factory=dict)
     demo_subjects: int = attrs.field(default=240, validator=positive)
@@ -266,6 +279,8 @@ class DataConfig:
     on_bad: str = attrs.field(default="stop", validator=one_of("stop", "skip"))
     cache: bool = False
     cache_dir: str = ""
+    cache_dtype: str = attrs.field(default="float32", validator=one_of("float32", "float16"))
+    header_index: str = ""
     allow_outside_root: bool = False
     split: SplitConfig = attrs.field(factory=SplitConfig)
 

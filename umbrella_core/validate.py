@@ -104,6 +104,7 @@ def validate_locations(
     specs: Mapping[str, ModalitySpec] | None = None,
     allow_outside_root: bool = False,
     encode: Callable[[StudyRecord], Any] | None = None,
+    index: Any = None,
 ) -> Report:
     """Read and check every study; see the module docstring.
 
@@ -118,6 +119,9 @@ def validate_locations(
             with no record of these modalities at all are a problem.
         allow_outside_root: Accept image files outside each study's root
             (:func:`study_root`); otherwise they are problems and not opened.
+        index: A :class:`~umbrella_core.data.header_index.HeaderIndex`: images
+            an earlier check decoded are not decoded again, and those decoded
+            now are added to it (the caller saves it). Since 0.3.
     """
     from umbrella_core.data.split import check_leaks
 
@@ -145,11 +149,17 @@ def validate_locations(
         inside = list(range(len(records)))
         if not allow_outside_root:
             root = study_root(location)
-            outside = [outside_root_problems(r, root) for r in records]
+            folders: dict[str, str] = {}
+            outside = [outside_root_problems(r, root, folders) for r in records]
             found += [(i, 1, p) for i, ps in enumerate(outside) for p in ps]
             inside = [i for i in inside if not outside[i]]
         checked = problems_by_record(
-            [records[i] for i in inside], pm, workers=workers, specs=specs, encode=encode
+            [records[i] for i in inside],
+            pm,
+            workers=workers,
+            specs=specs,
+            encode=encode,
+            index=index,
         )
         found += [(inside[index], 1, problem) for index, problem in checked]
         # Each reader report is a record of its own; checks count by record.

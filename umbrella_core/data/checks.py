@@ -157,19 +157,26 @@ def study_root(location: str) -> Path:
     return Path(os.path.realpath(root))
 
 
-def outside_root_problems(record: StudyRecord, root: Path) -> list[Problem]:
+def outside_root_problems(
+    record: StudyRecord, root: Path, folders: dict[str, str] | None = None
+) -> list[Problem]:
     """A problem for each image file of ``record`` that lies outside ``root``.
 
     Paths are compared after resolving ``..`` and symlinks, so an absolute
     path elsewhere, a ``../`` path out of the root and a symlink pointing out
-    are all caught.
+    are all caught. ``folders`` (a dict the caller keeps over a study's
+    records) holds the folders already resolved: a cohort's records share a
+    few thousand folders, and resolving each file's whole path again was most
+    of reading a 100,000-record study.
     """
     source = record.source or f"subject {record.subject}"
     problems = []
+    inside = str(root).rstrip(os.sep) + os.sep
     for i, image in enumerate(record.images):
         for path in image.paths:
-            real = Path(os.path.realpath(path))
-            if real != root and root not in real.parents:
+            real_path = _resolved(path, {} if folders is None else folders)
+            if real_path != str(root) and not real_path.startswith(inside):
+                real = Path(real_path)
                 via = "" if str(real) == os.path.abspath(path) else f" (it resolves to {real})"
                 problems.append(
                     Problem(
@@ -180,6 +187,31 @@ def outside_root_problems(record: StudyRecord, root: Path) -> list[Problem]:
                     )
                 )
     return problems
+
+
+def _resolved(path: str, folders: dict[str, str]) -> str:
+    """``os.path.realpath(path)``, with each folder resolved once (one ``lstat`` a name)."""
+    if ".." in path.split(os.sep):
+        # realpath resolves a link before the "..": abspath would drop both.
+        return os.path.realpath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    return (
+        os.path.realpath(path)
+        if os.path.islink(path)
+        else os.path.join(_resolved_folder(folder, folders), name)
+    )
+
+
+def _resolved_folder(folder: str, folders: dict[str, str]) -> str:
+    real = folders.get(folder)
+    if real is None:
+        parent, name = os.path.split(folder)
+        if not name or os.path.islink(folder):
+            real = os.path.realpath(folder)
+        else:
+            real = os.path.join(_resolved_folder(parent, folders), name)
+        folders[folder] = real
+    return real
 
 
 # ---------------------------------------------------------------------------
@@ -334,6 +366,7 @@ def problems_by_record(
     workers: int | None = None,
     specs: Mapping[str, ModalitySpec] | None = None,
     encode: Callable[[StudyRecord], Any] | None = None,
+    index: Any = None,
 ) -> list[tuple[int, Problem]]:
     """Check records: structure, modality names and every image file.
 
@@ -346,6 +379,9 @@ def problems_by_record(
         encode: The run's conversation encoder (its tokenizer, image token
             counts and ``model.max_length``); a record it refuses, a too long
             conversation for one, is a problem.
+        index: A :class:`~umbrella_core.data.header_index.HeaderIndex`: images
+            whose decoding an earlier check passed or refused are not decoded
+            again (since 0.3).
 
     Returns:
         ``(index, problem)`` pairs in record order, ``index`` being the
@@ -358,29 +394,40 @@ def problems_by_record(
     jobs: dict[tuple[str, tuple[str, ...]], list[tuple[int, str, int]]] = {}
     run_specs = dict(specs or {})
     specs = {}
-    for index, record in enumerate(records):
+    # Conversations that encoded: a cohort's records share few of them.
+    encoded: set[tuple[Any, ...]] = set()
+    for position, record in enumerate(records):
         source = record.source or f"subject {record.subject}"
         try:
             check_record(record)
-            if encode is not None:
+            same = (record.turns, record.modalities)
+            if encode is not None and same not in encoded:
                 _encode_if_active(record, pm, run_specs, encode)
+                encoded.add(same)
         except DataError as error:
-            found.append((index, -1, problem_from_error(error, source)))
+            found.append((position, -1, problem_from_error(error, source)))
         for i, image in enumerate(record.images):
             try:
                 spec = pm.resolve_modality(image.modality).item
             except PluginError as error:
-                found.append((index, i, Problem(source, f"images[{i}].modality", str(error))))
+                found.append((position, i, Problem(source, f"images[{i}].modality", str(error))))
                 continue
             specs.setdefault(spec.name, run_specs.get(spec.name, spec))
-            jobs.setdefault((spec.name, image.paths), []).append((index, source, i))
+            jobs.setdefault((spec.name, image.paths), []).append((position, source, i))
     workers = workers or min(4, os.cpu_count() or 1)
     keys = list(jobs)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    if index is not None:
+        outcome = index.check_images(keys, specs, decode=True, workers=workers)
+        results: Iterable[list[str]] = (outcome[key] for key in keys)
+        pool = None
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers)
         results = pool.map(lambda key: check_image(specs[key[0]], key[1], decode=True), keys)
-        for key, messages in zip(keys, results, strict=True):
-            for index, source, i in jobs[key]:
-                for message in messages:
-                    found.append((index, i, Problem(source, f"images[{i}].path", message)))
+    for key, messages in zip(keys, results, strict=True):
+        for position, source, i in jobs[key]:
+            for message in messages:
+                found.append((position, i, Problem(source, f"images[{i}].path", message)))
+    if pool is not None:
+        pool.shutdown()
     found.sort(key=lambda item: (item[0], item[1]))
-    return [(index, problem) for index, _, problem in found]
+    return [(position, problem) for position, _, problem in found]

@@ -24,8 +24,8 @@ def load_image(
     With a :class:`~umbrella_core.data.cache.PreprocessedCache` the array comes
     from the cache when it holds it (no decoding), and is stored there otherwise.
     ``window`` picks a window of a windowed modality's series (see
-    :attr:`ModalitySpec.windowed`); without a cache the whole series is
-    preprocessed for it, so long series want the cache.
+    :attr:`ModalitySpec.windowed`); without a cache it is read alone when the
+    modality can (``Windows.window``), else cut from the whole series.
     """
     import numpy as np
     import torch
@@ -33,6 +33,8 @@ def load_image(
     if window is not None and spec.windowed:
         if cache is not None:
             array = cache.window(spec, tuple(paths), window)
+        elif spec.windows.window is not None:
+            array = spec.windows.window(spec, tuple(paths), window)
         else:
             array = np.asarray(spec.windows.series(spec, tuple(paths)))[
                 ..., spec.window_slice(window)
@@ -58,6 +60,10 @@ class RecordDataset:
     Item ``i`` is a dict with ``input_ids``, ``labels`` (lists of int), ``images``
     (list of ``(modality, tensor)`` in placeholder order), ``key`` (the record's
     modality key, for per-modality logging) and ``source``.
+
+    ``record_lengths`` (since 0.3): each record's encoded length, where the
+    caller already encoded them (screening does), so that :attr:`lengths`
+    needs no second pass over the conversations.
     """
 
     def __init__(
@@ -71,8 +77,10 @@ class RecordDataset:
         name: str = "",
         cache: Any = None,
         chat: Any = None,
+        frames: Any = None,
+        record_lengths: Sequence[int] | None = None,
     ) -> None:
-        self.records = list(records)
+        self.records: Sequence[StudyRecord] = list(records)
         self.specs = dict(specs)
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
@@ -83,9 +91,18 @@ class RecordDataset:
         # tokenizer's own chat template, else LLaVA-1.5.
         self.chat = chat
         self.tokens_per_modality = {n: s.num_tokens for n, s in self.specs.items()}
-        self.items = self._windows()
+        # ``frames(spec, paths)``: a series' frames (a HeaderIndex's, since
+        # 0.3, so a relaunch reads no fMRI header for them). Not kept: workers
+        # started by spawn would get the whole index pickled.
+        self.items = self._windows(frames or None)
+        if record_lengths is not None and len(record_lengths) != len(self.records):
+            raise ValueError(
+                f"record_lengths: {len(record_lengths)} lengths for {len(self.records)} records"
+            )
+        self._record_lengths = record_lengths
+        self._lengths: Any = None
 
-    def _windows(self) -> list[tuple[int, int | None]]:
+    def _windows(self, frames_of: Any = None) -> list[tuple[int, int | None]]:
         """(record, window) per sample: a record whose images include a windowed
         modality gives one sample per window (the fewest over its windowed
         images); other records give one sample."""
@@ -95,7 +112,7 @@ class RecordDataset:
             for image in record.images:
                 spec = self.specs.get(image.modality)
                 if spec is not None and spec.windowed:
-                    frames = spec.windows.frames(spec, tuple(image.paths))
+                    frames = (frames_of or spec.windows.frames)(spec, tuple(image.paths))
                     count = spec.window_count(frames)
                     if count == 0:
                         raise DataError(
@@ -111,6 +128,52 @@ class RecordDataset:
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def lengths(self) -> Any:
+        """Each sample's length in tokens (text and image tokens), as an int64 array.
+
+        The length of :meth:`__getitem__`'s ``input_ids``, known without
+        loading an image: ``record_lengths`` when the dataset was given them (a
+        record's windows share its length), else counted once, on first use
+        (:func:`~umbrella_core.data.lengths.conversation_lengths`: exact for
+        most templates, a few tokens short for some). Read it before
+        :meth:`pack`: counting then decodes every record. Since 0.3.
+        """
+        if self._lengths is None:
+            import numpy as np
+
+            per_record = self._record_lengths
+            if per_record is None:
+                from umbrella_core.data.lengths import conversation_lengths
+
+                per_record = conversation_lengths(
+                    self.records,
+                    tokenizer=self.tokenizer,
+                    tokens_per_modality=self.tokens_per_modality,
+                    chat=self.chat,
+                )
+            owners = np.fromiter((r for r, _ in self.items), dtype=np.int64, count=len(self.items))
+            self._lengths = np.asarray(per_record, dtype=np.int64)[owners]
+        return self._lengths
+
+    def pack(self) -> None:
+        """Hold the records and items in arrays (:mod:`umbrella_core.data.packed`).
+
+        :attr:`records` becomes a :class:`~umbrella_core.data.packed.PackedRecords`
+        (each record decoded when read) and the records' Python objects are
+        let go. Call it before DataLoader workers are started by fork: they
+        then read records without copying their pages. Since 0.3.
+        """
+        from umbrella_core.data.packed import PackedItems, PackedRecords
+
+        if not isinstance(self.records, PackedRecords):
+            self.records = PackedRecords(self.records)
+            self.items = PackedItems(self.items)
+
+    def record(self, index: int) -> StudyRecord:
+        """Record ``index`` (decoded from its bytes once :meth:`pack` ran)."""
+        return self.records[index]
 
     def encode(self, record: StudyRecord, *, add_generation_prompt: bool = False) -> Any:
         return encode_conversation(
@@ -138,7 +201,7 @@ class RecordDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record_index, window = self.items[index]
-        record = self.records[record_index]
+        record = self.record(record_index)
         encoded = self.encode(record)
         return {
             "input_ids": encoded.input_ids,

@@ -16,6 +16,12 @@ drew. DataLoader workers only receive indices from the sampler in the main
 process, and nothing random lives in a Dataset, so workers cannot duplicate
 draws either. Resuming mid-epoch is skipping the first ``k`` batches of the
 same order, which the Trainer does from its saved step.
+
+The batchings only rearrange an epoch's draws into global batches, so each of
+them keeps all of the above: ``modality`` makes each global batch hold one
+modality key; ``length`` also sorts each key's draws by length within windows
+of many global batches before cutting them, so a batch pads little (see
+:meth:`Interleaving.length_order`).
 """
 
 from __future__ import annotations
@@ -28,8 +34,15 @@ __all__ = ["Interleaving", "InterleavedSampler", "size_weights", "BATCHING"]
 
 #: ``mixed``: any modality in any batch; ``modality``: every global batch (one
 #: optimizer step on all ranks) holds one modality key, as LLaVA's
-#: group-by-modality.
-BATCHING = ("mixed", "modality")
+#: group-by-modality; ``length`` (since 0.3): one modality key and similar
+#: lengths, as transformers' ``group_by_length`` within each key.
+BATCHING = ("mixed", "modality", "length")
+
+#: Global batches per window of ``length`` batching: a window's draws are sorted
+#: by length, so the larger it is the less a batch pads, and the fewer the
+#: different neighbours a sample can have (transformers' LengthGroupedSampler
+#: sorts 50 batches at a time too).
+LENGTH_WINDOW = 50
 
 
 def size_weights(sizes: Sequence[int], temperature: float = 1.0) -> list[float]:
@@ -53,6 +66,8 @@ class Interleaving:
         weights: Relative weight of each source (normalised); default: proportional to size.
         keys: The modality key of each source (``t1``, ``t1+dmri``), for
             modality-homogeneous batches; default: every source its own key.
+        lengths: Each sample's length in tokens, sources concatenated (as the
+            global indices run), for ``length`` batching (since 0.3).
     """
 
     def __init__(
@@ -60,6 +75,7 @@ class Interleaving:
         sizes: Sequence[int],
         weights: Sequence[float] | None = None,
         keys: Sequence[str] | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> None:
         if not sizes or any(s <= 0 for s in sizes):
             raise ValueError(f"every source needs at least one sample, got sizes {list(sizes)}")
@@ -76,6 +92,9 @@ class Interleaving:
         )
         if len(self.keys) != len(self.sizes):
             raise ValueError(f"need {len(self.sizes)} keys, got {len(self.keys)}")
+        self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
+        if self.lengths is not None and self.lengths.shape != (self.total,):
+            raise ValueError(f"need {self.total} lengths, got {len(self.lengths)}")
 
     @property
     def total(self) -> int:
@@ -120,11 +139,9 @@ class Interleaving:
         if block <= 0:
             raise ValueError(f"block must be positive, got {block}")
         order = self.epoch_order(seed, epoch, length)
-        key_of_source = np.asarray(self.keys)[self.source_of(order)]
         blocks: list[np.ndarray] = []
         leftovers: list[np.ndarray] = []
-        for key in dict.fromkeys(self.keys):
-            mine = order[key_of_source == key]
+        for mine in self._draws_by_key(order):
             whole = len(mine) // block * block
             blocks.extend(mine[i : i + block] for i in range(0, whole, block))
             if whole < len(mine):
@@ -132,6 +149,58 @@ class Interleaving:
         rng = np.random.default_rng([seed, epoch, 1])
         shuffled = [blocks[i] for i in rng.permutation(len(blocks))]
         return np.concatenate(shuffled + leftovers) if shuffled or leftovers else order
+
+    def _draws_by_key(self, order: np.ndarray) -> list[np.ndarray]:
+        """``order``'s draws of each key (in first-seen key order), each in drawn order."""
+        key_of_source = np.asarray(self.keys)[self.source_of(order)]
+        return [order[key_of_source == key] for key in dict.fromkeys(self.keys)]
+
+    def length_order(
+        self,
+        seed: int,
+        epoch: int,
+        block: int,
+        length: int | None = None,
+        window: int = LENGTH_WINDOW,
+    ) -> np.ndarray:
+        """:meth:`grouped_order` with each block's samples of similar length.
+
+        The draws are the mixed order's. Each key's draws are cut, as in
+        :meth:`grouped_order`, into whole blocks and a leftover (fewer than
+        ``block``, taken in drawn order so that which samples are left over
+        does not depend on their length). The whole blocks' samples are taken
+        ``window`` blocks at a time, in drawn order; each window is sorted by
+        length (longest first, equal lengths in drawn order) and cut into
+        blocks again, so a block, and each per-device batch within it, holds
+        neighbours in length. All blocks are shuffled. The keys' leftovers are
+        pooled at the end, shuffled and cut into blocks, each sorted by length:
+        the last one, partial, is what the sampler trims.
+        """
+        lengths = self.lengths
+        if lengths is None:
+            raise ValueError("length batching needs the samples' lengths (Interleaving(lengths=))")
+        if block <= 0 or window <= 0:
+            raise ValueError(f"block and window must be positive, got {block} and {window}")
+        order = self.epoch_order(seed, epoch, length)
+        blocks: list[np.ndarray] = []
+        leftovers: list[np.ndarray] = []
+        for mine in self._draws_by_key(order):
+            whole = len(mine) // block * block
+            for start in range(0, whole, block * window):
+                part = _longest_first(mine[start : min(start + block * window, whole)], lengths)
+                blocks.extend(part[i : i + block] for i in range(0, len(part), block))
+            leftovers.append(mine[whole:])
+        rng = np.random.default_rng([seed, epoch, 1])
+        shuffled = [blocks[i] for i in rng.permutation(len(blocks))]
+        pool = np.concatenate(leftovers)
+        pool = pool[rng.permutation(len(pool))]
+        pooled = [_longest_first(pool[i : i + block], lengths) for i in range(0, len(pool), block)]
+        return np.concatenate(shuffled + pooled) if shuffled or pooled else order
+
+
+def _longest_first(indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """``indices`` by decreasing length; equal lengths keep their order (the drawn one)."""
+    return indices[np.argsort(-lengths[indices], kind="stable")]
 
 
 class InterleavedSampler:
@@ -144,8 +213,9 @@ class InterleavedSampler:
         global_batch: Samples per optimizer step over all ranks
             (``per_device_batch * world_size * gradient_accumulation``). The
             epoch is trimmed to a multiple of it (so no rank wraps around) and,
-            with ``batching="modality"``, each global batch holds one key.
-        batching: ``mixed`` or ``modality`` (see :data:`BATCHING`).
+            with ``batching="modality"`` or ``"length"``, each global batch holds one key.
+        batching: ``mixed``, ``modality`` or ``length`` (see :data:`BATCHING`;
+            ``length`` needs the interleaving's ``lengths``).
     """
 
     def __init__(
@@ -159,6 +229,10 @@ class InterleavedSampler:
     ) -> None:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+        if batching == "length" and interleaving.lengths is None:
+            raise ValueError(
+                "batching 'length' needs the samples' lengths (Interleaving(lengths=))"
+            )
         self.interleaving = interleaving
         self.seed = int(seed)
         self.length = length
@@ -174,6 +248,8 @@ class InterleavedSampler:
         epoch = self.epoch if epoch is None else int(epoch)
         if self.batching == "modality":
             full = self.interleaving.grouped_order(self.seed, epoch, self.global_batch, self.length)
+        elif self.batching == "length":
+            full = self.interleaving.length_order(self.seed, epoch, self.global_batch, self.length)
         else:
             full = self.interleaving.epoch_order(self.seed, epoch, self.length)
         return full[: len(self)]

@@ -12,13 +12,13 @@ before step 1). ``umbrella train``, ``umbrella validate --config``,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from umbrella_core.config import RunConfig, StudyConfig
+from umbrella_core.data.header_index import HeaderIndex
 from umbrella_core.data.split import SplitTable, assign_splits
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.plugins import PluginManager
@@ -30,6 +30,7 @@ __all__ = [
     "resolve_specs",
     "read_studies",
     "screen_records",
+    "check_headers_once",
     "plugin_versions",
 ]
 
@@ -115,6 +116,11 @@ def screen_records(
     encode: Callable[[StudyRecord], Any],
     pm: PluginManager,
     specs: dict[str, ModalitySpec] | None = None,
+    index: Any = None,
+    workers: int = 0,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+    lengths: dict[tuple[Any, ...], int] | None = None,
 ) -> tuple[list[list[StudyRecord]], list[Any]]:
     """Split records into usable ones and problems, before step 1 (I6).
 
@@ -124,50 +130,55 @@ def screen_records(
     length) or ``full`` (also decode and preprocess every image, as ``umbrella
     validate`` does: truncated data, NaN, all-zero images) or ``none``
     (encoding only).
+
+    ``index`` (a :class:`~umbrella_core.data.header_index.HeaderIndex`, since
+    0.3) holds the outcome of earlier launches' checks: only new or changed
+    files are opened, ``workers`` processes reading them (threads below 2),
+    with a progress bar when ``progress``; the caller saves it. Records with
+    the same conversation are encoded once; ``lengths``, given, receives each
+    encoded conversation's length in tokens by ``(record.turns,
+    record.modalities)`` (for ``data.batching: length``; since 0.3).
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from umbrella_core.data.checks import Problem, problem_from_error, problems_by_record
 
-    from umbrella_core.data.checks import (
-        Problem,
-        check_image,
-        problem_from_error,
-        problems_by_record,
-    )
-    from umbrella_core.imaging import missing_file_message
-
+    if index is None:
+        index = HeaderIndex(None, {})
     problems: list[Problem] = []
     bad: set[int] = set()
     everything = [r for records in per_study for r in records]
     headers: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     if check in ("files", "full"):
-
-        def header(key: tuple[str, tuple[str, ...]]) -> list[str]:
-            spec = (specs or {}).get(key[0])
-            if spec is None:
-                return [missing_file_message(p) for p in key[1] if not os.path.isfile(p)]
-            return check_image(spec, key[1], decode=False)
-
-        keys = list(dict.fromkeys((i.modality, i.paths) for r in everything for i in r.images))
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            headers = dict(zip(keys, pool.map(header, keys), strict=True))
+        keys = ((i.modality, i.paths) for r in everything for i in r.images)
+        headers = index.check_images(
+            keys, specs or {}, decode=False, workers=workers, progress=progress, log=log
+        )
+    # A cohort's records share few conversations (one question per phenotype,
+    # answers from a short list): the template and tokenizer run once for each.
+    encoded: dict[tuple[Any, ...], Any] = {}
     for record in everything:
         source = record.source or f"subject {record.subject}"
         for i, image in enumerate(record.images):
             for message in headers.get((image.modality, image.paths), ()):
                 problems.append(Problem(source, f"images[{i}].path", message))
                 bad.add(id(record))
+        same = (record.turns, record.modalities)
+        if same in encoded:
+            continue
         try:
-            encode(record)
+            encoded[same] = encode(record)
         except DataError as error:
+            # Not kept: the next record's error must name that record.
             problems.append(problem_from_error(error, source))
             bad.add(id(record))
+    if lengths is not None:
+        lengths.update((same, len(e.input_ids)) for same, e in encoded.items())
     if check == "full":
         # By position, not by source: records may share one (the task
         # records of one scan, a plugin's rows of one clinical table).
         usable = [r for r in everything if id(r) not in bad]
-        for index, problem in problems_by_record(usable, pm, specs=specs):
+        for position, problem in problems_by_record(usable, pm, specs=specs, index=index):
             problems.append(problem)
-            bad.add(id(usable[index]))
+            bad.add(id(usable[position]))
     kept = [[r for r in records if id(r) not in bad] for records in per_study]
     return kept, problems
 
@@ -187,6 +198,8 @@ class StudyData:
     #: The split of the records (ARCHITECTURE I10): what each subject's side
     #: is and whether it was made or given; a run writes it to split.tsv.
     split: SplitTable | None = None
+    #: What earlier launches' checks found (``data.header_index``; since 0.3).
+    header_index: Any = None
 
     @property
     def locations(self) -> list[str]:
@@ -257,9 +270,10 @@ def read_studies(
     for study in studies:
         per_study.append([])
         root = study_root(study.location)
+        folders: dict[str, str] = {}
         for record in pm.read_study(study.location, study.options, refused):
             if not demo and not config.data.allow_outside_root:
-                outside = outside_root_problems(record, root)
+                outside = outside_root_problems(record, root, folders)
                 if outside:
                     problems.extend(outside)
                     continue
@@ -295,7 +309,32 @@ def read_studies(
     assigned, table = assign_splits(records, config.data.split, log=log)
     sides = {id(r): a for r, a in zip(records, assigned, strict=True)}
     per_study = [[sides[id(r)] for r in study_records] for study_records in per_study]
-    return StudyData(specs, provenance, studies, per_study, skipped, problems, split=table)
+    index = HeaderIndex.for_setting(config.data.header_index, plugin_versions(provenance), log=log)
+    return StudyData(
+        specs, provenance, studies, per_study, skipped, problems, split=table, header_index=index
+    )
+
+
+def check_headers_once(
+    data: StudyData, config: RunConfig, *, log: Callable[[str], None] = print
+) -> None:
+    """Check every image's headers into the index, so that the next process only looks up.
+
+    A distributed run calls it on the main process first: the other ranks
+    then find every image indexed instead of each reading every header.
+    """
+    if config.data.check == "none" or data.header_index is None:
+        return
+    keys = ((i.modality, i.paths) for r in data.records for i in r.images)
+    data.header_index.check_images(
+        keys,
+        data.specs,
+        decode=False,
+        workers=config.data.workers,
+        progress=config.trainer.progress,
+        log=log,
+    )
+    data.header_index.save()
 
 
 def _warn_about_copies(records: list[StudyRecord], log: Callable[[str], None]) -> None:

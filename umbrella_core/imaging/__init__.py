@@ -1,7 +1,8 @@
 """Modality-agnostic NIfTI helpers shared by the modality plugins (``umbrella_core.imaging``).
 
 Reading and writing (:func:`load_nifti`, :func:`save_nifti`; the header alone,
-bounded and checked: :func:`read_nifti_header`), reorientation
+bounded and checked: :func:`read_nifti_header`; some frames of a series alone:
+:func:`read_frames`), reorientation
 (:func:`reorient`), resampling (:func:`resize`), intensity normalisation
 (:func:`robust_normalise`, :func:`zscore_time`) and the building blocks of the
 synthetic phantoms (:func:`head_phantom`, :func:`blob`, :func:`hemisphere_centre`,
@@ -16,12 +17,14 @@ Modules hold them: :mod:`.header` (what a header alone tells, and the
 bounds on what a file may allocate), :mod:`.files` (opening only regular,
 existing files, and saying why not), :mod:`.formats` (what a file that is not
 NIfTI is, for the error), :mod:`.nifti` (reading, writing, reorienting),
+:mod:`.frames` (some frames of a series, through saved gzip indexes),
 :mod:`.intensity` (resampling, normalisation) and :mod:`.phantoms` (the
 phantoms' building blocks); this package re-exports their public names.
 """
 
 from __future__ import annotations
 
+from umbrella_core.imaging.frames import default_series_root, file_fingerprint, read_frames
 from umbrella_core.imaging.header import NiftiHeader, read_nifti_header, voxel_ceilings
 from umbrella_core.imaging.intensity import (
     resize,
@@ -60,6 +63,9 @@ __all__ = [
     "read_nifti_header",
     "voxel_ceilings",
     "load_nifti",
+    "read_frames",
+    "file_fingerprint",
+    "default_series_root",
     "save_nifti",
     "reorient",
     "resize",

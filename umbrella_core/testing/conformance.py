@@ -135,6 +135,10 @@ def check_spec(spec: ModalitySpec) -> None:
             callable(windows.series) and callable(windows.frames),
             f"{where}: windows.series and windows.frames must be callable",
         )
+        _require(
+            windows.window is None or callable(windows.window),
+            f"{where}: windows.window is not callable",
+        )
     if demo is not None and (demo.shape is not None or demo.patch_size is not None):
         try:
             spec.for_demo()

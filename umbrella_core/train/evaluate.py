@@ -295,7 +295,10 @@ def evaluate_checkpoint(
         name=split,
         # The checkpoint's tokenizer carries its chat template: "auto" finds it.
         chat=chat_format(loaded.tokenizer, "auto", config.model.system_prompt),
+        frames=data.header_index.frames if data.header_index is not None else None,
     )
+    if config.data.workers:
+        dataset.pack()  # forked workers then copy none of the records' pages
     collator = UmbrellaCollator(loaded.tokenizer.pad_token_id, tuple(model.specs))
     questions = index_questions(data.records, pm.metric_families(config.evaluation))
     return evaluate_dataset(

@@ -15,14 +15,19 @@ import attrs
 
 from umbrella_core.config import RunConfig
 from umbrella_core.data.dataset import RecordDataset, group_records
-from umbrella_core.data.studies import StudyData, read_studies, screen_records
+from umbrella_core.data.studies import (
+    StudyData,
+    check_headers_once,
+    read_studies,
+    screen_records,
+)
 from umbrella_core.errors import ConfigError, DataError, OutputError
 from umbrella_core.plugins import PluginManager
 from umbrella_core.train import arguments
 from umbrella_core.train.prepared import Prepared, held_out_sets, summary
 from umbrella_core.types import ModalitySpec, StudyRecord
 
-__all__ = ["Prepared", "held_out_sets", "prepare", "summary", "train"]
+__all__ = ["Prepared", "held_out_sets", "prepare", "ready_for_workers", "summary", "train"]
 
 
 def record_encoder(
@@ -72,9 +77,21 @@ def prepare(
     specs, provenance, studies = data.specs, data.provenance, data.studies
     per_study, skipped, locations = data.per_study, data.skipped, data.locations
 
+    lengths: dict[tuple[Any, ...], int] = {}
     per_study, problems = screen_records(
-        per_study, check=config.data.check, encode=record_encoder(config, specs), pm=pm, specs=specs
+        per_study,
+        check=config.data.check,
+        encode=record_encoder(config, specs),
+        pm=pm,
+        specs=specs,
+        index=data.header_index,
+        workers=config.data.workers,
+        progress=config.trainer.progress,
+        log=log,
+        lengths=lengths,
     )
+    if data.header_index is not None:
+        data.header_index.save()
     problems = data.problems + problems  # refused while reading, then screened
     if problems and config.data.on_bad == "stop":
         shown = "\n  ".join(str(p) for p in problems[:5])
@@ -98,7 +115,11 @@ def prepare(
     if config.data.cache:
         from umbrella_core.data.cache import PreprocessedCache, default_cache_root
 
-        cache = PreprocessedCache(config.data.cache_dir or default_cache_root(), data.versions())
+        cache = PreprocessedCache(
+            config.data.cache_dir or default_cache_root(),
+            data.versions(),
+            dtype=config.data.cache_dtype,
+        )
 
     def dataset(group: list[StudyRecord], name: str) -> RecordDataset:
         return RecordDataset(
@@ -110,6 +131,9 @@ def prepare(
             name=name,
             cache=cache,
             chat=chat,
+            frames=data.header_index.frames if data.header_index is not None else None,
+            # Screening encoded every conversation: no second pass for length batching.
+            record_lengths=[lengths[(r.turns, r.modalities)] for r in group],
         )
 
     train_sets: list[RecordDataset] = []
@@ -154,6 +178,51 @@ def prepare(
         trainable_reason=started.reason,
         start_kind=started.kind,
     )
+
+
+def ready_for_workers(datasets: Any) -> None:
+    """Keep forked DataLoader workers from copying the records' memory (since 0.3).
+
+    The datasets' records are packed into arrays the workers read without
+    touching Python objects, and everything alive now is moved out of the
+    garbage collector's reach (``gc.freeze``): a full collection in a worker
+    would otherwise write to every object and so copy every page.
+    """
+    import gc
+
+    for dataset in datasets:
+        dataset.pack()
+    gc.collect()
+    gc.freeze()
+    # The freed objects' memory back to the system, not inherited by every worker.
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        trim = getattr(libc, "malloc_trim", None)  # glibc only
+    except OSError:
+        trim = None
+    if trim is not None:
+        trim(0)
+
+
+def _sample_lengths(train_sets: list[RecordDataset], log: Callable[[str], None]) -> Any:
+    """Each training sample's length in tokens, sources concatenated (``data.batching: length``)."""
+    import numpy as np
+
+    started = time.perf_counter()
+    lengths = np.concatenate([ds.lengths for ds in train_sets])
+    log(
+        f"length batching: {len(lengths)} samples, {int(np.median(lengths))} tokens (median), "
+        f"{int(lengths.max())} the longest; counted in {time.perf_counter() - started:.1f} s"
+    )
+    return lengths
 
 
 def _quiet(*_: Any) -> None:
@@ -257,6 +326,7 @@ def _train(
     main_process = args.process_index == 0
     with args.main_process_first(desc="reading studies", local=False):
         data = read_studies(config, pm, log=log)
+        check_headers_once(data, config, log=log)
     prep = prepare(config, pm, log=log, data=data)
     log(summary(prep))
     if resume is not None:
@@ -277,6 +347,9 @@ def _train(
         [len(ds) for ds in prep.train_sets],
         prep.weights,
         keys=[ds.name.rsplit("/", 1)[-1] for ds in prep.train_sets],
+        # Counted here, before ready_for_workers packs the records (counting
+        # packed ones would decode each).
+        lengths=_sample_lengths(prep.train_sets, log) if config.data.batching == "length" else None,
     )
     collator = UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs))
     logging_dir = out_dir / "tensorboard"
@@ -311,6 +384,9 @@ def _train(
     trainer.eval_max_samples = t.eval_max_samples
     trainer.eval_max_new_tokens = t.eval_max_new_tokens
     best = attach_evaluation(trainer, config, prep, out_dir) if evaluating else None
+    if config.data.workers:
+        del data  # the records' objects: the datasets keep them packed
+        ready_for_workers(datasets.values())
     started = time.perf_counter()
     with stop_on_signals(trainer, log=log if main_process else _quiet) as stopper:
         try:

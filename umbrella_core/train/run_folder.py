@@ -94,6 +94,7 @@ ALWAYS_ALLOWED = frozenset(
         "data.check",
         "data.cache",
         "data.cache_dir",
+        "data.header_index",
     }
 )
 

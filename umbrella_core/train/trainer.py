@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -31,6 +31,29 @@ class AbsentEmbeddersStayPut(TrainerCallback):
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not args.deepspeed:
             drop_absent_embedder_gradients(kwargs.get("model"))
+
+
+class SamplerFollowsEpoch(TrainerCallback):
+    """Give the interleaved sampler the number of the epoch the Trainer starts (I5).
+
+    The Trainer tells its DataLoader the epoch and accelerate passes it on to
+    the sampler, except where a run of several processes resumes mid-epoch:
+    the skipped batches' sampler is then wrapped once more (a SkipBatchSampler
+    around accelerate's BatchSamplerShard), out of ``set_epoch``'s reach, and
+    the resumed epoch would draw the order of epoch 0. The epoch is counted
+    as the Trainer counts it on resuming: optimizer steps done over steps per
+    epoch.
+    """
+
+    def __init__(self, sampler: Callable[[], Any]) -> None:
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        sampler, loader = self.sampler(), kwargs.get("train_dataloader")
+        if sampler is None or loader is None:
+            return
+        per_epoch = max(-(-len(loader) // args.gradient_accumulation_steps), 1)
+        sampler.set_epoch(state.global_step // per_epoch)
 
 
 def drop_absent_embedder_gradients(model: Any) -> list[str]:
@@ -85,12 +108,14 @@ class UmbrellaTrainer(Trainer):
         self._term_sum: dict[str, float] = {}
         self._term_count = 0
         self.add_callback(AbsentEmbeddersStayPut())
+        self._interleaved_sampler: InterleavedSampler | None = None
+        self.add_callback(SamplerFollowsEpoch(lambda: self._interleaved_sampler))
         if self.is_deepspeed_enabled:
             self.accelerator.unwrap_model(self.model).uniform_module_order = True
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         args = self.args
-        return InterleavedSampler(
+        self._interleaved_sampler = InterleavedSampler(
             self.interleaving,
             seed=args.seed,
             global_batch=args.per_device_train_batch_size
@@ -98,6 +123,7 @@ class UmbrellaTrainer(Trainer):
             * args.gradient_accumulation_steps,
             batching=self.batching,
         )
+        return self._interleaved_sampler
 
     def compute_loss(
         self,

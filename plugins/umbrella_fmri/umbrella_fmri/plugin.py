@@ -36,6 +36,19 @@ def series(
     return bold_series(spec, paths, target_tr=target_tr, max_tr=max_tr)
 
 
+def window(
+    spec: ModalitySpec,
+    paths: Sequence[str],
+    index: int,
+    target_tr: float | None = None,
+    max_tr: float | None = None,
+) -> Any:
+    """``Windows.window`` of ``fmri``; see :func:`umbrella_fmri.window.bold_window`."""
+    from umbrella_fmri.window import bold_window
+
+    return bold_window(spec, paths, index, target_tr=target_tr, max_tr=max_tr)
+
+
 def companions(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
     """The BIDS JSON sidecar whose ``RepetitionTime`` the loader reads, when there is one."""
     import os
@@ -75,6 +88,11 @@ def _with_timing(spec: ModalitySpec, **timing: float) -> ModalitySpec:
         spec.windows,
         series=functools.partial(spec.windows.series, **timing),
         frames=functools.partial(spec.windows.frames, **timing),
+        window=(
+            None
+            if spec.windows.window is None
+            else functools.partial(spec.windows.window, **timing)
+        ),
     )
     # load (a fixed window, validate) takes no target_tr: it reads the TR only to check it.
     checks = {k: v for k, v in timing.items() if k == "max_tr"}
@@ -120,7 +138,8 @@ FMRI = ModalitySpec(
     channels=1,
     load=load,
     # Non-overlapping windows: a 200-frame series gives 8 samples of 24 frames.
-    windows=Windows(series=series, frames=frames, stride=24),
+    # Without the cache a window is read alone (its frames, the series' saved statistics).
+    windows=Windows(series=series, frames=frames, stride=24, window=window),
     companions=companions,
     configure=configure,
     # 3 * 3 * 3 * 2 = 54 tokens for the CPU demo.

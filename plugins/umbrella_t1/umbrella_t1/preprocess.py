@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -199,6 +200,32 @@ def t1_loader(spacing: float) -> Callable[..., np.ndarray]:
     return functools.partial(load_t1, spacing=float(spacing))
 
 
+_LISTINGS: dict[str, tuple[int, frozenset[str]]] = {}
+
+
+def _listing(folder: str) -> frozenset[str] | None:
+    """The names in ``folder``, listed again only when its mtime changes (None: unlistable).
+
+    One listing instead of a stat per mask candidate: a 100,000-subject
+    cohort's start-up looked for ten masks beside each T1, and a flat folder
+    of 100,000 T1 files is listed once, not once per file.
+    """
+    try:
+        mtime = os.stat(folder).st_mtime_ns
+        known = _LISTINGS.get(folder)
+        if known is not None and known[0] == mtime:
+            return known[1]
+        names = frozenset(os.listdir(folder))
+    except OSError:
+        return None
+    if len(_LISTINGS) >= 4096:
+        _LISTINGS.clear()
+    # A folder changed moments ago may change again within its mtime's resolution.
+    if time.time_ns() - mtime > 2_000_000_000:
+        _LISTINGS[folder] = (mtime, names)
+    return names
+
+
 def find_brain_mask(path: str | os.PathLike[str]) -> str | None:
     """The brain mask stored next to a T1 file, or None.
 
@@ -215,6 +242,7 @@ def find_brain_mask(path: str | os.PathLike[str]) -> str | None:
     if len(parts) > 1 and parts[-1] == "T1w":
         parts = parts[:-1]
     entities = "_".join(p for p in parts if not p.startswith("desc-")) or stem
+    present = _listing(folder or ".")
     seen = set()
     for pattern in MASK_SUFFIXES:
         candidate_stem = pattern.format(stem=stem, entities=entities)
@@ -223,6 +251,8 @@ def find_brain_mask(path: str | os.PathLike[str]) -> str | None:
             if candidate in seen or candidate == name:
                 continue
             seen.add(candidate)
+            if present is not None and candidate_stem + extension not in present:
+                continue
             if os.path.isfile(candidate):
                 return candidate
     return None
