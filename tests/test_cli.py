@@ -191,9 +191,16 @@ def test_bad_sample_is_skipped_and_counted_when_asked(tmp_path):
         str(out),
         "--set",
         "data.on_bad=skip",
+        # Also: forked DataLoader workers over packed records (training and the
+        # final evaluation), length batching from the lengths screening found.
+        "--set",
+        "data.workers=2",
+        "--set",
+        "data.batching=length",
     )
     assert result.returncode == 0, result.stderr
     assert "skipping 2 bad sample(s)" in result.stdout
+    assert "length batching:" in result.stdout and "answers of final/" in result.stdout
     bad = json.loads((out / "bad_samples.json").read_text())
     assert {b["source"] for b in bad} == {f"{manifest}:1"}
     assert (out / "final" / "model.safetensors").is_file()

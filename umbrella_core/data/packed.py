@@ -17,14 +17,14 @@ share with it shrink rather than grow with the cohort.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from umbrella_core.types import ImageRef, StudyRecord, Turn
 
-__all__ = ["PackedRecords", "PackedItems"]
+__all__ = ["PackedRecords", "PackedItems", "ready_for_workers"]
 
 
 def _to_json(record: StudyRecord) -> list[Any]:
@@ -113,3 +113,21 @@ class PackedItems(Sequence[tuple[int, "int | None"]]):
 
     def __iter__(self) -> Iterator[tuple[int, int | None]]:
         return (self[i] for i in range(len(self)))
+
+
+def ready_for_workers(datasets: Iterable[Any]) -> None:
+    """Keep forked DataLoader workers from copying the records' memory (since 0.3).
+
+    The datasets' records are packed
+    (:meth:`~umbrella_core.data.dataset.RecordDataset.pack`) into arrays the
+    workers read without touching Python objects, and everything alive now is moved out of the
+    garbage collector's reach (``gc.freeze``): a full collection in a worker
+    would otherwise write to every object and so copy every page.
+    """
+    import gc
+
+    for dataset in datasets:
+        if dataset is not None:
+            dataset.pack()
+    gc.collect()
+    gc.freeze()
