@@ -12,7 +12,8 @@ Each stage runs in a fresh process (peak RSS from ``getrusage``):
 
 * ``read``: :func:`read_studies` (the manifest parsed, records built, split);
 * ``check``: the default header check of training (``data.check: files``),
-  first launch (no header index) and second launch (the index from the first);
+  first launch (no header index) and second launch (the index from the
+  first); ``check_processes``: a first launch with ``data.workers: 2``;
 * ``validate``: ``umbrella validate MANIFEST`` with the run's settings (it
   decodes every image), first and second launch;
 * ``startup``: ``umbrella train`` until the end of its first optimizer step
@@ -42,7 +43,15 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("read", "check", "validate", "startup", "workers", "workers_unpacked")
+STAGES = (
+    "read",
+    "check",
+    "check_processes",
+    "validate",
+    "startup",
+    "workers",
+    "workers_unpacked",
+)
 QUESTIONS = (
     ("<image>\nHow old is the participant, in years?", lambda i: f"{45 + i % 35} years"),
     ("<image>\nWhat is the participant's sex?", lambda i: "female" if i % 2 else "male"),
@@ -151,13 +160,24 @@ def stage_read(manifest: Path, cache: Path, out: Path) -> dict[str, float]:
     return {"seconds": time.perf_counter() - started, "records": len(data.records)}
 
 
-def stage_check(manifest: Path, cache: Path, out: Path) -> dict[str, float]:
+def stage_check_processes(manifest: Path, cache: Path, out: Path) -> dict[str, float]:
+    """A first launch with ``data.workers: 2`` (header reads in 2 processes), fresh index."""
+    index = cache.parent / "headers-processes"
+    shutil.rmtree(index, ignore_errors=True)
+    return stage_check(manifest, cache, out, extra=["data.workers=2", f"data.header_index={index}"])
+
+
+def stage_check(
+    manifest: Path, cache: Path, out: Path, extra: tuple[str, ...] | list[str] = ()
+) -> dict[str, float]:
     from umbrella_core.data.studies import read_studies, screen_records
     from umbrella_core.plugins import get_plugin_manager
     from umbrella_core.train.run import record_encoder
 
     pm = get_plugin_manager()
-    config = _run_config(config_for(manifest, cache, out))
+    config = _run_config(
+        [*config_for(manifest, cache, out), *(x for e in extra for x in ("--set", e))]
+    )
     data = read_studies(config, pm, log=lambda _: None)
     encode = record_encoder(config, data.specs)
     started = time.perf_counter()
@@ -321,6 +341,7 @@ def table(results: dict[int, dict[str, dict[str, float]]]) -> str:
         ("read the studies: s", "read", "seconds"),
         ("read the studies: peak MB", "read", "peak_mb"),
         ("header check, first launch: s", "check-first", "seconds"),
+        ("header check, first launch, `data.workers: 2`: s", "check_processes", "seconds"),
         ("header check, second launch: s", "check-second", "seconds"),
         ("`umbrella validate`, first: s", "validate-first", "seconds"),
         ("`umbrella validate`, second: s", "validate-second", "seconds"),
@@ -357,6 +378,9 @@ def main() -> None:
     parser.add_argument("--root", default="/tmp/umbrella-scale")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--out")
+    parser.add_argument(
+        "--keep-index", action="store_true", help="keep the header index of an earlier run"
+    )
     parser.add_argument("--stage", nargs=4, metavar=("STAGE", "MANIFEST", "CACHE", "OUT"))
     args = parser.parse_args()
     if args.stage:
@@ -371,7 +395,8 @@ def main() -> None:
         manifest = make_cohort(root, n)
         cache = root / f"cache-{n}" / "preprocessed"
         out = root / f"run-{n}"
-        shutil.rmtree(cache.parent, ignore_errors=True)
+        if not args.keep_index:
+            shutil.rmtree(cache.parent, ignore_errors=True)
         results[n] = {}
         for stage in args.stages:
             if stage in ("check", "validate"):
