@@ -72,14 +72,15 @@ from umbrella_core.data.cache_format import (
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import ModalitySpec
 
-__all__ = ["PreprocessedCache", "default_cache_root", "CacheStats", "checksum"]
+__all__ = ["PreprocessedCache", "default_cache_root", "CacheStats", "checksum", "bound_settings"]
 
 #: A temporary file older than this is a dead writer's, whatever its pid says.
 STALE_AFTER_S = 3600.0
 _TMP = ".tmp-"
 
 
-def _bound_settings(function: Any) -> list[list[str]]:
+def bound_settings(function: Any) -> list[list[str]]:
+    """Settings bound to a loader (``functools.partial`` keywords), as sorted pairs."""
     keywords = getattr(function, "keywords", None) or {}
     return sorted([str(k), repr(v)] for k, v in keywords.items())
 
@@ -214,7 +215,7 @@ class PreprocessedCache:
             "series": series,
             # Settings bound to the loader (functools.partial keywords, such as a
             # target spacing or repetition time) change the output too.
-            "settings": _bound_settings(
+            "settings": bound_settings(
                 spec.windows.series if series and spec.windows is not None else spec.load
             ),
             "channels": spec.channels,

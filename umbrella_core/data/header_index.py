@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from umbrella_core.data.cache import bound_settings
 from umbrella_core.types import ModalitySpec
 
 __all__ = ["HeaderIndex", "ImageKey", "default_index_root", "MAX_SHARDS"]
@@ -62,11 +63,6 @@ def default_index_root() -> Path:
     return demo_cache_dir() / "headers"
 
 
-def _settings(function: Any) -> list[list[str]]:
-    keywords = getattr(function, "keywords", None) or {}
-    return sorted([str(k), repr(v)] for k, v in keywords.items())
-
-
 def spec_identity(spec: ModalitySpec, version: str) -> str:
     """What of a modality a check's outcome depends on, as one string."""
     windows = spec.windows
@@ -77,9 +73,9 @@ def spec_identity(spec: ModalitySpec, version: str) -> str:
             list(spec.shape),
             list(spec.patch_size),
             spec.channels,
-            _settings(spec.load),
-            _settings(windows.frames) if windows else None,
-            _settings(windows.series) if windows else None,
+            bound_settings(spec.load),
+            bound_settings(windows.frames) if windows else None,
+            bound_settings(windows.series) if windows else None,
             windows.stride if windows else None,
             version,
         ]
