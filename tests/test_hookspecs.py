@@ -13,8 +13,9 @@ HOOKS = sorted(n for n in dir(hookspecs) if n.startswith("umbrella_"))
 TESTS = Path(__file__).parent
 
 
-def test_the_five_roles_have_hooks():
+def test_the_six_roles_have_hooks():
     assert HOOKS == [
+        "umbrella_augmentations",
         "umbrella_loss_terms",
         "umbrella_metrics",
         "umbrella_modalities",

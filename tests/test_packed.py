@@ -43,6 +43,8 @@ def records(draw):
         site=draw(optional),
         phenotypes=draw(st.dictionaries(text, phenotype, max_size=4)),
         source=draw(st.text(max_size=40)),
+        laterality=draw(st.sampled_from([None, "refuse", "swap", "ignore"])),
+        forbid_augment=draw(st.lists(text, max_size=2)),
     )
 
 

@@ -13,7 +13,7 @@ import types
 import attrs
 import pytest
 
-from umbrella_core import LossTerm, MetricFamily, hookimpl
+from umbrella_core import Augmentation, LossTerm, MetricFamily, hookimpl
 from umbrella_core.cli import main
 from umbrella_core.errors import DuplicateNameError, PluginError
 from umbrella_core.modality_registry import ModalityRegistry, Provided
@@ -114,6 +114,10 @@ class Everything:
             )
         ]
 
+    @hookimpl
+    def umbrella_augmentations(self):
+        return [Augmentation(name="RandTracerUptake", build=dict, modalities=("pet",))]
+
 
 def test_plugins_lists_what_each_plugin_offers_by_name():
     pm = fresh_plugin_manager(Everything())
@@ -124,6 +128,8 @@ def test_plugins_lists_what_each_plugin_offers_by_name():
     assert mine.study_kinds == ("oasis3", "adni")
     assert mine.loss_terms == ("pet_smoothness",)
     assert mine.metrics == ("updrs",)
+    assert mine.augmentations == ("RandTracerUptake",)
+    assert pm.augmentations()["RandTracerUptake"].modalities == ("pet",)
     assert mine.error is None
     assert infos["metrics"].metrics == ("categorical", "numeric", "text")
     assert infos["manifest"].study_kinds == ("manifest",)

@@ -12,6 +12,10 @@ from umbrella_core.cli import main
 pytestmark = pytest.mark.slow
 
 
+#: Each draw's augmentation must come back the same after resuming too.
+AUGMENTED = ("--set", "data.augment.t1=light", "--set", "data.augment.dmri=light")
+
+
 def _train(out, *extra):
     args = [
         "train",
@@ -34,6 +38,7 @@ def _train(out, *extra):
         "trainer.eval_strategy=no",
         "--set",
         "trainer.learning_rate=0.01",
+        *AUGMENTED,
     ]
     assert main(args + list(extra)) == 0
 
@@ -43,10 +48,13 @@ def _history(out):
     return {e["step"]: e for e in state["log_history"] if "loss" in e}
 
 
-def test_resume_mid_epoch_draws_the_same_samples_and_logs_the_same_losses(tmp_path, monkeypatch):
+def test_resume_mid_epoch_draws_the_same_samples_and_logs_the_same_losses(
+    tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
     whole = tmp_path / "whole"
     _train(whole)
+    assert "augmenting dmri training images: RandAffine, RandFAScale" in capsys.readouterr().out
     # 16 training samples in batches of 2: an epoch is 8 steps, so step 3 is mid-epoch
     # and the resumed run also crosses into the next epoch.
     resumed = tmp_path / "resumed"
@@ -93,7 +101,7 @@ def test_resume_refuses_a_checkpoint_file_that_holds_code(tmp_path, monkeypatch,
     args = ["train", "--modalities", "t1,dmri", "--demo-subjects", "10", "--max-steps", "12"]
     args += ["--batch-size", "2", "--output-dir", str(out), "--no-progress", "--resume"]
     # The checkpoint's learning rate (any other is refused before loading: run_folder.py).
-    args += ["--lr", "0.01"]
+    args += ["--lr", "0.01", *AUGMENTED]
     assert main(args) == 2
     error = capsys.readouterr().err.strip()
     assert "checkpoint-10: refused to load the checkpoint's training state" in error

@@ -9,6 +9,7 @@ Importing this package loads neither torch nor any plugin.
 
 from __future__ import annotations
 
+from umbrella_core.augmentation import Augmentation
 from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.data.batch import Batch
 from umbrella_core.errors import (
@@ -50,6 +51,7 @@ __all__ = [
     "LossTerm",
     "MetricFamily",
     "QuestionAnswers",
+    "Augmentation",
     "IMAGE_PLACEHOLDER",
     "IGNORE_INDEX",
     "Batch",

@@ -264,6 +264,12 @@ class DataConfig:
             record is an error naming it.
         split: How records are split into train, validation and test
             (:class:`SplitConfig`): ``data.split.test=0.2`` on the command line.
+        augment: Per modality, random augmentation of training images: a
+            preset (``light``) or a list of transforms by name and arguments,
+            ``{t1: [{name: RandAffine, prob: 0.5}]}``; see
+            :mod:`umbrella_core.augmentation`. Off by default. Since 0.3.
+        laterality: Per study, what a left-right mirror does to its answers:
+            ``refuse``, ``swap`` or ``ignore``, for records that declare none. Since 0.3.
     """
 
     modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
@@ -283,6 +289,8 @@ class DataConfig:
     header_index: str = ""
     allow_outside_root: bool = False
     split: SplitConfig = attrs.field(factory=SplitConfig)
+    augment: dict[str, Any] = attrs.field(factory=dict)
+    laterality: dict[str, str] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)

@@ -24,6 +24,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time
     import torch.nn as nn
 
+    from umbrella_core.augmentation import Augmentation
     from umbrella_core.errors import DataError
     from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
@@ -176,6 +177,32 @@ def umbrella_metrics(settings: dict[str, Any]) -> Iterable[MetricFamily]:
         which are ``trylast``. A family says how it wants the model's answers
         (``scoring``): the probability of every candidate answer, or greedy
         decoding.
+
+    Every implementation is called.
+
+    Since: 0.3
+    """
+
+
+# ---------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def umbrella_augmentations() -> Iterable[Augmentation]:
+    """Offer augmentations of a plugin's own, by name, for ``data.augment`` lists.
+
+    Returns:
+        Augmentation values (possibly none): a name, ``build(**arguments)``
+        giving the transform (a callable on a ``(channels, x, y, z)`` float32
+        tensor, best a MONAI ``Randomizable`` so each sample's draw comes from
+        its own seed), the modalities it is for, and whether it can mirror or
+        turn the left-right axis (``sides``, with ``mirrored`` telling after a
+        call), so that answers naming a side are protected
+        (:mod:`umbrella_core.augmentation`). A name given by two plugins is
+        refused, naming both; a plugin's name wins over a MONAI transform's.
+        ``umbrella plugins`` lists them.
 
     Every implementation is called.
 

@@ -58,6 +58,8 @@ def plugins_listing(pm: PluginManager) -> Listing:
     for name, p in registry.items():
         spec = p.item
         aliases = f" (aliases: {', '.join(spec.aliases)})" if spec.aliases else ""
+        if spec.augment_presets:
+            aliases += f"  augment: {', '.join(spec.augment_presets)}"
         lines.append(
             f"  {name:<7} {p.distribution} {p.version}  {spec.ndim}D x{spec.channels}  "
             f"shape {'x'.join(map(str, spec.shape))}  patch {'x'.join(map(str, spec.patch_size))}  "
@@ -76,6 +78,7 @@ def plugins_listing(pm: PluginManager) -> Listing:
             ("study kinds", info.study_kinds),
             ("loss terms", info.loss_terms),
             ("metrics", info.metrics),
+            ("augmentations", info.augmentations),
         ):
             if names:
                 lines.append(f"      {label}: {', '.join(names)}")

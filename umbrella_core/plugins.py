@@ -10,13 +10,12 @@ name or distribution name (comma-separated):
 * ``UMBRELLA_LOAD_PLUGINS``: load only these (built-ins always load).
 
 A plugin is isolated from the others: one that fails at import or
-registration is listed as broken; one whose ``umbrella_modalities`` raises or
-returns something other than ModalitySpec values stops the start-up with an
-error naming it (plugin, distribution, hook) and is then set aside as broken,
-so ``umbrella plugins`` still lists everything. A patch embedder that is not an
-``nn.Module``, or whose output for one input is not ``(1, spec.num_tokens,
-hidden_size)``, and a loss term that is not a LossTerm are refused when the
-model is built, before step 1, naming the plugin.
+registration is listed as broken; one whose ``umbrella_modalities`` fails or
+returns something else than ModalitySpec values stops the start-up with an
+error naming it (plugin, distribution, hook) and is set aside as broken, so
+``umbrella plugins`` still lists everything. A patch embedder that is not an
+``nn.Module`` or gives the wrong shape, a loss term that is not a LossTerm,
+are refused when the model is built, naming the plugin.
 
 The modality registry (names, aliases, duplicates) is
 :mod:`umbrella_core.modality_registry`; the check of a patch embedder's output
@@ -36,8 +35,11 @@ import attrs
 import pluggy
 
 from umbrella_core import hookspecs
-from umbrella_core.errors import DataError, PluginError, UmbrellaError
+from umbrella_core.augmentation import Augmentation
+from umbrella_core.errors import DataError, DuplicateNameError, PluginError, UmbrellaError
 from umbrella_core.modality_registry import ModalityRegistry, Provided
+from umbrella_core.plugin_info import OFFERS as _OFFERS
+from umbrella_core.plugin_info import PluginInfo
 from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
 __all__ = [
@@ -65,42 +67,6 @@ DEFAULT_PLUGINS = (
 )
 
 CORE_DISTRIBUTION = "umbrella-core"
-
-
-@attrs.frozen
-class PluginInfo:
-    """What ``umbrella plugins`` shows about one plugin: where it is from, what it offers.
-
-    ``description`` is the distribution's Summary, or the first line of the
-    plugin module's docstring; ``modalities``, ``study_kinds``, ``loss_terms``
-    (with default settings, for every installed modality) and ``metrics`` name
-    what its hooks give.
-    """
-
-    name: str
-    distribution: str
-    version: str
-    module: str
-    status: str  # "loaded", "broken" or "blocked"
-    error: str | None = None
-    description: str = ""
-    hooks: tuple[str, ...] = ()
-    modalities: tuple[str, ...] = ()
-    study_kinds: tuple[str, ...] = ()
-    loss_terms: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        fields = attrs.asdict(self, recurse=False)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-
-
-#: PluginInfo field -> the hook that names it, the type of the hook's values and their name.
-_OFFERS: dict[str, tuple[str, type, Callable[[Any], str]]] = {
-    "study_kinds": ("umbrella_study_kinds", str, str),
-    "loss_terms": ("umbrella_loss_terms", LossTerm, lambda term: term.name),
-    "metrics": ("umbrella_metrics", MetricFamily, lambda family: family.name),
-}
 
 
 def _split_env(value: str | None) -> set[str]:
@@ -295,6 +261,7 @@ class PluginManager:
         first, later registered first), as first-result hooks are called;
         otherwise registration order.
         """
+        self.load_entry_points()
         caller = getattr(self.pm.hook, hook_name)
         impls = caller.get_hookimpls()
         for impl in reversed(impls) if call_order else impls:
@@ -387,12 +354,9 @@ class PluginManager:
     def patch_embedder(self, spec: ModalitySpec, hidden_size: int) -> Any:
         """The patch embedder for ``spec`` from the first plugin that gives one, probed.
 
-        Asked in pluggy's call order: a plugin's own embedder before the
-        built-in generic one (``trylast``). The module is checked by
-        :func:`umbrella_core.model.embeddings.probe_embedder` before it is used;
-        errors name the plugin.
+        Asked in pluggy's call order: a plugin's own embedder before the built-in
+        (``trylast``). Checked by :func:`~umbrella_core.model.embeddings.probe_embedder`.
         """
-        self.load_entry_points()
         answers = self._impl_results(
             "umbrella_patch_embedder", call_order=True, spec=spec, hidden_size=hidden_size
         )
@@ -418,7 +382,6 @@ class PluginManager:
         ``on_error`` receives each record the reader cannot use, and reading
         goes on; without it the first such record raises.
         """
-        self.load_entry_points()
         records = None
         for _, records in self._impl_results(
             "umbrella_study_reader",
@@ -437,13 +400,9 @@ class PluginManager:
         return records
 
     def loss_terms(self, modalities: Sequence[str], settings: dict[str, Any]) -> list[LossTerm]:
-        self.load_entry_points()
-        terms: list[LossTerm] = []
-        for plugin_name, result in self._impl_results(
-            "umbrella_loss_terms", modalities=tuple(modalities), settings=settings
-        ):
-            terms.extend(self._values(plugin_name, "umbrella_loss_terms", result, LossTerm, _shown))
-        return terms
+        return self._collect(
+            "umbrella_loss_terms", LossTerm, modalities=tuple(modalities), settings=settings
+        )
 
     def metric_families(self, settings: Mapping[str, Any] | None = None) -> list[MetricFamily]:
         """Every plugin's metric families, in the order questions are offered to them.
@@ -452,15 +411,30 @@ class PluginManager:
         the built-in ``trylast`` families last): a family a plugin adds for its
         tasks is asked before the built-in ones.
         """
-        self.load_entry_points()
-        families: list[MetricFamily] = []
-        for plugin_name, result in self._impl_results(
-            "umbrella_metrics", call_order=True, settings=dict(settings or {})
-        ):
-            families.extend(
-                self._values(plugin_name, "umbrella_metrics", result, MetricFamily, _shown)
-            )
-        return families
+        return self._collect(
+            "umbrella_metrics", MetricFamily, call_order=True, settings=dict(settings or {})
+        )
+
+    def augmentations(self) -> dict[str, Augmentation]:
+        """Every plugin's augmentations by name; a name two plugins give is refused."""
+        found: dict[str, tuple[str, Augmentation]] = {}
+        for plugin, result in self._impl_results("umbrella_augmentations"):
+            for value in self._values(
+                plugin, "umbrella_augmentations", result, Augmentation, _shown
+            ):
+                other = found.setdefault(value.name, (plugin, value))[0]
+                if other != plugin:
+                    raise DuplicateNameError(
+                        f"augmentation {value.name!r} is offered by {self._describe(other)} "
+                        f"and by {self._describe(plugin)}; uninstall or block one ({BLOCK_ENV})"
+                    )
+        return {name: value for name, (_, value) in found.items()}
+
+    def _collect(self, hook_name: str, kind: type, **kwargs: Any) -> list[Any]:
+        out: list[Any] = []
+        for plugin_name, result in self._impl_results(hook_name, **kwargs):
+            out.extend(self._values(plugin_name, hook_name, result, kind, _shown))
+        return out
 
 
 def _raise(error: DataError) -> None:

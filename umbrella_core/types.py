@@ -196,6 +196,9 @@ class ModalitySpec:
             in the config, e.g. ``{"spacing": 1.0}`` for ``t1``). Raises
             ValueError naming an unknown setting or a bad value. None: the
             modality takes no settings.
+        augment_presets: Named augmentation lists (``{"light": ({"name":
+            "RandAffine", "prob": 0.5, ...}, ...)}``) that ``data.augment.<name>:
+            light`` stands for (:mod:`umbrella_core.augmentation`). Since 0.3.
 
     Changed in 0.3: the demo fields (``phantom``, ``phantom_labels``,
     ``phantom_question``, ``phantom_measure``, ``demo_shape``, ...) are
@@ -218,6 +221,9 @@ class ModalitySpec:
     windows: Windows | None = None
     companions: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
     configure: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
+    augment_presets: Mapping[str, tuple[Mapping[str, Any], ...]] = attrs.field(
+        factory=dict, eq=False, repr=False
+    )
 
     @property
     def grid(self) -> tuple[int, ...]:
@@ -301,6 +307,11 @@ class ImageRef:
 _ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
 
 
+def _laterality(_: Any, attribute: Any, value: str | None) -> None:
+    if value not in (None, "refuse", "swap", "ignore"):
+        raise ValueError(f"laterality must be refuse, swap or ignore, got {value!r}")
+
+
 def _role(value: str) -> str:
     role = _ROLES.get(_lower(value))
     if role is None:
@@ -339,6 +350,14 @@ class StudyRecord:
             site on one side).
         phenotypes: Phenotype values (age, sex, diagnosis, ...).
         source: Where the record was read (``manifest.jsonl:12``), for error messages.
+        laterality: What a left-right mirror of its images does to its answer
+            (since 0.3): ``refuse`` (it changes it: such augmentation is a
+            config error), ``swap`` (swap left and right in its turns when
+            mirrored), ``ignore`` (the answer does not depend on it); None: the
+            study's ``data.laterality``, else ``refuse`` when a turn names a side.
+        forbid_augment: Augmentations (by name; ``spatial``: every one that
+            moves voxels) skipped for its images, because they would change its
+            answer (a coordinate, a volume) (since 0.3).
 
     A record about several subjects (a comparison of two scans) names them
     joined by ``+`` in ``subject`` (``sub-01+sub-02``; :attr:`subjects` splits
@@ -357,6 +376,8 @@ class StudyRecord:
     site: str | None = attrs.field(default=None, converter=attrs.converters.optional(str))
     phenotypes: Mapping[str, Any] = attrs.field(factory=dict)
     source: str = ""
+    laterality: str | None = attrs.field(default=None, validator=_laterality)
+    forbid_augment: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
     @property
     def subjects(self) -> tuple[str, ...]:

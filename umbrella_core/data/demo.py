@@ -43,7 +43,8 @@ TEST_FRACTION = 0.2
 VALIDATION_FRACTION = 0.1
 #: Part of the cache key: bump it whenever what write_demo writes changes.
 #: 2: a validation split. 3: the phantom's measure asked as a numeric question.
-FORMAT = 3
+#: 4: the measure's records forbid spatial augmentation (forbid_augment).
+FORMAT = 4
 
 
 def with_phantoms(
@@ -123,6 +124,9 @@ def write_demo(
             for question, answer in asked:
                 lines.append(
                     {
+                        # The phantoms' measure is a position: whatever moves voxels
+                        # (a shift, a rotation, a mirror) moves the answer with them.
+                        **({"forbid_augment": ["spatial"]} if question == demo.measure else {}),
                         "subject": subject,
                         "split": splits[i],
                         "images": [

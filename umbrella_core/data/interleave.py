@@ -27,6 +27,7 @@ of many global batches before cutting them, so a batch pads little (see
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -216,6 +217,9 @@ class InterleavedSampler:
             with ``batching="modality"`` or ``"length"``, each global batch holds one key.
         batching: ``mixed``, ``modality`` or ``length`` (see :data:`BATCHING`;
             ``length`` needs the interleaving's ``lengths``).
+        draws: Yield ``(index, epoch, position)`` instead of the index: what
+            seeds a sample's augmentation (:mod:`umbrella_core.data.augmented`;
+            since 0.3).
     """
 
     def __init__(
@@ -226,6 +230,7 @@ class InterleavedSampler:
         *,
         global_batch: int = 1,
         batching: str = "mixed",
+        draws: bool = False,
     ) -> None:
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
@@ -238,6 +243,7 @@ class InterleavedSampler:
         self.length = length
         self.global_batch = max(1, int(global_batch))
         self.batching = batching
+        self.draws = bool(draws)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -254,8 +260,12 @@ class InterleavedSampler:
             full = self.interleaving.epoch_order(self.seed, epoch, self.length)
         return full[: len(self)]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order().tolist())
+    def __iter__(self) -> Iterator[Any]:
+        order = self.order().tolist()
+        if self.draws:
+            epoch = self.epoch
+            return ((index, epoch, position) for position, index in enumerate(order))
+        return iter(order)
 
     def __len__(self) -> int:
         total = int(self.length if self.length is not None else self.interleaving.total)

@@ -11,7 +11,13 @@ One record per sample::
                 {"modality": "dmri", "path": ["sub-001_FA.nii.gz", "sub-001_MD.nii.gz"]}],
      "conversation": [{"role": "user", "content": "<image>\\n<image>\\nDescribe both scans."},
                       {"role": "assistant", "content": "..."}],
-     "phenotypes": {"age": 63, "sex": "F"}}   # optional
+     "phenotypes": {"age": 63, "sex": "F"},   # optional
+     "laterality": "swap",                    # optional: refuse | swap | ignore
+     "forbid_augment": ["spatial"]}           # optional: names, or spatial
+
+``laterality`` and ``forbid_augment`` say what augmentation may do to the
+record's images (:attr:`~umbrella_core.types.StudyRecord.laterality`,
+:attr:`~umbrella_core.types.StudyRecord.forbid_augment`).
 
 A ``.jsonl`` file holds one record per line; a ``.json`` file holds a list of
 records or ``{"study": NAME, "records": [...]}``. Relative image paths are
@@ -140,6 +146,8 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
         study=str(obj.get("study", study)),
         phenotypes=dict(obj.get("phenotypes", {})),
         source=where,
+        laterality=_laterality(obj, where),
+        forbid_augment=_names(obj, "forbid_augment", where),
     )
     check_record(record)
     return record
@@ -157,6 +165,28 @@ def _optional_text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
             field=key,
         )
     return str(value)
+
+
+def _laterality(obj: Mapping[str, Any], where: str) -> str | None:
+    value = obj.get("laterality")
+    if value is None or value in ("refuse", "swap", "ignore"):
+        return value
+    raise DataError(
+        f"{where}: field 'laterality' must be refuse, swap or ignore, got {value!r}",
+        source=where,
+        field="laterality",
+    )
+
+
+def _names(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = obj.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise DataError(
+            f"{where}: field {key!r} must be a name or a list of names", source=where, field=key
+        )
+    return tuple(value)
 
 
 def check_record(record: StudyRecord) -> None:

@@ -39,11 +39,13 @@ def _to_json(record: StudyRecord) -> list[Any]:
         record.site,
         dict(record.phenotypes),
         record.source,
+        record.laterality,
+        list(record.forbid_augment),
     ]
 
 
 def _from_json(data: list[Any]) -> StudyRecord:
-    subject, images, turns, study, session, split, family, site, phenotypes, source = data
+    subject, images, turns, study, session, split, family, site, phenotypes, source = data[:10]
     return StudyRecord(
         subject=subject,
         images=[ImageRef(modality=modality, paths=paths) for modality, paths in images],
@@ -55,6 +57,8 @@ def _from_json(data: list[Any]) -> StudyRecord:
         site=site,
         phenotypes=phenotypes,
         source=source,
+        laterality=data[10],
+        forbid_augment=data[11],
     )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from umbrella_core.testing.conformance import (
     ConformanceError,
+    check_augment_presets,
     check_entry_point,
     check_light_import,
     check_loader,
@@ -57,6 +58,7 @@ from umbrella_core.testing.study_conformance import (
 
 __all__ = [
     "ConformanceError",
+    "check_augment_presets",
     "check_entry_point",
     "check_light_import",
     "check_loader",

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from umbrella_core.errors import UmbrellaError
 from umbrella_core.types import Demo, ModalitySpec, PhantomFile, Windows
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "check_loader",
     "check_phantom_round_trip",
     "check_patch_embedder",
+    "check_augment_presets",
     "check_modality_plugin",
     "check_light_import",
     "write_phantom",
@@ -435,6 +437,24 @@ def check_patch_embedder(
     return module
 
 
+def check_augment_presets(plugin: object, spec: ModalitySpec) -> None:
+    """Each of ``spec``'s augmentation presets builds (with the plugin's own augmentations
+    and MONAI's) and keeps the input's shape; none mirrors left and right by itself."""
+    from umbrella_core.augmentation import build_pipelines
+
+    offered = {a.name: a for r in _hooks(plugin).umbrella_augmentations() for a in r or ()}
+    for preset in spec.augment_presets:
+        try:
+            pipelines = build_pipelines({spec.name: preset}, {spec.name: spec}, offered)
+        except UmbrellaError as exc:
+            raise ConformanceError(f"modality {spec.name!r}, preset {preset!r}: {exc}") from exc
+        _require(
+            not any(p.can_mirror for p in pipelines.values()),
+            f"modality {spec.name!r}: preset {preset!r} can mirror or turn left and right; "
+            "keep side-changing transforms out of presets (answers may name a side)",
+        )
+
+
 def check_modality_plugin(
     plugin: object,
     folder: str | os.PathLike[str],
@@ -465,6 +485,7 @@ def check_modality_plugin(
     for spec in specs:
         spec = spec.for_demo() if demo else spec
         check_patch_embedder(plugin, spec, hidden_size=hidden_size)
+        check_augment_presets(plugin, spec)
         if spec.demo is not None and spec.demo.phantom is not None:
             check_phantom_round_trip(
                 spec, Path(folder) / spec.name, label_of=(label_of or {}).get(spec.name)

@@ -44,6 +44,8 @@ class Prepared:
     #: Reported by the table at the end: the test records (the validation
     #: records where there are none; then ``test_set is eval_set``).
     test_set: RecordDataset | None = None
+    #: Modality -> its augmentation of training images (umbrella_core.augmentation).
+    augment: dict[str, Any] = attrs.field(factory=dict)
 
 
 def held_out_sets(

@@ -13,6 +13,7 @@ from typing import Any
 
 import attrs
 
+from umbrella_core.augmentation import run_pipelines
 from umbrella_core.config import RunConfig
 from umbrella_core.data.dataset import RecordDataset, group_records
 from umbrella_core.data.packed import ready_for_workers
@@ -104,6 +105,8 @@ def prepare(
     if problems:
         log(f"skipping {len(problems)} bad sample(s) (data.on_bad=skip); first: {problems[0]}")
     data = attrs.evolve(data, per_study=per_study)
+    # Before the model: a refused augmentation costs seconds, not a model load.
+    augment = run_pipelines(config, pm, specs, (r for rs in per_study for r in rs), log)
 
     terms = pm.loss_terms(tuple(specs), dict(config.loss))
     started = start_model(config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed)
@@ -178,6 +181,7 @@ def prepare(
         base_is_random=is_random,
         trainable_reason=started.reason,
         start_kind=started.kind,
+        augment=augment,
     )
 
 
@@ -294,6 +298,7 @@ def _train(
     from torch.utils.data import ConcatDataset
     from torch.utils.tensorboard import SummaryWriter
 
+    from umbrella_core.data.augmented import AugmentedDataset, log_augmented_slices
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.interleave import Interleaving
     from umbrella_core.evaluation.engine import evaluate_dataset, index_questions
@@ -346,10 +351,18 @@ def _train(
         "base_model": config.model.base,
     }
     evaluating = check_evaluation(args, prep, log)
+    train_dataset = ConcatDataset(prep.train_sets)
+    if prep.augment:  # the training samples only: held-out ones are read as they are
+        train_dataset = AugmentedDataset(
+            prep.train_sets, prep.augment, seed=t.seed, laterality=config.data.laterality
+        )
+        if main_process and "tensorboard" in t.report_to:
+            with SummaryWriter(str(logging_dir)) as writer:
+                log_augmented_slices(writer, train_dataset)
     trainer = UmbrellaTrainer(
         model=prep.model,
         args=args,
-        train_dataset=ConcatDataset(prep.train_sets),
+        train_dataset=train_dataset,
         eval_dataset=prep.eval_set if evaluating else None,
         data_collator=collator,
         processing_class=prep.tokenizer,

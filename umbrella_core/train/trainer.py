@@ -122,6 +122,8 @@ class UmbrellaTrainer(Trainer):
             * args.world_size
             * args.gradient_accumulation_steps,
             batching=self.batching,
+            # An augmented dataset seeds each sample from its epoch and position.
+            draws=getattr(self.train_dataset, "wants_draws", False),
         )
         return self._interleaved_sampler
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core import Demo, ModalitySpec, PhantomFile, hookimpl
+from umbrella_core import Augmentation, Demo, ModalitySpec, PhantomFile, hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -40,6 +40,21 @@ def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[Ph
     return make_dmri_phantom(rng, label)
 
 
+#: ``data.augment.dmri: light``: head pose and size as for T1, FA's protocol
+#: dependence (RandFAScale, below) and a little noise. Both maps move alike.
+LIGHT = (
+    {
+        "name": "RandAffine",
+        "prob": 0.5,
+        "rotate_range": (0.1, 0.1, 0.1),
+        "scale_range": (0.05, 0.05, 0.05),
+        "translate_range": (3, 3, 3),
+        "padding_mode": "zeros",
+    },
+    {"name": "RandFAScale", "prob": 0.3, "factors": 0.05},
+    {"name": "RandGaussianNoise", "prob": 0.3, "std": 0.03},
+)
+
 DMRI = ModalitySpec(
     name="dmri",
     ndim=3,
@@ -64,9 +79,28 @@ DMRI = ModalitySpec(
     aliases=("dwi", "dti", "diffusion"),
     file_patterns=("*_FA.nii.gz", "*_MD.nii.gz", "*_FA.nii", "*_MD.nii"),
     description="Diffusion MRI as FA and MD maps (2 channels), RAS, resampled, normalised per map",
+    augment_presets={"light": LIGHT},
 )
 
 
 @hookimpl
 def umbrella_modalities() -> list[ModalitySpec]:
     return [DMRI]
+
+
+def _fa_scale(**arguments: Any) -> Any:
+    from umbrella_dmri.augment import RandFAScale  # MONAI: imported only when used
+
+    return RandFAScale(**arguments)
+
+
+@hookimpl
+def umbrella_augmentations() -> list[Augmentation]:
+    return [
+        Augmentation(
+            name="RandFAScale",
+            build=_fa_scale,
+            modalities=("dmri",),
+            description="FA scaled on its absolute scale (protocol, b-value, SNR), MD untouched",
+        )
+    ]

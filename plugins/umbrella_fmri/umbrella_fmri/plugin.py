@@ -128,6 +128,22 @@ def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[Ph
     return make_bold_phantom(rng, label, frames=2 * spec.shape[3])
 
 
+#: ``data.augment.fmri: light``: a small head displacement (2.9°, 2 voxels),
+#: the same for every frame of a window (frames are augmented as channels),
+#: and a little noise and gain, as between sessions. Motion within a window
+#: is left out: it is the artefact preprocessing removes.
+LIGHT = (
+    {
+        "name": "RandAffine",
+        "prob": 0.5,
+        "rotate_range": (0.05, 0.05, 0.05),
+        "translate_range": (2, 2, 2),
+        "padding_mode": "border",
+    },
+    {"name": "RandScaleIntensity", "prob": 0.3, "factors": 0.1},
+    {"name": "RandGaussianNoise", "prob": 0.3, "std": 0.05},
+)
+
 FMRI = ModalitySpec(
     name="fmri",
     ndim=4,
@@ -155,6 +171,7 @@ FMRI = ModalitySpec(
     aliases=("bold", "rsfmri", "func"),
     file_patterns=("*_bold.nii.gz", "*_bold.nii"),
     description="BOLD fMRI: a window of frames of a 4D series, RAS, resampled, z-scored per voxel",
+    augment_presets={"light": LIGHT},
 )
 
 

@@ -49,6 +49,23 @@ def phantom(spec: ModalitySpec, rng: np.random.Generator, label: str) -> list[Ph
     return make_t1_phantom(rng, label)
 
 
+#: ``data.augment.t1: light``: head pose and size (5.7°, 5 %, 3 voxels) as
+#: positioning varies, scanner bias field, contrast and noise. No flip: the
+#: hemispheres are not interchangeable (see umbrella_core.augmentation).
+LIGHT = (
+    {
+        "name": "RandAffine",
+        "prob": 0.5,
+        "rotate_range": (0.1, 0.1, 0.1),
+        "scale_range": (0.05, 0.05, 0.05),
+        "translate_range": (3, 3, 3),
+        "padding_mode": "border",
+    },
+    {"name": "RandBiasField", "prob": 0.3, "coeff_range": (0.0, 0.1)},
+    {"name": "RandAdjustContrast", "prob": 0.3, "gamma": (0.8, 1.25)},
+    {"name": "RandGaussianNoise", "prob": 0.3, "std": 0.05},
+)
+
 T1 = ModalitySpec(
     name="t1",
     ndim=3,
@@ -72,6 +89,7 @@ T1 = ModalitySpec(
     aliases=("t1w", "smri", "anat"),
     file_patterns=("*_T1w.nii.gz", "*_T1w.nii"),
     description="T1-weighted structural MRI: one 3D volume, RAS, 1.5 mm, head-centred, normalised",
+    augment_presets={"light": LIGHT},
 )
 
 

@@ -1,0 +1,125 @@
+"""Training records whose answers name a side, and augmentation that mirrors (since 0.3).
+
+See :mod:`umbrella_core.augmentation` for what each laterality means.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from umbrella_core.errors import ConfigError
+from umbrella_core.types import StudyRecord
+
+# The pipelines and their steps are umbrella_core.augmentation's Pipeline and
+# AugmentStep, which imports this module: they are typed Any here.
+
+__all__ = ["LATERALITY", "check_laterality", "effective_laterality", "mentions_side", "swap_sides"]
+
+LATERALITY = ("refuse", "swap", "ignore")
+
+_SIDE = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def mentions_side(record: StudyRecord) -> str | None:
+    """The first turn of ``record`` that names a side (left or right), else None."""
+    for turn in record.turns:
+        if _SIDE.search(turn.content):
+            return turn.content
+    return None
+
+
+def effective_laterality(record: StudyRecord, by_study: Mapping[str, str]) -> str:
+    """``refuse``, ``swap`` or ``ignore``: the record's own (its reader knows its task), else
+    ``data.laterality.<study>``, else ``refuse`` when a turn names a side."""
+    chosen = record.laterality or by_study.get(record.study)
+    if chosen is not None:
+        return chosen
+    return "refuse" if mentions_side(record) is not None else "ignore"
+
+
+def _swapped(match: re.Match[str]) -> str:
+    word = match.group(0)
+    other = "right" if word.lower() == "left" else "left"
+    if word.isupper():
+        return other.upper()
+    return other.capitalize() if word[0].isupper() else other
+
+
+def swap_sides(text: str) -> str:
+    """``text`` with left and right swapped (case kept): the answer of a mirrored image."""
+    return _SIDE.sub(_swapped, text)
+
+
+def check_laterality(
+    pipelines: Mapping[str, Any],
+    records: Sequence[StudyRecord],
+    by_study: Mapping[str, str],
+) -> None:
+    """Refuse what would silently change a training record's answer (ConfigError).
+
+    A mirror or turn for a record whose laterality is ``refuse``, a turn for
+    one whose laterality is ``swap`` (no rewrite follows a turn), and ``swap``
+    for a record with several images of which some could be mirrored (its text
+    cannot be both). Steps a record's ``forbid_augment`` names are skipped for
+    its images, so they are not held against it.
+    """
+    for study, value in by_study.items():
+        if value not in LATERALITY:
+            raise ConfigError(
+                f"data.laterality.{study}: expected one of {', '.join(LATERALITY)}, got {value!r}"
+            )
+    for record in records:
+        # A step the record forbids never touches its images (skipped for them).
+        sided = [
+            s
+            for image in record.images
+            for s in _steps_of(pipelines, image.modality)
+            if s.sides != "keep" and not s.forbidden_by(record.forbid_augment)
+        ]
+        if not sided:
+            continue
+        laterality = effective_laterality(record, by_study)
+        if laterality == "ignore":
+            continue
+        step = next((s for s in sided if s.sides == "turn"), sided[0])
+        if laterality == "swap" and step.sides == "mirror":
+            if len(record.images) == 1:
+                continue
+            raise ConfigError(
+                f"{step.key}: {step.name} mirrors each image on its own, and {_where(record)} "
+                "has several: laterality swap cannot rewrite an answer about images mirrored "
+                "differently; leave the transform out for such studies"
+            )
+        what = (
+            "can mirror left and right"
+            if step.sides == "mirror"
+            else "can turn the left-right axis onto another"
+        )
+        named = mentions_side(record)
+        if record.laterality is not None:
+            why, fix = f"declares laterality {record.laterality} (its reader's word)", ""
+        elif by_study.get(record.study):
+            why, fix = f"is in a study set to {laterality} (data.laterality)", ""
+        else:
+            why = f"names a side ({named[:60]!r})" if named else f"has laterality {laterality}"
+            fix = f"set data.laterality.{record.study}: " + (
+                "swap to swap left and right in a mirrored sample's turns, or ignore if the "
+                "answers do not depend on the side; or "
+                if step.sides == "mirror"
+                else "ignore if the answers do not depend on the side; or "
+            )
+        raise ConfigError(
+            f"{step.key}: {step.name} {what}, which would change the answer of "
+            f"{_where(record)}, which {why}; {fix}leave the transform out"
+        )
+
+
+def _steps_of(pipelines: Mapping[str, Any], modality: str) -> tuple[Any, ...]:
+    pipeline = pipelines.get(modality)
+    return pipeline.steps if pipeline is not None else ()
+
+
+def _where(record: StudyRecord) -> str:
+    return f"study {record.study}'s record {record.source or record.subject}"
