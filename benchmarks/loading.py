@@ -21,6 +21,16 @@ and bias field, int16, 160x192x160, 1 mm):
       built and saved), (g3) any later one (saved statistics and index; nothing
       is held in memory between reads, so each is a first read in a process);
       (g4) decoding only: its 24 frames through the saved index, and the whole file
+  (h) augmentation (``data.augment``) of one sample, per worker (1 thread): the
+      t1 ``light`` preset on (d)'s 128^3 tensor as configured (each step at its
+      ``prob``; the mean over draws, what a worker pays per sample), (h1) the
+      same with every step firing, and each step's own cost, and (h2) an
+      augmented sample from the cache, (d) then (h) (mean); (h3) the fmri
+      ``light`` preset on one 24-frame window, (e)'s, as configured (mean)
+  (i) a DataLoader with 4 worker processes (forked, 1 thread each, batches of
+      2) over the files, ``--repeats`` + 1 passes an epoch: augmented t1 samples
+      per second in the second epoch (the workers started), from the cache, (i1)
+      the same not augmented, (i2) augmented from the ``.nii.gz`` (no cache)
 
 (b), (c), (d) and (d1) produce a (1, 128, 128, 128) float32 tensor. Each
 pipeline runs over every file, ``--repeats`` times, interleaved, after one
@@ -40,6 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -157,6 +168,127 @@ def fmri_partial(folder: Path, repeats: int) -> dict[str, float]:
     }
 
 
+def augmentation(paths: list[str], spec: object, cache: object, repeats: int) -> dict[str, float]:
+    """Times of (h) and (h2) (means), (h1) and its steps (medians), over the cached tensors."""
+    import copy
+
+    import torch
+
+    from umbrella_core.augmentation import build_pipelines
+    from umbrella_core.data.dataset import load_image
+    from umbrella_core.plugins import get_plugin_manager
+
+    offered = get_plugin_manager().augmentations()
+    light = build_pipelines({"t1": "light"}, {"t1": spec}, offered)["t1"]
+    fired = copy.deepcopy(light)
+    for step in fired.steps:
+        step.transform.prob = 1.0
+    tensors = [torch.as_tensor(load_image(spec, (p,), cache=cache)) for p in paths]
+    times: dict[str, list[float]] = {"h": [], "h1": [], "h2": []}
+    times.update({f"h1 {step.name}": [] for step in fired.steps})
+
+    def timed(key: str, run, *arguments) -> None:
+        start = time.perf_counter()
+        run(*arguments)
+        times[key].append(time.perf_counter() - start)
+
+    def from_cache(path: str, seed: tuple[int, ...]) -> None:
+        light.apply(load_image(spec, (path,), cache=cache), seed)
+
+    draw = 0
+    for _ in range(repeats * 2):
+        for path, tensor in zip(paths, tensors, strict=True):
+            draw += 1
+            seed = (0, 0, draw, 0)
+            timed("h", light.apply, tensor, seed)
+            timed("h1", fired.apply, tensor, seed)
+            timed("h2", from_cache, path, seed)
+            for step in fired.steps:
+                step.transform.set_random_state(draw)
+                timed(f"h1 {step.name}", step.transform, tensor)
+    medians = {key: statistics.median(t) for key, t in times.items()}
+    # Each step fires with its prob: a worker's cost per sample is the mean over draws.
+    means = {"h": statistics.fmean(times["h"]), "h2": statistics.fmean(times["h2"])}
+    return medians | means | {"h median": medians["h"]}
+
+
+def fmri_augmentation(folder: Path, repeats: int) -> float:
+    """Median time of the fmri ``light`` preset on (e)'s cached windows."""
+    import torch
+
+    from umbrella_core.augmentation import build_pipelines
+    from umbrella_core.data.cache import PreprocessedCache
+    from umbrella_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    spec = pm.resolve_modality("fmri").item
+    light = build_pipelines({"fmri": "light"}, {"fmri": spec}, pm.augmentations())["fmri"]
+    cache = PreprocessedCache(folder / "fmri-cache", {"fmri": "bench"})
+    path = str(folder / "sub-01_task-rest_bold.nii.gz")  # fmri_windows wrote it
+    count = spec.window_count(240)
+    windows = [torch.as_tensor(cache.window(spec, (path,), w)) for w in range(count)]
+    times = []
+    for draw in range(repeats * 8):
+        start = time.perf_counter()
+        light.apply(windows[draw % count], (0, 0, draw, 0))
+        times.append(time.perf_counter() - start)
+    return statistics.fmean(times)  # the mean over draws, as (h)
+
+
+class _Samples:
+    """t1 samples for (i): from the cache or the .nii.gz, augmented or not, 1 thread each."""
+
+    def __init__(self, paths: list[str], spec: object, cache_dir: Path | None, light: object):
+        self.paths, self.spec, self.cache_dir, self.light = paths, spec, cache_dir, light
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, draw: int) -> object:
+        import torch
+
+        from umbrella_core.data.cache import PreprocessedCache
+        from umbrella_core.data.dataset import load_image
+
+        torch.set_num_threads(1)
+        cache = PreprocessedCache(self.cache_dir, {"t1": "bench"}) if self.cache_dir else None
+        image = torch.as_tensor(load_image(self.spec, (self.paths[draw],), cache=cache))
+        return self.light.apply(image, (0, 0, draw, 0))[0] if self.light else image
+
+
+def loader_rates(paths: list[str], spec: object, cache_dir: Path, repeats: int) -> dict[str, float]:
+    """Samples per second of (i), (i1), (i2): an epoch of 4 forked workers, after a first one."""
+    from torch.utils.data import DataLoader
+
+    from umbrella_core.augmentation import build_pipelines
+    from umbrella_core.plugins import get_plugin_manager
+
+    light = build_pipelines({"t1": "light"}, {"t1": spec}, get_plugin_manager().augmentations())
+    # 4 workers on a smaller machine: torch warns; the rate then says what that machine gives.
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    rates = {}
+    for key, dataset in (
+        ("i", _Samples(paths, spec, cache_dir, light["t1"])),
+        ("i1", _Samples(paths, spec, cache_dir, None)),
+        ("i2", _Samples(paths, spec, None, light["t1"])),
+    ):
+        loader = DataLoader(
+            dataset,
+            batch_size=2,
+            num_workers=4,
+            persistent_workers=True,
+            sampler=list(range(len(paths))) * (repeats + 1),
+            multiprocessing_context="fork",
+        )
+        for _ in loader:  # a first epoch starts the (persistent) workers
+            pass
+        start, samples = time.perf_counter(), 0
+        for batch in loader:
+            samples += len(batch)
+        rates[key] = samples / (time.perf_counter() - start)
+    return rates
+
+
 def checksums(entry: Path, repeats: int) -> dict[str, float]:
     """Median times of hashing one cached entry's array (memory-mapped, in the page cache)."""
     import hashlib
@@ -232,8 +364,11 @@ def main() -> None:
         assert cache.stats.misses == len(paths), "the cache missed after warm-up"
         entry = next((folder / "cache" / "t1").glob("*.npy"))
         hash_times = checksums(entry, args.repeats)
+        augment = augmentation(paths, spec, cache, args.repeats)
+        augment.update(loader_rates(paths, spec, folder / "cache", args.repeats))
         window_times, series_times = fmri_windows(folder, args.repeats)
         partial = fmri_partial(folder, args.repeats)
+        augment["h3"] = fmri_augmentation(folder, args.repeats)
     medians = {name: statistics.median(t) for name, t in times.items()}
     e_window, e_series = statistics.median(window_times), statistics.median(series_times)
     a, b = medians["(a) nibabel plain decode"], medians["(b) MONAI pipeline"]
@@ -275,6 +410,22 @@ def main() -> None:
         f" ms, the whole file {partial['g4 file'] * 1000:.1f} ms "
         f"({partial['g4 frames'] / partial['g4 file']:.1%})",
     ]
+    fired = ", ".join(f"{k[3:]} {v * 1000:.0f}" for k, v in augment.items() if k.startswith("h1 "))
+    lines += [
+        "- (h) t1 `light` augmentation of one 128^3 sample, as configured (mean over draws; "
+        f"median {augment['h median'] * 1000:.1f} ms): {augment['h'] * 1000:.1f} ms = "
+        f"{augment['h'] / a:.2f}x (a), {augment['h'] / c:.2f}x (c) (target: below (a), "
+        f"decoding the .nii.gz); (h1) every step firing: {augment['h1'] * 1000:.1f} ms "
+        f"({augment['h1'] / a:.2f}x (a); per step, ms: {fired}); (h2) from the cache, "
+        f"augmented: {augment['h2'] * 1000:.1f} ms = {augment['h2'] / c:.2f}x (c)",
+        "- (h3) fmri `light` augmentation of one 24-frame window (mean): "
+        f"{augment['h3'] * 1000:.1f} ms (its read from the cache, (e): {e_window * 1000:.2f} ms)",
+        f"- (i) 4 forked DataLoader workers, batches of 2: {augment['i']:.1f} augmented t1 "
+        f"samples/s from the cache, (i1) {augment['i1']:.1f} not augmented, (i2) "
+        f"{augment['i2']:.1f} augmented from the .nii.gz: with the cache the loader keeps "
+        f"ahead of any step slower than {1000 / augment['i']:.0f} ms per sample",
+    ]
+    medians.update({f"({key})": value for key, value in augment.items()})
     medians["(e) window"], medians["(e) series"] = e_window, e_series
     medians.update({f"({key})": value for key, value in partial.items()})
     medians.update({f"(f) {name}": t for name, t in hash_times.items()})

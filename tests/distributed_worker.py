@@ -9,7 +9,10 @@ the single-process run gets the same global batches (twice the per-device
 batch). Rank 0 writes the final weights to ``OUT/weights.safetensors`` and the
 per-step losses to ``OUT/losses.json``. With ``--check-sampler`` each rank
 also writes the sample indices its real DataLoader (2 workers) yields in one
-epoch of the default interleaved sampler to ``OUT/drawn-RANK.json``.
+epoch of the default interleaved sampler to ``OUT/drawn-RANK.json``. With
+``--augment`` the training images are augmented (the ``light`` preset of each
+modality plus a noise step that always fires), each drawn by its position in
+the fixed order, as the interleaved sampler's draws are.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from torch.utils.data import ConcatDataset
 
 from umbrella_core.config import load_config
+from umbrella_core.data.augmented import AugmentedDataset
 from umbrella_core.data.collate import UmbrellaCollator
 from umbrella_core.data.interleave import Interleaving
 from umbrella_core.data.studies import read_studies
@@ -38,10 +42,13 @@ PER_DEVICE = 2
 
 
 class FixedOrder(torch.utils.data.Sampler):
-    def __init__(self, order: list[int]) -> None:
+    def __init__(self, order: list[int], draws: bool = False) -> None:
         self.order = order
+        self.draws = draws
 
     def __iter__(self):
+        if self.draws:  # as InterleavedSampler(draws=True) yields them: (index, epoch, position)
+            return iter([(index, 0, position) for position, index in enumerate(self.order)])
         return iter(self.order)
 
     def __len__(self) -> int:
@@ -52,7 +59,7 @@ class FixedOrderTrainer(UmbrellaTrainer):
     order: list[int] = []
 
     def _get_train_sampler(self, train_dataset=None):
-        return FixedOrder(self.order)
+        return FixedOrder(self.order, draws=getattr(self.train_dataset, "wants_draws", False))
 
 
 class IndexedDataset(ConcatDataset):
@@ -74,6 +81,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--deepspeed", default="")
     parser.add_argument("--check-sampler", action="store_true")
+    parser.add_argument("--augment", action="store_true")
     cli = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     config = load_config(
@@ -92,6 +100,14 @@ def main() -> None:
             "trainer.eval_strategy=no",
             "trainer.progress=false",
             f"trainer.deepspeed={cli.deepspeed}",
+            *(
+                [
+                    f"data.augment.{m}=[light, {{name: RandGaussianNoise, prob: 1.0, std: 0.1}}]"
+                    for m in ("t1", "dmri")
+                ]
+                if cli.augment
+                else []
+            ),
         ],
     )
     args = training_arguments(config, cli.out / "run")
@@ -120,10 +136,15 @@ def main() -> None:
             seen_modalities.append(sorted(inputs["pixel_values"]))
             return super().compute_loss(model, inputs, *rest, **kwargs)
 
+    if cli.augment:
+        assert set(prep.augment) == {"t1", "dmri"}
+        train_dataset = AugmentedDataset(sets, prep.augment, seed=config.trainer.seed)
+    else:
+        train_dataset = ConcatDataset(sets)
     trainer = Recording(
         model=prep.model,
         args=args,
-        train_dataset=ConcatDataset(sets),
+        train_dataset=train_dataset,
         data_collator=collator,
         processing_class=prep.tokenizer,
         interleaving=Interleaving([len(s) for s in sets]),

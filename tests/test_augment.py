@@ -315,6 +315,7 @@ def _augmented_draws(dataset, sampler, *, workers=0, ranks=1, threads=None):
     return got
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers, 2 cores
 def test_augmentation_is_the_same_with_any_workers_ranks_and_threads(pm, specs, anatomical):
     records = [_record(i, f"{40 + i} years", path=anatomical) for i in range(8)]
     light = _pipelines(pm, specs, "t1=[light, {name: RandAffine, prob: 1.0, rotate_range: 0.2}]")
@@ -324,7 +325,7 @@ def test_augmentation_is_the_same_with_any_workers_ranks_and_threads(pm, specs, 
     alone = _augmented_draws(dataset, sampler)
     assert sorted(alone) == list(range(8))
     for other in (
-        _augmented_draws(dataset, sampler, workers=2),
+        _augmented_draws(dataset, sampler, workers=4),
         _augmented_draws(dataset, sampler, ranks=2),
         _augmented_draws(dataset, sampler, threads=1),
     ):
@@ -337,6 +338,24 @@ def test_augmentation_is_the_same_with_any_workers_ranks_and_threads(pm, specs, 
     sampler.set_epoch(2)
     again = _augmented_draws(dataset, sampler)
     assert all(not torch.equal(again[p], alone[p]) for p in range(8))
+
+
+def test_rand_affine_is_monais_own_resampled_in_float32(pm, specs, anatomical):
+    from monai.transforms import RandAffine
+
+    image = _dataset(specs, [_record(0, "63 years", path=anatomical)])[0]["images"][0][1]
+    arguments = {"prob": 1.0, "rotate_range": 0.2, "translate_range": 2, "scale_range": 0.1}
+    shown = ", ".join(f"{k}: {v}" for k, v in arguments.items())
+    (step,) = _pipelines(pm, specs, f"t1=[{{name: RandAffine, {shown}}}]")["t1"].steps
+    assert step.transform.resampler.dtype == torch.float32  # MONAI's default is float64
+    reference = RandAffine(**arguments)
+    spread = float(image.max() - image.min())
+    for seed in range(3):
+        step.transform.set_random_state(seed)
+        reference.set_random_state(seed)
+        ours, theirs = step.transform(image), reference(image)
+        assert ours.dtype == torch.float32 and not torch.allclose(ours, image, atol=0.1)
+        assert float((ours - theirs).abs().max()) <= 1e-4 * spread
 
 
 def test_a_sample_drawn_twice_in_an_epoch_is_augmented_twice_differently(pm, specs, anatomical):

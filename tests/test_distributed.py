@@ -102,6 +102,21 @@ def test_ddp_equals_one_process_over_the_same_global_batches(tmp_path, env, sing
     assert sorted(first + second) == list(range(drawn[0]["total"]))
 
 
+def test_ddp_augments_each_draw_as_one_process_does(tmp_path, env, single):
+    # Augmentation is drawn from (seed, epoch, position), never from a rank's
+    # state: rank r's half of each global batch is augmented as the single
+    # process augments the same draws, so the runs train alike.
+    alone, ddp = tmp_path / "alone", tmp_path / "ddp"
+    _run(alone, env, "--augment", ranks=1)
+    _run(ddp, env, "--augment")
+    losses = json.loads((ddp / "losses.json").read_text())
+    assert losses == pytest.approx(json.loads((alone / "losses.json").read_text()), rel=1e-5)
+    assert _max_difference(ddp, alone) < 1e-4
+    # ... and the augmentation did reach the model: not the unaugmented run's losses.
+    plain = json.loads((single / "losses.json").read_text())
+    assert all(abs(a - b) > 1e-4 for a, b in zip(losses, plain, strict=True))
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_zero_completes_with_ranks_on_different_modalities(tmp_path, env, single, stage):
     out = tmp_path / stage
