@@ -248,6 +248,18 @@ def test_the_demo_refuses_a_flip_before_any_model_is_built(pm, tmp_path, monkeyp
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_validate_refuses_a_bad_augmentation_before_reading_any_study(tmp_path, capsys):
+    from umbrella_core.cli import main
+
+    manifest = tmp_path / "cohort.jsonl"
+    manifest.write_text("")  # never read: the setting is refused first
+    setting = "data.augment.t1=[{name: RandAffine, rotate_rang: 0.1}]"
+    assert main(["validate", str(manifest), "--set", setting]) == 2
+    err = capsys.readouterr().err
+    assert "data.augment.t1[0]: RandAffine takes no argument 'rotate_rang'" in err
+    assert "cohort.jsonl" not in err
+
+
 def test_swap_sides_keeps_case_and_whole_words():
     assert swap_sides("Left lesion, right? LEFT. leftover, Wright") == (
         "Right lesion, left? RIGHT. leftover, Wright"

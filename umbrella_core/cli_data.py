@@ -44,6 +44,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from umbrella_core.augmentation import run_pipelines
     from umbrella_core.config import load_config
     from umbrella_core.data.header_index import HeaderIndex
     from umbrella_core.data.studies import plugin_versions, resolve_specs
@@ -62,6 +63,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
         )
     pm = get_plugin_manager()
     specs, provenance = resolve_specs(config, pm, demo=False)
+    # The run's augmentation is built as train builds it (names, arguments, shapes);
+    # which records a mirror would change, train judges: it knows the split.
+    run_pipelines(config, pm, specs, (), lambda _: None)
     # A conversation too long for the run is found here, not at its step 1.
     encode = record_encoder(config, specs)
     # Images decoded by an earlier validate (unchanged since) are not decoded again.
