@@ -181,6 +181,36 @@ def test_a_flip_along_x_is_refused_for_answers_that_name_a_side(pm, specs):
         check_laterality(flip_x, records, {"cohort": "maybe"})
 
 
+def test_a_swap_record_that_would_not_fit_with_its_sides_swapped_is_refused_at_start(pm, specs):
+    from umbrella_core.errors import DataError
+
+    config = load_config(
+        None,
+        [
+            "data.augment.t1=[{name: RandFlip, prob: 0.5, spatial_axis: 0}]",
+            "data.laterality.cohort=swap",
+        ],
+    )
+    encoded = []
+
+    def encode(record):  # "right" is one byte longer than "left": over by one, as at the limit
+        encoded.append(record.turns[-1].content)
+        if "right" in record.turns[-1].content:
+            raise DataError(f"{record.source}: 1025 tokens, over model.max_length 1024")
+
+    records = [_record(0, "left"), _record(1, "63 years")]
+    with pytest.raises(ConfigError) as caught:
+        run_pipelines(config, pm, specs, records, lambda _: None, encode=encode)
+    assert str(caught.value) == (
+        "data.augment.t1[0]: RandFlip mirrors study cohort's record cohort.jsonl:1, whose turns "
+        "with left and right swapped do not fit: cohort.jsonl:1: 1025 tokens, over "
+        "model.max_length 1024"
+    )
+    # Only a record whose text a swap changes is encoded again.
+    assert encoded == ["right"]
+    run_pipelines(config, pm, specs, records[1:], lambda _: None, encode=encode)
+
+
 def test_a_record_that_forbids_a_transform_skips_it_and_says_so(pm, specs, anatomical):
     config = load_config(
         None,

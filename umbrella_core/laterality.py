@@ -6,16 +6,25 @@ See :mod:`umbrella_core.augmentation` for what each laterality means.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from umbrella_core.errors import ConfigError
-from umbrella_core.types import StudyRecord
+import attrs
+
+from umbrella_core.errors import ConfigError, DataError
+from umbrella_core.types import StudyRecord, Turn
 
 # The pipelines and their steps are umbrella_core.augmentation's Pipeline and
 # AugmentStep, which imports this module: they are typed Any here.
 
-__all__ = ["LATERALITY", "check_laterality", "effective_laterality", "mentions_side", "swap_sides"]
+__all__ = [
+    "LATERALITY",
+    "check_laterality",
+    "check_swapped",
+    "effective_laterality",
+    "mentions_side",
+    "swap_sides",
+]
 
 LATERALITY = ("refuse", "swap", "ignore")
 
@@ -114,6 +123,39 @@ def check_laterality(
             f"{step.key}: {step.name} {what}, which would change the answer of "
             f"{_where(record)}, which {why}; {fix}leave the transform out"
         )
+
+
+def check_swapped(
+    pipelines: Mapping[str, Any],
+    records: Sequence[StudyRecord],
+    by_study: Mapping[str, str],
+    encode: Callable[[StudyRecord], Any],
+) -> None:
+    """Refuse a ``swap`` record whose turns, sides swapped, no longer fit the run (ConfigError).
+
+    ``right`` is longer than ``left`` in most tokenizers: a conversation at the
+    run's ``model.max_length`` would otherwise fail in a DataLoader worker, the
+    first time one of its images comes out mirrored.
+    """
+    for record in records:
+        mirrors = [
+            s
+            for image in record.images
+            for s in _steps_of(pipelines, image.modality)
+            if s.sides == "mirror" and not s.forbidden_by(record.forbid_augment)
+        ]
+        if not mirrors or effective_laterality(record, by_study) != "swap":
+            continue
+        turns = [Turn(role=t.role, content=swap_sides(t.content)) for t in record.turns]
+        if turns == list(record.turns):
+            continue
+        try:
+            encode(attrs.evolve(record, turns=turns))
+        except DataError as exc:
+            raise ConfigError(
+                f"{mirrors[0].key}: {mirrors[0].name} mirrors {_where(record)}, whose "
+                f"turns with left and right swapped do not fit: {exc}"
+            ) from None
 
 
 def _steps_of(pipelines: Mapping[str, Any], modality: str) -> tuple[Any, ...]:

@@ -80,10 +80,11 @@ def prepare(
     per_study, skipped, locations = data.per_study, data.skipped, data.locations
 
     lengths: dict[tuple[Any, ...], int] = {}
+    encode = record_encoder(config, specs)
     per_study, problems = screen_records(
         per_study,
         check=config.data.check,
-        encode=record_encoder(config, specs),
+        encode=encode,
         pm=pm,
         specs=specs,
         index=data.header_index,
@@ -106,7 +107,9 @@ def prepare(
         log(f"skipping {len(problems)} bad sample(s) (data.on_bad=skip); first: {problems[0]}")
     data = attrs.evolve(data, per_study=per_study)
     # Before the model: a refused augmentation costs seconds, not a model load.
-    augment = run_pipelines(config, pm, specs, (r for rs in per_study for r in rs), log)
+    augment = run_pipelines(
+        config, pm, specs, (r for rs in per_study for r in rs), log, encode=encode
+    )
 
     terms = pm.loss_terms(tuple(specs), dict(config.loss))
     started = start_model(config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed)
