@@ -1,4 +1,5 @@
-"""Training records whose answers name a side, and augmentation that mirrors (since 0.3).
+"""What augmentation may do to a training record's images (since 0.3): answers that name a
+side against transforms that mirror, and the steps a record's ``forbid_augment`` skips.
 
 See :mod:`umbrella_core.augmentation` for what each laterality means.
 """
@@ -6,7 +7,7 @@ See :mod:`umbrella_core.augmentation` for what each laterality means.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -15,7 +16,7 @@ from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import StudyRecord, Turn
 
 # The pipelines and their steps are umbrella_core.augmentation's Pipeline and
-# AugmentStep, which imports this module: they are typed Any here.
+# AugmentStep, whose builder imports this module: they are typed Any here.
 
 __all__ = [
     "LATERALITY",
@@ -23,7 +24,9 @@ __all__ = [
     "check_swapped",
     "effective_laterality",
     "mentions_side",
+    "skipped_steps",
     "swap_sides",
+    "swapped",
 ]
 
 LATERALITY = ("refuse", "swap", "ignore")
@@ -61,6 +64,12 @@ def swap_sides(text: str) -> str:
     return _SIDE.sub(_swapped, text)
 
 
+def swapped(record: StudyRecord) -> StudyRecord:
+    """``record`` with left and right swapped in every turn: the record of its mirrored images."""
+    turns = [Turn(role=t.role, content=swap_sides(t.content)) for t in record.turns]
+    return attrs.evolve(record, turns=turns)
+
+
 def check_laterality(
     pipelines: Mapping[str, Any],
     records: Sequence[StudyRecord],
@@ -80,13 +89,7 @@ def check_laterality(
                 f"data.laterality.{study}: expected one of {', '.join(LATERALITY)}, got {value!r}"
             )
     for record in records:
-        # A step the record forbids never touches its images (skipped for them).
-        sided = [
-            s
-            for image in record.images
-            for s in _steps_of(pipelines, image.modality)
-            if s.sides != "keep" and not s.forbidden_by(record.forbid_augment)
-        ]
+        sided = [s for s in _reaching(pipelines, record) if s.sides != "keep"]
         if not sided:
             continue
         laterality = effective_laterality(record, by_study)
@@ -138,19 +141,14 @@ def check_swapped(
     first time one of its images comes out mirrored.
     """
     for record in records:
-        mirrors = [
-            s
-            for image in record.images
-            for s in _steps_of(pipelines, image.modality)
-            if s.sides == "mirror" and not s.forbidden_by(record.forbid_augment)
-        ]
+        mirrors = [s for s in _reaching(pipelines, record) if s.sides == "mirror"]
         if not mirrors or effective_laterality(record, by_study) != "swap":
             continue
-        turns = [Turn(role=t.role, content=swap_sides(t.content)) for t in record.turns]
-        if turns == list(record.turns):
+        twin = swapped(record)
+        if twin.turns == record.turns:
             continue
         try:
-            encode(attrs.evolve(record, turns=turns))
+            encode(twin)
         except DataError as exc:
             raise ConfigError(
                 f"{mirrors[0].key}: {mirrors[0].name} mirrors {_where(record)}, whose "
@@ -158,9 +156,40 @@ def check_swapped(
             ) from None
 
 
+def skipped_steps(pipelines: Mapping[str, Any], records: Iterable[StudyRecord]) -> list[str]:
+    """One line per modality and step that some records' ``forbid_augment`` skips, counted."""
+    counts: dict[tuple[str, str], int] = {}
+    for record in records:
+        if not record.forbid_augment:
+            continue
+        skipped = {
+            (image.modality, step.name)
+            for image in record.images
+            for step in _steps_of(pipelines, image.modality)
+            if step.forbidden_by(record.forbid_augment)
+        }
+        for key in skipped:
+            counts[key] = counts.get(key, 0) + 1
+    return [
+        f"{modality}: {name} skipped for the images of {count} training record(s) "
+        "that forbid it (forbid_augment)"
+        for (modality, name), count in counts.items()
+    ]
+
+
 def _steps_of(pipelines: Mapping[str, Any], modality: str) -> tuple[Any, ...]:
     pipeline = pipelines.get(modality)
     return pipeline.steps if pipeline is not None else ()
+
+
+def _reaching(pipelines: Mapping[str, Any], record: StudyRecord) -> list[Any]:
+    """The steps that touch ``record``'s images: those it forbids are skipped for them."""
+    return [
+        step
+        for image in record.images
+        for step in _steps_of(pipelines, image.modality)
+        if not step.forbidden_by(record.forbid_augment)
+    ]
 
 
 def _where(record: StudyRecord) -> str:

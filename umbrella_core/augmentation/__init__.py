@@ -41,7 +41,7 @@ Held-out records are never augmented: only the training dataset is wrapped
 
 from __future__ import annotations
 
-from umbrella_core.augmentation.build import build_pipelines, run_pipelines, skipped_steps
+from umbrella_core.augmentation.build import build_pipelines, run_pipelines
 from umbrella_core.augmentation.values import (
     SIDES,
     SPATIAL,
@@ -58,7 +58,6 @@ __all__ = [
     "Pipeline",
     "build_pipelines",
     "run_pipelines",
-    "skipped_steps",
     "fold",
     "unfold",
     "SIDES",

@@ -25,7 +25,7 @@ from umbrella_core.augmentation.values import (
 from umbrella_core.errors import ConfigError, UmbrellaError
 from umbrella_core.types import ModalitySpec
 
-__all__ = ["build_pipelines", "run_pipelines", "skipped_steps"]
+__all__ = ["build_pipelines", "run_pipelines"]
 
 #: ``data.augment.<modality>`` values that mean no augmentation.
 _OFF = ("", "no", "off", "none", "false")
@@ -203,7 +203,7 @@ def run_pipelines(
     settings = {k: v for k, v in config.data.augment.items() if not _is_off(v)}
     if not settings:
         return {}
-    from umbrella_core.laterality import check_laterality, check_swapped
+    from umbrella_core.laterality import check_laterality, check_swapped, skipped_steps
 
     pipelines = build_pipelines(
         settings,
@@ -221,29 +221,3 @@ def run_pipelines(
     for line in skipped_steps(pipelines, training):
         log(line)
     return pipelines
-
-
-def _steps_of(pipelines: Mapping[str, Pipeline], modality: str) -> tuple[AugmentStep, ...]:
-    pipeline = pipelines.get(modality)
-    return pipeline.steps if pipeline is not None else ()
-
-
-def skipped_steps(pipelines: Mapping[str, Pipeline], records: Iterable[Any]) -> list[str]:
-    """One line per modality and step that some records' ``forbid_augment`` skips, counted."""
-    counts: dict[tuple[str, str], int] = {}
-    for record in records:
-        if not record.forbid_augment:
-            continue
-        skipped = {
-            (image.modality, step.name)
-            for image in record.images
-            for step in _steps_of(pipelines, image.modality)
-            if step.forbidden_by(record.forbid_augment)
-        }
-        for key in skipped:
-            counts[key] = counts.get(key, 0) + 1
-    return [
-        f"{modality}: {name} skipped for the images of {count} training record(s) "
-        "that forbid it (forbid_augment)"
-        for (modality, name), count in counts.items()
-    ]

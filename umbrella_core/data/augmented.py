@@ -19,12 +19,10 @@ import bisect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import attrs
 from torch.utils.data import ConcatDataset
 
 from umbrella_core.augmentation import Pipeline
-from umbrella_core.laterality import effective_laterality, swap_sides
-from umbrella_core.types import Turn
+from umbrella_core.laterality import effective_laterality, swapped
 
 __all__ = ["AugmentedDataset", "log_augmented_slices"]
 
@@ -79,11 +77,9 @@ class AugmentedDataset(ConcatDataset):
                 mirrored |= flipped
             images.append((modality, image))
         item["images"] = images
-        if mirrored:
-            if effective_laterality(record, self.laterality) == "swap":
-                turns = [Turn(role=t.role, content=swap_sides(t.content)) for t in record.turns]
-                encoded = dataset.encode(attrs.evolve(record, turns=turns))
-                item["input_ids"], item["labels"] = encoded.input_ids, encoded.labels
+        if mirrored and effective_laterality(record, self.laterality) == "swap":
+            encoded = dataset.encode(swapped(record))
+            item["input_ids"], item["labels"] = encoded.input_ids, encoded.labels
         return item
 
 
