@@ -88,15 +88,17 @@ def test_each_family_composes_trains_saves_and_loads_again(
 
     specs = {s.name: s for s in toy_specs}
     folder = language_models[family]
-    config = _config(f"model.language={folder}", "model.vision_hidden_size=32")
+    config = _config(
+        f"model.language={folder}", "model.vision_hidden_size=32", "model.trainable=projector"
+    )
     started = start_model(config, specs, toy_pm)
     model, tokenizer = started.model, started.tokenizer
-    # A fresh projector: stage 1 trains the embedders and the projector, and says why.
+    # LLaVA's stage 1: the embedders, the new projector and the fresh (random) vision body.
     assert (started.kind, started.trainable) == ("composed", "projector")
-    assert "new projector" in started.reason
     groups = model.parameter_groups()
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert trainable == {id(p) for g in ("embedders", "projector") for p in groups[g]}
+    assert groups["vision"]
+    assert trainable == {id(p) for g in ("embedders", "projector", "vision") for p in groups[g]}
 
     # The language model is the saved one, weight for weight, tied where the family ties.
     original = AutoModelForCausalLM.from_pretrained(folder)
@@ -119,6 +121,8 @@ def test_each_family_composes_trains_saves_and_loads_again(
     again = start_model(_config(f"model.base={tmp_path / 'ckpt'}"), specs, toy_pm)
     assert (again.kind, again.trainable) == ("checkpoint", "embedders")
     reloaded = again.model
+    # Stage 2 goes on from here: the vision body is still UMBRELLA's own.
+    assert reloaded.vision_is_new
     head = reloaded.llava.get_output_embeddings().weight
     assert (head is reloaded.llava.get_input_embeddings().weight) == TIED[family]
     with torch.no_grad():
@@ -243,7 +247,8 @@ def test_llava_checkpoints_of_each_layout_train_and_reload(layout, toy_specs, to
 
 def test_auto_trainable_follows_what_the_run_starts_from():
     assert auto_trainable("tiny")[0] == "full"
-    assert auto_trainable("composed")[0] == "projector"
+    # One run of a composed model (train() alone; umbrella train runs two stages).
+    assert auto_trainable("composed")[0] == "lora"
     assert auto_trainable("llava")[0] == "embedders"
     assert auto_trainable("checkpoint")[0] == "embedders"
 
@@ -283,3 +288,45 @@ def test_a_two_stage_recipe_composes_in_stage_one_and_goes_on_from_its_weights(t
     assert second.model.language == ""
     assert second.model.base == str(tmp_path / "stage-1" / "final")
     assert second.model.trainable == "lora"
+
+
+def test_a_composed_model_with_auto_trains_in_two_stages_by_default(tmp_path):
+    from umbrella_core.train.recipes import STAGE_ONE_SHARE, default_stages, stage_configs
+
+    config = load_config(
+        None,
+        ["model.language=/models/lm", f"trainer.output_dir={tmp_path}", "trainer.max_steps=60"],
+    )
+    first, second = stage_configs(default_stages(config))
+    assert (first.model.trainable, second.model.trainable) == ("projector", "lora")
+    assert first.trainer.max_steps == round(60 * STAGE_ONE_SHARE)
+    assert first.trainer.max_steps + second.trainer.max_steps == 60
+    assert second.model.base == str(tmp_path / "stage-1" / "final")
+    # Epochs split alike where they decide the length.
+    by_epochs = load_config(
+        None, ["model.language=/models/lm", "trainer.max_steps=0", "trainer.epochs=4"]
+    )
+    epochs = [c.trainer.epochs for c in stage_configs(default_stages(by_epochs))]
+    assert epochs == [4 * STAGE_ONE_SHARE, 4 * (1 - STAGE_ONE_SHARE)]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        [],  # the tiny model
+        ["model.language=/models/lm", "model.trainable=projector"],  # a choice made
+        ["model.language=/models/lm", 'stages=[{"model.trainable": lora}]'],  # a recipe given
+    ],
+)
+def test_other_runs_keep_the_plan_they_were_given(settings):
+    from umbrella_core.train.recipes import default_stages
+
+    config = load_config(None, settings)
+    assert default_stages(config) is config
+
+
+def test_two_stages_need_two_steps():
+    from umbrella_core.train.recipes import default_stages
+
+    with pytest.raises(ConfigError, match="at least 2 steps"):
+        default_stages(load_config(None, ["model.language=/models/lm", "trainer.max_steps=1"]))

@@ -314,7 +314,9 @@ def test_recipe_flag_runs_the_shipped_stages(monkeypatch, tmp_path):
 
     seen = {}
     # With stages the command line runs the recipe (which runs train() per stage).
-    monkeypatch.setattr(recipes, "run_stages", lambda config, pm: seen.setdefault("config", config))
+    monkeypatch.setattr(
+        recipes, "run_stages", lambda config, pm, **_: seen.setdefault("config", config)
+    )
     monkeypatch.setattr("umbrella_core.plugins.get_plugin_manager", lambda: None)
     assert cli.main(["train", "--recipe", "two-stage", "--output-dir", str(tmp_path)]) == 0
     assert seen["config"].stages == recipes.RECIPES["two-stage"]
@@ -479,6 +481,49 @@ def test_two_stage_recipe_runs_end_to_end_each_stage_from_the_previous(
     meta = json.loads((tmp_path / "stage-2" / "final" / "umbrella.json").read_text())
     assert meta["lora"]["r"] == 8
     assert meta["config"]["model"]["base"] == str(tmp_path / "stage-1" / "final")
+    # Where a one-stage run keeps it: the last stage's final/.
+    assert (tmp_path / "final").resolve() == (tmp_path / "stage-2" / "final").resolve()
+
+
+@pytest.mark.slow
+def test_umbrella_train_composes_in_two_stages_by_default(tmp_path, demo_env, capsys):
+    """``umbrella train --language DIR`` with the defaults: LLaVA's two stages, printed first;
+    the fresh vision body trains in both; generation then reads OUTPUT_DIR/final."""
+    from umbrella_core import cli
+    from umbrella_core.model.compose import compose
+    from umbrella_core.testing.families import save_tiny_language_model
+
+    folder = save_tiny_language_model(
+        "gemma3", tmp_path / "lm", vocab_size=2048, hidden_size=32, intermediate_size=64
+    )
+    out = tmp_path / "run"
+    argv = ["train", "--language", str(folder), "--modalities", "t1", "--output-dir", str(out)]
+    argv += ["--max-steps", "4", "--batch-size", "2", "--demo-subjects", "5", "--no-progress"]
+    # No warm-up: stage 1's one step would be taken at a learning rate of 0.
+    argv += ["--set", "trainer.eval_strategy=no", "--set", "trainer.warmup_ratio=0"]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "LLaVA's two stages" in printed
+    assert "stage 1: model.trainable=projector, trainer.max_steps=1" in printed
+    assert "stage 2: model.trainable=lora, trainer.max_steps=3" in printed
+    # The header names the template the conversations are written with, and the stops.
+    assert "chat         the tokenizer's own template (auto): turns end with <end_of_turn>" in (
+        printed
+    )
+    stages = json.loads((out / "stages.json").read_text())
+    assert [s["steps"] for s in stages] == [1, 3]
+    assert (out / "final").resolve() == (out / "stage-2" / "final").resolve()
+    fresh, _ = compose(str(folder), vision_hidden_size=256)
+    first = load_file(out / "stage-1" / "final" / "model.safetensors")
+    second = load_file(out / "stage-2" / "final" / "model.safetensors")
+    layers = [k for k in first if ".vision_tower." in k and ".encoder.layers." in k]
+    assert layers
+    initial = {f"llava.{k}": v for k, v in fresh.state_dict().items()}
+    for key in layers:
+        assert key in initial, key
+    assert any(not torch.equal(first[k], initial[k]) for k in layers)  # stage 1 trained it
+    assert any(not torch.equal(second[k], first[k]) for k in layers)  # and stage 2 too
+    assert any(".lora_B." in k for k in second)
 
 
 def test_with_resume_auto_a_finished_stage_is_not_run_again(tmp_path, toy_model, monkeypatch):

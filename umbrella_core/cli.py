@@ -29,7 +29,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import train
+    from umbrella_core.train.recipes import run
 
     overrides = data_overrides(args)
     for flag, key in (
@@ -60,10 +60,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         overrides.append("stages=" + json.dumps(list(recipe_stages(args.recipe))))
     config = load_config(args.config, overrides)
-    if config.stages:
-        from umbrella_core.train.recipes import run_stages as train
     try:
-        train(config, get_plugin_manager())
+        run(config, get_plugin_manager())
     except BaseException:
         _end_process_group()
         raise

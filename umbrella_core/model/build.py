@@ -265,6 +265,7 @@ def save_checkpoint(
         **dict(extra or {}),
     }
     meta["lora"] = getattr(model, "lora_settings", None)
+    meta["vision_new"] = bool(getattr(model, "vision_is_new", False))
     meta["umbrella_core"] = _core_version()
     (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     swap_into_place(tmp, target)
@@ -339,6 +340,7 @@ def load_checkpoint(
     model = build_model(llava, specs, plugin_manager.patch_embedder, loss_terms=loss_terms)
     if meta.get("lora"):
         model.add_lora(**meta["lora"])
+    model.vision_is_new = bool(meta.get("vision_new", False))
     try:
         load_model(model, str(folder / WEIGHTS), strict=True)
     except RuntimeError as exc:

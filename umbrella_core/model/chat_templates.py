@@ -1,6 +1,7 @@
 """Which chat template a setting of ``model.chat_template`` means, and readying a tokenizer.
 
-``auto`` is the tokenizer's own chat template, else ``llava-1.5``; a built-in
+``auto`` is the tokenizer's own chat template, else the built-in template of its
+family's turn tokens (:func:`family_template`), else ``llava-1.5``; a built-in
 name (:data:`TEMPLATE_NAMES`) is a Jinja file in ``umbrella_core/templates/``;
 anything else is the path of a ``.jinja`` file.
 :func:`prepare_tokenizer` adds the special tokens a built-in template writes
@@ -21,6 +22,7 @@ __all__ = [
     "SETTING",
     "TEMPLATE_NAMES",
     "TEMPLATE_TOKENS",
+    "family_template",
     "has_token",
     "named_template",
     "prepare_tokenizer",
@@ -81,7 +83,8 @@ def resolve_template(tokenizer: Any, setting: str = "auto") -> tuple[str, str]:
         own = _own_template(tokenizer)
         if own is not None:
             return own, "tokenizer"
-        return named_template(DEFAULT_TEMPLATE), DEFAULT_TEMPLATE
+        family = family_template(tokenizer)
+        return named_template(family), family
     if setting.lower() in TEMPLATE_NAMES:
         return named_template(setting.lower()), setting.lower()
     path = Path(setting).expanduser()
@@ -96,6 +99,21 @@ def resolve_template(tokenizer: Any, setting: str = "auto") -> tuple[str, str]:
             f"or one of {', '.join(TEMPLATE_NAMES)}"
         )
     raise ConfigError(_unknown(setting))
+
+
+def family_template(tokenizer: Any) -> str:
+    """The built-in template whose turn tokens ``tokenizer``'s vocabulary already holds.
+
+    A base model's tokenizer often ships without a chat template (a GGUF file's,
+    for one), yet its family's turn tokens were in pretraining (Gemma's
+    ``<start_of_turn>``, ChatML's ``<|im_start|>``): writing conversations with
+    them beats a template whose markers are plain words. Else :data:`DEFAULT_TEMPLATE`.
+    """
+    vocab = tokenizer.get_vocab()
+    for name in ("gemma", "llama3", "chatml"):
+        if all(token in vocab for token in TEMPLATE_TOKENS[name]):
+            return name
+    return DEFAULT_TEMPLATE
 
 
 def has_token(tokenizer: Any, token: str) -> bool:

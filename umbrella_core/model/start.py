@@ -123,9 +123,10 @@ def auto_trainable(kind: str) -> tuple[str, str]:
     if kind == "tiny":
         return "full", "the built-in tiny model has random weights: nothing is worth freezing"
     if kind == "composed":
-        return "projector", (
-            "a model composed from a language model has a new projector: stage 1 trains "
-            "the patch embedders and the projector"
+        return "lora", (
+            "a model composed from a language model in one stage: LoRA adapters teach the "
+            "language model to answer in its chat template, beside the new image path "
+            "(umbrella train runs LLaVA's two stages instead)"
         )
     return "embedders", (
         f"a trained {'LLaVA' if kind == 'llava' else 'UMBRELLA'} model: its projector "
@@ -192,6 +193,8 @@ def start_model(
         )
     else:
         fit_embeddings(model.llava, tokenizer)
+    if kind == "tiny" or (kind == "composed" and model_config.vision == "fresh"):
+        model.vision_is_new = True
     trainable = model_config.trainable
     reason = "as model.trainable says"
     if trainable == "auto":

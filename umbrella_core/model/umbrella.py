@@ -115,6 +115,10 @@ class UmbrellaModel(nn.Module):
         self.vision_hidden_size = hidden
         # The LoRA settings once adapters are added (saved in checkpoints).
         self.lora_settings: dict[str, Any] | None = None
+        #: The vision body was built fresh (random, or trained only by UMBRELLA):
+        #: it has nothing pretrained to keep, so it trains wherever the projector
+        #: does (saved in checkpoints).
+        self.vision_is_new = False
 
     # -- structure ------------------------------------------------------------
 
@@ -202,7 +206,8 @@ class UmbrellaModel(nn.Module):
         ``embedders``; ``projector`` (embedders + projector); ``lora`` (the LoRA
         adapters added by :meth:`add_lora`, plus embedders + projector; the
         language model's own weights stay frozen); ``full`` (everything that
-        runs, adapters included).
+        runs, adapters included). A new vision body (:attr:`vision_is_new`)
+        trains with the projector; a pretrained one only under ``full``.
         """
         if which not in TRAINABLE_SETS:
             raise ModelError(f"trainable must be one of {', '.join(TRAINABLE_SETS)}, got {which!r}")
@@ -213,6 +218,8 @@ class UmbrellaModel(nn.Module):
             "projector": {"embedders", "projector"},
             "lora": {"embedders", "projector", "lora"},
         }.get(which, {"embedders", "projector", "vision", "language", "lora"})
+        if self.vision_is_new and "projector" in keep:
+            keep = keep | {"vision"}
         for group, params in self.parameter_groups().items():
             for p in params:
                 p.requires_grad_(group in keep)

@@ -70,6 +70,17 @@ def held_out_sets(
     return both, both
 
 
+def _chat_line(prep: Prepared) -> str:
+    """Which template conversations are written with, and where an answer ends."""
+    chat = prep.train_sets[0].chat
+    if chat is None:
+        return "no chat template"
+    said = {"tokenizer": "the tokenizer's own template"}.get(chat.name, f"template {chat.name}")
+    stops = ", ".join(prep.tokenizer.convert_ids_to_tokens(list(chat.stop_token_ids)))
+    eot = f"turns end with {chat.end_of_turn}" if chat.end_of_turn else "no end-of-turn token"
+    return f"{said} ({prep.config.model.chat_template}): {eot}; answers stop at {stops}"
+
+
 def summary(prep: Prepared) -> str:
     """The start-of-run summary: modalities and plugins, parameters, samples."""
     model = prep.model
@@ -92,6 +103,7 @@ def summary(prep: Prepared) -> str:
     )
     if prep.trainable_reason:
         lines.append(f"               ({prep.trainable_reason})")
+    lines.append(f"  chat         {_chat_line(prep)}")
     t = prep.config.trainer
     lines.append(
         f"  length       {t.max_steps} steps"

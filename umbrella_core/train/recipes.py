@@ -15,6 +15,12 @@ later stages), and:
 Every stage's configuration is checked before the first one trains. With
 ``trainer.resume: auto`` a stage whose checkpoint and metrics are already
 written is not run again, so a preempted job picks up where it stopped.
+
+A model composed from a language model (``model.language``) with
+``model.trainable: auto`` and no ``stages`` runs LLaVA's two stages
+(:func:`default_stages`): a frozen base language model never learned to end a
+turn of a chat template, and a projector alone cannot teach it. Once every
+stage is done, ``OUTPUT_DIR/final`` is the last stage's ``final/``.
 """
 
 from __future__ import annotations
@@ -25,10 +31,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import attrs
+
 from umbrella_core.config import RunConfig, structure
 from umbrella_core.errors import ConfigError
 
-__all__ = ["RECIPES", "recipe_stages", "stage_configs", "run_stages"]
+__all__ = [
+    "RECIPES",
+    "STAGE_ONE_SHARE",
+    "default_stages",
+    "recipe_stages",
+    "run",
+    "run_stages",
+    "stage_configs",
+]
 
 RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
     # LLaVA's recipe: align the image tokens to a frozen language model first,
@@ -38,6 +54,11 @@ RECIPES: dict[str, tuple[dict[str, Any], ...]] = {
         {"model.trainable": "lora"},
     ),
 }
+
+#: The share of a composed model's steps (or epochs) that stage 1 takes: it only
+#: aligns the new image path to the frozen language model, which stage 2 goes on
+#: training beside the adapters.
+STAGE_ONE_SHARE = 0.25
 
 # Set by the recipe for every stage; a stage that sets them is an error.
 _RESERVED = ("trainer.output_dir", "stages")
@@ -51,6 +72,55 @@ def recipe_stages(name: str) -> tuple[dict[str, Any], ...]:
         raise ConfigError(
             f"recipe {name!r}: unknown; shipped recipes: {', '.join(sorted(RECIPES))}"
         ) from None
+
+
+def default_stages(config: RunConfig) -> RunConfig:
+    """``config`` with LLaVA's two stages where it composes a model and chooses nothing.
+
+    That is ``model.language`` set, ``model.trainable: auto`` and no ``stages``:
+    stage 1 trains the patch embedders, the projector and a fresh vision body on
+    :data:`STAGE_ONE_SHARE` of the steps (or epochs); stage 2 adds LoRA adapters on
+    the language model for the rest. Any other configuration is returned as it is.
+    """
+    if config.stages or not config.model.language or config.model.trainable != "auto":
+        return config
+    t = config.trainer
+    if t.max_steps == 1:
+        raise ConfigError(
+            "trainer.max_steps: a model composed from a language model trains in two stages "
+            "(model.trainable: auto), which needs at least 2 steps; or set model.trainable"
+        )
+    if t.max_steps:
+        first = max(1, round(t.max_steps * STAGE_ONE_SHARE))
+        length = ({"trainer.max_steps": first}, {"trainer.max_steps": t.max_steps - first})
+    else:
+        first_epochs = t.epochs * STAGE_ONE_SHARE
+        length = ({"trainer.epochs": first_epochs}, {"trainer.epochs": t.epochs - first_epochs})
+    stages = tuple(
+        {"model.trainable": trainable, **steps}
+        for trainable, steps in zip(("projector", "lora"), length, strict=True)
+    )
+    return attrs.evolve(config, stages=stages)
+
+
+def run(config: RunConfig, pm: Any, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """``umbrella train``: one run, or its stages (given, or :func:`default_stages`)."""
+    from umbrella_core.train.run import train
+
+    staged = default_stages(config)
+    if not staged.stages:
+        return train(config, pm, log=log)
+    if staged is not config:
+        log(
+            "model.language with model.trainable auto: LLaVA's two stages, so that the "
+            "language model learns to answer in its chat template (set model.trainable or "
+            "--recipe for another plan)"
+        )
+    return run_stages(staged, pm, log=log)
+
+
+def _described(stage: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in _leaves(stage, "").items()) or "no overrides"
 
 
 def _leaves(value: Mapping[str, Any], key: str, prefix: str = "") -> dict[str, Any]:
@@ -135,11 +205,14 @@ def run_stages(config: RunConfig, pm: Any, *, log: Callable[[str], None] = print
 
     configs = stage_configs(config)
     out_dir = Path(config.trainer.output_dir).expanduser().resolve()
+    log(f"{len(configs)} stages, each from the previous one's final/:")
+    for number, stage in enumerate(config.stages, 1):
+        log(f"  stage {number}: {_described(stage)}")
     done: list[dict[str, Any]] = []
     for number, (stage, stage_config) in enumerate(zip(config.stages, configs, strict=True), 1):
         stage_dir = Path(stage_config.trainer.output_dir).expanduser().resolve()
         metrics_file = stage_dir / "metrics.json"
-        described = ", ".join(f"{k}={v}" for k, v in _leaves(stage, "").items()) or "no overrides"
+        described = _described(stage)
         if (
             stage_config.trainer.resume == "auto"
             and is_checkpoint(stage_dir / "final")
@@ -158,4 +231,20 @@ def run_stages(config: RunConfig, pm: Any, *, log: Callable[[str], None] = print
     if _main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "stages.json").write_text(json.dumps(done, indent=2, default=str) + "\n")
+        _link_final(out_dir, Path(done[-1]["output_dir"]) / "final", log)
     return {**last, "stages": done}
+
+
+def _link_final(out_dir: Path, last: Path, log: Callable[[str], None]) -> None:
+    """``OUTPUT_DIR/final``: the last stage's ``final/``, where a one-stage run keeps it."""
+    from umbrella_core.model.build import is_checkpoint
+
+    if not is_checkpoint(last):
+        return
+    link = out_dir / "final"
+    if link.is_symlink() or not link.exists():
+        tmp = out_dir / ".final.link"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(last, out_dir), target_is_directory=True)
+        os.replace(tmp, link)
+        log(f"final/:      {link} -> {last}")
