@@ -52,17 +52,56 @@ def test_demo_learns_from_the_images(demo_run):
         assert mae < reference / 2, (modality, where, stdout)
 
 
+def test_demo_says_its_answers_and_ends_its_turn(demo_run):
+    # I13: what the table reports is what `umbrella generate` prints. The likelihood picks
+    # the right side; the model must also say it and stop (seed 0: every answer, both
+    # modalities; the margins are for other CPUs and seeds).
+    run_dir, stdout = demo_run
+    held_out = json.loads((run_dir / "metrics.json").read_text())["held_out"]
+    for modality, result in held_out.items():
+        for question in (HEMISPHERE, POSITION):
+            q = result["questions"][question]
+            assert q["metrics"]["ended"] >= 0.9, (modality, question, q, stdout)
+            assert q["metrics"]["parsed"] >= 0.9, (modality, question, q, stdout)
+            assert q["flag"] is None or f'! {modality} "{question}": {q["flag"]}' in stdout
+        side = result["questions"][HEMISPHERE]["metrics"]
+        assert side["generated_accuracy"] >= 0.85, (modality, side, stdout)
+        assert re.search(rf"generated accuracy\s+{side['generated_accuracy']:.1%}\s", stdout)
+        assert re.search(rf"likelihood accuracy\s+{side['accuracy']:.1%}\s", stdout)
+
+
 def test_demo_table_shows_each_figure_beside_its_reference(demo_run):
     run_dir, stdout = demo_run
     held_out = json.loads((run_dir / "metrics.json").read_text())["held_out"]
     for result in held_out.values():
         side = result["questions"][HEMISPHERE]["metrics"]
-        accuracy = rf"accuracy\s+{side['accuracy']:.1%}\s+majority \((left|right)\) "
+        # The VLM's figure, the baseline's, the reference.
+        base = result["questions"][HEMISPHERE]["baseline"]["metrics"]
+        accuracy = (
+            rf"accuracy\s+{side['accuracy']:.1%}\s+{base['accuracy']:.1%}\s+"
+            r"majority \((left|right)\) "
+        )
         assert re.search(accuracy + rf"{side['reference']['majority_accuracy']:.1%}", stdout)
         where = result["questions"][POSITION]["metrics"]
-        mae = rf"MAE\s+{where['mae']:.3f}\s+training mean \(-?[\d.]+\) "
+        base = result["questions"][POSITION]["baseline"]["metrics"]
+        mae = rf"MAE\s+{where['mae']:.3f}\s+{base['mae']:.3f}\s+training mean \(-?[\d.]+\) "
         assert re.search(mae + f"{where['reference']['mae_train_mean']:.3f}", stdout)
     assert stdout.count("chance 50.0%") == 2
+
+
+def test_demo_table_stands_each_figure_beside_a_regional_baseline(demo_run):
+    run_dir, stdout = demo_run
+    held_out = json.loads((run_dir / "metrics.json").read_text())["held_out"]
+    for modality, result in held_out.items():
+        for question in (HEMISPHERE, POSITION):
+            entry = result["questions"][question]["baseline"]
+            assert entry["name"] == "regional" and entry["fitted_on"] == "train", entry
+            assert entry["n_train"] >= 100 and entry["n_validation"] >= 10, entry
+            assert entry["metrics"]["n"] == result["questions"][question]["n"]
+        # The phantom's lesion brightens the regions of its hemisphere: a linear signal.
+        side = result["questions"][HEMISPHERE]["baseline"]["metrics"]
+        assert side["accuracy"] >= 0.8, (modality, side, stdout)
+    assert "baseline regional: logistic regression (C), ridge regression (alpha)" in stdout
 
 
 def test_demo_reports_the_best_validation_weights_on_the_test_records(demo_run):

@@ -302,7 +302,57 @@ def test_umbrella_evaluate_prints_the_table_of_each_modality(run, capsys):
         if "hemisphere" in p["question"]:
             assert p["answer"] in ("left", "right") and len(p["probabilities"]) == 2
         else:
-            assert "probabilities" not in p and isinstance(p["answer"], str)
+            assert "probabilities" not in p and p["answer"] == p["generated"]
+        assert isinstance(p["generated"], str) and isinstance(p["ended"], bool)
+
+
+def test_evaluation_reports_what_umbrella_generate_prints(run, tmp_path, capsys):
+    from umbrella_core.data.studies import read_studies
+    from umbrella_core.evaluation.engine import not_ending_flag
+    from umbrella_core.train.generate import generate_answer, load_for_inference
+
+    run_dir, _, _ = run
+    final, out = run_dir / "final", tmp_path / "evaluation"
+    assert main(["evaluate", "--checkpoint", str(final), "--output", str(out), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    for r in results.values():
+        for q in r["questions"].values():
+            # The flag is in the JSON, as the table's line under it says it.
+            said = not_ending_flag(q["n"], q["metrics"]["n_ended"], q["max_new_tokens"])
+            assert q["flag"] == said
+    samples = [json.loads(line) for line in (out / "predictions.jsonl").open()]
+    assert {s["question"] for s in samples} == {
+        "Which hemisphere holds the lesion?",
+        "What is the RAS x coordinate of the centre of the lesion, in cm?",
+    }
+    pm = get_plugin_manager()
+    studies = read_studies(load_config(None, SMALL), pm, log=lambda _: None)
+    records = {r.source: r for r in studies.records}
+    loaded = load_for_inference(final, pm, device="cpu")
+
+    def generate(sample, budget):
+        record = records[sample["source"]]
+        (image,) = record.images
+        prompt = next(t.content for t in record.turns if t.role == "user")  # with its <image>
+        return generate_answer(
+            loaded, [image.paths], prompt, modalities=[image.modality], max_new_tokens=budget
+        )
+
+    for sample in samples:
+        # Within the question's budget, umbrella generate prints the generated answer; one
+        # that ended is what it prints with its own default budget too.
+        assert generate(sample, sample["max_new_tokens"]) == sample["generated"], sample
+        if sample["ended"]:
+            assert generate(sample, 64) == sample["generated"], sample
+    # And through the command line itself, for one sample.
+    sample = samples[0]
+    record = records[sample["source"]]
+    args = ["generate", "--checkpoint", str(final), "--modality", record.images[0].modality]
+    prompt = next(t.content for t in record.turns if t.role == "user")
+    args += ["--image", ",".join(record.images[0].paths), "--prompt", prompt]
+    args += ["--max-new-tokens", str(sample["max_new_tokens"])]
+    assert main(args) == 0
+    assert capsys.readouterr().out == sample["generated"] + "\n"
 
 
 def test_early_stopping_stops_when_the_metric_cannot_improve(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -9,12 +10,18 @@ import torch
 
 from umbrella_core import MetricFamily, QuestionAnswers, hookimpl
 from umbrella_core.data.collate import UmbrellaCollator
+from umbrella_core.data.conversation import default_chat_format
 from umbrella_core.data.dataset import RecordDataset
-from umbrella_core.evaluation.engine import evaluate_dataset, index_questions, spread_indices
+from umbrella_core.evaluation.engine import (
+    evaluate_dataset,
+    index_questions,
+    not_ending_flag,
+    spread_indices,
+)
 from umbrella_core.model.build import build_model, load_base
 from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager, toy_modality
 from umbrella_core.train.evaluate import format_table, summarize
-from umbrella_core.train.generate import greedy_generate, greedy_generate_batch
+from umbrella_core.train.generate import decode, greedy_generate, greedy_generate_batch
 from umbrella_core.types import ImageRef, StudyRecord, Turn
 
 
@@ -137,6 +144,21 @@ def test_candidates_are_scored_by_their_summed_log_probability(toy):
             by_source[record.source]["answer"]
             == tokenizer.decode(ids, skip_special_tokens=True).strip()
         )
+    # Categorical questions get a generated answer too, within their own budget
+    # ("middle" and its end, twice, or 8 more), beside the most probable candidate.
+    longest = len(tokenizer("middle", add_special_tokens=False)["input_ids"]) + 1
+    stops = default_chat_format(tokenizer).stop_token_ids
+    for record in records[:9]:
+        sample = by_source[record.source]
+        assert sample["max_new_tokens"] == max(2 * longest, longest + 8)
+        prompt = dataset.encode(record, add_generation_prompt=True).input_ids
+        ids = greedy_generate(
+            model, prompt, dataset.images(record), max_new_tokens=sample["max_new_tokens"],
+            stop_token_ids=stops,
+        )  # fmt: skip
+        assert sample["generated"] == decode(tokenizer, ids)
+        assert sample["ended"] == (ids[-1] in stops)
+        assert sample["answer"] in ("left", "middle", "right")  # the likelihood's, as before
     # Per key: the categorical samples' accuracy; per question the family's metrics.
     for key in ("a", "b"):
         r = evaluation.results[key]
@@ -148,6 +170,17 @@ def test_candidates_are_scored_by_their_summed_log_probability(toy):
         side = r["questions"]["Which side?"]["metrics"]
         assert side["reference"]["majority_class"] == "left"  # the training answers
         assert "mae" in r["questions"]["How old?"]["metrics"]
+        said = [s["ended"] and s["generated"] == s["reference"] for s in mine]
+        assert r["generated_accuracy"] == side["generated_accuracy"] == sum(said) / len(said)
+        for question in ("Which side?", "How old?"):
+            q = r["questions"][question]
+            ended = [
+                s["ended"]
+                for s in evaluation.samples
+                if s["key"] == key and s["question"] == question
+            ]
+            assert q["metrics"]["n_ended"] == sum(ended) and q["metrics"]["ended"] is not None
+            assert 0 <= q["metrics"]["parsed"] <= 1
     flat = summarize(evaluation.results)
     # (An untrained model answers no number: MAE is undefined, the unparsed share 1.)
     assert flat["eval_unparsed/a/how_old"] == 1.0 and "eval_mae/a/how_old" not in flat
@@ -217,6 +250,114 @@ def test_a_plugin_family_scores_its_questions_before_the_built_in_ones(toy):
     assert "within_tolerance" in format_table(evaluation)
     listed = {p.name: p.hooks for p in pm.plugins()}
     assert any("umbrella_metrics" in hooks for hooks in listed.values())
+
+
+class Lenient:
+    """A plugin family that says every answer ended and parsed."""
+
+    @hookimpl
+    def umbrella_metrics(self):
+        return [
+            MetricFamily(
+                name="lenient",
+                applies=lambda question, answers: "rating" in question.lower(),
+                compute=lambda answers: {"score": 1.0, "ended": 1.0, "parsed": 1.0},
+                scoring="generate",
+            )
+        ]
+
+
+@contextlib.contextmanager
+def never_ending(model, stops):
+    """``model`` never choosing a stop token while decoding: it never ends its turn."""
+
+    def hook(module, args, output):
+        # Decoding's logits are (rows, positions, vocabulary); teacher-forced rows are 2D.
+        if output.dim() == 3:
+            output = output.clone()
+            output[..., list(stops)] = torch.finfo(output.dtype).min
+        return output
+
+    handle = model.llava.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def test_a_model_that_never_ends_is_flagged_whatever_its_family_says(toy):
+    _, specs, model, tokenizer = toy
+    pm = fresh_plugin_manager(ToyModalityPlugin(*specs.values()), Lenient())
+    records = [_record(f"s{i}", "a", "What is the rating?", f"{i % 3} points") for i in range(6)]
+    records += [_record(f"s{i}", "a", "Which side?", "left right".split()[i % 2]) for i in (6, 7)]
+    records += [_record(f"s{i}", "a", "Which side?", "right", split="train") for i in (8, 9)]
+    questions = index_questions(records, pm.metric_families())
+    collator = UmbrellaCollator(tokenizer.pad_token_id, tuple(model.specs))
+    with never_ending(model, default_chat_format(tokenizer).stop_token_ids):
+        evaluation = evaluate_dataset(model, _dataset(toy, records[:8]), collator, questions)
+    assert all(s["ended"] is False and s["generated"] for s in evaluation.samples)
+    result = evaluation.results["a"]["questions"]
+    rating = result["What is the rating?"]
+    # The family's own figures stay, except "ended", which the decoding decides.
+    assert rating["metrics"]["score"] == 1.0 and rating["metrics"]["parsed"] == 1.0
+    assert rating["metrics"]["ended"] == 0.0 and rating["metrics"]["n_ended"] == 0
+    side = result["Which side?"]
+    assert side["metrics"]["ended"] == side["metrics"]["generated_accuracy"] == 0.0
+    table = format_table(evaluation).splitlines()
+    said = "the model does not end its turn (a model composed from a language model needs its "
+    said += "second stage: see README)"
+    assert table[-2:] == [
+        f'! a "What is the rating?": 6 of 6 generated answers did not end within '
+        f"{rating['max_new_tokens']} tokens: {said}",
+        f'! a "Which side?": 2 of 2 generated answers did not end within '
+        f"{side['max_new_tokens']} tokens: {said}",
+    ]
+    assert rating["flag"] == table[-2].split(": ", 1)[1]
+    # The table shows the decoding's "ended" for the plugin's family too.
+    assert any(line.split()[-2:] == ["ended", "0.0%"] for line in table)
+
+
+def test_a_few_answers_that_do_not_end_are_counted_and_many_flagged():
+    assert not_ending_flag(48, 48, 12) is None
+    assert not_ending_flag(48, 44, 12) is None  # fewer than 10%: the "ended" row says it
+    assert not_ending_flag(48, 40, 12) == "8 of 48 generated answers did not end within 12 tokens"
+    assert not_ending_flag(48, 7, 12).startswith(
+        "41 of 48 generated answers did not end within 12 tokens: the model does not end its turn"
+    )
+    assert not_ending_flag(0, 0, 12) is None
+
+
+def test_categorical_answers_are_scored_by_likelihood_and_by_what_the_model_says():
+    from umbrella_core.default_plugins.metrics import CATEGORICAL
+
+    answers = QuestionAnswers(
+        question="Which hemisphere holds the lesion?",
+        modality_key="t1",
+        references=["left", "right", "left", "right"],
+        # The most probable candidate is right every time ...
+        predictions=["left", "right", "left", "right"],
+        classes=["left", "right"],
+        probabilities=[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]],
+        train_references=["left", "left", "right"],
+        # ... but the model says so and stops once, runs on twice, and once says another case.
+        generated=["left", "rightrightrightright", "leftleftleftleft", "Right"],
+        ended=[True, False, False, True],
+    )
+    metrics = CATEGORICAL.compute(answers)
+    assert metrics["accuracy"] == 1.0 and metrics["auroc"] == 1.0
+    assert metrics["generated_accuracy"] == 0.25
+    assert (metrics["ended"], metrics["parsed"]) == (0.5, 0.25)
+    rows = {label: (value, ref) for label, value, ref in CATEGORICAL.table(metrics)}
+    assert rows["likelihood accuracy"] == ("100.0%", "majority (left) 50.0%")
+    assert rows["generated accuracy"] == ("25.0%", "majority (left) 50.0%")
+    assert rows["ended"][0] == "50.0%" and rows["parsed"][0] == "25.0%"
+    # A table written before answers were generated keeps its one accuracy row.
+    old = {k: v for k, v in metrics.items() if k not in ("generated_accuracy", "ended", "parsed")}
+    labels = [label for label, _, _ in CATEGORICAL.table(old)]
+    assert labels[:2] == ["accuracy", "balanced accuracy"]
+    with pytest.raises(ValueError, match="one generated answer and one flag per reference"):
+        QuestionAnswers(question="?", modality_key="t1", references=["a"], predictions=["a"],
+                        generated=["a"], ended=[])  # fmt: skip
 
 
 def test_a_metric_family_that_is_not_one_is_refused_naming_the_plugin():

@@ -16,6 +16,7 @@ TESTS = Path(__file__).parent
 def test_the_six_roles_have_hooks():
     assert HOOKS == [
         "umbrella_augmentations",
+        "umbrella_baselines",
         "umbrella_loss_terms",
         "umbrella_metrics",
         "umbrella_modalities",

@@ -12,7 +12,9 @@ import pytest
 
 from umbrella_core.evaluation.figures import confusion_figure, save_figure, scatter_figure
 from umbrella_core.evaluation.metrics import (
+    answer_health,
     categorical_metrics,
+    generated_accuracy,
     numeric_metrics,
     parse_number,
     question_family,
@@ -322,6 +324,47 @@ def test_text_bleu_by_hand():
     # Corpus BLEU pools 4-gram counts: answers all under 4 words score 0 even when right.
     assert text_metrics(["the cat sat"], ["the cat sat"])["bleu"] == 0.0
     assert text_metrics([], []) == {"n": 0, "exact_match": None, "bleu": None, "rouge_l": None}
+
+
+# --- generated answers: ended, parsed, generated accuracy ---------------------
+
+
+def test_answer_health_counts_answers_that_end_and_parse_by_hand():
+    # Categorical: exactly a class after stripping whitespace, case kept.
+    said = ["left", " right\n", "Left", "leftleftleft", ""]
+    ended = [True, True, True, False, True]
+    health = answer_health(said, ended, rule="categorical", classes=["left", "right"])
+    assert health == {"ended": 0.8, "n_ended": 4, "parsed": 0.4, "n_parsed": 2}
+    # Numeric: parse_number reads one number, ended or not ("63 years" cut at the budget).
+    said = ["63", "63 years", "about sixty", "63 years63 years"]
+    health = answer_health(said, [True, False, True, False], rule="numeric")
+    assert health == {"ended": 0.5, "n_ended": 2, "parsed": 0.5, "n_parsed": 2}
+    assert numeric_metrics(["60"] * 4, said)["unparsed"] == 1 - health["parsed"]
+    # Text: ended and not empty.
+    said = ["a lesion", "a lesion on the", "  ", "no lesion"]
+    health = answer_health(said, [True, False, True, True], rule="text")
+    assert health == {"ended": 0.75, "n_ended": 3, "parsed": 0.5, "n_parsed": 2}
+    assert answer_health([], [], rule="text") == {
+        "ended": None,
+        "n_ended": 0,
+        "parsed": None,
+        "n_parsed": 0,
+    }
+    with pytest.raises(ValueError, match="one per answer"):
+        answer_health(["a"], [], rule="text")
+    with pytest.raises(ValueError, match="rule must be one of"):
+        answer_health(["a"], [True], rule="yes/no")
+
+
+def test_generated_accuracy_counts_an_answer_that_did_not_end_as_wrong():
+    references = ["left", "right", "left", "right"]
+    # Right and ended; right but cut at the budget (generate would print more); another
+    # case; right with a newline after it.
+    said = ["left", "right", "LEFT", "right\n"]
+    assert generated_accuracy(references, said, [True, False, True, True]) == 0.5
+    assert generated_accuracy([], [], []) is None
+    with pytest.raises(ValueError, match="one prediction per reference"):
+        generated_accuracy(["left"], ["left", "right"], [True, True])
 
 
 # --- lazy imports -------------------------------------------------------------

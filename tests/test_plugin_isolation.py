@@ -139,6 +139,7 @@ def test_only_entry_points_load_and_the_env_lists_are_shown(entry_points, monkey
         "manifest": "loaded",
         "metrics": "loaded",
         "embedder": "loaded",
+        "baselines": "loaded",
         "good": "loaded",
         "other": "blocked",
     }

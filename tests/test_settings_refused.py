@@ -44,6 +44,7 @@ SMALL = [
         ("trainer.eval_steps=-4", "trainer.eval_steps: must be 0 or more"),
         ("trainer.generate_samples=-1", "trainer.generate_samples: must be 0 or more"),
         ("trainer.early_stopping_patience=-2", "trainer.early_stopping_patience: must be 0"),
+        ("evaluation.baselines=maybe", "evaluation.baselines: expected one of auto, on, off"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(override, message, tmp_path, capsys):

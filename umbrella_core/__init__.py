@@ -24,6 +24,7 @@ from umbrella_core.errors import (
 from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import (
     IMAGE_PLACEHOLDER,
+    Baseline,
     Demo,
     ImageRef,
     LossTerm,
@@ -51,6 +52,7 @@ __all__ = [
     "LossTerm",
     "MetricFamily",
     "QuestionAnswers",
+    "Baseline",
     "Augmentation",
     "IMAGE_PLACEHOLDER",
     "IGNORE_INDEX",

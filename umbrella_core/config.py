@@ -18,7 +18,9 @@ import attrs
 
 from umbrella_core.config_checks import (
     TRACKERS,
+    evaluation_settings,
     fraction,
+    known_baselines,
     known_trackers,
     not_negative,
     one_of,
@@ -98,14 +100,17 @@ class ModelConfig:
             ``projector`` (embedders + projector), ``lora`` (LoRA adapters on the
             language model, see ``lora``, plus embedders + projector), ``full``,
             or ``auto``: ``full`` for the randomly initialised ``tiny`` model (it
-            has nothing worth freezing), ``projector`` for a model composed from
-            a language model (its projector is new), ``embedders`` for a trained
-            LLaVA or UMBRELLA checkpoint.
+            has nothing worth freezing), LLaVA's two stages for a model composed
+            from a language model (``projector``, then ``lora``: see
+            :func:`umbrella_core.train.recipes.default_stages`), ``embedders`` for a
+            trained LLaVA or UMBRELLA checkpoint. A fresh vision body trains
+            wherever the projector does.
         max_length: Longest conversation in tokens, image tokens included.
         lora: LoRA settings (used by ``trainable: lora``).
         chat_template: How conversations are written out for the language model
-            (ARCHITECTURE I9): ``auto`` (the tokenizer's own chat template, else
-            ``llava-1.5``), a built-in name (``llava-1.5``, ``chatml``,
+            (ARCHITECTURE I9): ``auto`` (the tokenizer's own chat template, else the
+            built-in one whose turn tokens its vocabulary holds, else ``llava-1.5``),
+            a built-in name (``llava-1.5``, ``chatml``,
             ``llama3``, ``gemma``) or a ``.jinja`` file. The chosen template is
             saved with the checkpoint's tokenizer, so ``auto`` finds it again.
         system_prompt: A system message put first in every conversation that has
@@ -402,8 +407,11 @@ class RunConfig:
     data: DataConfig = attrs.field(factory=DataConfig)
     trainer: TrainerConfig = attrs.field(factory=TrainerConfig)
     loss: dict[str, Any] = attrs.field(factory=dict)
-    # Settings of the metric families' plugins (the umbrella_metrics hook).
-    evaluation: dict[str, Any] = attrs.field(factory=dict)
+    # Settings of the metric families' plugins (the umbrella_metrics hook), and
+    # baselines: auto | on | off (umbrella_core.evaluation.baselines).
+    evaluation: dict[str, Any] = attrs.field(
+        factory=dict, converter=evaluation_settings, validator=known_baselines
+    )
     # Training stages run one after the other, each from the previous one's
     # checkpoint: overrides of this config per stage (umbrella_core.train.recipes).
     stages: tuple[dict[str, Any], ...] = attrs.field(default=(), converter=tuple)

@@ -25,6 +25,9 @@ __all__ = [
     "fraction",
     "unit_interval",
     "sampling_weights",
+    "BASELINE_MODES",
+    "evaluation_settings",
+    "known_baselines",
 ]
 
 
@@ -101,3 +104,33 @@ def sampling_weights(instance: Any, attribute: attrs.Attribute, value: Mapping[s
                 f"{attribute.name}.{group}: a sampling weight must be a number, 0 or more, "
                 f"got {weight!r}"
             )
+
+
+#: ``evaluation.baselines``: when the simple baseline beside every figure is fitted.
+BASELINE_MODES = ("auto", "on", "off")
+
+
+def evaluation_settings(value: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``evaluation`` section with ``baselines`` as a lower-case word.
+
+    The section is otherwise the metric-family plugins' (``umbrella_metrics``
+    settings), so its other keys are theirs to check. YAML 1.1 reads a bare
+    ``on``/``off`` as true/false: they mean ``on``/``off`` here.
+    """
+    out = dict(value)
+    if "baselines" in out:
+        given = out["baselines"]
+        if isinstance(given, bool):
+            out["baselines"] = "on" if given else "off"
+        elif isinstance(given, str):
+            out["baselines"] = given.strip().lower()
+    return out
+
+
+def known_baselines(instance: Any, attribute: attrs.Attribute, value: Mapping[str, Any]) -> None:
+    """Refuses an ``evaluation.baselines`` other than :data:`BASELINE_MODES`."""
+    mode = value.get("baselines", "auto")
+    if mode not in BASELINE_MODES:
+        raise ConfigError(
+            f"{attribute.name}.baselines: expected one of {', '.join(BASELINE_MODES)}, got {mode!r}"
+        )

@@ -26,7 +26,13 @@ if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import t
 
     from umbrella_core.augmentation import Augmentation
     from umbrella_core.errors import DataError
-    from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
+    from umbrella_core.types import (
+        Baseline,
+        LossTerm,
+        MetricFamily,
+        ModalitySpec,
+        StudyRecord,
+    )
 
 PROJECT = "umbrella"
 
@@ -181,6 +187,47 @@ def umbrella_metrics(settings: dict[str, Any]) -> Iterable[MetricFamily]:
     Every implementation is called.
 
     Since: 0.3
+    """
+
+
+# ---------------------------------------------------------------------------
+# Baselines
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def umbrella_baselines() -> Iterable[Baseline]:
+    """Offer simple image representations for the baseline shown beside every figure.
+
+    The held-out table of a run (``umbrella train``'s at the end, ``umbrella
+    evaluate``'s) shows, beside each of the VLM's figures, the same metrics of
+    a linear model (logistic regression for categorical questions, ridge
+    regression for numeric ones) fitted on the training split's features,
+    with its regularisation chosen on the validation split
+    (:mod:`umbrella_core.evaluation.baselines`; ``evaluation.baselines:
+    auto|on|off``).
+
+    A hook of its own rather than part of ``umbrella_metrics``: a baseline is
+    about how an *image* is represented, per modality (regional means of a
+    T1, the connectivity of an fMRI series, a plugin's atlas), while a metric
+    family is about how a question's *answers* are scored. One modality
+    plugin's representation then serves every study's questions, and one
+    study plugin's metric family scores the baseline's answers as it scores
+    the VLM's.
+
+    Returns:
+        Baseline values (possibly none): a name, a description, ``applies(spec)``
+        (which modality specs it represents) and ``features(spec, image)``
+        (one image as a 1-D numpy array). For each modality key and question
+        the first baseline that applies to every image's spec is used, in
+        pluggy's call order: a plugin's before the built-in ``regional`` one
+        (regional means of 3D images, regional connectivity of 4D series),
+        which is ``trylast``. A name two plugins give is refused, naming both;
+        ``umbrella plugins`` lists them.
+
+    Every implementation is called.
+
+    Since: 0.4
     """
 
 

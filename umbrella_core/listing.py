@@ -79,6 +79,7 @@ def plugins_listing(pm: PluginManager) -> Listing:
             ("loss terms", info.loss_terms),
             ("metrics", info.metrics),
             ("augmentations", info.augmentations),
+            ("baselines", info.baselines),
         ):
             if names:
                 lines.append(f"      {label}: {', '.join(names)}")

@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from umbrella_core.augmentation import Augmentation
-from umbrella_core.types import LossTerm, MetricFamily
+from umbrella_core.types import Baseline, LossTerm, MetricFamily
 
 __all__ = ["OFFERS", "PluginInfo"]
 
@@ -19,8 +19,9 @@ class PluginInfo:
 
     ``description`` is the distribution's Summary, or the first line of the
     plugin module's docstring; ``modalities``, ``study_kinds``, ``loss_terms``
-    (with default settings, for every installed modality), ``metrics`` and
-    ``augmentations`` (since 0.3) name what its hooks give.
+    (with default settings, for every installed modality), ``metrics``,
+    ``augmentations`` (since 0.3) and ``baselines`` (since 0.4) name what its
+    hooks give.
     """
 
     name: str
@@ -36,6 +37,7 @@ class PluginInfo:
     loss_terms: tuple[str, ...] = ()
     metrics: tuple[str, ...] = ()
     augmentations: tuple[str, ...] = ()
+    baselines: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         fields = attrs.asdict(self, recurse=False)
@@ -48,4 +50,5 @@ OFFERS: dict[str, tuple[str, type, Callable[[Any], str]]] = {
     "loss_terms": ("umbrella_loss_terms", LossTerm, lambda term: term.name),
     "metrics": ("umbrella_metrics", MetricFamily, lambda family: family.name),
     "augmentations": ("umbrella_augmentations", Augmentation, lambda a: a.name),
+    "baselines": ("umbrella_baselines", Baseline, lambda b: b.name),
 }

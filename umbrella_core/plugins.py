@@ -40,7 +40,7 @@ from umbrella_core.errors import DataError, DuplicateNameError, PluginError, Umb
 from umbrella_core.modality_registry import ModalityRegistry, Provided
 from umbrella_core.plugin_info import OFFERS as _OFFERS
 from umbrella_core.plugin_info import PluginInfo
-from umbrella_core.types import LossTerm, MetricFamily, ModalitySpec, StudyRecord
+from umbrella_core.types import Baseline, LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -64,6 +64,7 @@ DEFAULT_PLUGINS = (
     "umbrella_core.default_plugins.manifest",
     "umbrella_core.default_plugins.metrics",
     "umbrella_core.default_plugins.embedder",
+    "umbrella_core.default_plugins.baselines",
 )
 
 CORE_DISTRIBUTION = "umbrella-core"
@@ -429,6 +430,27 @@ class PluginManager:
                         f"and by {self._describe(plugin)}; uninstall or block one ({BLOCK_ENV})"
                     )
         return {name: value for name, (_, value) in found.items()}
+
+    def baselines(self) -> list[Provided]:
+        """Every plugin's baselines, in the order a question's images are offered to them.
+
+        pluggy's call order (``tryfirst`` first, then later-registered first,
+        the built-in ``regional`` baseline, ``trylast``, last), each with the
+        plugin that gives it (:class:`Provided`), so that a bad feature vector
+        names it. A name two plugins give is refused, naming both.
+        """
+        found: dict[str, Provided] = {}
+        for plugin, result in self._impl_results("umbrella_baselines", call_order=True):
+            for value in self._values(plugin, "umbrella_baselines", result, Baseline, _shown):
+                other = found.get(value.name)
+                if other is not None and other.plugin != plugin:
+                    raise DuplicateNameError(
+                        f"baseline {value.name!r} is offered by {self._describe(other.plugin)} "
+                        f"and by {self._describe(plugin)}; uninstall or block one ({BLOCK_ENV})"
+                    )
+                dist, version = self._dist_of.get(plugin, ("<unknown>", ""))
+                found.setdefault(value.name, Provided(value, plugin, dist, version))
+        return list(found.values())
 
     def _collect(self, hook_name: str, kind: type, **kwargs: Any) -> list[Any]:
         out: list[Any] = []

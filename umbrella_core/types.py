@@ -24,6 +24,7 @@ __all__ = [
     "LossTerm",
     "MetricFamily",
     "QuestionAnswers",
+    "Baseline",
     "IMAGE_PLACEHOLDER",
     "positive_settings",
 ]
@@ -441,6 +442,16 @@ class QuestionAnswers:
         train_references: The training records' answers to the question, for
             references such as the majority class or the training mean.
         sources: Where each sample's record was read, for reports.
+        generated: The greedy answer to each, decoded and stripped as
+            ``umbrella generate`` prints it, whatever the scoring (with
+            ``generate`` scoring it equals ``predictions``); empty where no
+            answer was generated (a value built by hand).
+        ended: Per generated answer, whether it ended within the question's
+            token budget (decoding stopped at eos or the chat template's
+            end-of-turn). A model that never ends its turn can still choose
+            the right candidate: the evaluation reports both, and adds
+            ``ended`` and ``parsed`` to every family's metrics. (``generated``
+            and ``ended``: since 0.4.)
     """
 
     question: str
@@ -451,6 +462,18 @@ class QuestionAnswers:
     probabilities: tuple[tuple[float, ...], ...] | None = None
     train_references: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     sources: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    generated: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    ended: tuple[bool, ...] = attrs.field(default=(), converter=lambda v: tuple(bool(e) for e in v))
+
+    @ended.validator
+    def _one_per_generated(self, attribute: attrs.Attribute, value: tuple[bool, ...]) -> None:
+        given = len(self.generated)
+        if len(value) != given or given and given != len(self.references):
+            raise ValueError(
+                f"{len(self.references)} references, {len(self.generated)} generated answers "
+                f"and {len(value)} ended flags: give one generated answer and one flag per "
+                "reference, or none"
+            )
 
 
 def _scoring(instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -493,3 +516,43 @@ class MetricFamily:
     figure: Callable[[QuestionAnswers, Mapping[str, Any]], Any] | None = attrs.field(
         default=None, eq=False, repr=False
     )
+
+
+@attrs.frozen(kw_only=True)
+class Baseline:
+    """A simple model's view of an image, to show beside the VLM's figures (``umbrella_baselines``).
+
+    The core fits a linear model on the features (logistic regression for a
+    categorical question, ridge regression for a numeric one) on the run's
+    training split, chooses its regularisation on the validation split and
+    scores it on the held-out samples the VLM's table uses
+    (:mod:`umbrella_core.evaluation.baselines`). For each modality key and
+    question the first baseline whose ``applies`` accepts the spec of every
+    image of the samples is used: plugins' baselines before the built-in
+    ``regional`` one (``trylast``).
+
+    Attributes:
+        name: Shown in tables and metric names (``regional``); unique over the
+            installed plugins.
+        description: One line: what the features are, for the table's header,
+            ``metrics.json`` and ``umbrella plugins``.
+        applies: ``applies(spec) -> bool``: whether it represents images of
+            this :class:`ModalitySpec` (dispatch on ``ndim``, ``channels`` and
+            ``shape``; a plugin's baseline for its own modality may test the name).
+        features: ``features(spec, image) -> numpy.ndarray``: one image, a
+            float32 array of shape ``spec.input_shape`` read as the VLM reads
+            it, to a 1-D array of finite numbers whose length depends only on
+            the spec. A sample with several images gets their features
+            concatenated in placeholder order.
+        describe: ``describe(spec) -> str``: what the features of an image of
+            this spec are (``64 regional means (4x4x4 grid, 1 channel)``);
+            None: ``description``.
+
+    Since: 0.4
+    """
+
+    name: str = attrs.field(converter=_lower)
+    description: str = ""
+    applies: Callable[[ModalitySpec], bool] = attrs.field(eq=False, repr=False)
+    features: Callable[[ModalitySpec, Any], Any] = attrs.field(eq=False, repr=False)
+    describe: Callable[[ModalitySpec], str] | None = attrs.field(default=None, eq=False, repr=False)

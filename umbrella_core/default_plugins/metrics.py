@@ -5,6 +5,12 @@ family for its own tasks is asked first. A question's family follows from its
 answers over the run's records (:func:`umbrella_core.evaluation.metrics.question_family`):
 numbers with an optional unit are ``numeric``, a few values each given several
 times ``categorical``, anything else ``text``.
+
+Each family also says how many of the answers the model generates end and
+parse (:func:`umbrella_core.evaluation.metrics.answer_health`, by its own rule),
+and the categorical family scores the generated answers beside the most
+probable candidates: a model can rank ``left`` above ``right`` and still never
+say ``left`` and stop.
 """
 
 from __future__ import annotations
@@ -33,16 +39,39 @@ def _number(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _categorical(answers: QuestionAnswers) -> Mapping[str, Any]:
-    from umbrella_core.evaluation.metrics import categorical_metrics
+def _health(answers: QuestionAnswers, rule: str) -> dict[str, Any]:
+    """``ended`` and ``parsed`` of the generated answers (none without them)."""
+    from umbrella_core.evaluation.metrics import answer_health
 
-    return categorical_metrics(
-        answers.references,
-        answers.predictions,
-        classes=answers.classes,
-        probabilities=answers.probabilities,
-        train_references=answers.train_references,
+    if not answers.generated:
+        return {}
+    return answer_health(answers.generated, answers.ended, rule=rule, classes=answers.classes)
+
+
+def health_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """The table rows of the generated answers' ``ended`` and ``parsed`` shares, where known."""
+    return [
+        (name, _percent(m[name]), "") for name in ("ended", "parsed") if m.get(name) is not None
+    ]
+
+
+def _categorical(answers: QuestionAnswers) -> Mapping[str, Any]:
+    from umbrella_core.evaluation.metrics import categorical_metrics, generated_accuracy
+
+    metrics = dict(
+        categorical_metrics(
+            answers.references,
+            answers.predictions,
+            classes=answers.classes,
+            probabilities=answers.probabilities,
+            train_references=answers.train_references,
+        )
     )
+    if answers.generated:
+        metrics["generated_accuracy"] = generated_accuracy(
+            answers.references, answers.generated, answers.ended
+        )
+    return metrics | _health(answers, "categorical")
 
 
 def _categorical_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -53,11 +82,21 @@ def _categorical_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         else ""
     )
     chance = f"chance {_percent(ref.get('chance'))}"
+    # Without generated answers (a table written before they were) one accuracy, unnamed.
+    accuracy = (
+        [
+            ("likelihood accuracy", _percent(m["accuracy"]), majority),
+            ("generated accuracy", _percent(m["generated_accuracy"]), majority),
+        ]
+        if "generated_accuracy" in m
+        else [("accuracy", _percent(m["accuracy"]), majority)]
+    )
     return [
-        ("accuracy", _percent(m["accuracy"]), majority),
+        *accuracy,
         ("balanced accuracy", _percent(m["balanced_accuracy"]), chance),
         ("macro-F1", _number(m["macro_f1"]), ""),
         ("AUROC", _number(m["auroc"]), "chance 0.500"),
+        *health_rows(m),
     ]
 
 
@@ -70,9 +109,10 @@ def _categorical_figure(answers: QuestionAnswers, m: Mapping[str, Any]) -> Any:
 def _numeric(answers: QuestionAnswers) -> Mapping[str, Any]:
     from umbrella_core.evaluation.metrics import numeric_metrics
 
-    return numeric_metrics(
+    metrics = numeric_metrics(
         answers.references, answers.predictions, train_references=answers.train_references
     )
+    return dict(metrics) | _health(answers, "numeric")
 
 
 def _numeric_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -88,7 +128,8 @@ def _numeric_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ),
         ("Pearson r", _number(m["pearson_r"]), "0"),
         ("R²", _number(m["r2"]), "0 (training mean: ~0)"),
-        ("unparsed", _percent(m["unparsed"]), ""),
+        # "parsed" says it where the answers are known as generated (1 - unparsed).
+        *(health_rows(m) or [("unparsed", _percent(m["unparsed"]), "")]),
     ]
 
 
@@ -128,7 +169,7 @@ def _text(answers: QuestionAnswers) -> Mapping[str, Any]:
             "common_answer": common,
             **{k: same[k] for k in ("exact_match", "bleu", "rouge_l")},
         }
-    return metrics
+    return metrics | _health(answers, "text")
 
 
 def _text_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
@@ -141,6 +182,7 @@ def _text_table(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         ("exact match", _percent(m["exact_match"]), common(_percent(ref.get("exact_match")))),
         ("BLEU", _number(m["bleu"], 1), common(_number(ref.get("bleu"), 1))),
         ("ROUGE-L", _number(m["rouge_l"]), common(_number(ref.get("rouge_l")))),
+        *health_rows(m),
     ]
 
 

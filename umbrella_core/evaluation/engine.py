@@ -15,6 +15,15 @@ it wants the model's answers:
 * ``generate``: greedy decoding (numbers, free text), batched with left
   padding (:func:`umbrella_core.train.generate.greedy_generate_batch`).
 
+Whatever the scoring, every sample also gets its greedy answer, decoded as
+``umbrella generate`` prints it (the same stop tokens, decoding and
+stripping), within the question's token budget (:meth:`_Items._limit`): a
+categorical question is then scored by its free answer too
+(``generated_accuracy``), and every question's metrics say how many answers
+ended within the budget and parsed (``ended``, ``parsed``; I13: a model that
+ranks the right candidate first but never ends its turn must not look
+finished). A question where many did not end gets a ``flag`` line.
+
 Samples whose question no family takes (none does with the built-ins, whose
 ``text`` family takes anything) get their loss only.
 
@@ -48,7 +57,12 @@ __all__ = [
     "index_questions",
     "spread_indices",
     "evaluate_dataset",
+    "not_ending_flag",
+    "NOT_ENDED_FLAG",
 ]
+
+#: A question is flagged when at least this share of its generated answers did not end.
+NOT_ENDED_FLAG = 0.1
 
 
 def question_and_answer(record: StudyRecord) -> tuple[str, str]:
@@ -122,19 +136,29 @@ class Evaluation:
         results: Per modality key: ``n``, ``loss`` (mean per-sample NLL of the
             answer tokens), ``accuracy`` (share of the ``scored`` samples whose
             chosen candidate is the reference; None when none was scored),
-            ``scored``, ``exact`` (share of all samples whose greedy answer is
-            the reference, token for token, from the teacher-forced pass) and
-            ``questions``: per question, its ``family``, ``n`` and ``metrics``.
+            ``generated_accuracy`` (share of the same samples whose generated
+            answer ended and is the reference), ``scored``, ``exact`` (share
+            of all samples whose greedy answer is the reference, token for
+            token, from the teacher-forced pass) and ``questions``: per
+            question, its ``family``, ``n``, ``metrics`` (the family's, with
+            ``ended``/``n_ended`` and ``parsed``/``n_parsed`` always there),
+            ``max_new_tokens`` (its answers' token budget) and ``flag`` (a
+            line saying that its answers did not end, or None).
         answers: The answers per (modality key, question), as the families scored them.
         families: The family of each entry of ``answers``.
         samples: One entry per sample: source, key, question, reference,
-            answer, and the candidates' probabilities where scored so.
+            answer, the candidates' probabilities where scored so, and where
+            its question has a family the ``generated`` answer, whether it
+            ``ended`` and its ``max_new_tokens``.
     """
 
     results: dict[str, dict[str, Any]]
     answers: list[QuestionAnswers] = attrs.field(factory=list)
     families: list[MetricFamily] = attrs.field(factory=list)
     samples: list[dict[str, Any]] = attrs.field(factory=list)
+    #: The simple baseline's answers per (modality key, question), where one
+    #: was fitted (:mod:`umbrella_core.evaluation.baselines`).
+    baselines: dict[tuple[str, str], QuestionAnswers] = attrs.field(factory=dict)
 
 
 class _Items:
@@ -164,6 +188,7 @@ class _Items:
             "reference": answer,
             "rows": [],
             "prompt": None,
+            "scoring": asked.family.scoring if asked is not None else None,
         }
         if asked is not None and asked.family.scoring == "candidates":
             for candidate in asked.classes:
@@ -177,7 +202,8 @@ class _Items:
         if not any(c == answer and e is not None for c, e in item["rows"]):
             encoded = dataset.encode(record)
             item["rows"].append((None, (encoded.input_ids, encoded.labels)))
-        if asked is not None and asked.family.scoring == "generate":
+        if asked is not None:
+            # Every question's answer is generated too, candidates or not (I13).
             item["prompt"] = dataset.encode(record, add_generation_prompt=True).input_ids
             item["limit"] = self._limit(asked)
         return item
@@ -223,19 +249,23 @@ def evaluate_dataset(
 
     Every rank of a distributed run calls this with the same arguments and runs
     the same forward passes in the same order (DeepSpeed ZeRO-3 gathers
-    parameters collectively): decoding then runs all ``max_new_tokens`` steps
-    rather than stopping when every row has finished on this rank.
+    parameters collectively): decoding then runs all the steps of each batch's
+    budget rather than stopping when every row has finished on this rank. Every
+    question's answer is decoded, categorical ones too (within the question's
+    budget, at most ``max_new_tokens``), so the passes are the same on every
+    rank: they follow from the items and the run's answers alone.
     """
     import torch
     from torch.utils.data import DataLoader
 
+    from umbrella_core.data.conversation import default_chat_format
     from umbrella_core.train.generate import decode, greedy_generate_batch
 
     tokenizer = dataset.tokenizer
-    chat = getattr(dataset, "chat", None)
-    stops = set(getattr(chat, "stop_token_ids", ()) or ())
-    if tokenizer.eos_token_id is not None:
-        stops.add(int(tokenizer.eos_token_id))
+    # The format the prompts are encoded with (the dataset's, else its default), and
+    # its stop tokens alone: what `umbrella generate` stops at (eos and end-of-turn).
+    chat = getattr(dataset, "chat", None) or default_chat_format(tokenizer)
+    stops = {int(token) for token in chat.stop_token_ids}
     indices = spread_indices(len(dataset), max_samples)
     items = _Items(dataset, indices, questions)
     loader = DataLoader(
@@ -292,6 +322,41 @@ def _score_chunk(
 ) -> list[dict[str, Any]]:
     """The samples of ``chunk``: teacher-forced rows in batches of ``batch_size``, then
     the generated answers."""
+    scores = _teacher_forced(model, chunk, collator, batch_size=batch_size, device=device)
+    samples = [_sample(n, item, scores) for n, item in enumerate(chunk)]
+    wanting = [n for n, item in enumerate(chunk) if item["prompt"] is not None]
+    budgets = {n: min(max_new_tokens, chunk[n]["limit"]) for n in wanting}
+    # Rows of like budgets together: a short categorical answer is not decoded for as
+    # long as a report. The order is the same on every rank: the items are.
+    wanting.sort(key=budgets.__getitem__)
+    for start in range(0, len(wanting), batch_size):
+        part = wanting[start : start + batch_size]
+        generated = generate(
+            model,
+            [chunk[n]["prompt"] for n in part],
+            [chunk[n]["images"] for n in part],
+            max_new_tokens=max(budgets[n] for n in part),
+            pad_token_id=tokenizer.pad_token_id,
+            stop_token_ids=stops,
+            all_steps=synced,
+        )
+        for n, ids in zip(part, generated, strict=True):
+            # Greedy decoding is deterministic, so a row decoded for longer than its
+            # budget holds, cut there, what its own budget gives.
+            ids = ids[: budgets[n]]
+            text = decode(tokenizer, ids)
+            samples[n]["generated"] = text
+            samples[n]["ended"] = bool(ids) and ids[-1] in stops
+            samples[n]["max_new_tokens"] = budgets[n]
+            if chunk[n]["scoring"] == "generate":
+                samples[n]["answer"] = text
+    return samples
+
+
+def _teacher_forced(
+    model: Any, chunk: list[dict[str, Any]], collator: Any, *, batch_size: int, device: Any
+) -> dict[tuple[int, str | None], tuple[float, float, bool]]:
+    """Per (item, candidate) row: its summed NLL, mean NLL and whether greedy reproduces it."""
     rows = [
         (n, candidate, encoded)
         for n, item in enumerate(chunk)
@@ -323,43 +388,51 @@ def _score_chunk(
             part, summed.tolist(), counts.tolist(), exact.tolist(), strict=True
         ):
             scores[(n, candidate)] = (s, s / c, bool(e))
-    samples: list[dict[str, Any]] = []
-    for n, item in enumerate(chunk):
-        reference = item["reference"]
-        own = scores.get((n, reference)) or scores[(n, None)]
-        sample: dict[str, Any] = {
-            "source": item["source"],
-            "key": item["key"],
-            "question": item["question"],
-            "reference": reference,
-            "loss": own[1],
-            "exact": own[2],
-        }
-        candidates = [c for c, _ in item["rows"] if c is not None]
-        if candidates:
-            logp = [-scores[(n, c)][0] if (n, c) in scores else -math.inf for c in candidates]
-            top = max(logp)
-            weights = [math.exp(v - top) for v in logp]
-            total = sum(weights)
-            sample["probabilities"] = [w / total for w in weights]
-            sample["answer"] = candidates[max(range(len(logp)), key=logp.__getitem__)]
-        samples.append(sample)
-    wanting = [n for n, item in enumerate(chunk) if item["prompt"] is not None]
-    for start in range(0, len(wanting), batch_size):
-        part = wanting[start : start + batch_size]
-        generated = generate(
-            model,
-            [chunk[n]["prompt"] for n in part],
-            [chunk[n]["images"] for n in part],
-            # The same on every rank: the items and the run's answers are.
-            max_new_tokens=min(max_new_tokens, max(chunk[n]["limit"] for n in part)),
-            pad_token_id=tokenizer.pad_token_id,
-            stop_token_ids=stops,
-            all_steps=synced,
+    return scores
+
+
+def _sample(
+    n: int, item: dict[str, Any], scores: dict[tuple[int, str | None], tuple[float, float, bool]]
+) -> dict[str, Any]:
+    """Item ``n``'s sample: its loss and, where scored by candidates, their probabilities."""
+    reference = item["reference"]
+    own = scores.get((n, reference)) or scores[(n, None)]
+    sample: dict[str, Any] = {
+        "source": item["source"],
+        "key": item["key"],
+        "question": item["question"],
+        "reference": reference,
+        "loss": own[1],
+        "exact": own[2],
+    }
+    candidates = [c for c, _ in item["rows"] if c is not None]
+    if candidates:
+        logp = [-scores[(n, c)][0] if (n, c) in scores else -math.inf for c in candidates]
+        top = max(logp)
+        weights = [math.exp(v - top) for v in logp]
+        total = sum(weights)
+        sample["probabilities"] = [w / total for w in weights]
+        sample["answer"] = candidates[max(range(len(logp)), key=logp.__getitem__)]
+    return sample
+
+
+def not_ending_flag(n: int, n_ended: int, max_new_tokens: int | None) -> str | None:
+    """The line that says a question's generated answers did not end, or None.
+
+    Raised when at least :data:`NOT_ENDED_FLAG` of the ``n`` answers did not
+    end; the table's ``ended`` row shows any smaller share.
+    """
+    missing = n - n_ended
+    if not n or missing <= 0 or missing < NOT_ENDED_FLAG * n:
+        return None
+    within = f" within {max_new_tokens} tokens" if max_new_tokens else ""
+    said = f"{missing} of {n} generated answers did not end{within}"
+    if 2 * missing > n:
+        said += (
+            ": the model does not end its turn (a model composed from a language model "
+            "needs its second stage: see README)"
         )
-        for n, ids in zip(part, generated, strict=True):
-            samples[n]["answer"] = decode(tokenizer, ids)
-    return samples
+    return said
 
 
 def _summarise(samples: list[dict[str, Any]], questions: Mapping[str, Question]) -> Evaluation:
@@ -367,7 +440,7 @@ def _summarise(samples: list[dict[str, Any]], questions: Mapping[str, Question])
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for s in samples:
         r = per_key.setdefault(
-            s["key"], {"n": 0, "loss": 0.0, "correct": 0, "scored": 0, "exact": 0}
+            s["key"], {"n": 0, "loss": 0.0, "correct": 0, "said": 0, "scored": 0, "exact": 0}
         )
         r["n"] += 1
         r["loss"] += s["loss"]
@@ -375,6 +448,7 @@ def _summarise(samples: list[dict[str, Any]], questions: Mapping[str, Question])
         if "probabilities" in s:
             r["scored"] += 1
             r["correct"] += int(s["answer"] == s["reference"])
+            r["said"] += int(s.get("ended", False) and s["generated"] == s["reference"])
         if s["question"] in questions:
             groups.setdefault((s["key"], s["question"]), []).append(s)
     results: dict[str, dict[str, Any]] = {}
@@ -384,6 +458,7 @@ def _summarise(samples: list[dict[str, Any]], questions: Mapping[str, Question])
             "n": r["n"],
             "loss": r["loss"] / r["n"],
             "accuracy": r["correct"] / r["scored"] if r["scored"] else None,
+            "generated_accuracy": r["said"] / r["scored"] if r["scored"] else None,
             "scored": r["scored"],
             "exact": r["exact"] / r["n"],
             "questions": {},
@@ -405,13 +480,34 @@ def _summarise(samples: list[dict[str, Any]], questions: Mapping[str, Question])
             ),
             train_references=asked.train_answers,
             sources=[s["source"] for s in group],
+            generated=[s.get("generated", "") for s in group],
+            ended=[s.get("ended", False) for s in group],
         )
-        metrics = dict(asked.family.compute(scored))
+        metrics = _with_health(dict(asked.family.compute(scored)), scored, asked.family)
+        budget = max((s.get("max_new_tokens", 0) for s in group), default=0) or None
         results[key]["questions"][text] = {
             "family": asked.family.name,
             "n": len(group),
             "metrics": metrics,
+            "max_new_tokens": budget,
+            "flag": not_ending_flag(len(group), metrics["n_ended"], budget),
         }
         answers.append(scored)
         families.append(asked.family)
     return Evaluation(results=results, answers=answers, families=families, samples=samples)
+
+
+def _with_health(
+    metrics: dict[str, Any], answers: QuestionAnswers, family: MetricFamily
+) -> dict[str, Any]:
+    """``metrics`` with the generated answers' ``ended`` (always the engine's: a family
+    cannot hide a model that does not end) and ``parsed`` (the family's where it says;
+    else exactly a class for ``candidates`` scoring, ended and not empty for ``generate``)."""
+    from umbrella_core.evaluation.metrics import answer_health
+
+    rule = "categorical" if family.scoring == "candidates" else "text"
+    health = answer_health(answers.generated, answers.ended, rule=rule, classes=answers.classes)
+    metrics["ended"], metrics["n_ended"] = health["ended"], health["n_ended"]
+    if "parsed" not in metrics:
+        metrics["parsed"], metrics["n_parsed"] = health["parsed"], health["n_parsed"]
+    return metrics

@@ -9,6 +9,13 @@ and is scored by that family's function:
   RMSE, Pearson r and R² over the answers that parse as numbers;
 * :func:`text_metrics`: free text (reports): exact match, BLEU, ROUGE-L.
 
+Whatever the family, :func:`answer_health` says how many of the answers the
+model generates (greedily, as ``umbrella generate`` prints them) end within
+their token budget and parse as an answer of the question's kind, and
+:func:`generated_accuracy` scores a categorical question by those answers: a
+question scored by the likelihood of its candidates cannot look better than
+what the model says.
+
 Every result carries the figures of a trivial predictor (chance, the training
 majority, the training mean) under ``"reference"``, because a metric means
 little without them: 80 % accuracy is no achievement where 80 % of the subjects
@@ -39,6 +46,9 @@ __all__ = [
     "categorical_metrics",
     "numeric_metrics",
     "text_metrics",
+    "PARSE_RULES",
+    "answer_health",
+    "generated_accuracy",
 ]
 
 #: Confusion-matrix label of the answers that are none of the classes.
@@ -410,6 +420,84 @@ def text_metrics(references: Sequence[str], predictions: Sequence[str]) -> dict[
         "bleu": float(bleu),
         "rouge_l": float(np.mean(rouge)),
     }
+
+
+#: What "parses" means for a generated answer, per kind of question (:func:`answer_health`).
+PARSE_RULES = ("categorical", "numeric", "text")
+
+
+def answer_health(
+    generated: Sequence[str],
+    ended: Sequence[bool],
+    *,
+    rule: str = "text",
+    classes: Sequence[str] = (),
+) -> dict[str, Any]:
+    """How many generated answers end and how many parse.
+
+    An answer *ended* when decoding stopped at a stop token (eos or the chat
+    template's end-of-turn) before the token budget ran out: a model that
+    never ends its turn prints its answer followed by more text until the
+    budget, and no parser should be asked to find the answer in that.
+
+    Whether an answer *parses* follows ``rule``:
+
+    * ``"categorical"``: the answer, stripped of surrounding whitespace, is
+      exactly one of ``classes``. Case is not folded: the classes are the
+      answers as the data writes them, and the likelihood scoring compares
+      them exactly too, so ``Left`` for ``left`` is another answer;
+    * ``"numeric"``: :func:`parse_number` reads one number from it;
+    * ``"text"``: it ended and is not empty (after stripping).
+
+    Args:
+        generated: The decoded answers (as ``umbrella generate`` prints them).
+        ended: Per answer, whether it ended within the budget.
+        rule: One of :data:`PARSE_RULES`.
+        classes: The question's answers, for ``"categorical"``.
+
+    Returns:
+        ``{"ended", "n_ended", "parsed", "n_parsed"}``: the shares (0..1; None
+        without answers) and the counts.
+
+    Raises:
+        ValueError: The lengths differ or ``rule`` is unknown.
+    """
+    if len(generated) != len(ended):
+        raise ValueError(f"{len(generated)} answers but {len(ended)} ended flags: one per answer")
+    if rule == "categorical":
+        known = set(classes)
+        parses = [g.strip() in known for g in generated]
+    elif rule == "numeric":
+        parses = [parse_number(g) is not None for g in generated]
+    elif rule == "text":
+        parses = [bool(e) and bool(g.strip()) for g, e in zip(generated, ended, strict=True)]
+    else:
+        raise ValueError(f"rule must be one of {', '.join(PARSE_RULES)}, got {rule!r}")
+    n, n_ended, n_parsed = len(generated), sum(map(bool, ended)), sum(parses)
+    return {
+        "ended": n_ended / n if n else None,
+        "n_ended": n_ended,
+        "parsed": n_parsed / n if n else None,
+        "n_parsed": n_parsed,
+    }
+
+
+def generated_accuracy(
+    references: Sequence[str], generated: Sequence[str], ended: Sequence[bool]
+) -> float | None:
+    """The share of generated answers that are their reference: ended, and after stripping
+    surrounding whitespace exactly the reference (case kept, as :func:`answer_health`).
+
+    An answer that did not end counts as wrong even when its text is the
+    reference: ``umbrella generate`` would have printed more. None without answers.
+    """
+    _same_length(references, generated)
+    _same_length(generated, ended)
+    n = len(references)
+    right = sum(
+        bool(e) and g.strip() == r for r, g, e in zip(references, generated, ended, strict=True)
+    )
+    return right / n if n else None
 
 
 def _same_length(references: Sequence[Any], predictions: Sequence[Any]) -> None:

@@ -118,8 +118,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
-def _metric_rows(question: Mapping[str, Any], families: Mapping[str, Any]) -> list[tuple]:
-    metrics = question.get("metrics") or {}
+def _metric_rows(
+    question: Mapping[str, Any], families: Mapping[str, Any], metrics: Mapping | None = None
+) -> list[tuple]:
+    """The rows ``umbrella evaluate`` prints of a question's ``metrics`` (default: the VLM's)."""
+    metrics = (question.get("metrics") or {}) if metrics is None else metrics
     family = families.get(question.get("family"))
     if family is not None and family.table is not None:
         try:
@@ -145,18 +148,60 @@ def _evaluation_section(meta: Mapping[str, Any], families: Sequence[Any]) -> lis
         return [*lines, ""]
     by_name = {f.name: f for f in families}
     lines += [f"From {stored.get('source') or 'the held-out records'}.", ""]
-    rows = []
+    baselines = _baselines_said(results)
+    column = bool(baselines)  # a baseline column where any was fitted
+    lines += [*baselines, *([""] if baselines else [])]
+    rows, absent = [], []
     for key, r in results.items():
         loss = r.get("loss")
         loss = f"{loss:.4f}" if isinstance(loss, (int, float)) else "-"
-        rows.append((key, "(all questions)", r.get("n", ""), "loss", loss, ""))
+        rows.append((key, "(all questions)", r.get("n", ""), "loss", loss, *[""] * column, ""))
         for question, q in (r.get("questions") or {}).items():
             head = (key, question, q.get("n", ""))
-            for label, value, reference in _metric_rows(q, by_name):
-                rows.append((*head, label, value, reference))
+            shown = _metric_rows(q, by_name)
+            cells = _baseline_cells(q, by_name, shown)
+            for (label, value, reference), cell in zip(shown, cells, strict=True):
+                rows.append((*head, label, value, *[cell] * column, reference))
                 head = ("", "", "")  # the question once, its metrics below it
-    header = ("modality", "question", "n", "metric", "value", "reference")
-    return [*lines, *_table(header, rows), ""]
+            entry = q.get("baseline") or {}
+            if "absent" in entry:
+                absent.append(f"- {key}, {question}: {entry['absent']}")
+    header = ("modality", "question", "n", "metric", "value", *["baseline"] * column, "reference")
+    lines += _table(header, rows)
+    if absent:
+        lines += ["", "No baseline beside:", "", *absent]
+    return [*lines, ""]
+
+
+#: Rows about the form of generated answers: a baseline's always end and parse.
+_FORM_ROWS = frozenset({"ended", "parsed", "unparsed"})
+
+
+def _baselines_said(results: Mapping[str, Any]) -> list[str]:
+    """A sentence per baseline in the table: what it reads and how it was fitted."""
+    said: dict[str, str] = {}
+    for r in results.values():
+        for q in (r.get("questions") or {}).values():
+            entry = q.get("baseline") or {}
+            if "metrics" in entry and entry.get("name") not in said:
+                said[entry.get("name")] = (
+                    f"The baseline column is `{entry.get('name')}`: a linear model (logistic "
+                    "regression for categorical questions, ridge regression for numeric ones) "
+                    f"on {entry.get('description') or 'simple image features'}, fitted on the "
+                    "training split with its regularisation chosen on the validation split."
+                )
+    return list(said.values())
+
+
+def _baseline_cells(
+    question: Mapping[str, Any], families: Mapping[str, Any], rows: Sequence[tuple]
+) -> list[str]:
+    """The baseline's value beside each of the VLM's rows, matched by label."""
+    entry = question.get("baseline") or {}
+    if "metrics" not in entry:
+        return [""] * len(rows)
+    values = {row[0]: row[1] for row in _metric_rows(question, families, entry["metrics"])}
+    return ["" if row[0] in _FORM_ROWS else values.get(row[0], "") for row in rows]
 
 
 def _data_section(meta: Mapping[str, Any]) -> list[str]:

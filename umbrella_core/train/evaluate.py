@@ -6,7 +6,11 @@ probability of each candidate answer (accuracy, balanced accuracy, macro-F1,
 confusion matrix, AUROC), numbers by greedy decoding (MAE, RMSE, Pearson r, R²,
 share unparsed), free text by greedy decoding (BLEU, ROUGE-L, exact match),
 each with the reference a reader compares it with (chance, the majority
-class, the error of always answering the training mean).
+class, the error of always answering the training mean). Every question's
+answer is also generated as ``umbrella generate`` prints it: categorical
+questions are scored by it too, every question says how many answers ended
+within their token budget and parsed, and a question whose answers did not
+end is flagged under the table (:func:`flag_lines`).
 
 Used three ways: during training (:func:`evaluate_trainer`, behind
 ``UmbrellaTrainer.evaluate``: metrics to the log history and TensorBoard,
@@ -14,6 +18,12 @@ figures to TensorBoard), after training (the table ``umbrella train`` prints)
 and on a saved checkpoint (``umbrella evaluate``, :func:`evaluate_checkpoint`,
 which also writes the figures as PNG files and every answer to
 ``predictions.jsonl``).
+
+The table at the end of training and ``umbrella evaluate``'s also hold a
+simple baseline beside each figure (:mod:`umbrella_core.evaluation.baselines`):
+:func:`format_table` shows it as a ``baseline`` column, matched to the VLM's
+rows by label, :func:`summarize` as ``<prefix>_baseline_<metric>/...``, and
+:func:`figures` draws its figure after the VLM's.
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ __all__ = [
     "evaluate_checkpoint",
     "write_report",
     "format_table",
+    "flag_lines",
     "CLOSED_FORM_MAX_ANSWERS",
 ]
 
@@ -123,29 +134,37 @@ def question_id(question: str, width: int = 40) -> str:
 def summarize(results: dict[str, dict[str, Any]], prefix: str = "eval") -> dict[str, float]:
     """Flat metrics for logs and TensorBoard.
 
-    ``{prefix}_loss`` over all samples, ``{prefix}_accuracy`` over the samples
-    of categorical questions; per key ``{prefix}_loss/<key>`` and
-    ``{prefix}_accuracy/<key>``; per key and question every numeric metric as
-    ``{prefix}_<metric>/<key>/<question id>`` (``eval_mae/t1/how_old_is_the_subject``).
+    ``{prefix}_loss`` over all samples, ``{prefix}_accuracy`` (the most probable
+    candidate) and ``{prefix}_generated_accuracy`` (the generated answer) over
+    the samples of categorical questions; per key ``{prefix}_loss/<key>``,
+    ``{prefix}_accuracy/<key>`` and ``{prefix}_generated_accuracy/<key>``; per
+    key and question every numeric metric as ``{prefix}_<metric>/<key>/<question
+    id>`` (``eval_mae/t1/how_old_is_the_subject``, ``eval_ended/t1/...``), and
+    the baseline's beside it as ``{prefix}_baseline_<metric>/<key>/<question id>``.
     """
     metrics: dict[str, float] = {}
     n = sum(r["n"] for r in results.values())
     scored = sum(r["scored"] for r in results.values())
     if n:
         metrics[f"{prefix}_loss"] = sum(r["loss"] * r["n"] for r in results.values()) / n
-    if scored:
-        metrics[f"{prefix}_accuracy"] = (
-            sum(r["accuracy"] * r["scored"] for r in results.values() if r["scored"]) / scored
-        )
+    for name in ("accuracy", "generated_accuracy"):
+        weighted = [(r[name], r["scored"]) for r in results.values() if r.get(name) is not None]
+        if scored and weighted:
+            metrics[f"{prefix}_{name}"] = sum(v * k for v, k in weighted) / scored
     for key, r in results.items():
         metrics[f"{prefix}_loss/{key}"] = r["loss"]
-        if r["accuracy"] is not None:
-            metrics[f"{prefix}_accuracy/{key}"] = r["accuracy"]
+        for name in ("accuracy", "generated_accuracy"):
+            if r.get(name) is not None:
+                metrics[f"{prefix}_{name}/{key}"] = r[name]
         for question, q in r.get("questions", {}).items():
             qid = question_id(question)
             for name, value in q["metrics"].items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "n":
                     metrics[f"{prefix}_{name}/{key}/{qid}"] = float(value)
+            baseline = (q.get("baseline") or {}).get("metrics") or {}
+            for name, value in baseline.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "n":
+                    metrics[f"{prefix}_baseline_{name}/{key}/{qid}"] = float(value)
     return metrics
 
 
@@ -158,21 +177,33 @@ def _tensorboard_writer(trainer: Any) -> Any:
     return None
 
 
-def figures(evaluation: Evaluation) -> Iterator[tuple[QuestionAnswers, MetricFamily, Any]]:
-    """Each question's figure (confusion matrix, predicted vs true), where its family draws one."""
+def figures(
+    evaluation: Evaluation,
+) -> Iterator[tuple[QuestionAnswers, MetricFamily, Any, str]]:
+    """Each question's figure (confusion matrix, predicted vs true), where its family draws one,
+    then its baseline's (the same figure of the baseline's answers), each with ``""`` or
+    ``"baseline"``."""
     for answers, family in zip(evaluation.answers, evaluation.families, strict=True):
         if family.figure is None:
             continue
         metrics = evaluation.results[answers.modality_key]["questions"][answers.question]
         figure = family.figure(answers, metrics["metrics"])
         if figure is not None:
-            yield answers, family, figure
+            yield answers, family, figure, ""
+        baseline = evaluation.baselines.get((answers.modality_key, answers.question))
+        if baseline is not None:
+            entry = metrics["baseline"]
+            figure = family.figure(baseline, entry["metrics"])
+            if figure is not None:
+                figure.suptitle(f"baseline {entry['name']}: {entry['model']}", fontsize="medium")
+                yield baseline, family, figure, "baseline"
 
 
 def log_figures(writer: Any, evaluation: Evaluation, step: int, prefix: str = "eval") -> None:
     """Each question's figure to TensorBoard (``eval/t1/which_hemisphere_holds_the_lesion``)."""
-    for answers, _, figure in figures(evaluation):
+    for answers, _, figure, kind in figures(evaluation):
         tag = f"{prefix}/{answers.modality_key}/{question_id(answers.question)}"
+        tag += f"/{kind}" if kind else ""
         writer.add_figure(tag, figure, step, close=True)
     writer.flush()
 
@@ -240,7 +271,10 @@ def evaluate_checkpoint(
     Studies are the checkpoint's own (from the run configuration it stores;
     the built-in demo is written again exactly as training wrote it) unless
     ``studies`` names others. ``split`` is ``test``, ``validation``, ``train``
-    or ``held-out`` (everything but ``train``).
+    or ``held-out`` (everything but ``train``). The simple baseline beside each
+    figure (``evaluation.baselines``) is fitted on the studies' ``train``
+    records and chosen on their ``validation`` records, read as the run read
+    them (geometry, preprocessing, cache), unless they are the split evaluated.
     """
     import attrs
 
@@ -301,7 +335,7 @@ def evaluate_checkpoint(
         dataset.pack()  # forked workers then copy none of the records' pages
     collator = UmbrellaCollator(loaded.tokenizer.pad_token_id, tuple(model.specs))
     questions = index_questions(data.records, pm.metric_families(config.evaluation))
-    return evaluate_dataset(
+    evaluation = evaluate_dataset(
         model,
         dataset,
         collator,
@@ -312,6 +346,67 @@ def evaluate_checkpoint(
         max_new_tokens=config.trainer.eval_max_new_tokens,
         progress=progress,
         description=f"evaluating {split}",
+    )
+    _checkpoint_baselines(
+        evaluation, dataset, split, questions, loaded, config, data, pm, max_samples, log
+    )
+    return evaluation
+
+
+def _checkpoint_baselines(
+    evaluation: Evaluation,
+    dataset: Any,
+    split: str,
+    questions: dict[str, Question],
+    loaded: Any,
+    config: Any,
+    data: Any,
+    pm: Any,
+    max_samples: int,
+    log: Callable[[str], None],
+) -> None:
+    """``umbrella evaluate``'s baselines: fitted on the run's training records, chosen on its
+    validation records (neither when it is the split evaluated), read as the run read them."""
+    from umbrella_core.data.dataset import RecordDataset
+    from umbrella_core.evaluation.baselines import add_baselines, baseline_mode
+
+    mode = baseline_mode(config.evaluation)
+    if mode == "off":
+        return
+    cache = None
+    if config.data.cache:
+        from umbrella_core.data.cache import PreprocessedCache, default_cache_root
+
+        root = config.data.cache_dir or default_cache_root()
+        cache = PreprocessedCache(root, data.versions(), dtype=config.data.cache_dtype)
+
+    def side(name: str) -> Any:
+        records = [r for r in data.records if r.split == name]
+        if not records:
+            return None
+        return RecordDataset(
+            records,
+            loaded.specs,
+            tokenizer=loaded.tokenizer,
+            image_token_id=loaded.model.image_token_id,
+            max_length=config.model.max_length,
+            name=name,
+            cache=cache,
+            frames=data.header_index.frames if data.header_index is not None else None,
+        )
+
+    train = side("train") if split != "train" else None
+    add_baselines(
+        evaluation,
+        test_set=dataset,
+        train_sets=[train] if train is not None else [],
+        validation_set=side("validation") if split not in ("validation", "held-out") else None,
+        questions=questions,
+        baselines=pm.baselines(),
+        mode=mode,
+        max_samples=max_samples,
+        workers=config.data.workers,
+        log=log,
     )
 
 
@@ -331,8 +426,9 @@ def write_report(evaluation: Evaluation, folder: str | Path) -> dict[str, Any]:
         for sample in evaluation.samples:
             out.write(json.dumps(sample) + "\n")
     saved: list[Path] = []
-    for answers, family, figure in figures(evaluation):
-        name = f"{answers.modality_key}-{question_id(answers.question)}-{family.name}.png"
+    for answers, family, figure, kind in figures(evaluation):
+        name = f"{answers.modality_key}-{question_id(answers.question)}-{family.name}"
+        name += f"-{kind}.png" if kind else ".png"
         saved.append(save_figure(figure, folder / "figures" / name))
     return {"metrics": metrics_path, "predictions": predictions, "figures": saved}
 
@@ -354,7 +450,10 @@ def format_table(
     by_name = {f.name: f for f in (families if families is not None else _builtin_families())}
     if isinstance(evaluation, Evaluation):
         by_name.update({f.name: f for f in evaluation.families})
-    lines = [f"{'modality':<10}{'question':<42}{'n':>6}  {'metric':<19}{'value':>9}  reference"]
+    column = _has_baselines(results)  # the baseline column, where any was fitted
+    baseline = f"{'baseline':>9}  " if column else ""
+    header = f"{'modality':<10}{'question':<42}{'n':>6}  {'metric':<19}{'value':>9}  "
+    lines = [*_baseline_header(results), f"{header}{baseline}reference"]
     for key, r in results.items():
         lines.append(f"{key:<10}{'(all questions)':<42}{r['n']:>6}  {'loss':<19}{r['loss']:>9.4f}")
         for question, q in r.get("questions", {}).items():
@@ -364,8 +463,93 @@ def format_table(
                 if family is not None and family.table is not None
                 else _default_rows(q["metrics"])
             )
+            rows = [*rows, *_health_rows_missing(rows, q["metrics"])]
             shown = question if len(question) <= 40 else question[:39] + "…"
+            cells = _baseline_cells(family, q, rows)
             for i, (label, value, reference) in enumerate(rows):
                 head = f"{'':<10}{shown:<42}{q['n']:>6}" if i == 0 else " " * 58
-                lines.append(f"{head}  {label:<19}{value:>9}  {reference}".rstrip())
+                cell = f"{cells[i]:>9}  " if column else ""
+                lines.append(f"{head}  {label:<19}{value:>9}  {cell}{reference}".rstrip())
+            lines += _baseline_absent(q)
+    lines += flag_lines(results)
     return "\n".join(lines)
+
+
+def _health_rows_missing(
+    rows: Sequence[tuple[str, str, str]], metrics: dict[str, Any]
+) -> list[tuple[str, str, str]]:
+    """``ended`` and ``parsed`` rows where a plugin family's table leaves them out."""
+    from umbrella_core.default_plugins.metrics import health_rows
+
+    shown = {label for label, _, _ in rows}
+    return [row for row in health_rows(metrics) if row[0] not in shown]
+
+
+def flag_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per question whose generated answers did not end (its ``flag``), for under
+    the table: ``! t1 "Which hemisphere holds the lesion?": 41 of 48 generated answers ...``."""
+    return [
+        f'! {key} "{question}": {q["flag"]}'
+        for key, r in results.items()
+        for question, q in r.get("questions", {}).items()
+        if q.get("flag")
+    ]
+
+
+# -- the baseline column ----------------------------------------------------------
+
+#: Rows about the form of generated answers: a baseline's always end and parse.
+_FORM_ROWS = frozenset({"ended", "parsed", "unparsed"})
+
+
+def _has_baselines(results: dict[str, dict[str, Any]]) -> bool:
+    return any(
+        "metrics" in (q.get("baseline") or {})
+        for r in results.values()
+        for q in r.get("questions", {}).values()
+    )
+
+
+def _baseline_header(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per baseline in the table: its models, what they read, how they were fitted."""
+    fitted: dict[str, tuple[str, dict[str, str]]] = {}
+    for r in results.values():
+        for q in r.get("questions", {}).values():
+            entry = q.get("baseline") or {}
+            if "metrics" in entry:
+                _, models = fitted.setdefault(entry["name"], (entry.get("description", ""), {}))
+                parameter = (entry.get("regularisation") or {}).get("parameter", "")
+                models[entry.get("model", "linear model")] = parameter
+    return [
+        f"baseline {name}: "
+        + ", ".join(f"{model} ({parameter})" for model, parameter in sorted(models.items()))
+        + (f" on {description}" if description else "")
+        + "; fitted on the training split, regularisation chosen on the validation split"
+        for name, (description, models) in fitted.items()
+    ]
+
+
+def _baseline_cells(
+    family: MetricFamily | None, q: dict[str, Any], rows: Sequence[tuple[str, str, str]]
+) -> list[str]:
+    """The baseline's value for each of the VLM's rows, matched by label ("" where none)."""
+    entry = q.get("baseline") or {}
+    if "metrics" not in entry:
+        return [""] * len(rows)
+    given = _default_rows(entry["metrics"])
+    if family is not None and family.table is not None:
+        try:
+            given = family.table(entry["metrics"])
+        except Exception:  # a plugin's table made for the VLM's metrics alone: every number
+            pass
+    values = {label: value for label, value, _ in given}
+    return ["" if label in _FORM_ROWS else values.get(label, "") for label, _, _ in rows]
+
+
+def _baseline_absent(q: dict[str, Any]) -> list[str]:
+    """The line under a question whose baseline is absent, saying why."""
+    entry = q.get("baseline") or {}
+    if "absent" not in entry:
+        return []
+    name = f" {entry['name']}" if entry.get("name") else ""
+    return [f"{'':<58}  (baseline{name}: {entry['absent']})"]

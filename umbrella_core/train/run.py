@@ -217,6 +217,44 @@ def _sample_lengths(train_sets: list[RecordDataset], log: Callable[[str], None])
     return lengths
 
 
+def add_test_baselines(
+    evaluation: Any,
+    prep: Prepared,
+    test_set: RecordDataset,
+    questions: dict[str, Any],
+    pm: PluginManager,
+    log: Callable[[str], None],
+) -> None:
+    """The simple baseline beside each figure of the test table (``evaluation.baselines``).
+
+    Fitted on the training sets, chosen on the validation set (none where the
+    held-out records are one set, as the table's), on the main process only:
+    the other ranks have no table to print. A baseline that fails (a plugin's
+    bad features) is said in one line and leaves the VLM's table as it is:
+    the run's weights and figures are worth more than the comparison.
+    """
+    from umbrella_core.errors import UmbrellaError
+    from umbrella_core.evaluation.baselines import add_baselines, baseline_mode
+
+    mode = baseline_mode(prep.config.evaluation)
+    if mode == "off":
+        return
+    try:
+        add_baselines(
+            evaluation,
+            test_set=test_set,
+            train_sets=prep.train_sets,
+            validation_set=prep.eval_set if prep.eval_set is not test_set else None,
+            questions=questions,
+            baselines=pm.baselines(),
+            mode=mode,
+            workers=prep.config.data.workers,
+            log=log,
+        )
+    except UmbrellaError as exc:
+        log(f"no baselines: {exc}")
+
+
 def _quiet(*_: Any) -> None:
     """``log`` of the processes other than the main one."""
 
@@ -249,6 +287,8 @@ def train(
     from umbrella_core.train.run_folder import claim_run_folder, write_failure
 
     hf_logging.set_verbosity_error()
+    if not config.trainer.progress:
+        hf_logging.disable_progress_bar()  # "Loading weights" of a composed model, too
     torch.manual_seed(config.trainer.seed)
     out_dir = Path(config.trainer.output_dir).expanduser().resolve()
     # Creating the arguments starts the process group under torchrun /
@@ -462,6 +502,8 @@ def _train(
                 progress=t.progress and main_process,
                 description=f"evaluating {test_set.name}",
             )
+        if main_process:
+            add_test_baselines(evaluation, prep, test_set, trainer.questions, pm, log)
         results = evaluation.results
         metrics["held_out"] = results
         metrics["held_out_split"] = test_set.name
