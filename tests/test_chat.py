@@ -221,7 +221,7 @@ def test_prepare_tokenizer_adds_missing_tokens_once_and_stores_the_template():
     # auto keeps a tokenizer's own template (here the chatml just stored).
     assert prepare_tokenizer(tokenizer, "auto") == []
     assert tokenizer.chat_template == named_template("chatml")
-    assert chat_format(tokenizer).name == "tokenizer"
+    assert chat_format(tokenizer).name == "chatml"  # stored, and still known by its name
 
 
 def test_the_format_travels_with_a_saved_tokenizer(tmp_path):
@@ -436,3 +436,33 @@ def test_datasets_and_encode_conversation_write_the_format_they_are_given():
         max_length=512,
     )
     assert tokenizer.decode(plain.input_ids).startswith("<|im_start|>system\nYou are Qwen")
+
+
+@pytest.mark.parametrize(
+    ("tokenizer_name", "family"),
+    [("gemma3", "gemma"), ("qwen2", "chatml"), ("llama", "llama3"), ("byte", "llava-1.5")],
+)
+def test_auto_without_a_template_writes_the_family_s_turn_tokens(tokenizer_name, family):
+    # A base model's tokenizer from a GGUF file ships no template; its vocabulary still
+    # holds the turn tokens it was pretrained with: writing those beats plain words.
+    tokenizer = _tokenizer(tokenizer_name)
+    tokenizer.chat_template = None
+    before = len(tokenizer)
+    assert chat_format(tokenizer).name == family
+    assert prepare_tokenizer(tokenizer, "auto") == []
+    assert len(tokenizer) == before  # no new, untrained token
+    assert tokenizer.chat_template == named_template(family)  # saved with the checkpoint
+
+
+def test_an_end_of_turn_written_as_plain_text_is_no_stop_token(tmp_path):
+    path = tmp_path / "hash.jinja"
+    path.write_text(
+        "{% for m in messages %}{% if m.role == 'user' %}Q: {{ m.content }}\n"
+        "{% else %}A: {{ m.content }}###\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}A:{% endif %}"
+    )
+    tokenizer, _ = _prepared("smollm2", str(path))
+    chat = chat_format(tokenizer, str(path))
+    # Generation stops at token ids only: "###" spelled by the model would not end it.
+    assert chat.end_of_turn is None
+    assert chat.stop_token_ids == (tokenizer.eos_token_id,)

@@ -11,6 +11,7 @@ Writing conversations with it is :mod:`umbrella_core.model.chat`.
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ def named_template(name: str) -> str:
     """The Jinja text of built-in template ``name`` (one of :data:`TEMPLATE_NAMES`)."""
     if name not in TEMPLATE_NAMES:
         raise ConfigError(_unknown(name))
+    return _shipped(name)
+
+
+@functools.cache
+def _shipped(name: str) -> str:
     path = resources.files("umbrella_core").joinpath("templates", f"{name}.jinja")
     return path.read_text(encoding="utf-8")
 
@@ -72,8 +78,9 @@ def resolve_template(tokenizer: Any, setting: str = "auto") -> tuple[str, str]:
     """The template text a setting of ``model.chat_template`` means for ``tokenizer``.
 
     Returns:
-        ``(text, name)``: ``name`` is the built-in name, ``tokenizer`` for the
-        tokenizer's own template, or the file's path.
+        ``(text, name)``: ``name`` is the built-in name (also for a tokenizer whose
+        own template is a built-in one's text), ``tokenizer`` for the tokenizer's
+        own template, or the file's path.
 
     Raises:
         ConfigError: An unknown name or a missing file (the message lists the names).
@@ -82,7 +89,9 @@ def resolve_template(tokenizer: Any, setting: str = "auto") -> tuple[str, str]:
     if setting.lower() == "auto":
         own = _own_template(tokenizer)
         if own is not None:
-            return own, "tokenizer"
+            # A built-in template stored by prepare_tokenizer keeps its name.
+            same = [name for name in TEMPLATE_NAMES if named_template(name) == own]
+            return own, same[0] if same else "tokenizer"
         family = family_template(tokenizer)
         return named_template(family), family
     if setting.lower() in TEMPLATE_NAMES:

@@ -75,7 +75,15 @@ def _chat_line(prep: Prepared) -> str:
     chat = prep.train_sets[0].chat
     if chat is None:
         return "no chat template"
-    said = {"tokenizer": "the tokenizer's own template"}.get(chat.name, f"template {chat.name}")
+    from umbrella_core.model.chat import TEMPLATE_NAMES
+
+    said = (
+        "the tokenizer's own template"
+        if chat.name == "tokenizer"
+        else f"the built-in {chat.name} template"
+        if chat.name in TEMPLATE_NAMES
+        else f"the template of {chat.name}"
+    )
     stops = ", ".join(prep.tokenizer.convert_ids_to_tokens(list(chat.stop_token_ids)))
     eot = f"turns end with {chat.end_of_turn}" if chat.end_of_turn else "no end-of-turn token"
     return f"{said} ({prep.config.model.chat_template}): {eot}; answers stop at {stops}"
