@@ -30,7 +30,19 @@ variants in rotating order), warm-up steps excluded; the tables give medians
 and ratios from one run. A short cProfile of extra Trainer steps shows where
 the time goes.
 
+With ``--language DIR`` the model is composed from that causal language model
+instead (as ``umbrella train --language DIR`` composes it: patch embedders, a
+fresh vision body and a new projector in front of the pretrained LM), and
+``--trainable`` defaults to ``projector`` (stage 1 of a composed model's
+recipe; ``lora`` is stage 2): the framework's per-step overhead on a real
+model, e.g. Gemma 3 270M with its 262,144-token vocabulary (the plain loop
+calls the same ``model(**batch).loss``, so both compute logits only where
+labels are learned). ``benchmarks/real_lms.py`` makes real LMs available as
+such folders.
+
     python benchmarks/training_step.py --out benchmarks/results/training_step.md
+    python benchmarks/training_step.py --language "$(python benchmarks/real_lms.py \
+        --models gemma3-270m --paths)" --out benchmarks/results/training_step_gemma3.md
 """
 
 from __future__ import annotations
@@ -65,16 +77,16 @@ def prepare_run(args: argparse.Namespace) -> tuple[Any, dict[str, dict[str, Any]
     from umbrella_core.plugins import get_plugin_manager
     from umbrella_core.train.run import prepare
 
-    config = load_config(
-        None,
-        [
-            f"data.modalities={','.join(MODALITIES)}",
-            f"data.demo_subjects={args.subjects}",
-            f"model.trainable={args.trainable}",
-            f"trainer.batch_size={args.batch_size}",
-            "trainer.progress=false",
-        ],
-    )
+    overrides = [
+        f"data.modalities={','.join(MODALITIES)}",
+        f"data.demo_subjects={args.subjects}",
+        f"model.trainable={args.trainable}",
+        f"trainer.batch_size={args.batch_size}",
+        "trainer.progress=false",
+    ]
+    if args.language:  # composed as `umbrella train --language DIR` composes it
+        overrides.append(f"model.language={args.language}")
+    config = load_config(None, overrides)
     prep = prepare(config, get_plugin_manager(), log=lambda _: None)
     collator = UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs))
     batches = {}
@@ -422,6 +434,8 @@ def memory(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             "--warmup",
             str(args.warmup),
         ]
+        if args.language:
+            command += ["--language", args.language]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise SystemExit(f"memory run for {modality} failed:\n{result.stderr}")
@@ -450,6 +464,12 @@ def derived(step: dict[str, Any]) -> dict[str, float]:
 
 def report(args: argparse.Namespace, result: dict, mem: dict | None) -> tuple[str, dict]:
     rows = [*MODALITIES, "all"]
+    unmeasured = sorted(set(MODALITIES) - {s["modality"] for s in result["steps"]})
+    if unmeasured:
+        raise SystemExit(
+            f"no measured step of {', '.join(unmeasured)}: the sampler did not reach every "
+            f"modality in {args.steps} steps; raise --steps (6 did in a smoke run)"
+        )
     per_row = {
         m: [derived(s) for s in result["steps"] if m in ("all", s["modality"])] for m in rows
     }
@@ -463,6 +483,8 @@ def report(args: argparse.Namespace, result: dict, mem: dict | None) -> tuple[st
     def spread(name: str, m: str) -> float:
         """Rough 95 % half-width of a median (normal approximation, sigma from the IQR)."""
         values = [d[name] for d in per_row[m]]
+        if len(values) < 2:  # a smoke run's few steps: no spread to speak of
+            return float("nan")
         q1, _, q3 = statistics.quantiles(values, n=4)
         return 1.96 * 1.2533 * (q3 - q1) / 1.349 / len(values) ** 0.5
 
@@ -474,8 +496,14 @@ def report(args: argparse.Namespace, result: dict, mem: dict | None) -> tuple[st
     summary["medians"] = {m: {n: round(med(n, m), 6) for n in names} for m in rows}
     summary["note"] = "times in seconds; ratios are medians of per-step paired ratios"
     n_steps = len(per_row["all"])
+    model = (
+        f"model composed from {args.language} (pretrained language model, fresh vision body "
+        "and projector)"
+        if args.language
+        else "tiny model (random weights)"
+    )
     lines = [
-        f"tiny model (random weights), demo geometry, trainable={args.trainable} "
+        f"{model}, demo geometry, trainable={args.trainable} "
         f"({result['trainable']:,} of {result['total']:,} parameters), batch {args.batch_size}, "
         f"{args.threads} torch thread(s); {n_steps} measured steps "
         f"({n_steps // len(MODALITIES)} per modality) after {args.warmup} warm-up steps; "
@@ -643,7 +671,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--subjects", type=int, default=20, help="demo subjects per modality")
-    parser.add_argument("--trainable", default="full", choices=("embedders", "projector", "full"))
+    parser.add_argument(
+        "--language",
+        help="compose the model from this causal language model folder (as umbrella train "
+        "--language DIR) instead of the built-in tiny model",
+    )
+    parser.add_argument(
+        "--trainable",
+        choices=("embedders", "projector", "lora", "full"),
+        help="model.trainable (default: full for the tiny model, projector with --language)",
+    )
     parser.add_argument("--profile-steps", type=int, default=6)
     parser.add_argument("--profile-top", type=int, default=15)
     parser.add_argument("--memory-steps", type=int, default=6)
@@ -652,6 +689,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the markdown here (and .json beside it)")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.trainable is None:
+        args.trainable = "projector" if args.language else "full"
 
     import torch
 
