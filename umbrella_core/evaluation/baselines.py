@@ -410,6 +410,44 @@ def _numeric(plan: _Plan, train: Any, validation: Any, test: Any) -> tuple[list,
     return [repr(float(v)) for v in model.predict(test)], None, regularisation
 
 
+def _plans(
+    evaluation: Evaluation,
+    tests: Mapping[tuple[str, str], Any],
+    train_sets: Sequence[Any],
+    validation_set: Any,
+    questions: Mapping[str, Question],
+    baselines: Sequence[Any],
+    mode: str,
+) -> tuple[list[_Plan], dict[tuple[str, str], dict[str, Any]]]:
+    """What to fit per (key, question) of the table, and the entries of those with none
+    (their reason); the entries are written once all are fitted, so that a failure
+    leaves the table as it was."""
+    trains = _groups(train_sets)
+    validations = _groups([validation_set]) if validation_set is not None else {}
+    plans: list[_Plan] = []
+    entries: dict[tuple[str, str], dict[str, Any]] = {}
+    for (key, text), test in tests.items():
+        if (
+            text not in evaluation.results.get(key, {}).get("questions", {})
+            or text not in questions
+        ):
+            continue
+        plan = _plan(
+            key,
+            questions[text],
+            test,
+            trains.get((key, text), []),
+            validations.get((key, text), []),
+            baselines,
+            mode,
+        )
+        if isinstance(plan, _Plan):
+            plans.append(plan)
+        else:
+            entries[(key, text)] = plan
+    return plans, entries
+
+
 def add_baselines(
     evaluation: Evaluation,
     *,
@@ -453,30 +491,9 @@ def add_baselines(
         return
     started = time.perf_counter()
     tests = _groups([test_set], spread_indices(len(test_set), max_samples))
-    trains = _groups(train_sets)
-    validations = _groups([validation_set]) if validation_set is not None else {}
-    plans: list[_Plan] = []
-    # Written once all are fitted: a failure leaves the table as it was.
-    entries: dict[tuple[str, str], dict[str, Any]] = {}
-    for (key, text), test in tests.items():
-        if (
-            text not in evaluation.results.get(key, {}).get("questions", {})
-            or text not in questions
-        ):
-            continue
-        plan = _plan(
-            key,
-            questions[text],
-            test,
-            trains.get((key, text), []),
-            validations.get((key, text), []),
-            baselines,
-            mode,
-        )
-        if isinstance(plan, _Plan):
-            plans.append(plan)
-        else:
-            entries[(key, text)] = plan
+    plans, entries = _plans(
+        evaluation, tests, train_sets, validation_set, questions, baselines, mode
+    )
     features = _features(plans, workers)
     fitted: dict[tuple[str, str], QuestionAnswers] = {}
     for plan in plans:
