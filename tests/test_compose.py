@@ -310,6 +310,41 @@ def test_a_composed_model_with_auto_trains_in_two_stages_by_default(tmp_path):
     assert epochs == [4 * STAGE_ONE_SHARE, 4 * (1 - STAGE_ONE_SHARE)]
 
 
+def test_the_learning_rate_left_to_choose_follows_what_the_run_starts_from(tmp_path):
+    """3e-4 with a pretrained language model (1e-3 left a Gemma 3 image path unable to tell
+    the dMRI hemispheres apart), 1e-3 for tiny's random weights; a stage keeps the run's."""
+    from umbrella_core.config import (
+        PRETRAINED_LEARNING_RATE,
+        RANDOM_START_LEARNING_RATE,
+        learning_rate,
+    )
+    from umbrella_core.train.arguments import training_arguments
+    from umbrella_core.train.recipes import default_stages, stage_configs
+
+    out = f"trainer.output_dir={tmp_path}"
+    tiny = load_config(None, [out])
+    composed = load_config(None, ["model.language=/models/lm", out])
+    assert learning_rate(tiny) == (RANDOM_START_LEARNING_RATE, "auto: random weights")
+    assert learning_rate(composed) == (
+        PRETRAINED_LEARNING_RATE,
+        "auto: a pretrained language model",
+    )
+    assert learning_rate(load_config(None, ["model.base=/models/llava"]))[0] == (
+        PRETRAINED_LEARNING_RATE
+    )
+    given = load_config(None, ["model.language=/models/lm", "trainer.learning_rate=1e-3"])
+    assert learning_rate(given) == (1e-3, "trainer.learning_rate")
+    assert training_arguments(composed, tmp_path).learning_rate == PRETRAINED_LEARNING_RATE
+    assert training_arguments(tiny, tmp_path).learning_rate == RANDOM_START_LEARNING_RATE
+    rates = [c.trainer.learning_rate for c in stage_configs(default_stages(composed))]
+    assert rates == [PRETRAINED_LEARNING_RATE] * 2
+    # A tiny model's second stage starts from a checkpoint: still the random start's rate.
+    staged = load_config(None, [out, 'stages=[{"model.trainable": full}, {"trainer.seed": 1}]'])
+    assert [c.trainer.learning_rate for c in stage_configs(staged)] == [
+        RANDOM_START_LEARNING_RATE
+    ] * 2
+
+
 @pytest.mark.parametrize(
     "settings",
     [

@@ -50,6 +50,9 @@ def language_run(request, tmp_path_factory):
         "t1,dmri",
         "--trainable",
         "full",
+        # Its language model is random: the rate of a random start, not of a pretrained one.
+        "--lr",
+        "1e-3",
         "--output-dir",
         str(root / "run"),
         "--no-progress",

@@ -510,6 +510,7 @@ def test_umbrella_train_composes_in_two_stages_by_default(tmp_path, demo_env, ca
     assert "chat         the tokenizer's own template (auto): turns end with <end_of_turn>" in (
         printed
     )
+    assert "learning     rate 0.0003 (auto: a pretrained language model), cosine" in printed
     stages = json.loads((out / "stages.json").read_text())
     assert [s["steps"] for s in stages] == [1, 3]
     assert (out / "final").resolve() == (out / "stage-2" / "final").resolve()

@@ -292,6 +292,32 @@ def test_resume_allow_accepts_the_changes_it_names(tmp_path):
         check_run_folder(config("trainer.resume_allow=trainer.lr"), out, checkpoint)
 
 
+def test_a_learning_rate_left_to_choose_is_the_one_the_run_chose_before(tmp_path):
+    """A checkpoint recorded with tiny's 1e-3 resumes with the rate left to choose (null)."""
+    out = tmp_path / "run"
+    _finished_run(out, steps=10, **{"trainer.learning_rate": "0.001"})
+    checkpoint = str(out / "checkpoint-10")
+    settings = ["data.modalities=t1", "data.demo_subjects=6"]
+    settings += [f"trainer.output_dir={out}", "trainer.resume=auto"]
+    check_run_folder(load_config(None, settings), out, checkpoint)
+    with pytest.raises(ConfigError, match="trainer.learning_rate: 0.001 → 0.002"):
+        check_run_folder(
+            load_config(None, [*settings, "trainer.learning_rate=2e-3"]), out, checkpoint
+        )
+
+
+def test_resume_may_change_what_evaluation_reports(tmp_path):
+    """Baselines and metric settings read the weights, never shape them: no resume_allow needed."""
+    out = tmp_path / "run"
+    _finished_run(out, steps=10, **{"evaluation.baselines": "off", "trainer.seed": "1"})
+    checkpoint = str(out / "checkpoint-10")
+    settings = ["data.modalities=t1", "data.demo_subjects=6", "trainer.seed=1"]
+    settings += [f"trainer.output_dir={out}", "trainer.resume=auto", "evaluation.baselines=on"]
+    check_run_folder(load_config(None, settings), out, checkpoint)
+    with pytest.raises(ConfigError, match="trainer.seed: 1 → 2"):
+        check_run_folder(load_config(None, [*settings, "trainer.seed=2"]), out, checkpoint)
+
+
 @pytest.mark.parametrize(
     ("key", "changed", "shown"),
     [

@@ -38,7 +38,7 @@ from umbrella_core.types import (
     positive_settings,
 )
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "hookimpl",

@@ -43,7 +43,21 @@ __all__ = [
     "RunConfig",
     "load_config",
     "apply_overrides",
+    "RANDOM_START_LEARNING_RATE",
+    "PRETRAINED_LEARNING_RATE",
+    "learning_rate",
+    "chosen_learning_rate",
 ]
+
+#: ``trainer.learning_rate`` of a run whose model starts from random weights
+#: (the built-in ``tiny``): nothing is worth preserving.
+RANDOM_START_LEARNING_RATE = 1e-3
+#: ``trainer.learning_rate`` of a run with a pretrained language model (composed,
+#: or a LLaVA / UMBRELLA checkpoint). At 1e-3 with the demo's batches of 8, the
+#: new image path of Gemma 3 270M never learned to tell the dMRI hemispheres
+#: apart through the frozen model (60 steps, 60 % of a batch right); at 3e-4 it
+#: did within 40 (SmolLM2 too): ``benchmarks/results/real_lm.md``.
+PRETRAINED_LEARNING_RATE = 3e-4
 
 
 @attrs.frozen(kw_only=True)
@@ -346,6 +360,9 @@ class TrainerConfig:
             (checkpoints, ``final/``, ``best/``, metrics, TensorBoard events)
             before starting; off, a folder holding them is refused (see
             :mod:`umbrella_core.train.run_folder`).
+        learning_rate: AdamW's peak learning rate (cosine schedule); null (the
+            default): :func:`learning_rate` chooses by what the run starts
+            from. (Since 0.5.)
         resume_allow: Settings (dotted names, ``trainer.learning_rate``) that
             may differ from the checkpoint's on ``resume``; the others are
             refused, naming each change.
@@ -368,7 +385,9 @@ class TrainerConfig:
     max_steps: int = attrs.field(default=200, validator=not_negative)
     epochs: float = attrs.field(default=1.0, validator=positive)
     batch_size: int = attrs.field(default=16, validator=positive)
-    learning_rate: float = attrs.field(default=1e-3, validator=positive)
+    learning_rate: float | None = attrs.field(
+        default=None, validator=attrs.validators.optional(positive)
+    )
     warmup_ratio: float = attrs.field(default=0.05, validator=unit_interval)
     weight_decay: float = attrs.field(default=0.0, validator=not_negative)
     adam_beta2: float = attrs.field(default=0.95, validator=fraction)
@@ -418,6 +437,27 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)
+
+
+def learning_rate(config: RunConfig) -> tuple[float, str]:
+    """The run's learning rate, and where it comes from.
+
+    ``trainer.learning_rate`` where it is set; otherwise
+    :data:`RANDOM_START_LEARNING_RATE` for the built-in ``tiny`` model and
+    :data:`PRETRAINED_LEARNING_RATE` for any start that holds a pretrained
+    language model.
+    """
+    given = config.trainer.learning_rate
+    if given is not None:
+        return given, "trainer.learning_rate"
+    return chosen_learning_rate(config.model.language, config.model.base)
+
+
+def chosen_learning_rate(language: str, base: str) -> tuple[float, str]:
+    """The learning rate left to choose, for a run with ``model.language`` and ``model.base``."""
+    if not language and base == "tiny":
+        return RANDOM_START_LEARNING_RATE, "auto: random weights"
+    return PRETRAINED_LEARNING_RATE, "auto: a pretrained language model"
 
 
 def _type_name(tp: Any) -> str:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from umbrella_core.config import chosen_learning_rate
 from umbrella_core.model.exported import CHECKPOINT_META, VISION_WEIGHTS
 
 __all__ = ["CARD", "card_families", "held_out_results", "render_card", "split_counts"]
@@ -276,9 +277,13 @@ def _training_section(meta: Mapping[str, Any]) -> list[str]:
     if steps is not None:
         batch = f" (batch size {trainer['batch_size']})" if "batch_size" in trainer else ""
         lines.append(f"- Steps: {steps}{batch}")
-    for key, label in (("learning_rate", "Learning rate"), ("seed", "Seed")):
-        if key in trainer:
-            lines.append(f"- {label}: {trainer[key]}")
+    rate = trainer.get("learning_rate")
+    if rate is None and config:  # left to choose: as the run chose
+        rate = chosen_learning_rate(model.get("language", ""), model.get("base", "tiny"))[0]
+    if rate is not None:
+        lines.append(f"- Learning rate: {rate:g}")
+    if "seed" in trainer:
+        lines.append(f"- Seed: {trainer['seed']}")
     if trainer.get("bf16"):
         lines.append("- bf16 mixed precision")
     if config.get("stages"):

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from umbrella_core.config import RunConfig
+from umbrella_core.config import RunConfig, learning_rate
 from umbrella_core.errors import ConfigError
 from umbrella_core.train.trackers import check_trackers
 
@@ -79,7 +79,7 @@ def training_arguments(config: RunConfig, out_dir: Path) -> Any:
         max_steps=t.max_steps if t.max_steps > 0 else -1,
         num_train_epochs=t.epochs,
         per_device_train_batch_size=t.batch_size,
-        learning_rate=t.learning_rate,
+        learning_rate=learning_rate(config)[0],
         warmup_steps=int(math.ceil(t.warmup_ratio * max(t.max_steps, 1))) if t.max_steps > 0 else 0,
         weight_decay=t.weight_decay,
         adam_beta2=t.adam_beta2,

@@ -11,7 +11,7 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.config import RunConfig
+from umbrella_core.config import RunConfig, learning_rate
 from umbrella_core.data.dataset import RecordDataset
 from umbrella_core.types import ModalitySpec, StudyRecord
 
@@ -118,6 +118,8 @@ def summary(prep: Prepared) -> str:
         if t.max_steps
         else f"  length       {t.epochs:g} epoch(s) (trainer.max_steps is 0: epochs decide)"
     )
+    rate, source = learning_rate(prep.config)
+    lines.append(f"  learning     rate {rate:g} ({source}), cosine schedule")
     lines.append("  modalities")
     counts: dict[str, int] = {}
     for ds in prep.train_sets:

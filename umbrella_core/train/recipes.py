@@ -33,7 +33,7 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.config import RunConfig, structure
+from umbrella_core.config import RunConfig, learning_rate, structure
 from umbrella_core.errors import ConfigError
 
 __all__ = [
@@ -152,6 +152,9 @@ def stage_configs(config: RunConfig) -> list[RunConfig]:
     out_dir = Path(config.trainer.output_dir).expanduser()
     base = config.to_dict()
     base["stages"] = []
+    # Chosen once, by what the run starts from: a later stage starts from a
+    # checkpoint, which would choose the pretrained rate for a tiny model's run.
+    base["trainer"]["learning_rate"] = learning_rate(config)[0]
     configs = []
     for index, stage in enumerate(config.stages):
         key = f"stages[{index}]"

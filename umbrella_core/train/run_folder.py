@@ -15,8 +15,8 @@ studies (every rank checks, the main process alone locks and removes):
 * **A changed configuration on resuming** (:func:`config_changes`): the
   checkpoint's ``umbrella.json`` holds the configuration it was trained with;
   every setting that differs is refused (``setting: old → new``) unless
-  ``trainer.resume_allow`` names it. Lengths, cadences, progress and paths
-  (:data:`ALWAYS_ALLOWED`) may always change; the model's make-up
+  ``trainer.resume_allow`` names it. Lengths, cadences, progress, paths and
+  the evaluation's settings (:data:`ALWAYS_ALLOWED`) may always change; the model's make-up
   (:data:`NEVER_ALLOWED`) never, as the checkpoint's weights would not fit.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.config import RunConfig
+from umbrella_core.config import RunConfig, learning_rate
 from umbrella_core.errors import ConfigError, OutputError
 
 __all__ = [
@@ -72,9 +72,12 @@ OUTPUTS = (
     "stages.json",
 )
 
-#: Settings that may change when resuming: lengths, cadences, progress, paths.
+#: Settings that may change when resuming: lengths, cadences, progress, paths,
+#: and what evaluation reports (``evaluation``: baselines and the metric
+#: families' settings read the weights, they never shape them).
 ALWAYS_ALLOWED = frozenset(
     {
+        "evaluation",
         "trainer.output_dir",
         "trainer.resume",
         "trainer.overwrite",
@@ -356,6 +359,10 @@ def config_changes(recorded: Mapping[str, Any], config: RunConfig) -> list[tuple
     changes = []
     for key, now in _settings(config).items():
         known, before = _lookup(recorded, key)
+        if key == "trainer.learning_rate":
+            # Left to choose (null), it is the rate the same model's run chose before.
+            chosen = learning_rate(config)[0]
+            before, now = chosen if before is None else before, chosen if now is None else now
         if known and before != now and key not in ALWAYS_ALLOWED:
             changes.append((key, before, now))
     return changes
