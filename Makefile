@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PACKAGES := -e ".[serve]" -e plugins/umbrella_t1 -e plugins/umbrella_fmri -e plugins/umbrella_dmri -e plugins/umbrella_studies
 
-.PHONY: install demo test test-install test-fast
+.PHONY: install demo test test-install test-fast lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,8 @@ test: test-install
 
 test-fast: test-install
 	$(PY) -m pytest -m "not slow"
+
+# ruff's lint rules and formatting (pyproject.toml's [tool.ruff]); .ci/run runs it first.
+lint: test-install
+	$(VENV)/bin/ruff check umbrella_core plugins examples tests benchmarks
+	$(VENV)/bin/ruff format --check umbrella_core plugins examples tests benchmarks

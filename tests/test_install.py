@@ -16,6 +16,7 @@ import venv
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,4 +125,6 @@ def test_install_uninstall_reinstall_a_modality_plugin(scratch_env):
     pip("install", "--no-deps", "-e", str(ROOT / "plugins/umbrella_fmri"))
     assert set(_modalities(run, umbrella)) == {"t1", "fmri", "dmri"}
     trained = _train(run, umbrella, base, "t1,fmri,dmri")
-    assert "umbrella-fmri 0.1.1" in trained.stdout and "checkpoint:" in trained.stdout
+    fmri = tomllib.loads((ROOT / "plugins/umbrella_fmri/pyproject.toml").read_text())
+    assert f"umbrella-fmri {fmri['project']['version']}" in trained.stdout
+    assert "checkpoint:" in trained.stdout

@@ -218,9 +218,7 @@ def test_cpu_nodes_run_one_rank_each_or_the_procs_asked_for(cluster, capsys):
     text = _dry_run(capsys, "--scheduler", "slurm", "--nodes", "3", "--gpus-per-node", "0")
     assert not any("gpus" in d for d in _directives(text, "#SBATCH"))
     assert _command(text)[11:15] == ["--nnodes", "3", "--nproc_per_node", "1"]
-    text = _dry_run(
-        capsys, "--scheduler", "lsf", "--gpus-per-node", "0", "--procs-per-node", "4"
-    )
+    text = _dry_run(capsys, "--scheduler", "lsf", "--gpus-per-node", "0", "--procs-per-node", "4")
     assert "-n 4" in _directives(text, "#BSUB") and '-R "span[ptile=4]"' in text
     assert _command(text)[11:15] == ["--nnodes", "1", "--nproc_per_node", "4"]
 

@@ -7,9 +7,16 @@ imports nothing.
 
 from __future__ import annotations
 
-__all__ = ["IGNORE_INDEX"]
+__all__ = ["IGNORE_INDEX", "IMAGING_VERSION"]
 
 #: The label of a token that is not learned (the prompt, padding, image
 #: placeholders): PyTorch's ``cross_entropy`` default ``ignore_index``, which
 #: transformers' Trainer counts learned tokens against too.
 IGNORE_INDEX = -100
+
+#: The version of what ``umbrella_core.imaging`` makes of a file: the headers it
+#: reads, the arrays it loads, reorients, resamples and normalises. The
+#: preprocessed cache and the header index key on it beside each modality
+#: plugin's version, so any change to those outputs raises it
+#: (tests/test_versions.py checks that the code and this number move together).
+IMAGING_VERSION = 1

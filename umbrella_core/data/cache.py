@@ -59,6 +59,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from umbrella_core.constants import IMAGING_VERSION
 from umbrella_core.data.cache_format import (
     DTYPES,
     FORMAT,
@@ -225,6 +226,8 @@ class PreprocessedCache:
         }
         if self.dtype != DTYPES["float32"]:
             identity["dtype"] = self.dtype.name  # float32 keys stay those of earlier versions
+        if IMAGING_VERSION != 1:  # likewise: version 1's keys are those of earlier versions
+            identity["imaging"] = IMAGING_VERSION
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
 
     def entry(self, spec: ModalitySpec, paths: Sequence[str]) -> Path:

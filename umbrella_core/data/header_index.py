@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from umbrella_core.constants import IMAGING_VERSION
 from umbrella_core.data.cache import bound_settings
 from umbrella_core.types import ModalitySpec
 
@@ -78,6 +79,8 @@ def spec_identity(spec: ModalitySpec, version: str) -> str:
             bound_settings(windows.series) if windows else None,
             windows.stride if windows else None,
             version,
+            # Version 1's identities are those of earlier versions.
+            *([IMAGING_VERSION] if IMAGING_VERSION != 1 else []),
         ]
     )
 

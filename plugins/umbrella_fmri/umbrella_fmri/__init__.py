@@ -5,4 +5,4 @@ The hooks live in :mod:`umbrella_fmri.plugin`, registered through the
 into a model input and :mod:`umbrella_fmri.phantom` makes synthetic series.
 """
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"

@@ -9,6 +9,6 @@ from __future__ import annotations
 
 from umbrella_studies.templates import TASKS, TaskStats, last_stats
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["TASKS", "TaskStats", "last_stats", "__version__"]

@@ -5,4 +5,4 @@ The hooks live in :mod:`umbrella_t1.plugin`, registered through the
 model input and :mod:`umbrella_t1.phantom` makes synthetic samples.
 """
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"
