@@ -329,7 +329,7 @@ def test_a_4d_series_gives_the_correlations_of_its_regions():
 
 
 def test_the_model_card_shows_the_baseline_beside_each_figure(blob):
-    from umbrella_core.model.model_card import render_card
+    from umbrella_core.export.model_card import render_card
 
     evaluation, _ = blob
     results = json.loads(json.dumps(evaluation.results))

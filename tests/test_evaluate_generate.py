@@ -131,7 +131,7 @@ def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
     from umbrella_core.data.conversation import IGNORE_INDEX
     from umbrella_core.data.dataset import RecordDataset
     from umbrella_core.data.studies import read_studies
-    from umbrella_core.train.generate import greedy_generate, load_for_inference, record_prompt
+    from umbrella_core.inference.generate import greedy_generate, load_for_inference, record_prompt
 
     run_dir, metrics, _ = run
     pm = get_plugin_manager()
@@ -309,7 +309,7 @@ def test_umbrella_evaluate_prints_the_table_of_each_modality(run, capsys):
 def test_evaluation_reports_what_umbrella_generate_prints(run, tmp_path, capsys):
     from umbrella_core.data.studies import read_studies
     from umbrella_core.evaluation.engine import not_ending_flag
-    from umbrella_core.train.generate import generate_answer, load_for_inference
+    from umbrella_core.inference.generate import generate_answer, load_for_inference
 
     run_dir, _, _ = run
     final, out = run_dir / "final", tmp_path / "evaluation"
@@ -434,8 +434,8 @@ def test_mid_slices_of_3d_and_4d_images():
 
 
 def test_guessing_the_modality_from_the_file_name():
+    from umbrella_core.inference.generate import guess_modality, with_placeholders
     from umbrella_core.testing import toy_modality
-    from umbrella_core.train.generate import guess_modality, with_placeholders
 
     t1 = attrs.evolve(toy_modality("t1"), file_patterns=("*_T1w.nii.gz",))
     other = attrs.evolve(toy_modality("other"), file_patterns=("*_T1w.nii.gz", "*_x.nii"))

@@ -18,10 +18,10 @@ from umbrella_core.evaluation.engine import (
     not_ending_flag,
     spread_indices,
 )
+from umbrella_core.inference.generate import decode, greedy_generate, greedy_generate_batch
 from umbrella_core.model.build import build_model, load_base
 from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager, toy_modality
 from umbrella_core.train.evaluate import format_table, summarize
-from umbrella_core.train.generate import decode, greedy_generate, greedy_generate_batch
 from umbrella_core.types import ImageRef, StudyRecord, Turn
 
 

@@ -26,8 +26,9 @@ from umbrella_core.cli import main
 from umbrella_core.config import load_config
 from umbrella_core.data.split import SplitRow, SplitTable
 from umbrella_core.errors import ConfigError, ModelError
+from umbrella_core.export.folder import export_checkpoint
+from umbrella_core.export.model_card import render_card
 from umbrella_core.model.build import build_model, load_base, load_checkpoint, save_checkpoint
-from umbrella_core.model.export import export_checkpoint, render_card
 from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager, toy_modality
 
 PROVENANCE = {"t1": ("t1", "umbrella-t1", "0.1.1"), "dmri": ("dmri", "umbrella-dmri", "0.2.0")}
@@ -427,7 +428,7 @@ def test_export_refuses_to_write_over_the_checkpoint_or_a_full_folder(checkpoint
 
 
 def test_a_failed_export_leaves_nothing_half_written(checkpoint, tmp_path, monkeypatch):
-    import umbrella_core.model.export as export
+    import umbrella_core.export.folder as export
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

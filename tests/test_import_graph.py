@@ -82,3 +82,64 @@ def test_the_check_finds_a_cycle():
     # The run and its staged recipes used to import each other.
     assert "umbrella_core.train.run" not in import_graph()["umbrella_core.train.run"]
     assert "umbrella_core.train.recipes" not in import_graph()["umbrella_core.train.run"]
+
+
+# -- layers ----------------------------------------------------------------------------
+
+#: The applications: what a user runs on top of the kernel (hook specifications, plugin
+#: host, configuration, data, model, inference, training, evaluation). The kernel never
+#: imports them, nor the plugin author's kit (``testing``), which builds on the kernel.
+APPLICATIONS = ("cli", "cli_data", "export", "launch", "listing", "serve")
+ABOVE_THE_KERNEL = (*APPLICATIONS, "testing")
+
+
+def _package(module: str) -> str:
+    """``umbrella_core.train.run`` -> ``train``; the package face itself is ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    packages: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        here = _package(module)
+        packages.setdefault(here, set()).update(_package(t) for t in targets if _package(t) != here)
+    return packages
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Each import from a kernel module into an application or the testing kit."""
+    return sorted(
+        f"{module} -> {target}"
+        for module, targets in graph.items()
+        if _package(module) not in ABOVE_THE_KERNEL
+        for target in targets
+        if _package(target) in ABOVE_THE_KERNEL
+    )
+
+
+def test_the_kernel_never_imports_an_application():
+    assert upward_imports(import_graph()) == []
+
+
+def test_no_package_imports_back_into_another():
+    assert cycles(package_graph(import_graph())) == []
+
+
+def test_no_module_imports_the_package_face():
+    """``umbrella_core/__init__`` re-exports from the packages: importing it back from one
+    of them would tie that package to every other (``from umbrella_core import hookimpl``
+    in a built-in plugin once made data, plugins and the face one knot)."""
+    graph = import_graph()
+    face = sorted(m for m, targets in graph.items() if "umbrella_core" in targets)
+    assert face == []
+
+
+def test_the_layer_checks_find_what_they_look_for():
+    graph = {
+        "umbrella_core.train.run": {"umbrella_core.serve.api"},
+        "umbrella_core.serve.api": {"umbrella_core.train.run"},
+        "umbrella_core.cli": {"umbrella_core.train.run"},
+    }
+    assert upward_imports(graph) == ["umbrella_core.train.run -> umbrella_core.serve.api"]
+    assert cycles(package_graph(graph)) == [["serve", "train"]]

@@ -78,9 +78,9 @@ def test_a_composed_model_learns_the_demo(language_run):
 
 
 def test_generate_answers_through_the_family_chat_template(language_run):
+    from umbrella_core.inference.generate import load_for_inference
     from umbrella_core.model.chat import chat_format
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.generate import load_for_inference
     from umbrella_core.types import Turn
 
     family, _, run, _, env = language_run

@@ -192,3 +192,7 @@ def test_a_plugin_says_the_version_its_distribution_has(folder):
         r'^__version__ = "(.+)"$', (ROOT / folder / package / "__init__.py").read_text(), re.M
     )
     assert said and said.group(1) == _pyproject(folder)["project"]["version"], folder
+
+
+def test_the_core_says_the_version_its_distribution_has():
+    assert umbrella_core.__version__ == _pyproject(".")["project"]["version"]

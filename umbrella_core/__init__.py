@@ -10,7 +10,7 @@ Importing this package loads neither torch nor any plugin.
 from __future__ import annotations
 
 from umbrella_core.augmentation import Augmentation
-from umbrella_core.constants import IGNORE_INDEX
+from umbrella_core.constants import CORE_VERSION, IGNORE_INDEX
 from umbrella_core.data.batch import Batch
 from umbrella_core.errors import (
     ConfigError,
@@ -38,7 +38,7 @@ from umbrella_core.types import (
     positive_settings,
 )
 
-__version__ = "0.5.0"
+__version__ = CORE_VERSION
 
 __all__ = [
     "hookimpl",

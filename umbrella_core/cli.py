@@ -92,8 +92,8 @@ def _end_process_group() -> bool:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    from umbrella_core.inference.generate import generate_answer, load_for_inference
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.generate import generate_answer, load_for_inference
 
     pm = get_plugin_manager()
     loaded = load_for_inference(args.checkpoint, pm)
@@ -141,7 +141,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from umbrella_core.model.export import export_checkpoint
+    from umbrella_core.export.folder import export_checkpoint
     from umbrella_core.plugins import get_plugin_manager
 
     folder, merged = export_checkpoint(

@@ -34,7 +34,7 @@ from typing import Any
 import attrs
 import pluggy
 
-from umbrella_core import hookspecs
+import umbrella_core.hookspecs as hookspecs
 from umbrella_core.augmentation import Augmentation
 from umbrella_core.errors import DataError, DuplicateNameError, PluginError, UmbrellaError
 from umbrella_core.modality_registry import ModalityRegistry, Provided
@@ -484,9 +484,9 @@ def _dist_version(dist: str) -> str:
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
-        from umbrella_core import __version__
+        from umbrella_core.constants import CORE_VERSION
 
-        return __version__
+        return CORE_VERSION
 
 
 def get_plugin_manager() -> PluginManager:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from umbrella_core import hookimpl
+from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import Baseline, ModalitySpec
 
 __all__ = ["GRID_3D", "GRID_4D", "REGIONAL", "regional_means", "connectivity"]

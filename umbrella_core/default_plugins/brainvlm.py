@@ -14,9 +14,9 @@ from typing import Any
 
 import attrs
 
-from umbrella_core import hookimpl
 from umbrella_core.data.brainvlm import find_brainvlm
 from umbrella_core.errors import DataError
+from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import StudyRecord
 
 

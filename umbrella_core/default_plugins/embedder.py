@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from umbrella_core import hookimpl
+from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import ModalitySpec
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time

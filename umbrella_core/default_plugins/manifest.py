@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from umbrella_core import hookimpl
 from umbrella_core.data.manifest import find_manifest, read_manifest
 from umbrella_core.errors import DataError
+from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import StudyRecord
 
 

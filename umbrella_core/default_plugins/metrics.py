@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from umbrella_core import hookimpl
+from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import MetricFamily, QuestionAnswers
 
 

@@ -13,7 +13,7 @@ it wants the model's answers:
   candidates, so its row also gives the sample's loss: a categorical sample
   costs as many rows as it has candidates, not one more.
 * ``generate``: greedy decoding (numbers, free text), batched with left
-  padding (:func:`umbrella_core.train.generate.greedy_generate_batch`).
+  padding (:func:`umbrella_core.inference.generate.greedy_generate_batch`).
 
 Whatever the scoring, every sample also gets its greedy answer, decoded as
 ``umbrella generate`` prints it (the same stop tokens, decoding and
@@ -259,7 +259,7 @@ def evaluate_dataset(
     from torch.utils.data import DataLoader
 
     from umbrella_core.data.conversation import default_chat_format
-    from umbrella_core.train.generate import decode, greedy_generate_batch
+    from umbrella_core.inference.generate import decode, greedy_generate_batch
 
     tokenizer = dataset.tokenizer
     # The format the prompts are encoded with (the dataset's, else its default), and

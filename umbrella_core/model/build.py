@@ -24,7 +24,7 @@ merge would round), training can go on with the same adapters, and the base
 weights can be checked untouched. :func:`merge_lora` folds them in for export.
 
 :func:`load_checkpoint` also reads the hand-off folder ``umbrella export``
-writes (:mod:`umbrella_core.model.export`): ``language/`` (a plain transformers
+writes (:mod:`umbrella_core.export.folder`): ``language/`` (a plain transformers
 causal LM), ``vision.safetensors`` (embedders, vision body, projector) and
 ``umbrella.json`` with ``format: umbrella-export``. Its reader is
 :mod:`umbrella_core.model.exported`, which this module imports and which

@@ -1,4 +1,4 @@
-"""Reading the folder ``umbrella export`` writes (:mod:`umbrella_core.model.export`).
+"""Reading the folder ``umbrella export`` writes (:mod:`umbrella_core.export.folder`).
 
 The layout: ``language/`` (a plain transformers causal LM with its tokenizer),
 ``vision.safetensors`` (embedders, vision body, projector) and ``umbrella.json``

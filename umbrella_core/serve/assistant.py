@@ -2,7 +2,7 @@
 
 An :class:`Assistant` holds the loaded checkpoint and a lock (one model, one
 answer at a time). Images are read exactly as ``umbrella generate`` reads them
-(:func:`~umbrella_core.train.generate.read_images`: the checks training applies,
+(:func:`~umbrella_core.inference.generate.read_images`: the checks training applies,
 then the run's preprocessing), conversations are rendered through the
 checkpoint's own chat template, and decoding is greedy, so the same question
 about the same file gets the same answer from the CLI, the page and the API.
@@ -126,7 +126,7 @@ class Assistant:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, pm: Any) -> Assistant:
-        from umbrella_core.train.generate import load_for_inference
+        from umbrella_core.inference.generate import load_for_inference
 
         loaded = load_for_inference(checkpoint, pm)
         installed = {name: p.item for name, p in pm.modality_registry().items()}
@@ -147,7 +147,7 @@ class Assistant:
 
     def read(self, files: Sequence[str], modality: str | None = None) -> Image:
         """One image (its files), checked and preprocessed as training did."""
-        from umbrella_core.train.generate import read_images
+        from umbrella_core.inference.generate import read_images
 
         ((name, tensor),) = read_images(
             self.loaded,
@@ -160,7 +160,7 @@ class Assistant:
     def _prompt(
         self, images: Sequence[Image], turns: Sequence[Turn], system: str | None = None
     ) -> tuple[list[int], Any]:
-        from umbrella_core.train.generate import encode_prompt
+        from umbrella_core.inference.generate import encode_prompt
 
         if not turns or turns[-1].role != "user":
             raise ConfigError("the conversation must end with a question (a user turn)")
@@ -225,7 +225,7 @@ class Reply:
         self.answer: Answer | None = None
 
     def __iter__(self) -> Iterator[str]:
-        from umbrella_core.train.generate import decode, iter_greedy
+        from umbrella_core.inference.generate import decode, iter_greedy
 
         loaded = self._assistant.loaded
         tensors = [(image.modality, image.tensor) for image in self._images]

@@ -138,7 +138,7 @@ def registered_hooks(plugin: object) -> Any:
     """
     import pluggy
 
-    from umbrella_core import hookspecs
+    import umbrella_core.hookspecs as hookspecs
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)

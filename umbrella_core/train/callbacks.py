@@ -244,8 +244,8 @@ class GeneratedSamples(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from umbrella_core.data.conversation import default_chat_format
+        from umbrella_core.inference.generate import decode, greedy_generate, record_prompt
         from umbrella_core.train.evaluate import question_and_answer
-        from umbrella_core.train.generate import decode, greedy_generate, record_prompt
 
         model = kwargs.get("model") or self.trainer.model
         writer = self._writer() if state.is_world_process_zero else None

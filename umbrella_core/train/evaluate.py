@@ -284,8 +284,8 @@ def evaluate_checkpoint(
     from umbrella_core.data.split import split_file_of_checkpoint
     from umbrella_core.data.studies import read_studies
     from umbrella_core.errors import DataError, ModelError
+    from umbrella_core.inference.generate import load_for_inference
     from umbrella_core.model.chat import chat_format
-    from umbrella_core.train.generate import load_for_inference
 
     loaded = load_for_inference(checkpoint, pm)
     config = loaded.config

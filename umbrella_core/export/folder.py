@@ -19,7 +19,7 @@ The folder::
 Text alone runs without UMBRELLA; images need their modality's plugin (its
 embedder code), so the whole model is UMBRELLA's to load. The reader is
 :mod:`umbrella_core.model.exported` (which load_checkpoint calls), the model
-card :mod:`umbrella_core.model.model_card`.
+card :mod:`umbrella_core.export.model_card`.
 
 The folder is written aside and renamed into place: a failed export leaves
 nothing, and with ``overwrite`` the earlier folder stays whole until the new one
@@ -38,6 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from umbrella_core.errors import ConfigError, ModelError
+from umbrella_core.export.model_card import (
+    CARD,
+    card_families,
+    held_out_results,
+    render_card,
+    split_counts,
+)
 from umbrella_core.model.build import (
     _core_version,
     load_checkpoint,
@@ -50,13 +57,6 @@ from umbrella_core.model.exported import (
     LANGUAGE_DIR,
     VISION_WEIGHTS,
     vision_weight_names,
-)
-from umbrella_core.model.model_card import (
-    CARD,
-    card_families,
-    held_out_results,
-    render_card,
-    split_counts,
 )
 
 __all__ = ["CARD", "export_checkpoint", "language_causal_lm", "render_card"]

@@ -4,7 +4,7 @@
 training data (studies, modalities and their geometry, subjects per split),
 the training settings, the held-out evaluation table, how to load the model
 with transformers alone or with UMBRELLA, and the plugins it needs. The
-writer (:mod:`umbrella_core.model.export`) gathers what the checkpoint itself
+writer (:mod:`umbrella_core.export.folder`) gathers what the checkpoint itself
 does not hold with :func:`held_out_results` (the run's or ``umbrella
 evaluate``'s table), :func:`split_counts` (the run's ``split.tsv``) and
 :func:`card_families` (how each metric family shows its metrics).
