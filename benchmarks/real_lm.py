@@ -23,7 +23,7 @@ answers on test images, verbatim. Then the issue's "Done when" checks of the
 default runs as pass/fail rows.
 
     python benchmarks/real_lm.py --out benchmarks/results/real_lm.md
-    # flags: --models gemma3-270m,smollm2-135m-instruct --max-steps 120 --batch-size 8
+    # flags: --models gemma3-270m,smollm2-135m-instruct --max-steps 200 --batch-size 8
     #        --demo-subjects 120 --answers 2 --work DIR (keep the runs) --reuse
 
 Metric names are read defensively (a missing one shows as ``-``, a check on it
@@ -699,7 +699,7 @@ def main() -> int:
         "--models", default=",".join(MODELS), help="comma-separated (default: both)"
     )
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated runs per model")
-    parser.add_argument("--max-steps", type=int, default=120)
+    parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--demo-subjects", type=int, default=120, help="per modality")
     parser.add_argument(
