@@ -336,13 +336,12 @@ def test_the_learning_rate_left_to_choose_follows_what_the_run_starts_from(tmp_p
     assert learning_rate(given) == (1e-3, "trainer.learning_rate")
     assert training_arguments(composed, tmp_path).learning_rate == PRETRAINED_LEARNING_RATE
     assert training_arguments(tiny, tmp_path).learning_rate == RANDOM_START_LEARNING_RATE
-    rates = [c.trainer.learning_rate for c in stage_configs(default_stages(composed))]
-    assert rates == [PRETRAINED_LEARNING_RATE] * 2
+    # Each stage chooses as the run did (the header says "auto").
+    stages = stage_configs(default_stages(composed))
+    assert [learning_rate(c) for c in stages] == [learning_rate(composed)] * 2
     # A tiny model's second stage starts from a checkpoint: still the random start's rate.
     staged = load_config(None, [out, 'stages=[{"model.trainable": full}, {"trainer.seed": 1}]'])
-    assert [c.trainer.learning_rate for c in stage_configs(staged)] == [
-        RANDOM_START_LEARNING_RATE
-    ] * 2
+    assert [learning_rate(c)[0] for c in stage_configs(staged)] == [RANDOM_START_LEARNING_RATE] * 2
 
 
 @pytest.mark.parametrize(

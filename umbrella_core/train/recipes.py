@@ -152,9 +152,9 @@ def stage_configs(config: RunConfig) -> list[RunConfig]:
     out_dir = Path(config.trainer.output_dir).expanduser()
     base = config.to_dict()
     base["stages"] = []
-    # Chosen once, by what the run starts from: a later stage starts from a
-    # checkpoint, which would choose the pretrained rate for a tiny model's run.
-    base["trainer"]["learning_rate"] = learning_rate(config)[0]
+    # Left to choose, the rate is the run's: a later stage starts from a checkpoint,
+    # which would choose the pretrained rate for a tiny model's run.
+    run_rate = learning_rate(config)[0]
     configs = []
     for index, stage in enumerate(config.stages):
         key = f"stages[{index}]"
@@ -179,9 +179,12 @@ def stage_configs(config: RunConfig) -> list[RunConfig]:
             # Composed once, in stage 1; later stages go on from its weights.
             data["model"]["language"] = ""
         try:
-            configs.append(structure(RunConfig, data))
+            stage = structure(RunConfig, data)
         except ConfigError as exc:
             raise ConfigError(f"{key}: {exc}") from None
+        if learning_rate(stage)[0] != run_rate and "trainer.learning_rate" not in overrides:
+            stage = attrs.evolve(stage, trainer=attrs.evolve(stage.trainer, learning_rate=run_rate))
+        configs.append(stage)
     return configs
 
 
