@@ -12,7 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from umbrella_core.model.chat import chat_format, prepare_tokenizer
+from umbrella_core.model.chat import chat_format
+from umbrella_core.model.chat_templates import prepare_tokenizer
 from umbrella_core.model.tokenizer import IMAGE_TOKEN, build_byte_tokenizer
 from umbrella_core.testing.families import FAMILIES, family_tokenizer
 from umbrella_core.types import IMAGE_PLACEHOLDER, Turn

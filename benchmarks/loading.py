@@ -294,7 +294,7 @@ def checksums(entry: Path, repeats: int) -> dict[str, float]:
     import hashlib
     import zlib
 
-    from umbrella_core.data.cache import checksum
+    from umbrella_core.data.cache_format import checksum
 
     array = np.load(entry, mmap_mode="r")
     hashes = {

@@ -43,7 +43,7 @@ def build(batch: int, length: int, learned: int, vocab: int):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from umbrella_core.data.conversation import IGNORE_INDEX
+    from umbrella_core.constants import IGNORE_INDEX
     from umbrella_core.model.build import build_model, tiny_llava_config
     from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager, toy_modality
 
@@ -77,7 +77,7 @@ def old_loss(model, inputs):
     """The loss as UmbrellaModel.forward computed it before: full logits at every position."""
     import torch.nn.functional as F
 
-    from umbrella_core.data.conversation import IGNORE_INDEX
+    from umbrella_core.constants import IGNORE_INDEX
 
     features, coverage = model.image_features(inputs["pixel_values"])
     embeds = model.splice(inputs["input_ids"], features, inputs["image_modalities"])

@@ -264,8 +264,9 @@ def stage_workers(
     from torch.utils.data import DataLoader
 
     from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.data.packed import ready_for_workers
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import _import_model_stack, prepare, ready_for_workers
+    from umbrella_core.train.run import _import_model_stack, prepare
 
     _import_model_stack()  # as `umbrella train` does before reading the studies
     config = _run_config(config_for(manifest, cache, out))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.data.collate import UmbrellaCollator
-from umbrella_core.data.conversation import IGNORE_INDEX, encode_conversation
+from umbrella_core.data.conversation import encode_conversation
 from umbrella_core.data.interleave import Interleaving
 from umbrella_core.data.manifest import read_manifest
 from umbrella_core.errors import DataError, TokenCountError

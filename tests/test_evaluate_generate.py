@@ -127,8 +127,8 @@ def test_generated_samples_with_their_slices_are_in_tensorboard(run):
 
 
 def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
+    from umbrella_core.constants import IGNORE_INDEX
     from umbrella_core.data.collate import UmbrellaCollator
-    from umbrella_core.data.conversation import IGNORE_INDEX
     from umbrella_core.data.dataset import RecordDataset
     from umbrella_core.data.studies import read_studies
     from umbrella_core.inference.generate import greedy_generate, load_for_inference, record_prompt
@@ -395,26 +395,6 @@ def test_no_evaluation_when_asked_or_without_held_out_data(tmp_path, monkeypatch
     said: list[str] = []
     assert check_evaluation(args, NoHeldOut(), said.append) is False
     assert args.eval_strategy == IntervalStrategy.NO and "no held-out" in said[0]
-
-
-def test_eval_accuracy_as_best_metric_needs_closed_form_questions(tmp_path):
-    from umbrella_core.train.evaluate import closed_form_questions
-    from umbrella_core.types import ImageRef, StudyRecord, Turn
-
-    def record(question, answer):
-        return StudyRecord(
-            subject="s",
-            images=[ImageRef(modality="t1", paths="x_T1w.nii.gz")],
-            turns=[
-                Turn(role="user", content=f"<image>\n{question}"),
-                Turn(role="gpt", content=answer),
-            ],
-        )
-
-    records = [record("Sex?", s) for s in ["male", "female"] * 3]
-    records += [record("How old?", f"{age} years") for age in range(40, 52)]
-    records += [record("Describe.", f"scan {i}") for i in range(3)]
-    assert closed_form_questions(records) == {"Sex?"}
 
 
 def test_mid_slices_of_3d_and_4d_images():

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from umbrella_core.cli import main
 from umbrella_core.config import load_config
-from umbrella_core.data.split import SplitRow, SplitTable
+from umbrella_core.data.split_table import SplitRow, SplitTable
 from umbrella_core.errors import ConfigError, ModelError
 from umbrella_core.export.folder import export_checkpoint
 from umbrella_core.export.model_card import render_card

@@ -143,3 +143,102 @@ def test_the_layer_checks_find_what_they_look_for():
     }
     assert upward_imports(graph) == ["umbrella_core.train.run -> umbrella_core.serve.api"]
     assert cycles(package_graph(graph)) == [["serve", "train"]]
+
+
+# -- one door per name -------------------------------------------------------------------
+
+REPOSITORY = ROOT.parent
+
+
+def _top_level(tree: ast.Module) -> tuple[set[str], dict[str, str]]:
+    """What a module defines itself, and the names it imports (name -> source module)."""
+    defined: set[str] = set()
+    imported: dict[str, str] = {}
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            imported.update({a.asname or a.name: node.module for a in node.names})
+    return defined, imported
+
+
+def second_doors(sources: dict[str, str], modules: dict[str, bool]) -> list[str]:
+    """Each ``from M import name`` where M is a plain module (not a package face) that only
+    imports ``name`` from elsewhere: the name then has two import paths, and moving it
+    breaks whoever took the second. ``sources`` maps file -> text, ``modules`` maps a
+    module name -> whether it is a package ``__init__``."""
+    trees = {path: ast.parse(text, path) for path, text in sources.items()}
+    tops = {}
+    for path, tree in trees.items():
+        module = _module_name(path)
+        if module in modules:
+            tops[module] = _top_level(tree)
+    found = []
+    for path, tree in sorted(trees.items()):
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0):
+                continue
+            if node.module not in tops or modules[node.module]:
+                continue
+            defined, imported = tops[node.module]
+            for alias in node.names:
+                name = alias.name
+                if name in imported and name not in defined and f"{node.module}.{name}" not in tops:
+                    found.append(
+                        f"{path}: {name} from {node.module} (it lives in {imported[name]})"
+                    )
+    return found
+
+
+def _module_name(path: str) -> str:
+    parts = list(Path(path).with_suffix("").parts)
+    if parts[:1] == ["plugins"]:
+        parts = parts[2:]
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _repository_sources() -> tuple[dict[str, str], dict[str, bool]]:
+    sources, modules = {}, {}
+    for folder in ("umbrella_core", "plugins", "tests", "benchmarks", "examples"):
+        for path in sorted((REPOSITORY / folder).rglob("*.py")):
+            relative = str(path.relative_to(REPOSITORY))
+            sources[relative] = path.read_text()
+    for relative in sources:
+        name = _module_name(relative)
+        if name.split(".")[0].startswith("umbrella_"):
+            modules[name] = relative.endswith("__init__.py")
+    return sources, modules
+
+
+def test_every_name_has_one_import_path():
+    sources, modules = _repository_sources()
+    assert second_doors(sources, modules) == []
+
+
+def test_the_door_check_finds_a_second_path():
+    sources = {
+        "umbrella_core/constants.py": "IGNORE_INDEX = -100\n",
+        "umbrella_core/data/conversation.py": "from umbrella_core.constants import IGNORE_INDEX\n",
+        "umbrella_core/data/__init__.py": "from umbrella_core.constants import IGNORE_INDEX\n",
+        "tests/test_a.py": (
+            "from umbrella_core.data.conversation import IGNORE_INDEX\n"
+            "from umbrella_core.data import IGNORE_INDEX as FACE\n"
+            "from umbrella_core.constants import IGNORE_INDEX as HOME\n"
+        ),
+    }
+    modules = {
+        "umbrella_core.constants": False,
+        "umbrella_core.data.conversation": False,
+        "umbrella_core.data": True,
+    }
+    assert second_doors(sources, modules) == [
+        "tests/test_a.py: IGNORE_INDEX from umbrella_core.data.conversation "
+        "(it lives in umbrella_core.constants)"
+    ]

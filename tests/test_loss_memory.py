@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from umbrella_core import LossTerm, hookimpl
-from umbrella_core.data.conversation import IGNORE_INDEX
+from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.errors import ModelError
 from umbrella_core.model.build import build_model, load_base, tiny_llava_config
 from umbrella_core.model.loss import UNIFORM_CHUNKS, LogitHead

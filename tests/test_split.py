@@ -10,15 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from umbrella_core.config import load_config
+from umbrella_core.config import SplitConfig, load_config
 from umbrella_core.data.manifest import read_manifest
-from umbrella_core.data.split import (
-    SplitConfig,
-    SplitTable,
-    assign_splits,
-    check_leaks,
-    split_file_of_checkpoint,
-)
+from umbrella_core.data.split import assign_splits, check_leaks
+from umbrella_core.data.split_table import SplitTable, split_file_of_checkpoint
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import StudyRecord, Turn
 

@@ -17,7 +17,6 @@ from typing import Any
 import attrs
 
 from umbrella_core.config_checks import (
-    TRACKERS,
     evaluation_settings,
     fraction,
     known_baselines,
@@ -33,7 +32,6 @@ from umbrella_core.config_yaml import apply_overrides, read_config_file
 from umbrella_core.errors import ConfigError
 
 __all__ = [
-    "TRACKERS",
     "StudyConfig",
     "SplitConfig",
     "LoraConfig",
@@ -42,7 +40,6 @@ __all__ = [
     "TrainerConfig",
     "RunConfig",
     "load_config",
-    "apply_overrides",
     "RANDOM_START_LEARNING_RATE",
     "PRETRAINED_LEARNING_RATE",
     "learning_rate",

@@ -42,15 +42,7 @@ from umbrella_core.plugin_info import OFFERS as _OFFERS
 from umbrella_core.plugin_info import PluginInfo
 from umbrella_core.types import Baseline, LossTerm, MetricFamily, ModalitySpec, StudyRecord
 
-__all__ = [
-    "ENTRY_POINT_GROUP",
-    "BLOCK_ENV",
-    "ALLOW_ENV",
-    "PluginInfo",
-    "Provided",
-    "PluginManager",
-    "get_plugin_manager",
-]
+__all__ = ["ENTRY_POINT_GROUP", "BLOCK_ENV", "ALLOW_ENV", "PluginManager", "get_plugin_manager"]
 
 ENTRY_POINT_GROUP = "umbrella"
 BLOCK_ENV = "UMBRELLA_BLOCK_PLUGINS"

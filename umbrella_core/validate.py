@@ -44,7 +44,7 @@ from umbrella_core.types import ModalitySpec, StudyRecord
 if TYPE_CHECKING:  # pragma: no cover
     from umbrella_core.plugins import PluginManager
 
-__all__ = ["Problem", "Report", "validate_locations"]
+__all__ = ["Report", "validate_locations"]
 
 
 @attrs.frozen

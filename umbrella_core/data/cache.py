@@ -73,7 +73,7 @@ from umbrella_core.data.cache_format import (
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import ModalitySpec
 
-__all__ = ["PreprocessedCache", "default_cache_root", "CacheStats", "checksum", "bound_settings"]
+__all__ = ["PreprocessedCache", "default_cache_root", "CacheStats", "bound_settings"]
 
 #: A temporary file older than this is a dead writer's, whatever its pid says.
 STALE_AFTER_S = 3600.0

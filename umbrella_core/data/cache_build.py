@@ -13,7 +13,8 @@ from pathlib import Path
 import attrs
 import numpy as np
 
-from umbrella_core.data.cache import PreprocessedCache, _Corrupt, _read_trailer
+from umbrella_core.data.cache import PreprocessedCache
+from umbrella_core.data.cache_format import _Corrupt, _read_trailer
 from umbrella_core.errors import DataError
 from umbrella_core.types import ModalitySpec
 

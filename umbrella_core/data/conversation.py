@@ -19,14 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.model.chat import Encoded, chat_format
 from umbrella_core.types import Turn
 
 if TYPE_CHECKING:  # pragma: no cover
     from umbrella_core.model.chat import ChatFormat
 
-__all__ = ["IGNORE_INDEX", "Encoded", "encode_conversation", "default_chat_format"]
+__all__ = ["encode_conversation", "default_chat_format"]
 
 # One compiled format per tokenizer for callers that pass none: compiling
 # renders a probe conversation, too slow to repeat per sample.

@@ -46,26 +46,14 @@ import attrs
 
 from umbrella_core.config import SplitConfig
 from umbrella_core.data.split_table import (
-    SPLIT_FILE,
-    SPLITS,
     Key,
     SplitRow,
     SplitTable,
-    split_file_of_checkpoint,
 )
 from umbrella_core.errors import DataError
 from umbrella_core.types import StudyRecord
 
-__all__ = [
-    "SPLITS",
-    "SPLIT_FILE",
-    "SplitConfig",
-    "SplitRow",
-    "SplitTable",
-    "assign_splits",
-    "check_leaks",
-    "split_file_of_checkpoint",
-]
+__all__ = ["assign_splits", "check_leaks"]
 
 #: Numeric phenotypes with more distinct values than this are stratified in quintile bins.
 _CATEGORY_LIMIT = 5

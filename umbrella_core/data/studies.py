@@ -19,7 +19,8 @@ import attrs
 
 from umbrella_core.config import RunConfig, StudyConfig
 from umbrella_core.data.header_index import HeaderIndex
-from umbrella_core.data.split import SplitTable, assign_splits
+from umbrella_core.data.split import assign_splits
+from umbrella_core.data.split_table import SplitTable
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.plugins import PluginManager
 from umbrella_core.types import ModalitySpec, StudyRecord

@@ -59,7 +59,7 @@ from umbrella_core.model.exported import (
     vision_weight_names,
 )
 
-__all__ = ["CARD", "export_checkpoint", "language_causal_lm", "render_card"]
+__all__ = ["export_checkpoint", "language_causal_lm"]
 
 #: Keys of a checkpoint's ``umbrella.json`` that an export writes anew.
 _COMPUTED = {

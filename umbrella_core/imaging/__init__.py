@@ -24,6 +24,7 @@ phantoms' building blocks); this package re-exports their public names.
 
 from __future__ import annotations
 
+from umbrella_core.imaging.files import missing_file_message
 from umbrella_core.imaging.frames import default_series_root, file_fingerprint, read_frames
 from umbrella_core.imaging.header import NiftiHeader, read_nifti_header, voxel_ceilings
 from umbrella_core.imaging.intensity import (
@@ -33,14 +34,7 @@ from umbrella_core.imaging.intensity import (
     zscore_masked,
     zscore_time,
 )
-from umbrella_core.imaging.nifti import (
-    RAS,
-    as_paths,
-    load_nifti,
-    missing_file_message,
-    reorient,
-    save_nifti,
-)
+from umbrella_core.imaging.nifti import RAS, as_paths, load_nifti, reorient, save_nifti
 from umbrella_core.imaging.phantoms import (
     PHANTOM_ORIENTATIONS,
     HeadPhantom,

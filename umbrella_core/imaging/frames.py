@@ -40,14 +40,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from umbrella_core.errors import DataError
-from umbrella_core.imaging.header import (
-    REEXPORT,
-    NiftiHeader,
-    inflate,
-    missing_file_message,
-    open_regular,
-    read_nifti_header,
-)
+from umbrella_core.imaging.files import missing_file_message, open_regular
+from umbrella_core.imaging.header import REEXPORT, NiftiHeader, inflate, read_nifti_header
 from umbrella_core.imaging.nifti import RAS, reorient
 
 if TYPE_CHECKING:  # pragma: no cover

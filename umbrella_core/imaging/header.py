@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from umbrella_core.errors import ConfigError, DataError
-from umbrella_core.imaging.files import missing_file_message, open_regular
+from umbrella_core.imaging.files import open_regular
 from umbrella_core.imaging.formats import foreign_format
 
 __all__ = [
@@ -41,10 +41,8 @@ __all__ = [
     "NiftiHeader",
     "voxel_ceilings",
     "read_nifti_header",
-    "open_regular",
     "inflate",
     "REEXPORT",
-    "missing_file_message",
     "check_affine",
 ]
 

@@ -17,14 +17,8 @@ import numpy as np
 from nibabel import orientations as nio
 
 from umbrella_core.errors import DataError
-from umbrella_core.imaging.header import (
-    REEXPORT,
-    check_affine,
-    inflate,
-    missing_file_message,
-    open_regular,
-    read_nifti_header,
-)
+from umbrella_core.imaging.files import missing_file_message, open_regular
+from umbrella_core.imaging.header import REEXPORT, check_affine, inflate, read_nifti_header
 
 if TYPE_CHECKING:  # pragma: no cover
     from numpy.typing import ArrayLike, NDArray

@@ -45,15 +45,12 @@ from umbrella_core.errors import ModelError, PluginError
 from umbrella_core.model.exported import (
     CHECKPOINT_META,
     EXPORT_FORMAT,
-    LANGUAGE_DIR,
-    VISION_WEIGHTS,
     export_config,
     is_export,
     load_export,
     misfit,
-    vision_weight_names,
 )
-from umbrella_core.model.llava import LLAVA_TYPES, llava_class, read_llava_config
+from umbrella_core.model.llava import llava_class, read_llava_config
 from umbrella_core.types import LossTerm, ModalitySpec
 
 __all__ = [
@@ -64,16 +61,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "is_checkpoint",
-    "LLAVA_TYPES",
-    "llava_class",
-    "read_llava_config",
     "checkpoint_config",
     "merge_lora",
-    "vision_weight_names",
-    "CHECKPOINT_META",
-    "EXPORT_FORMAT",
-    "LANGUAGE_DIR",
-    "VISION_WEIGHTS",
 ]
 
 TINY = "tiny"

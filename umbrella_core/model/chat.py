@@ -42,28 +42,14 @@ import attrs
 from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.errors import ConfigError, DataError, TokenCountError
 from umbrella_core.model.chat_templates import (
-    DEFAULT_TEMPLATE,
     SETTING,
-    TEMPLATE_NAMES,
     TEMPLATE_TOKENS,
     has_token,
-    named_template,
-    prepare_tokenizer,
     resolve_template,
 )
 from umbrella_core.types import IMAGE_PLACEHOLDER, Turn
 
-__all__ = [
-    "DEFAULT_TEMPLATE",
-    "IGNORE_INDEX",
-    "TEMPLATE_NAMES",
-    "ChatFormat",
-    "Encoded",
-    "chat_format",
-    "named_template",
-    "prepare_tokenizer",
-    "resolve_template",
-]
+__all__ = ["ChatFormat", "Encoded", "chat_format"]
 
 _PUBLIC = ("template", "name", "system_prompt", "end_of_turn", "stop_token_ids")
 

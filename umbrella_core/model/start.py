@@ -24,9 +24,9 @@ from umbrella_core.model.build import (
     is_checkpoint,
     load_base,
     load_checkpoint,
-    read_llava_config,
 )
 from umbrella_core.model.exported import language_folder
+from umbrella_core.model.llava import read_llava_config
 from umbrella_core.types import LossTerm, ModalitySpec
 
 __all__ = ["Started", "auto_trainable", "start_model", "load_tokenizer"]
@@ -88,7 +88,7 @@ def load_tokenizer(model_config: Any) -> tuple[Any, int]:
 
 def _prepare_chat(tokenizer: Any, model_config: Any) -> list[str]:
     """Ready ``tokenizer`` for ``model.chat_template``; returns the tokens it had to add."""
-    from umbrella_core.model.chat import prepare_tokenizer
+    from umbrella_core.model.chat_templates import prepare_tokenizer
 
     return list(prepare_tokenizer(tokenizer, getattr(model_config, "chat_template", "auto")))
 

@@ -74,7 +74,8 @@ def check_evaluation(args: Any, prep: Any, log: Callable[[str], None] = print) -
     """
     from transformers.trainer_utils import IntervalStrategy
 
-    from umbrella_core.train.evaluate import item_records, question_and_answer, run_questions
+    from umbrella_core.evaluation.engine import question_and_answer
+    from umbrella_core.train.evaluate import item_records, run_questions
 
     if args.eval_strategy == IntervalStrategy.NO:
         return False
@@ -244,8 +245,8 @@ class GeneratedSamples(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         from umbrella_core.data.conversation import default_chat_format
+        from umbrella_core.evaluation.engine import question_and_answer
         from umbrella_core.inference.generate import decode, greedy_generate, record_prompt
-        from umbrella_core.train.evaluate import question_and_answer
 
         model = kwargs.get("model") or self.trainer.model
         writer = self._writer() if state.is_world_process_zero else None

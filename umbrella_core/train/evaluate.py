@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +40,10 @@ from umbrella_core.evaluation.engine import (
     Question,
     evaluate_dataset,
     index_questions,
-    question_and_answer,
 )
 from umbrella_core.types import MetricFamily, QuestionAnswers, StudyRecord
 
 __all__ = [
-    "closed_form_questions",
-    "question_and_answer",
     "question_id",
     "item_records",
     "run_questions",
@@ -56,30 +53,7 @@ __all__ = [
     "write_report",
     "format_table",
     "flag_lines",
-    "CLOSED_FORM_MAX_ANSWERS",
 ]
-
-#: A question with more distinct answers than this is free-form.
-CLOSED_FORM_MAX_ANSWERS = 10
-
-
-def closed_form_questions(
-    records: Iterable[StudyRecord], max_answers: int = CLOSED_FORM_MAX_ANSWERS
-) -> set[str]:
-    """Questions whose answers take at most ``max_answers`` values, each seen twice on average.
-
-    Pass every record of the run (training and held-out), so that a small
-    held-out split does not make a closed question look open.
-    """
-    answers: dict[str, list[str]] = {}
-    for record in records:
-        question, answer = question_and_answer(record)
-        answers.setdefault(question, []).append(answer)
-    return {
-        q
-        for q, given in answers.items()
-        if len(set(given)) <= max_answers and 2 * len(set(given)) <= len(given)
-    }
 
 
 def item_records(dataset: Any) -> list[StudyRecord]:
@@ -281,7 +255,7 @@ def evaluate_checkpoint(
     from umbrella_core.config import StudyConfig
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.dataset import RecordDataset
-    from umbrella_core.data.split import split_file_of_checkpoint
+    from umbrella_core.data.split_table import split_file_of_checkpoint
     from umbrella_core.data.studies import read_studies
     from umbrella_core.errors import DataError, ModelError
     from umbrella_core.inference.generate import load_for_inference

@@ -75,7 +75,7 @@ def _chat_line(prep: Prepared) -> str:
     chat = prep.train_sets[0].chat
     if chat is None:
         return "no chat template"
-    from umbrella_core.model.chat import TEMPLATE_NAMES
+    from umbrella_core.model.chat_templates import TEMPLATE_NAMES
 
     said = (
         "the tokenizer's own template"

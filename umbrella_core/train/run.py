@@ -29,7 +29,7 @@ from umbrella_core.train import arguments
 from umbrella_core.train.prepared import Prepared, held_out_sets, summary
 from umbrella_core.types import ModalitySpec, StudyRecord
 
-__all__ = ["Prepared", "held_out_sets", "prepare", "ready_for_workers", "summary", "train"]
+__all__ = ["prepare", "train"]
 
 
 def record_encoder(
@@ -369,7 +369,7 @@ def _train(
     clear_earlier_run()
     out_dir.mkdir(parents=True, exist_ok=True)
     if data.split is not None and main_process:
-        from umbrella_core.data.split import SPLIT_FILE
+        from umbrella_core.data.split_table import SPLIT_FILE
 
         # Subject -> side, given back with data.split.file to reproduce it (I10).
         data.split.write(out_dir / SPLIT_FILE)
@@ -510,7 +510,7 @@ def _train(
         log(f"{test_set.name} answers of final/ = {describe_weights(final_weights)}:")
         log(format_table(evaluation))
         if main_process:
-            from umbrella_core.model.build import CHECKPOINT_META
+            from umbrella_core.model.exported import CHECKPOINT_META
 
             meta_path = final_dir / CHECKPOINT_META
             meta = json.loads(meta_path.read_text())

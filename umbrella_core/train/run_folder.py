@@ -369,7 +369,7 @@ def config_changes(recorded: Mapping[str, Any], config: RunConfig) -> list[tuple
 
 
 def _check_resumed_config(config: RunConfig, checkpoint: Path) -> None:
-    from umbrella_core.model.build import CHECKPOINT_META
+    from umbrella_core.model.exported import CHECKPOINT_META
 
     try:
         recorded = json.loads((checkpoint / CHECKPOINT_META).read_text()).get("config")

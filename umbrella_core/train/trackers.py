@@ -33,11 +33,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from umbrella_core.config import TRACKERS
 from umbrella_core.errors import ConfigError
 
 __all__ = [
-    "TRACKERS",
     "check_trackers",
     "tracker_callbacks",
     "finish_trackers",

@@ -172,7 +172,8 @@ def test_cohort_bad_rows_name_file_and_line(pm, tmp_path, nifti, text):
 
 
 def test_abcd_families_and_sites_reach_the_records(pm, tmp_path, nifti, text):
-    from umbrella_core.data.split import SplitConfig, assign_splits
+    from umbrella_core.config import SplitConfig
+    from umbrella_core.data.split import assign_splits
 
     root = tmp_path / "abcd"
     subjects = ["NDARINVAAAAAAAA", "NDARINVBBBBBBBB", "NDARINVCCCCCCCC"]
