@@ -117,7 +117,7 @@ def main() -> int:
     root = workdir / "demo"
     if not (root / "manifest.jsonl").is_file():
         subprocess.check_call(
-            [sys.executable, "-m", "umbrella_core.cli", "demo-data", str(root),
+            [sys.executable, "-m", "umbrella_core.commands", "demo-data", str(root),
              "--modalities", args.modalities, "--subjects", str(args.subjects)],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip

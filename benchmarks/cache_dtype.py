@@ -163,7 +163,7 @@ def run_demo(dtype: str, workdir: Path) -> dict:
     from umbrella_core.data.cache import PreprocessedCache
 
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    umbrella = [sys.executable, "-m", "umbrella_core.cli"]
+    umbrella = [sys.executable, "-m", "umbrella_core.commands"]
     demo = ["--modalities", "t1,dmri"]
     root = Path(env["UMBRELLA_CACHE"]) / "preprocessed"
     others = set(PreprocessedCache(root, {}).entries())  # the other dtype's

@@ -38,7 +38,7 @@ from pathlib import Path
 CHILD = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 sys.exit(main(sys.argv[2:]))
 """
 
@@ -143,7 +143,7 @@ def main() -> int:
     modalities = args.modalities.split(",")
     # Write the demo data once, before any timed run (runs read it from the cache).
     subprocess.check_call(
-        [sys.executable, "-c", "from umbrella_core.cli import main; import sys; "
+        [sys.executable, "-c", "from umbrella_core.commands import main; import sys; "
          "sys.exit(main(sys.argv[1:]))", "train", "--modalities", args.modalities,
          "--output-dir", str(workdir / "warm-up"), "--no-progress",
          "--set", "trainer.max_steps=1", "--set", "trainer.eval_strategy=no"],

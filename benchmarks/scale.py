@@ -202,7 +202,7 @@ def stage_validate(manifest: Path, cache: Path, out: Path) -> dict[str, float]:
         [
             sys.executable,
             "-m",
-            "umbrella_core.cli",
+            "umbrella_core.commands",
             "validate",
             str(manifest),
             *config_for(manifest, cache, out)[2:],
@@ -222,7 +222,7 @@ def stage_startup(manifest: Path, cache: Path, out: Path) -> dict[str, float]:
     """Seconds from the start of this process to the end of the first optimizer step."""
     import transformers
 
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     class FirstStep(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -38,7 +38,7 @@ def demo_run(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "umbrella_core.cli",
+            "umbrella_core.commands",
             "train",
             "--modalities",
             "t1,dmri",

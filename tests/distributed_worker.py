@@ -207,7 +207,7 @@ def main() -> None:
 if __name__ == "__main__":
     main()
     if torch.distributed.is_initialized():
-        # As umbrella train does: see umbrella_core.cli._cmd_train.
+        # As umbrella train does: see umbrella_core.commands.train.
         torch.distributed.destroy_process_group()
         sys.stdout.flush()
         sys.stderr.flush()

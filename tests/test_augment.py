@@ -253,7 +253,7 @@ def test_a_record_that_forbids_a_transform_skips_it_and_says_so(pm, specs, anato
 
 
 def test_the_demo_refuses_a_flip_before_any_model_is_built(pm, tmp_path, monkeypatch, capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
     code = main(
@@ -279,7 +279,7 @@ def test_the_demo_refuses_a_flip_before_any_model_is_built(pm, tmp_path, monkeyp
 
 
 def test_validate_refuses_a_bad_augmentation_before_reading_any_study(tmp_path, capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     manifest = tmp_path / "cohort.jsonl"
     manifest.write_text("")  # never read: the setting is refused first
@@ -455,7 +455,7 @@ class _Returns:
 
 
 def test_umbrella_plugins_lists_the_dmri_plugins_augmentation(capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
@@ -473,7 +473,7 @@ def test_a_run_augments_training_samples_only_and_shows_them_in_tensorboard(tmp_
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from umbrella_core.augmentation import Pipeline
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
     seeds, sources = [], []

@@ -45,7 +45,7 @@ import numpy as np
 import pytest
 from nibabel.testing import data_path
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.data.demo import write_demo
 from umbrella_core.imaging import save_nifti
 from umbrella_core.plugins import get_plugin_manager

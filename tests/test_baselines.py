@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from umbrella_core import Baseline, QuestionAnswers, hookimpl
+from umbrella_core.commands.listing import plugins_listing
 from umbrella_core.config import load_config
 from umbrella_core.data.dataset import RecordDataset
 from umbrella_core.default_plugins.baselines import REGIONAL
@@ -25,9 +26,8 @@ from umbrella_core.evaluation.engine import (
     question_and_answer,
     spread_indices,
 )
-from umbrella_core.listing import plugins_listing
+from umbrella_core.evaluation.report import format_table, summarize, write_report
 from umbrella_core.testing import fresh_plugin_manager, toy_modality
-from umbrella_core.train.evaluate import format_table, summarize, write_report
 from umbrella_core.types import ImageRef, ModalitySpec, StudyRecord, Turn
 
 SIDE = "Which side is the blob on?"

@@ -203,7 +203,7 @@ def test_tolerant_reading_reports_each_bad_record(tmp_path):
 
 @pytest.mark.slow
 def test_a_brainvlm_v1_file_trains(tmp_path, monkeypatch):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
     from umbrella_core.data.demo import write_demo
 
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))

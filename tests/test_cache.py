@@ -91,7 +91,7 @@ def test_build_reports_bad_files_and_keeps_going(tmp_path, study):
 
 
 def test_cache_build_command_then_training_reads_from_it(tmp_path, monkeypatch):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "home"))
     args = ["--modalities", "dmri", "--set", "data.demo_subjects=3"]
@@ -205,7 +205,7 @@ def test_cache_build_rebuilds_corrupt_entries_and_says_so(tmp_path, study):
 
 
 def test_cache_verify_reports_corrupt_entries_and_removes_them(tmp_path, study, capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     spec, images, cache = _built(tmp_path, study)
     root = str(tmp_path / "cache")
@@ -240,7 +240,7 @@ def test_verify_of_the_runs_images_rebuilds_corrupt_entries(tmp_path, study):
 
 
 def test_killed_builds_temporary_file_is_not_counted_and_is_removed(tmp_path, study, capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     spec, images, cache = _built(tmp_path, study)
     folder = tmp_path / "cache" / "toy"

@@ -162,7 +162,7 @@ def test_verify_finds_a_corrupt_float16_entry_and_window(tmp_path, t1, anatomica
 
 
 def test_cache_build_takes_the_dtype_from_its_flag_or_the_runs_config(umbrella_cache, capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     root = umbrella_cache / "preprocessed"
     run = ["--modalities", "dmri", "--set", "data.demo_subjects=1"]

@@ -9,14 +9,21 @@ import sys
 import nibabel as nib
 import pytest
 
-from umbrella_core.cli import main
+from umbrella_core.commands import build_parser, main
+from umbrella_core.commands.listing import plugins_listing
 from umbrella_core.config import load_config
 from umbrella_core.errors import ConfigError
+from umbrella_core.hookspecs import hookimpl
+from umbrella_core.testing import fresh_plugin_manager
+from umbrella_core.types import Command
 
 
 def _umbrella(*args, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "umbrella_core.cli", *args], capture_output=True, text=True, **kwargs
+        [sys.executable, "-m", "umbrella_core.commands", *args],
+        capture_output=True,
+        text=True,
+        **kwargs,
     )
 
 
@@ -266,3 +273,86 @@ def test_an_error_during_training_gets_a_line_of_its_own_below_the_progress_bar(
     lines = capsys.readouterr().err.splitlines()
     assert any("it/s]" in line or "s/it]" in line for line in lines), lines  # a bar was drawn
     assert lines[-1].startswith("umbrella: error: ") and victim.name in lines[-1], lines[-3:]
+
+
+# -- commands come from plugins --------------------------------------------------------
+
+
+class _Greet:
+    """A third-party plugin that adds ``umbrella greet``."""
+
+    @hookimpl
+    def umbrella_commands(self):
+        def arguments(parser):
+            parser.add_argument("name")
+            parser.add_argument("--times", type=int, default=1)
+
+        def run(args):
+            print(" ".join([f"hello {args.name}"] * args.times))
+            return 3
+
+        return [Command(name="greet", help="say hello", add_arguments=arguments, run=run)]
+
+
+class _TakesTrain:
+    """A plugin that offers a command named as one of the core's."""
+
+    @hookimpl
+    def umbrella_commands(self):
+        return [Command(name="train", help="mine", add_arguments=print, run=print)]
+
+
+class _Broken:
+    @hookimpl
+    def umbrella_commands(self):
+        raise RuntimeError("no commands today")
+
+
+def test_a_plugin_adds_a_command(capsys):
+    pm = fresh_plugin_manager(_Greet())
+    parser = build_parser(pm)
+    args = parser.parse_args(["greet", "world", "--times", "2"])
+    assert args.func(args) == 3
+    assert capsys.readouterr().out == "hello world hello world\n"
+    assert "greet" in parser.format_help() and "say hello" in parser.format_help()
+    listing = plugins_listing(pm)
+    greet = next(p for p in listing.payload["plugins"] if p["commands"] == ["greet"])
+    assert greet["status"] == "loaded"
+
+
+def test_the_core_commands_are_plugins_too():
+    pm = fresh_plugin_manager()
+    names = [provided.item.name for provided in pm.commands()]
+    assert names == [
+        "plugins", "train", "demo-data", "validate", "cache",
+        "generate", "evaluate", "export", "serve", "launch",
+    ]  # fmt: skip
+    by_plugin = {p.item.name: p.plugin for p in pm.commands()}
+    assert by_plugin["serve"] == "serve" and by_plugin["launch"] == "launch"
+    assert by_plugin["train"] == "commands"
+
+
+def test_a_command_name_taken_or_a_failing_hook_sets_the_plugin_aside_and_leaves_the_rest():
+    pm = fresh_plugin_manager(_TakesTrain(), _Broken(), _Greet())
+    names = [provided.item.name for provided in pm.commands()]
+    assert names.count("train") == 1 and "greet" in names
+    parser = build_parser(pm)
+    assert parser.parse_args(["train", "--max-steps", "3"]).max_steps == 3  # the core's train
+    infos = {info.name: info for info in pm.plugins()}
+    taken = next(i for i in infos.values() if i.module == __name__ and "train" in str(i.error))
+    assert taken.status == "broken" and "'train' is offered by plugin 'commands'" in taken.error
+    broken = next(i for i in infos.values() if "no commands today" in str(i.error))
+    assert broken.status == "broken" and "failed in umbrella_commands" in broken.error
+    text = plugins_listing(pm).text
+    assert "no commands today" in text
+
+
+def test_every_command_answers_help_in_a_fresh_process():
+    """The commands' parsers are built from the plugins: each one's --help works."""
+    out = _umbrella("--help")
+    assert out.returncode == 0
+    for name in ("train", "evaluate", "generate", "export", "serve", "launch", "cache"):
+        assert name in out.stdout
+    helped = _umbrella("launch", "--help")
+    assert helped.returncode == 0 and "--scheduler" in helped.stdout
+    assert "umbrella launch --scheduler slurm|lsf" in helped.stdout

@@ -137,7 +137,7 @@ def test_deepspeed_zero_completes_with_ranks_on_different_modalities(tmp_path, e
 
 
 def _cli_run(out: Path, env: dict, launcher: list[str], *extra: str) -> str:
-    command = launcher + ["-m", "umbrella_core.cli", "train", "--modalities", "t1,dmri"]
+    command = launcher + ["-m", "umbrella_core.commands", "train", "--modalities", "t1,dmri"]
     # 11 subjects: 8 train, 1 validation, 2 test per modality.
     command += ["--demo-subjects", "11", "--max-steps", "3", "--batch-size", "2"]
     command += ["--output-dir", str(out), "--no-progress", *extra]
@@ -198,7 +198,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_whole_checkpoint(tmp_
         "    time.sleep(0.3)\n"
         "    return step(self, *a, **k)\n"
         "UmbrellaTrainer.training_step = slow\n"
-        "from umbrella_core.cli import main\n"
+        "from umbrella_core.commands import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     out = tmp_path / "run"
@@ -243,7 +243,7 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_with_a_whole_checkpoint(tmp_
             *launcher[:-1],
             f"--master_port={_free_port()}",
             "-m",
-            "umbrella_core.cli",
+            "umbrella_core.commands",
             *args,
             "--resume",
         ],

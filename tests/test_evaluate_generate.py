@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.config import load_config
 from umbrella_core.errors import ConfigError
 from umbrella_core.plugins import get_plugin_manager
@@ -393,7 +393,7 @@ def test_no_evaluation_when_asked_or_without_held_out_data(tmp_path, monkeypatch
         eval_set: object = None
 
     said: list[str] = []
-    assert check_evaluation(args, NoHeldOut(), said.append) is False
+    assert check_evaluation(args, NoHeldOut(), {}, said.append) is False
     assert args.eval_strategy == IntervalStrategy.NO and "no held-out" in said[0]
 
 

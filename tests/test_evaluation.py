@@ -18,10 +18,10 @@ from umbrella_core.evaluation.engine import (
     not_ending_flag,
     spread_indices,
 )
+from umbrella_core.evaluation.report import format_table, summarize
 from umbrella_core.inference.generate import decode, greedy_generate, greedy_generate_batch
 from umbrella_core.model.build import build_model, load_base
 from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager, toy_modality
-from umbrella_core.train.evaluate import format_table, summarize
 from umbrella_core.types import ImageRef, StudyRecord, Turn
 
 
@@ -388,7 +388,7 @@ def hanging(*args, description="", **kwargs):
     return evaluate_dataset(*args, description=description, **kwargs)
 
 engine.evaluate_dataset = hanging
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -443,7 +443,7 @@ def test_a_killed_final_evaluation_leaves_final_and_metrics(tmp_path):
 def test_eval_strategy_end_evaluates_once_and_no_not_at_all(tmp_path, monkeypatch):
     import json
 
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "end"
@@ -468,7 +468,7 @@ def test_eval_strategy_end_evaluates_once_and_no_not_at_all(tmp_path, monkeypatc
 @pytest.mark.slow
 def test_eval_max_samples_bounds_evaluation_during_training_not_the_table(tmp_path, monkeypatch):
     import umbrella_core.evaluation.engine as engine
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
     asked: list[tuple[int, int]] = []

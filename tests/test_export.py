@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.config import load_config
 from umbrella_core.data.split_table import SplitRow, SplitTable
 from umbrella_core.errors import ConfigError, ModelError

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.train.arguments import resume_checkpoint
 from umbrella_core.train.faults import NAN_REPORT, PARTIAL_PREFIX
 
@@ -46,7 +46,7 @@ def crashing_save(self, output_dir):
 
 UmbrellaTrainer.training_step = slow_step
 UmbrellaTrainer._save_rng_state = crashing_save
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 sys.exit(main(sys.argv[1:]))
 """
 

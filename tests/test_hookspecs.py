@@ -17,6 +17,7 @@ def test_the_six_roles_have_hooks():
     assert HOOKS == [
         "umbrella_augmentations",
         "umbrella_baselines",
+        "umbrella_commands",  # the command line: the core's own commands come through it too
         "umbrella_loss_terms",
         "umbrella_metrics",
         "umbrella_modalities",

@@ -89,7 +89,7 @@ def test_the_check_finds_a_cycle():
 #: The applications: what a user runs on top of the kernel (hook specifications, plugin
 #: host, configuration, data, model, inference, training, evaluation). The kernel never
 #: imports them, nor the plugin author's kit (``testing``), which builds on the kernel.
-APPLICATIONS = ("cli", "cli_data", "export", "launch", "listing", "serve")
+APPLICATIONS = ("commands", "export", "launch", "serve")
 ABOVE_THE_KERNEL = (*APPLICATIONS, "testing")
 
 
@@ -139,7 +139,7 @@ def test_the_layer_checks_find_what_they_look_for():
     graph = {
         "umbrella_core.train.run": {"umbrella_core.serve.api"},
         "umbrella_core.serve.api": {"umbrella_core.train.run"},
-        "umbrella_core.cli": {"umbrella_core.train.run"},
+        "umbrella_core.commands": {"umbrella_core.train.run"},
     }
     assert upward_imports(graph) == ["umbrella_core.train.run -> umbrella_core.serve.api"]
     assert cycles(package_graph(graph)) == [["serve", "train"]]

@@ -93,7 +93,7 @@ def test_unknown_batching_is_refused():
 def test_training_with_modality_batching_has_one_modality_per_step(tmp_path, monkeypatch):
     import json
 
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"

@@ -42,7 +42,7 @@ def language_run(request, tmp_path_factory):
     command = [
         sys.executable,
         "-m",
-        "umbrella_core.cli",
+        "umbrella_core.commands",
         "train",
         "--language",
         str(folder),
@@ -92,7 +92,7 @@ def test_generate_answers_through_the_family_chat_template(language_run):
         [
             sys.executable,
             "-m",
-            "umbrella_core.cli",
+            "umbrella_core.commands",
             "generate",
             "--checkpoint",
             str(run / "final"),

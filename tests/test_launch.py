@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from umbrella_core.cli import build_parser, main
+from umbrella_core.commands import build_parser, main
 from umbrella_core.errors import ConfigError
 from umbrella_core.launch import (
     LaunchSpec,
@@ -175,7 +175,7 @@ def test_slurm_script_asks_for_the_nodes_and_starts_one_torchrun_per_node(cluste
         "--chdir", str(cluster), "--grace", "300", "--",
         "--nnodes", "2", "--nproc_per_node", "8",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "$MASTER:29500", "--rdzv_id", "$JOB_ID",
-        "-m", "umbrella_core.cli", "train", "--config", "run.yaml",
+        "-m", "umbrella_core.commands", "train", "--config", "run.yaml",
         "--set", "trainer.experiment=two words",
     ]  # fmt: skip
     assert "CMD+=(--resume)" in text
@@ -436,7 +436,7 @@ def test_slurm_warning_stops_every_rank_through_the_stop_file_and_requeues(clust
         "--chdir", str(cluster), "--grace", "300", "--",
         "--nnodes", "2", "--nproc_per_node", "2",
         "--rdzv_backend", "c10d", "--rdzv_endpoint", "node1:29500", "--rdzv_id", "4242",
-        "-m", "umbrella_core.cli", "train", "--output-dir", str(cluster / "run"), "--resume",
+        "-m", "umbrella_core.commands", "train", "--output-dir", str(cluster / "run"), "--resume",
     ]  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import types
 import pytest
 
 from umbrella_core import hookimpl
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.errors import PluginError
 from umbrella_core.plugins import ALLOW_ENV, BLOCK_ENV, PluginManager
 from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager, toy_modality

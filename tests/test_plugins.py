@@ -174,7 +174,7 @@ def test_import_and_plugins_command_do_not_import_torch():
         "import sys, io, contextlib\n"
         "import umbrella_core\n"
         "assert 'torch' not in sys.modules, 'import umbrella_core imported torch'\n"
-        "from umbrella_core.cli import main\n"
+        "from umbrella_core.commands import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    main(['plugins'])\n"
         "    main(['plugins', '--json'])\n"
@@ -186,7 +186,7 @@ def test_import_and_plugins_command_do_not_import_torch():
 
 def test_plugins_json_lists_installed_first_party_modalities():
     out = subprocess.run(
-        [sys.executable, "-m", "umbrella_core.cli", "plugins", "--json"],
+        [sys.executable, "-m", "umbrella_core.commands", "plugins", "--json"],
         check=True,
         capture_output=True,
         text=True,

@@ -14,7 +14,7 @@ import attrs
 import pytest
 
 from umbrella_core import Augmentation, LossTerm, MetricFamily, hookimpl
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.errors import DuplicateNameError, PluginError
 from umbrella_core.modality_registry import ModalityRegistry, Provided
 from umbrella_core.plugins import PluginManager

@@ -309,7 +309,7 @@ def test_bad_stage_is_an_error_naming_the_stage(stages, message):
 
 
 def test_recipe_flag_runs_the_shipped_stages(monkeypatch, tmp_path):
-    from umbrella_core import cli
+    from umbrella_core.commands import build_parser, main
     from umbrella_core.train import recipes
 
     seen = {}
@@ -318,9 +318,9 @@ def test_recipe_flag_runs_the_shipped_stages(monkeypatch, tmp_path):
         recipes, "run_stages", lambda config, pm, **_: seen.setdefault("config", config)
     )
     monkeypatch.setattr("umbrella_core.plugins.get_plugin_manager", lambda: None)
-    assert cli.main(["train", "--recipe", "two-stage", "--output-dir", str(tmp_path)]) == 0
+    assert main(["train", "--recipe", "two-stage", "--output-dir", str(tmp_path)]) == 0
     assert seen["config"].stages == recipes.RECIPES["two-stage"]
-    parser = cli.build_parser()
+    parser = build_parser()
     train = parser._subparsers._group_actions[0].choices["train"]
     choices = next(a.choices for a in train._actions if a.dest == "recipe")
     assert sorted(choices) == sorted(recipes.RECIPES)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.config import load_config
 from umbrella_core.errors import ConfigError
 from umbrella_core.train.run_folder import (
@@ -209,7 +209,7 @@ def slow_step(self, *args, **kwargs):
     time.sleep(0.5)
     return step(self, *args, **kwargs)
 UmbrellaTrainer.training_step = slow_step
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -232,7 +232,7 @@ def test_two_runs_at_once_on_one_folder_the_second_is_refused(tmp_path, umbrella
             assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
             time.sleep(0.1)
         second = subprocess.run(
-            [sys.executable, "-m", "umbrella_core.cli", *args, "--overwrite"],
+            [sys.executable, "-m", "umbrella_core.commands", *args, "--overwrite"],
             env=env,
             capture_output=True,
             text=True,
@@ -376,7 +376,7 @@ def test_a_write_that_fails_for_want_of_room_is_one_line_and_leaves_no_partial(
     out = tmp_path / "run"
     limit = (
         "import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); "
-        "from umbrella_core.cli import main; sys.exit(main(sys.argv[1:]))"
+        "from umbrella_core.commands import main; sys.exit(main(sys.argv[1:]))"
     )
     args = ["train", *TINY, *CADENCE, "--max-steps", "2", "--output-dir", str(out)]
     ran = subprocess.run(

@@ -51,7 +51,7 @@ def start_server(checkpoint: Path, *args: str, log: Path) -> tuple[subprocess.Po
         [
             sys.executable,
             "-m",
-            "umbrella_core.cli",
+            "umbrella_core.commands",
             "serve",
             "--checkpoint",
             str(checkpoint),
@@ -103,7 +103,7 @@ def held_out(manifest: Path, question: str, modality: str, n: int) -> list[tuple
 
 def generate_error(checkpoint: Path, image: Path, capsys) -> str:
     """The one line ``umbrella generate`` prints for a bad ``image`` (without its prefix)."""
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     capsys.readouterr()
     code = main(
@@ -237,7 +237,7 @@ def test_the_openai_client_gets_the_demo_answers_about_held_out_files(api):
 @pytest.mark.slow
 def test_the_api_answers_as_umbrella_generate_does(api, demo_run, capsys):
     """Same preprocessing, same chat template, same greedy decoding as the CLI."""
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     client, _, manifest = api
     run_dir, _ = demo_run
@@ -685,7 +685,7 @@ def test_a_two_file_dmri_image_and_a_bad_file_on_the_page(
 def test_a_taken_port_is_one_line_before_the_checkpoint_is_loaded(tmp_path, capsys):
     pytest.importorskip("fastapi")
     pytest.importorskip("gradio")
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

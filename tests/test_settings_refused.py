@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.config import load_config
 from umbrella_core.data.studies import read_studies
 from umbrella_core.plugins import get_plugin_manager

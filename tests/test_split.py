@@ -383,7 +383,7 @@ def _one_subject_on_both_sides(folder):
 
 
 def test_umbrella_train_refuses_a_manifest_with_a_subject_on_both_sides(tmp_path, capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     manifest = _one_subject_on_both_sides(tmp_path)
     out = tmp_path / "run"
@@ -396,7 +396,7 @@ def test_umbrella_train_refuses_a_manifest_with_a_subject_on_both_sides(tmp_path
 
 
 def test_umbrella_validate_reports_a_subject_on_both_sides(tmp_path, capsys):
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     manifest = _one_subject_on_both_sides(tmp_path)
     assert main(["validate", str(manifest)]) == 1

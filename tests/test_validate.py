@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 from umbrella_core.data.checks import Problem, validate_records
 from umbrella_core.data.demo import write_demo
 from umbrella_core.imaging import save_nifti

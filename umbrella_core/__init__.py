@@ -25,6 +25,7 @@ from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import (
     IMAGE_PLACEHOLDER,
     Baseline,
+    Command,
     Demo,
     ImageRef,
     LossTerm,
@@ -53,6 +54,7 @@ __all__ = [
     "MetricFamily",
     "QuestionAnswers",
     "Baseline",
+    "Command",
     "Augmentation",
     "IMAGE_PLACEHOLDER",
     "IGNORE_INDEX",

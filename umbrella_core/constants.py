@@ -11,7 +11,7 @@ __all__ = ["CORE_VERSION", "IGNORE_INDEX", "IMAGING_VERSION"]
 
 #: umbrella-core's version (``umbrella_core.__version__``; pyproject.toml says the
 #: same, tests/test_versions.py checks).
-CORE_VERSION = "0.5.0"
+CORE_VERSION = "0.6.0"
 
 #: The label of a token that is not learned (the prompt, padding, image
 #: placeholders): PyTorch's ``cross_entropy`` default ``ignore_index``, which

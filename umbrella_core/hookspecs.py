@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import t
     from umbrella_core.errors import DataError
     from umbrella_core.types import (
         Baseline,
+        Command,
         LossTerm,
         MetricFamily,
         ModalitySpec,
@@ -254,6 +255,36 @@ def umbrella_augmentations() -> Iterable[Augmentation]:
     Every implementation is called.
 
     Since: 0.3
+    """
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def umbrella_commands() -> Iterable[Command]:
+    """Add subcommands to ``umbrella``.
+
+    The core's own (``train``, ``evaluate``, ``serve``, ``launch``, ...) come
+    through this hook too, from built-in plugins: the command line imports none
+    of them, and a command shipped as its own distribution is a matter of
+    packaging.
+
+    Returns:
+        Command values (possibly none): a name, one line of help,
+        ``add_arguments(parser)`` and ``run(args) -> exit status``. Every
+        ``umbrella`` invocation collects every plugin's commands, so this must be
+        cheap and import nothing heavy: ``run`` imports what it needs. A name
+        already taken (by the core or an earlier plugin) sets the later plugin
+        aside: ``umbrella plugins`` shows it broken, with the reason, and the
+        other commands work. ``umbrella --help`` lists the core's commands first,
+        then the plugins' in the order they were registered.
+
+    Every implementation is called.
+
+    Since: 0.6
     """
 
 

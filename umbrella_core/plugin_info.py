@@ -8,7 +8,7 @@ from typing import Any
 import attrs
 
 from umbrella_core.augmentation import Augmentation
-from umbrella_core.types import Baseline, LossTerm, MetricFamily
+from umbrella_core.types import Baseline, Command, LossTerm, MetricFamily
 
 __all__ = ["OFFERS", "PluginInfo"]
 
@@ -20,8 +20,8 @@ class PluginInfo:
     ``description`` is the distribution's Summary, or the first line of the
     plugin module's docstring; ``modalities``, ``study_kinds``, ``loss_terms``
     (with default settings, for every installed modality), ``metrics``,
-    ``augmentations`` (since 0.3) and ``baselines`` (since 0.4) name what its
-    hooks give.
+    ``augmentations`` (since 0.3), ``baselines`` (since 0.4) and ``commands``
+    (since 0.6) name what its hooks give.
     """
 
     name: str
@@ -38,6 +38,7 @@ class PluginInfo:
     metrics: tuple[str, ...] = ()
     augmentations: tuple[str, ...] = ()
     baselines: tuple[str, ...] = ()
+    commands: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         fields = attrs.asdict(self, recurse=False)
@@ -51,4 +52,5 @@ OFFERS: dict[str, tuple[str, type, Callable[[Any], str]]] = {
     "metrics": ("umbrella_metrics", MetricFamily, lambda family: family.name),
     "augmentations": ("umbrella_augmentations", Augmentation, lambda a: a.name),
     "baselines": ("umbrella_baselines", Baseline, lambda b: b.name),
+    "commands": ("umbrella_commands", Command, lambda c: c.name),
 }

@@ -40,7 +40,14 @@ from umbrella_core.errors import DataError, DuplicateNameError, PluginError, Umb
 from umbrella_core.modality_registry import ModalityRegistry, Provided
 from umbrella_core.plugin_info import OFFERS as _OFFERS
 from umbrella_core.plugin_info import PluginInfo
-from umbrella_core.types import Baseline, LossTerm, MetricFamily, ModalitySpec, StudyRecord
+from umbrella_core.types import (
+    Baseline,
+    Command,
+    LossTerm,
+    MetricFamily,
+    ModalitySpec,
+    StudyRecord,
+)
 
 __all__ = ["ENTRY_POINT_GROUP", "BLOCK_ENV", "ALLOW_ENV", "PluginManager", "get_plugin_manager"]
 
@@ -48,16 +55,23 @@ ENTRY_POINT_GROUP = "umbrella"
 BLOCK_ENV = "UMBRELLA_BLOCK_PLUGINS"
 ALLOW_ENV = "UMBRELLA_LOAD_PLUGINS"
 
-#: Built-in plugins: modules of ``umbrella_core.default_plugins`` using the public hooks.
+#: Built-in plugins, by name: modules using the public hooks as any plugin does. The
+#: commands are named, never imported, here: the kernel knows of no application, and a
+#: command shipped as a distribution of its own moves from here to its entry point.
 # Order matters: of two ``trylast`` readers pluggy asks the earlier registered one first,
-# and the BrainVLM reader must see a .json file before the manifest reader does.
-DEFAULT_PLUGINS = (
-    "umbrella_core.default_plugins.brainvlm",
-    "umbrella_core.default_plugins.manifest",
-    "umbrella_core.default_plugins.metrics",
-    "umbrella_core.default_plugins.embedder",
-    "umbrella_core.default_plugins.baselines",
-)
+# and the BrainVLM reader must see a .json file before the manifest reader does; the
+# commands are listed by ``umbrella --help`` in this order.
+DEFAULT_PLUGINS = {
+    "brainvlm": "umbrella_core.default_plugins.brainvlm",
+    "manifest": "umbrella_core.default_plugins.manifest",
+    "metrics": "umbrella_core.default_plugins.metrics",
+    "embedder": "umbrella_core.default_plugins.embedder",
+    "baselines": "umbrella_core.default_plugins.baselines",
+    "commands": "umbrella_core.commands.builtin",
+    "export": "umbrella_core.export.command",
+    "serve": "umbrella_core.serve.command",
+    "launch": "umbrella_core.launch.command",
+}
 
 CORE_DISTRIBUTION = "umbrella-core"
 
@@ -87,11 +101,11 @@ class PluginManager:
         self._load_entry_points = load_entry_points
         self._entry_points_loaded = False
         if load_defaults:
-            for module_name in DEFAULT_PLUGINS:
+            for plugin_name, module_name in DEFAULT_PLUGINS.items():
                 module = importlib.import_module(module_name)
                 self.register(
                     module,
-                    name=module_name.rsplit(".", 1)[-1],
+                    name=plugin_name,
                     distribution=CORE_DISTRIBUTION,
                     version=_dist_version(CORE_DISTRIBUTION),
                 )
@@ -443,6 +457,40 @@ class PluginManager:
                 dist, version = self._dist_of.get(plugin, ("<unknown>", ""))
                 found.setdefault(value.name, Provided(value, plugin, dist, version))
         return list(found.values())
+
+    def commands(self) -> list[Provided]:
+        """Every plugin's commands (:class:`Command`), each with the plugin that gives it.
+
+        In registration order: the core's own first. A plugin whose hook fails or
+        gives a name already taken is set aside with the reason (``umbrella
+        plugins`` shows it), so that one broken plugin leaves every other command
+        working, ``umbrella plugins`` included.
+        """
+        found: dict[str, Provided] = {}
+        for impl in self._hookimpls("umbrella_commands"):
+            plugin = impl.plugin_name
+            try:
+                result = self._call(impl, "umbrella_commands", {})
+                values = self._values(plugin, "umbrella_commands", result, Command, _shown)
+                taken = [v.name for v in values if v.name in found]
+                if taken:
+                    other = found[taken[0]].plugin
+                    raise DuplicateNameError(
+                        f"command {taken[0]!r} is offered by {self._describe(other)} and by "
+                        f"{self._describe(plugin)}; uninstall or block one ({BLOCK_ENV})"
+                    )
+            except UmbrellaError as error:
+                self._set_aside(plugin, str(error))
+                continue
+            dist, version = self._dist_of.get(plugin, ("<unknown>", ""))
+            for value in values:
+                found[value.name] = Provided(value, plugin, dist, version)
+        return list(found.values())
+
+    def _hookimpls(self, hook_name: str) -> list[Any]:
+        """A hook's implementations in registration order, entry points loaded."""
+        self.load_entry_points()
+        return list(getattr(self.pm.hook, hook_name).get_hookimpls())
 
     def _collect(self, hook_name: str, kind: type, **kwargs: Any) -> list[Any]:
         out: list[Any] = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from umbrella_core.evaluation.report import health_rows
 from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import MetricFamily, QuestionAnswers
 
@@ -46,13 +47,6 @@ def _health(answers: QuestionAnswers, rule: str) -> dict[str, Any]:
     if not answers.generated:
         return {}
     return answer_health(answers.generated, answers.ended, rule=rule, classes=answers.classes)
-
-
-def health_rows(m: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """The table rows of the generated answers' ``ended`` and ``parsed`` shares, where known."""
-    return [
-        (name, _percent(m[name]), "") for name in ("ended", "parsed") if m.get(name) is not None
-    ]
 
 
 def _categorical(answers: QuestionAnswers) -> Mapping[str, Any]:

@@ -5,7 +5,7 @@ patch embedder, as in training), splices them at their placeholders, and then
 decodes one token at a time from the language model's KV cache. It computes
 what the training forward computes, so its first token is the teacher-forced
 argmax and, whenever the model answers a held-out question exactly, the text is
-the reference (:func:`umbrella_core.train.evaluate.answer_accuracy`).
+the reference (:func:`umbrella_core.evaluation.metrics.generated_accuracy`).
 """
 
 from __future__ import annotations

@@ -37,7 +37,6 @@ script runs on the nodes. (Since 0.3.)
 """
 
 from umbrella_core.launch.agent import forward_stop_file, release_stale_lock
-from umbrella_core.launch.command import add_launch_parser
 from umbrella_core.launch.scripts import log_path, render_script, script_path
 from umbrella_core.launch.spec import RESUME_MODES, SCHEDULERS, LaunchSpec, parse_duration
 from umbrella_core.launch.submit import submit, submit_command
@@ -52,7 +51,6 @@ __all__ = [
     "log_path",
     "submit_command",
     "submit",
-    "add_launch_parser",
     "forward_stop_file",
     "release_stale_lock",
 ]

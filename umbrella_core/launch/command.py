@@ -1,23 +1,32 @@
-"""``umbrella launch`` on the command line: its argparse subcommand and what it runs."""
+"""The ``umbrella launch`` command: a training run as a SLURM or LSF job on many nodes."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import shlex
 import sys
-from typing import Any
 
 from umbrella_core.errors import ConfigError
+from umbrella_core.hookspecs import hookimpl
 from umbrella_core.launch.scripts import log_path, render_script, script_path
 from umbrella_core.launch.spec import SCHEDULERS, LaunchSpec
 from umbrella_core.launch.submit import _job_id, submit, submit_command
+from umbrella_core.types import Command
 
-__all__ = ["add_launch_parser"]
+__all__ = ["LAUNCH", "umbrella_commands"]
 
 
-def _cmd_launch(args: argparse.Namespace, *, train_parser: Any) -> int:
-    spec = LaunchSpec.from_arguments(args, train_parser)
+def _train_parser() -> argparse.ArgumentParser:
+    """``umbrella train``'s parser: it checks the train arguments a job is given."""
+    from umbrella_core.commands.train import TRAIN
+
+    parser = argparse.ArgumentParser(prog="umbrella train", description=TRAIN.help)
+    TRAIN.add_arguments(parser)
+    return parser
+
+
+def _launch(args: argparse.Namespace) -> int:
+    spec = LaunchSpec.from_arguments(args, _train_parser())
     path = script_path(spec)
     text = render_script(spec)
     try:
@@ -45,24 +54,10 @@ def _cmd_launch(args: argparse.Namespace, *, train_parser: Any) -> int:
     return 0
 
 
-def add_launch_parser(sub: Any) -> argparse.ArgumentParser:
-    """The ``launch`` subcommand (argparse), added by :func:`umbrella_core.cli.build_parser`.
-
-    Added after ``train``: its parser is the one that checks the train arguments.
-    """
-    p = sub.add_parser(
-        "launch",
-        help="run umbrella train as a SLURM or LSF job on many nodes (requeued, resumed)",
-        description=(
-            "Write a job script that starts one torchrun agent per node (c10d rendezvous "
-            "on the first host) running the train command given after --, with --resume, "
-            "and submit it (sbatch / bsub), or only write and show it (--dry-run). "
-            "--signal-grace seconds before the run limit every rank saves a checkpoint and stops, "
-            "and the job is requeued; its next start continues the run. The script and the "
-            "logs go in OUTPUT_DIR/launch/."
-        ),
-        usage="umbrella launch --scheduler slurm|lsf [--nodes N] --gpus-per-node G [options] "
-        "-- train [train arguments]",
+def _arguments(p: argparse.ArgumentParser) -> None:
+    p.usage = (
+        "umbrella launch --scheduler slurm|lsf [--nodes N] --gpus-per-node G [options] "
+        "-- train [train arguments]"
     )
     p.add_argument("--scheduler", required=True, choices=SCHEDULERS)
     p.add_argument("--nodes", type=int, default=1, help="hosts (default 1)")
@@ -116,5 +111,24 @@ def add_launch_parser(sub: Any) -> argparse.ArgumentParser:
         help="do not add --resume: each start of the job starts the run over",
     )
     p.add_argument("train_args", nargs=argparse.REMAINDER, metavar="-- train ...")
-    p.set_defaults(func=functools.partial(_cmd_launch, train_parser=sub.choices.get("train")))
-    return p
+
+
+LAUNCH = Command(
+    name="launch",
+    help="run umbrella train as a SLURM or LSF job on many nodes (requeued, resumed)",
+    description=(
+        "Write a job script that starts one torchrun agent per node (c10d rendezvous "
+        "on the first host) running the train command given after --, with --resume, "
+        "and submit it (sbatch / bsub), or only write and show it (--dry-run). "
+        "--signal-grace seconds before the run limit every rank saves a checkpoint and stops, "
+        "and the job is requeued; its next start continues the run. The script and the "
+        "logs go in OUTPUT_DIR/launch/."
+    ),
+    add_arguments=_arguments,
+    run=_launch,
+)
+
+
+@hookimpl
+def umbrella_commands() -> list[Command]:
+    return [LAUNCH]

@@ -193,7 +193,7 @@ def _command(spec: LaunchSpec) -> list[str]:
         + f" --grace {spec.signal_grace or 300} --",
         f"    --nnodes {spec.nodes} --nproc_per_node {spec.nproc}",
         f'    --rdzv_backend c10d --rdzv_endpoint "$MASTER:{spec.port}" --rdzv_id "$JOB_ID"',
-        f"    -m umbrella_core.cli {train}",
+        f"    -m umbrella_core.commands {train}",
         ")",
     ]
     if spec.resume == "add":

@@ -18,13 +18,16 @@ or ``no``) and after the last step. The callbacks here act on its metrics:
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
 from umbrella_core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from umbrella_core.evaluation.engine import Question
 
 __all__ = [
     "evaluation_arguments",
@@ -65,7 +68,9 @@ def evaluation_arguments(trainer_config: Any) -> dict[str, Any]:
     }
 
 
-def check_evaluation(args: Any, prep: Any, log: Callable[[str], None] = print) -> bool:
+def check_evaluation(
+    args: Any, prep: Any, questions: Mapping[str, Question], log: Callable[[str], None] = print
+) -> bool:
     """Whether the run evaluates during training; turns evaluation off without held-out data.
 
     Raises:
@@ -75,7 +80,7 @@ def check_evaluation(args: Any, prep: Any, log: Callable[[str], None] = print) -
     from transformers.trainer_utils import IntervalStrategy
 
     from umbrella_core.evaluation.engine import question_and_answer
-    from umbrella_core.train.evaluate import item_records, run_questions
+    from umbrella_core.train.evaluate import item_records
 
     if args.eval_strategy == IntervalStrategy.NO:
         return False
@@ -85,7 +90,6 @@ def check_evaluation(args: Any, prep: Any, log: Callable[[str], None] = print) -
         args.metric_for_best_model = None
         return False
     if args.metric_for_best_model == "eval_accuracy":
-        questions = run_questions(*prep.train_sets, prep.eval_set)
         closed = {q for q, asked in questions.items() if asked.family.scoring == "candidates"}
         if not any(question_and_answer(r)[0] in closed for r in item_records(prep.eval_set)):
             raise ConfigError(

@@ -345,12 +345,13 @@ def _train(
     from umbrella_core.data.collate import UmbrellaCollator
     from umbrella_core.data.interleave import Interleaving
     from umbrella_core.evaluation.engine import evaluate_dataset, index_questions
+    from umbrella_core.evaluation.report import format_table, summarize
     from umbrella_core.train.callbacks import (
         attach_evaluation,
         check_evaluation,
         load_best_weights,
     )
-    from umbrella_core.train.evaluate import format_table, log_figures, summarize
+    from umbrella_core.train.evaluate import log_figures
     from umbrella_core.train.faults import interrupted_error, stop_on_signals
     from umbrella_core.train.trackers import describe_trackers, finish_trackers, tracker_callbacks
     from umbrella_core.train.trainer import UmbrellaTrainer
@@ -393,7 +394,12 @@ def _train(
         "trainable": prep.trainable,
         "base_model": config.model.base,
     }
-    evaluating = check_evaluation(args, prep, log)
+    # Each question's metric family, from every record of the run (a small
+    # held-out set alone could make a closed question look open).
+    families = pm.metric_families(config.evaluation)
+    datasets = {id(ds): ds for ds in (*prep.train_sets, prep.eval_set, prep.test_set) if ds}
+    questions = index_questions([r for ds in datasets.values() for r in ds.records], families)
+    evaluating = check_evaluation(args, prep, questions, log)
     train_dataset = ConcatDataset(prep.train_sets)
     if prep.augment:  # the training samples only: held-out ones are read as they are
         train_dataset = AugmentedDataset(
@@ -416,13 +422,7 @@ def _train(
         # trainer.report_to, from the main process only (one event file, one run).
         callbacks=tracker_callbacks(t.report_to, out_dir, config) if main_process else [],
     )
-    # Each question's metric family, from every record of the run (a small
-    # held-out set alone could make a closed question look open).
-    families = pm.metric_families(config.evaluation)
-    datasets = {id(ds): ds for ds in (*prep.train_sets, prep.eval_set, prep.test_set) if ds}
-    trainer.questions = index_questions(
-        [r for ds in datasets.values() for r in ds.records], families
-    )
+    trainer.questions = questions
     trainer.eval_max_samples = t.eval_max_samples
     trainer.eval_max_new_tokens = t.eval_max_new_tokens
     best = attach_evaluation(trainer, config, prep, out_dir) if evaluating else None

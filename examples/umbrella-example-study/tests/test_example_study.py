@@ -78,7 +78,7 @@ def test_umbrella_trains_on_an_example_study(example_study, tmp_path):
         [
             sys.executable,
             "-m",
-            "umbrella_core.cli",
+            "umbrella_core.commands",
             "train",
             "--study",
             f"example:{example_study}",

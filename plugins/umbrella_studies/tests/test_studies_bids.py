@@ -308,7 +308,7 @@ def test_real_images_load_with_modality_plugins(tmp_path, pm, text, jsonfile):
 def test_validate_reads_the_studies_of_a_config_with_their_options(bids, tmp_path, capsys):
     import json
 
-    from umbrella_core.cli import main
+    from umbrella_core.commands import main
 
     config = tmp_path / "run.yaml"
     config.write_text(

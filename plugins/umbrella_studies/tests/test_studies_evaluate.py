@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from umbrella_core.cli import main
+from umbrella_core.commands import main
 
 SUBJECTS = 20
 

@@ -1,9 +1,4 @@
-"""The ``umbrella`` commands about data: ``demo-data``, ``validate`` and ``cache``.
-
-Their parsers are built by :func:`umbrella_core.cli.build_parser`, which sets
-these handlers; this module imports nothing of the command line's, so that
-the two never import each other.
-"""
+"""The ``umbrella`` commands about data: ``demo-data``, ``validate`` and ``cache``."""
 
 from __future__ import annotations
 
@@ -12,8 +7,9 @@ import json
 from typing import Any
 
 from umbrella_core.errors import ConfigError
+from umbrella_core.types import Command
 
-__all__ = ["data_overrides", "cmd_demo_data", "cmd_validate", "cmd_cache"]
+__all__ = ["data_overrides", "DEMO_DATA", "VALIDATE", "CACHE"]
 
 
 def data_overrides(args: argparse.Namespace) -> list[str]:
@@ -26,7 +22,7 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
     return overrides
 
 
-def cmd_demo_data(args: argparse.Namespace) -> int:
+def _demo_data(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
     from umbrella_core.data.demo import RUN_CONFIG, with_phantoms, write_demo
     from umbrella_core.data.studies import resolve_specs
@@ -43,7 +39,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def _validate(args: argparse.Namespace) -> int:
     from umbrella_core.augmentation import run_pipelines
     from umbrella_core.config import load_config
     from umbrella_core.data.header_index import HeaderIndex
@@ -89,7 +85,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
-def cmd_cache(args: argparse.Namespace) -> int:
+def _cache(args: argparse.Namespace) -> int:
     from umbrella_core.config import load_config
     from umbrella_core.data.cache import PreprocessedCache, default_cache_root
     from umbrella_core.data.cache_build import build_cache, verify_cache
@@ -160,3 +156,78 @@ def cmd_cache(args: argparse.Namespace) -> int:
         f"{len(problems)} refused or could not be read"
     )
     return 1 if problems else 0
+
+
+def _demo_data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("directory")
+    p.add_argument("--modalities", help="comma-separated (default: every installed one)")
+    p.add_argument("--subjects", type=int, default=240, help="subjects per modality")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _validate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("locations", nargs="*", metavar="LOCATION", help="a study, as for train --study")
+    p.add_argument(
+        "--config",
+        help="a run's YAML config: also check its data.studies (with their reader options) "
+        "and apply its data.preprocessing settings",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config setting, as for train",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _cache_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["build", "info", "verify"])
+    p.add_argument("--study", "--data", dest="study", action="append", metavar="LOCATION")
+    p.add_argument("--modalities", help="comma-separated (default: every installed one)")
+    p.add_argument("--config", help="YAML run configuration (its geometry decides the shapes)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE")
+    p.add_argument("--cache-dir", help="default: data.cache_dir or $UMBRELLA_CACHE/preprocessed")
+    p.add_argument(
+        "--cache-dtype",
+        choices=["float32", "float16"],
+        help="how entries are stored (data.cache_dtype; default float32): build and verify "
+        "the entries of that dtype, as a run with it reads them",
+    )
+    p.add_argument("--workers", type=int, default=1, help="processes that preprocess")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="verify: only list corrupt entries; remove and rebuild nothing",
+    )
+
+
+DEMO_DATA = Command(
+    name="demo-data",
+    help="write the demo study (phantom .nii.gz files + manifest)",
+    add_arguments=_demo_data_arguments,
+    run=_demo_data,
+)
+VALIDATE = Command(
+    name="validate",
+    help="check studies (records, conversations, image files) and report every problem",
+    add_arguments=_validate_arguments,
+    run=_validate,
+)
+CACHE = Command(
+    name="cache",
+    help="build, inspect or verify the preprocessed-image cache (decode each file once)",
+    description=(
+        "build: preprocess the run's images into the cache (entries already there are "
+        "checked; corrupt ones are rebuilt). info: entries and size per modality; "
+        "temporary files of killed builds are not counted, and are removed once their "
+        "writer is dead or they are an hour old. verify: read every entry in full "
+        "(checksum, shape, dtype, no NaN or infinite value) and list the corrupt ones; "
+        "with no --config, --study, --modalities or --set it checks the whole cache "
+        "folder and removes corrupt entries (they are rebuilt on their next read or "
+        "'cache build'); with them, only the run's entries, and corrupt ones are "
+        "rebuilt from their source files. Exit status 1 when any entry was corrupt."
+    ),
+    add_arguments=_cache_arguments,
+    run=_cache,
+)

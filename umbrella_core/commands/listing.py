@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 from typing import Any
 
@@ -9,8 +11,9 @@ import attrs
 
 from umbrella_core.errors import UmbrellaError
 from umbrella_core.plugins import ALLOW_ENV, BLOCK_ENV, PluginManager
+from umbrella_core.types import Command
 
-__all__ = ["Listing", "plugins_listing"]
+__all__ = ["Listing", "plugins_listing", "PLUGINS"]
 
 
 @attrs.frozen
@@ -80,6 +83,7 @@ def plugins_listing(pm: PluginManager) -> Listing:
             ("metrics", info.metrics),
             ("augmentations", info.augmentations),
             ("baselines", info.baselines),
+            ("commands", info.commands),
         ):
             if names:
                 lines.append(f"      {label}: {', '.join(names)}")
@@ -91,3 +95,23 @@ def plugins_listing(pm: PluginManager) -> Listing:
         f"(block plugins with {BLOCK_ENV}=name,...; load only some with {ALLOW_ENV}=name,...)"
     )
     return Listing(payload, "\n".join(lines), tuple(errors))
+
+
+def _plugins(args: argparse.Namespace) -> int:
+    from umbrella_core.plugins import get_plugin_manager
+
+    listing = plugins_listing(get_plugin_manager())
+    print(json.dumps(listing.payload, indent=2) if args.json else listing.text)
+    return 0 if args.json or not listing.errors else 1
+
+
+def _plugins_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+PLUGINS = Command(
+    name="plugins",
+    help="list installed plugins and the modalities they provide",
+    add_arguments=_plugins_arguments,
+    run=_plugins,
+)
