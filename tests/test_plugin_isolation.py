@@ -140,6 +140,10 @@ def test_only_entry_points_load_and_the_env_lists_are_shown(entry_points, monkey
         "metrics": "loaded",
         "embedder": "loaded",
         "baselines": "loaded",
+        "commands": "loaded",
+        "export": "loaded",
+        "serve": "loaded",
+        "launch": "loaded",
         "good": "loaded",
         "other": "blocked",
     }

@@ -78,22 +78,47 @@ def _unit_version(unit: str) -> str:
     return _pyproject(PLUGINS[unit])["project"]["version"]
 
 
+def _code(node: ast.AST) -> str:
+    """What ``node`` does: its code without imports, docstrings, comments or layout.
+
+    An import moved to another path or a reworded docstring changes no array the
+    code makes; anything else (a renamed variable included) counts as a change.
+    """
+
+    class Strip(ast.NodeTransformer):
+        def visit_Import(self, _: ast.AST) -> None:
+            return None
+
+        visit_ImportFrom = visit_Import
+
+        def generic_visit(self, node: ast.AST) -> ast.AST:
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+                value = body[0].value
+                if isinstance(value, ast.Constant) and isinstance(value.value, str):
+                    node.body = body[1:] or [ast.Pass()]
+            return super().generic_visit(node)
+
+    return ast.unparse(Strip().visit(node))
+
+
 def loading_digest(files: dict[str, tuple[str, ...] | None], root: Path = ROOT) -> str:
-    """sha256 over the loading code: whole files, or the named functions' source only."""
+    """sha256 over the loading code: whole files, or the named functions only (:func:`_code`)."""
     digest = hashlib.sha256()
     for relative, functions in sorted(files.items()):
-        source = (root / relative).read_text().replace("\r\n", "\n")
-        if functions is not None:
-            tree = ast.parse(source)
+        tree = ast.parse((root / relative).read_text())
+        if functions is None:
+            code = _code(tree)
+        else:
             found = {
-                node.name: ast.get_source_segment(source, node)
+                node.name: node
                 for node in tree.body
                 if isinstance(node, ast.FunctionDef) and node.name in functions
             }
             missing = sorted(set(functions) - set(found))
             assert not missing, f"{relative}: no function {', '.join(missing)}"
-            source = "\n".join(found[name] for name in functions)
-        digest.update(relative.encode() + b"\0" + source.encode() + b"\0")
+            code = "\n".join(_code(found[name]) for name in functions)
+        digest.update(relative.encode() + b"\0" + code.encode() + b"\0")
     return digest.hexdigest()
 
 
@@ -149,6 +174,18 @@ def test_a_stale_loader_change_is_caught(tmp_path):
     loader.write_text((ROOT / "plugins/umbrella_t1/umbrella_t1/preprocess.py").read_text())
     plugin.write_text(plugin.read_text() + "\n\ndef extra_question():\n    return 'which?'\n")
     assert stale_units(record, tmp_path) == []
+    # An import taken from another module, or a docstring reworded, changes no array.
+    nifti = tmp_path / "umbrella_core/imaging/nifti.py"
+    original = nifti.read_text()
+    nifti.write_text(
+        original.replace('"""', '"""Reworded. ', 1).replace(
+            "from __future__ import annotations", "from __future__ import annotations\nimport os"
+        )
+    )
+    assert stale_units(record, tmp_path) == []
+    nifti.write_text(original + "\nMAX_VOXELS = 1\n")
+    assert stale_units(record, tmp_path)[0].startswith("umbrella-core imaging: its loading code")
+    nifti.write_text(original)
     # Once bumped, only the record is asked for.
     (problem,) = stale_units(
         record, tmp_path, version=lambda u: "9.9.9" if u == "umbrella-t1" else _unit_version(u)

@@ -82,14 +82,25 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+def _debug(argv: Sequence[str]) -> bool:
+    """``umbrella --debug COMMAND ...``: among the options before the command."""
+    for token in argv:
+        if token == "--debug":
+            return True
+        if not token.startswith("-"):
+            return False
+    return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser(get_plugin_manager())
-    args = parser.parse_args(argv)
-    _quiet_library_notices()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        # Building the parser loads the plugins: a bad UMBRELLA_BLOCK_PLUGINS is one line too.
+        args = build_parser(get_plugin_manager()).parse_args(argv)
+        _quiet_library_notices()
         return int(args.func(args) or 0)
     except UmbrellaError as exc:
-        if args.debug:
+        if _debug(argv):
             raise
         _end_progress_bars()
         print(f"umbrella: error: {_one_line(exc)}", file=sys.stderr)
