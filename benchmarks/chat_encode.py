@@ -9,14 +9,20 @@ hard-coded LLaVA-1.5 encoder it replaced (kept here as the baseline).
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
-from umbrella_core.model.chat import chat_format
-from umbrella_core.model.chat_templates import prepare_tokenizer
-from umbrella_core.model.tokenizer import IMAGE_TOKEN, build_byte_tokenizer
-from umbrella_core.testing.families import FAMILIES, family_tokenizer
-from umbrella_core.types import IMAGE_PLACEHOLDER, Turn
+# The tiny language-model families are the repository's test fixtures, not an
+# installed package: a script run from benchmarks/ finds them in tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from tiny_models.families import FAMILIES, family_tokenizer  # noqa: E402
+from umbrella_core.model.chat import chat_format  # noqa: E402
+from umbrella_core.model.chat_templates import prepare_tokenizer  # noqa: E402
+from umbrella_core.model.tokenizer import IMAGE_TOKEN, build_byte_tokenizer  # noqa: E402
+from umbrella_core.types import IMAGE_PLACEHOLDER, Turn  # noqa: E402
 
 SINGLE = [
     Turn(role="user", content=f"{IMAGE_PLACEHOLDER}\nWhich hemisphere holds the lesion?"),

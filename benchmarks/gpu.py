@@ -30,6 +30,10 @@ import sys
 import time
 from pathlib import Path
 
+# The tiny language-model families are the repository's test fixtures, not an
+# installed package: a script run from benchmarks/ finds them in tests/.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 #: Language model shapes (Qwen2.5 layout: GQA, tied embeddings, 151,936-token vocabulary).
 SIZES = {
     "tiny": {"hidden_size": 64, "intermediate_size": 128, "layers": 2, "heads": 4, "kv_heads": 2},
@@ -57,10 +61,10 @@ def build(size: str, modalities: list[str], geometry: str, recipe: str, device: 
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tiny_models.families import family_config, family_tokenizer
     from umbrella_core.model.build import build_model
     from umbrella_core.model.compose import compose_model
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.testing.families import family_config, family_tokenizer
 
     pm = get_plugin_manager()
     specs = {}

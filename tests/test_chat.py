@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tiny_models.families import FAMILIES, family_tokenizer
 from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.errors import ConfigError, DataError, TokenCountError
 from umbrella_core.model.chat import chat_format
 from umbrella_core.model.chat_templates import TEMPLATE_NAMES, named_template, prepare_tokenizer
 from umbrella_core.model.tokenizer import IMAGE_TOKEN, build_byte_tokenizer
-from umbrella_core.testing.families import FAMILIES, family_tokenizer
 from umbrella_core.types import Turn
 
 TOKENS = {"t1": 3, "fmri": 5}

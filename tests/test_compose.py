@@ -1,6 +1,6 @@
 """Composing from a pretrained language model, and starting from existing LLaVA checkpoints.
 
-Every family of :mod:`umbrella_core.testing.families` (Llama 3, Qwen2.5, Gemma 3,
+Every family of :mod:`tiny_models.families` (Llama 3, Qwen2.5, Gemma 3,
 Phi-3, SmolLM2 with tied embeddings) at its real vocabulary size, every vision
 option (fresh, none, a CLIP or SigLIP folder) and every LLaVA layout (CLIP
 llava-1.5, SigLIP llava-interleave and LLaVA-OneVision), all saved with
@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
+from tiny_models.families import FAMILIES, family_config, save_tiny_language_model
+from tiny_models.llava import LLAVA_LAYOUTS, save_tiny_llava, save_tiny_vision_tower
 from umbrella_core.config import load_config
 from umbrella_core.errors import ConfigError, ModelError
 from umbrella_core.model.build import save_checkpoint
 from umbrella_core.model.start import auto_trainable, load_tokenizer, start_model
-from umbrella_core.testing.families import FAMILIES, family_config, save_tiny_language_model
-from umbrella_core.testing.llava import LLAVA_LAYOUTS, save_tiny_llava, save_tiny_vision_tower
 
 PROVENANCE = {"t1": ("t1", "umbrella-t1", "0"), "dmri": ("dmri", "umbrella-dmri", "0")}
 TIED = {"llama": False, "qwen2": True, "gemma3": True, "phi3": False, "smollm2": True}

@@ -78,8 +78,8 @@ def _randomise_adapters(model):
 
 def _run_folder(root: Path, case: str) -> Path:
     """``root/run/final``: a checkpoint of ``case`` with what a run records beside it."""
+    from tiny_models.families import save_tiny_language_model
     from umbrella_core.model.compose import compose
-    from umbrella_core.testing.families import save_tiny_language_model
 
     family = case.removesuffix("-lora")
     overrides = ["data.modalities=[t1, dmri]", "trainer.max_steps=12", "trainer.batch_size=4"]

@@ -1,17 +1,19 @@
-"""The language-model family kit looks like the real families and survives a save and reload."""
+"""The tiny language-model families look like the real ones and survive a save and reload."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from umbrella_core.testing import modules_imported_by
-from umbrella_core.testing.families import (
+from tiny_models.families import (
     FAMILIES,
     family_chat_template,
     family_config,
     family_tokenizer,
     save_tiny_language_model,
 )
+from umbrella_core.testing import modules_imported_by
 
 CHAT = [
     {"role": "system", "content": "You are a careful radiologist."},
@@ -31,9 +33,12 @@ REAL = {
 }
 
 
-def test_importing_the_kit_imports_neither_torch_nor_transformers():
+def test_importing_the_families_imports_neither_torch_nor_transformers():
+    # A fresh interpreter does not get pytest's pythonpath: it is given the folder.
+    tests = str(Path(__file__).parent)
     loaded = modules_imported_by(
-        "import umbrella_core.testing.families", ("torch", "transformers", "tokenizers")
+        f"import sys\nsys.path.insert(0, {tests!r})\nimport tiny_models.families",
+        ("torch", "transformers", "tokenizers"),
     )
     assert loaded == []
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from umbrella_core.testing.families import save_tiny_language_model
+from tiny_models.families import save_tiny_language_model
 
 pytestmark = pytest.mark.slow
 

@@ -489,9 +489,9 @@ def test_two_stage_recipe_runs_end_to_end_each_stage_from_the_previous(
 def test_umbrella_train_composes_in_two_stages_by_default(tmp_path, demo_env, capsys):
     """``umbrella train --language DIR`` with the defaults: LLaVA's two stages, printed first;
     the fresh vision body trains in both; generation then reads OUTPUT_DIR/final."""
+    from tiny_models.families import save_tiny_language_model
     from umbrella_core import cli
     from umbrella_core.model.compose import compose
-    from umbrella_core.testing.families import save_tiny_language_model
 
     folder = save_tiny_language_model(
         "gemma3", tmp_path / "lm", vocab_size=2048, hidden_size=32, intermediate_size=64

@@ -16,8 +16,8 @@ records:
 The count is the encoding's length wherever the template's generation
 prompt ends between two tokens: with the byte-level ``tiny`` tokenizer and
 with each model family's own template (none of 600 varied conversations
-differed, for each of the five families of
-:mod:`umbrella_core.testing.families`). Where a token of the rendered text
+differed, for each of the five families of the repository's test fixtures,
+``tests/tiny_models/families.py``). Where a token of the rendered text
 straddles the start or end of a reply (``llava-1.5``'s ``ASSISTANT:`` and a
 BPE token holding the space before the reply), the full encoding splits it so that
 generation prompts stay prefixes, and the count is a few tokens short (up to

@@ -13,14 +13,13 @@
   :mod:`umbrella_core.testing.study_conformance` (:func:`check_study_reader`).
 * :mod:`umbrella_core.testing.strategies` holds hypothesis strategies
   (imported on its own: hypothesis is a test dependency).
-* :mod:`umbrella_core.testing.families` builds tiny look-alikes of language-model
-  families (Llama 3, Qwen2.5, Gemma 3, Phi-3, SmolLM2): their special tokens,
-  real chat templates and vocabulary sizes, with random tiny weights;
-  :mod:`umbrella_core.testing.llava` tiny LLaVA checkpoints of each layout
-  (CLIP llava-1.5, SigLIP llava-interleave and LLaVA-OneVision).
 * :mod:`umbrella_core.testing.pytest_plugin` is registered as a pytest plugin
   (entry point ``pytest11``): fixtures ``umbrella_conformance``,
   ``modality_conformance``, ``umbrella_plugin_manager`` and ``umbrella_cache``.
+
+The core's own tiny-model fixtures (look-alikes of language-model families,
+tiny LLaVA checkpoints) are not part of this kit: they live in the repository's
+``tests/tiny_models`` and are not installed.
 
 Importing this package does not import torch.
 """

@@ -1,10 +1,10 @@
 """Tiny stand-ins for real language-model families, built in code, nothing downloaded.
 
-A plugin author (or our own tests and benchmarks) often needs "a Llama 3", "a
-Qwen2.5" or "a Gemma 3" to check that something works with the conventions of
-that family: its special tokens, whether it has a BOS or a pad token, its chat
-template, whether the output layer shares the input embeddings, its vocabulary
-size. Downloading the real checkpoints is slow and not allowed at run time
+The core's tests and benchmarks often need "a Llama 3", "a Qwen2.5" or
+"a Gemma 3" to check that something works with the conventions of that family:
+its special tokens, whether it has a BOS or a pad token, its chat template,
+whether the output layer shares the input embeddings, its vocabulary size.
+Downloading the real checkpoints is slow and not allowed at run time
 (ARCHITECTURE I8), so this module builds small look-alikes:
 
 * :func:`family_tokenizer` trains a byte-level BPE (about 1,000 tokens, in well
@@ -36,7 +36,6 @@ Importing this module imports neither torch nor transformers.
 from __future__ import annotations
 
 import functools
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,12 @@ __all__ = [
     "save_tiny_language_model",
 ]
 
-#: The families this kit imitates.
+#: The families imitated here.
 FAMILIES = ("llama", "qwen2", "gemma3", "phi3", "smollm2")
+
+#: The copied templates live beside this module: the fixtures are read from the
+#: repository's tests, never from an installed package.
+CHAT_TEMPLATES = Path(__file__).with_name("chat_templates")
 
 #: Vocabulary size the byte-level BPE is trained to (before special tokens).
 TRAINED_VOCAB_SIZE = 1000
@@ -213,15 +216,14 @@ def _check_family(name: str) -> _Family:
         return _FAMILIES[name]
     except KeyError:
         raise ValueError(
-            f"unknown language-model family {name!r}; the kit has: {', '.join(FAMILIES)}"
+            f"unknown language-model family {name!r}; these fixtures have: {', '.join(FAMILIES)}"
         ) from None
 
 
 def family_chat_template(name: str) -> str:
     """The real chat template of family ``name`` (Jinja text, source named at its top)."""
     _check_family(name)
-    path = resources.files("umbrella_core.testing").joinpath("chat_templates", f"{name}.jinja")
-    return path.read_text(encoding="utf-8")
+    return (CHAT_TEMPLATES / f"{name}.jinja").read_text(encoding="utf-8")
 
 
 @functools.cache

@@ -83,8 +83,8 @@ def save_tiny_llava(
     import torch
     import transformers
 
+    from tiny_models.families import family_config, family_tokenizer
     from umbrella_core.model.tokenizer import add_image_token
-    from umbrella_core.testing.families import family_config, family_tokenizer
 
     if layout not in LLAVA_LAYOUTS:
         raise ValueError(f"unknown LLaVA layout {layout!r}; known: {', '.join(LLAVA_LAYOUTS)}")
