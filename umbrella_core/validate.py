@@ -123,8 +123,6 @@ def validate_locations(
             an earlier check decoded are not decoded again, and those decoded
             now are added to it (the caller saves it). Since 0.3.
     """
-    from umbrella_core.data.split import check_leaks
-
     if pm is None:
         from umbrella_core.plugins import get_plugin_manager
 
@@ -140,28 +138,17 @@ def validate_locations(
             records = _active(records, pm, specs, inactive)
         # (records read before it, 0 for the reader's own report or 1 for a check, problem):
         # sorted, a refused line 3 comes before a missing file on line 5.
-        found = [(position, 0, problem) for position, problem in located]
-        # A subject or family on two sides of the split the study gives (I10).
-        found += [
-            (-1, 0, Problem(location, "split", message))
-            for message in check_leaks(records, leak="warn", log=lambda _: None)
-        ]
-        inside = list(range(len(records)))
-        if not allow_outside_root:
-            root = study_root(location)
-            folders: dict[str, str] = {}
-            outside = [outside_root_problems(r, root, folders) for r in records]
-            found += [(i, 1, p) for i, ps in enumerate(outside) for p in ps]
-            inside = [i for i in inside if not outside[i]]
-        checked = problems_by_record(
-            [records[i] for i in inside],
+        found = _study_problems(location, records, located)
+        found += _record_problems(
+            location,
+            records,
             pm,
             workers=workers,
             specs=specs,
+            allow_outside_root=allow_outside_root,
             encode=encode,
             index=index,
         )
-        found += [(inside[index], 1, problem) for index, problem in checked]
         # Each reader report is a record of its own; checks count by record.
         n_bad += len(located) - sum(position < 0 for position, _ in located)
         n_bad += len({position for position, phase, _ in found if phase == 1})
@@ -178,6 +165,57 @@ def validate_locations(
         bad_records=n_bad,
         inactive=inactive,
     )
+
+
+def _study_problems(
+    location: str, records: list[StudyRecord], located: list[tuple[int, Problem]]
+) -> list[tuple[int, int, Problem]]:
+    """The reader's own problems and the split's leaks, as ``(record, 0, problem)``."""
+    from umbrella_core.data.split import check_leaks
+
+    found = [(position, 0, problem) for position, problem in located]
+    # A subject or family on two sides of the split the study gives (I10).
+    found += [
+        (-1, 0, Problem(location, "split", message))
+        for message in check_leaks(records, leak="warn", log=lambda _: None)
+    ]
+    return found
+
+
+def _record_problems(
+    location: str,
+    records: list[StudyRecord],
+    pm: PluginManager,
+    *,
+    workers: int | None,
+    specs: Mapping[str, ModalitySpec] | None,
+    allow_outside_root: bool,
+    encode: Callable[[StudyRecord], Any] | None,
+    index: Any,
+) -> list[tuple[int, int, Problem]]:
+    """The checks' problems of one study's records, as ``(record, 1, problem)``.
+
+    Images outside the study's root are problems of their own, and their
+    records are not decoded (unless ``allow_outside_root``).
+    """
+    found: list[tuple[int, int, Problem]] = []
+    inside = list(range(len(records)))
+    if not allow_outside_root:
+        root = study_root(location)
+        folders: dict[str, str] = {}
+        outside = [outside_root_problems(r, root, folders) for r in records]
+        found += [(i, 1, p) for i, ps in enumerate(outside) for p in ps]
+        inside = [i for i in inside if not outside[i]]
+    checked = problems_by_record(
+        [records[i] for i in inside],
+        pm,
+        workers=workers,
+        specs=specs,
+        encode=encode,
+        index=index,
+    )
+    found += [(inside[i], 1, problem) for i, problem in checked]
+    return found
 
 
 def _active(

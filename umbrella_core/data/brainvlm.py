@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ LIST_KEYS = ("records", "data", "samples")
 
 #: Called with each record-level error when reading tolerantly.
 ErrorHandler = Callable[[DataError], None]
+#: ``convert(obj, where, index)``: a record, or None when ``on_error`` took its error.
+_Convert = Callable[[Any, str, int], "StudyRecord | None"]
 
 
 def is_brainvlm_record(obj: Any) -> bool:
@@ -214,58 +216,83 @@ def read_brainvlm(
             return None
 
     if parsed is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "strerror", None) or exc
-            raise DataError(f"{path}: cannot read the BrainVLM file: {reason}") from None
-    seen = 0
-    if parsed is None and path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            seen += 1
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                error = DataError(
-                    f"{where}: invalid JSON: {exc.msg} (column {exc.colno}); "
-                    "fix the JSON or remove the line",
-                    source=where,
-                    field="json",
-                )
-                if on_error is None:
-                    raise error from None
-                on_error(error)
-                continue
-            record = convert(obj, where, seen - 1)
-            if record is not None:
-                yield record
+        text = _read_text(path)
+        if path.suffix == ".jsonl":
+            seen = yield from _jsonl_records(path, text, convert, on_error)
+        else:
+            seen = yield from _listed_records(path, _parse_json(path, text), convert)
     else:
-        if parsed is None:
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); "
-                    "fix the JSON or remove the line"
-                ) from None
-        items = _record_list(parsed)
-        if items is None:
-            raise DataError(
-                f"{path}: expected a list of BrainVLM records or an object with one of "
-                f"{', '.join(LIST_KEYS)}"
-            )
-        for i, item in enumerate(items):
-            seen += 1
-            record = convert(item, f"{path}: records[{i}]", i)
-            if record is not None:
-                yield record
+        seen = yield from _listed_records(path, parsed, convert)
     if not seen:
         raise DataError(
             f"{path}: the BrainVLM file holds no records; add records or remove the study"
         )
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; DataError when it cannot be read or is not UTF-8."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise DataError(f"{path}: cannot read the BrainVLM file: {reason}") from None
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    """A ``.json`` file's value; DataError naming the line when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}); "
+            "fix the JSON or remove the line"
+        ) from None
+
+
+def _jsonl_records(
+    path: Path, text: str, convert: _Convert, on_error: ErrorHandler | None
+) -> Generator[StudyRecord, None, int]:
+    """Yield the records of a ``.jsonl`` file's lines; returns how many lines held one."""
+    seen = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        seen += 1
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            error = DataError(
+                f"{where}: invalid JSON: {exc.msg} (column {exc.colno}); "
+                "fix the JSON or remove the line",
+                source=where,
+                field="json",
+            )
+            if on_error is None:
+                raise error from None
+            on_error(error)
+            continue
+        record = convert(obj, where, seen - 1)
+        if record is not None:
+            yield record
+    return seen
+
+
+def _listed_records(
+    path: Path, parsed: Any, convert: _Convert
+) -> Generator[StudyRecord, None, int]:
+    """Yield the records of a parsed ``.json`` file's list; returns how many it lists."""
+    items = _record_list(parsed)
+    if items is None:
+        raise DataError(
+            f"{path}: expected a list of BrainVLM records or an object with one of "
+            f"{', '.join(LIST_KEYS)}"
+        )
+    for i, item in enumerate(items):
+        record = convert(item, f"{path}: records[{i}]", i)
+        if record is not None:
+            yield record
+    return len(items)
 
 
 def record_from_brainvlm(

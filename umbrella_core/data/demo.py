@@ -22,9 +22,10 @@ import shutil
 import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from umbrella_core.errors import ConfigError
-from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec
+from umbrella_core.types import IMAGE_PLACEHOLDER, Demo, ModalitySpec
 
 #: The run config written next to a demo study's manifest.
 RUN_CONFIG = "run.yaml"
@@ -86,61 +87,92 @@ def write_demo(
 
     Modalities without a phantom are skipped (see :func:`with_phantoms`).
     """
-    import numpy as np
-
-    from umbrella_core.imaging import save_nifti
-
     specs = with_phantoms(specs, log=log)
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     lines = []
     for name in sorted(specs):
-        spec = specs[name]
-        demo = spec.demo
-        assert demo is not None and demo.phantom is not None  # with_phantoms kept it
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        labels = [demo.labels[i % len(demo.labels)] for i in range(subjects)]
-        labels = [labels[i] for i in rng.permutation(subjects)]
-        n_test = max(1, int(round(subjects * TEST_FRACTION)))
-        # Small demos (tests) may have none: their runs evaluate on test records.
-        n_validation = max(0, min(round(subjects * VALIDATION_FRACTION), subjects - n_test - 1))
-        n_train = subjects - n_test - n_validation
-        splits = ["train"] * n_train + ["validation"] * n_validation + ["test"] * n_test
-        (root / name).mkdir(exist_ok=True)
-        for i, label in enumerate(labels):
-            subject = f"sub-{name}{i:04d}"
-            paths = []
-            parts = demo.phantom(spec, rng, label)
-            for part in parts:
-                rel = f"{name}/{subject}_{part.suffix}.nii.gz"
-                save_nifti(root / rel, part.data, part.affine, tr=part.tr)
-                paths.append(rel)
-            asked = [(demo.question, label)]
-            measure = next((p.measure for p in parts if p.measure is not None), None)
-            if demo.measure and measure is not None:
-                unit = f" {demo.measure_unit}" if demo.measure_unit else ""
-                asked.append((demo.measure, f"{round(measure)}{unit}"))
-            phenotypes = {"label": label} | ({"measure": measure} if measure is not None else {})
-            for question, answer in asked:
-                lines.append(
-                    {
-                        # The phantoms' measure is a position: whatever moves voxels
-                        # (a shift, a rotation, a mirror) moves the answer with them.
-                        **({"forbid_augment": ["spatial"]} if question == demo.measure else {}),
-                        "subject": subject,
-                        "split": splits[i],
-                        "images": [
-                            {"modality": name, "path": paths if len(paths) > 1 else paths[0]}
-                        ],
-                        "conversation": [
-                            {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
-                            {"role": "assistant", "content": answer},
-                        ],
-                        "phenotypes": phenotypes,
-                    }
-                )
+        lines += _modality_lines(root, name, specs[name], subjects=subjects, seed=seed)
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    _write_run_config(root, manifest, specs)
+    return manifest
+
+
+def _demo_splits(subjects: int) -> list[str]:
+    """The split of each of ``subjects`` subjects: train first, then validation, then test."""
+    n_test = max(1, int(round(subjects * TEST_FRACTION)))
+    # Small demos (tests) may have none: their runs evaluate on test records.
+    n_validation = max(0, min(round(subjects * VALIDATION_FRACTION), subjects - n_test - 1))
+    n_train = subjects - n_test - n_validation
+    return ["train"] * n_train + ["validation"] * n_validation + ["test"] * n_test
+
+
+def _modality_lines(
+    root: Path, name: str, spec: ModalitySpec, *, subjects: int, seed: int
+) -> list[dict[str, Any]]:
+    """Write one modality's phantoms under ``root/name``; returns their manifest lines."""
+    import numpy as np
+
+    from umbrella_core.imaging import save_nifti
+
+    demo = spec.demo
+    assert demo is not None and demo.phantom is not None  # with_phantoms kept it
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    labels = [demo.labels[i % len(demo.labels)] for i in range(subjects)]
+    labels = [labels[i] for i in rng.permutation(subjects)]
+    splits = _demo_splits(subjects)
+    (root / name).mkdir(exist_ok=True)
+    lines = []
+    for i, label in enumerate(labels):
+        subject = f"sub-{name}{i:04d}"
+        paths = []
+        parts = demo.phantom(spec, rng, label)
+        for part in parts:
+            rel = f"{name}/{subject}_{part.suffix}.nii.gz"
+            save_nifti(root / rel, part.data, part.affine, tr=part.tr)
+            paths.append(rel)
+        measure = next((p.measure for p in parts if p.measure is not None), None)
+        lines += _subject_lines(demo, name, subject, splits[i], paths, label=label, measure=measure)
+    return lines
+
+
+def _subject_lines(
+    demo: Demo,
+    name: str,
+    subject: str,
+    split: str,
+    paths: list[str],
+    *,
+    label: str,
+    measure: float | None,
+) -> list[dict[str, Any]]:
+    """A subject's manifest lines: its label asked, and its measure where the demo asks one."""
+    asked = [(demo.question, label)]
+    if demo.measure and measure is not None:
+        unit = f" {demo.measure_unit}" if demo.measure_unit else ""
+        asked.append((demo.measure, f"{round(measure)}{unit}"))
+    phenotypes = {"label": label} | ({"measure": measure} if measure is not None else {})
+    return [
+        {
+            # The phantoms' measure is a position: whatever moves voxels
+            # (a shift, a rotation, a mirror) moves the answer with them.
+            **({"forbid_augment": ["spatial"]} if question == demo.measure else {}),
+            "subject": subject,
+            "split": split,
+            "images": [{"modality": name, "path": paths if len(paths) > 1 else paths[0]}],
+            "conversation": [
+                {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                {"role": "assistant", "content": answer},
+            ],
+            "phenotypes": phenotypes,
+        }
+        for question, answer in asked
+    ]
+
+
+def _write_run_config(root: Path, manifest: Path, specs: Mapping[str, ModalitySpec]) -> None:
+    """Write ``root/run.yaml``: the study and the demo geometry its files are at."""
     # The files are at the demo geometry (short fMRI series, small grids);
     # plugins' default geometry would refuse them, so the study comes with
     # the settings that fit it: --config DIR/run.yaml.
@@ -160,7 +192,6 @@ def write_demo(
         )
         + "\n"
     )
-    return manifest
 
 
 def demo_cache_dir() -> Path:

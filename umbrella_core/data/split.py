@@ -383,6 +383,23 @@ def _make(
     return sides
 
 
+@attrs.define
+class _Decided:
+    """What :func:`assign_splits` decides on the way, study by study.
+
+    Attributes:
+        sides: Each record's side, by its index in the records.
+        how: How each record got it (a key of ``_HOW``), by the same index.
+        made: Whether each subject's side was made here (not given or read).
+        leaks: Records whose given split disagrees with the split file.
+    """
+
+    sides: dict[int, str] = attrs.field(factory=dict)
+    how: dict[int, str] = attrs.field(factory=dict)
+    made: dict[Key, bool] = attrs.field(factory=dict)
+    leaks: list[_Leak] = attrs.field(factory=list)
+
+
 def assign_splits(
     records: Iterable[StudyRecord], config: SplitConfig | None = None, *, log: Log = print
 ) -> tuple[list[StudyRecord], SplitTable]:
@@ -408,81 +425,120 @@ def assign_splits(
     given_file = SplitTable.read(config.file) if config.file else None
     file_sides = {row.key: row for row in given_file.rows} if given_file else {}
     giving = {r.study for r in records if r.split is not None}
-    sides: dict[int, str] = {}
-    how: dict[int, str] = {}
-    made: dict[Key, bool] = {}
-    leaks: list[_Leak] = []
+    decided = _Decided()
     made_by: set[str] = set()
     for study, study_groups in sorted(groups.items()):
         if given_file is not None:
-            for group in study_groups:
-                for key in group:
-                    row = file_sides.get(key)
-                    if row is None:
-                        first = records[graph.records_of[key][0]]
-                        raise DataError(
-                            f"{first.source or 'a record'}: subject {key[1]!r} of study "
-                            f"{study!r} is not in the split file {config.file}; add it there, "
-                            "or leave data.split.file empty to make a new split"
-                        )
-                    made[key] = row.made
-                    for i in graph.records_of[key]:
-                        record = records[i]
-                        if record.split is not None and record.split != row.split:
-                            leaks.append(
-                                _Leak(
-                                    f"split leak: {_describe(record, record.split, 'given')} "
-                                    f"disagrees with {row.where} ({row.split})"
-                                )
-                            )
-                        # A record naming several subjects takes its first subject's side;
-                        # the group check below reports subjects the file splits apart.
-                        if i not in sides:
-                            sides[i] = record.split or row.split
-                            how[i] = "given" if record.split else "file"
+            _sides_from_file(decided, study, study_groups, graph, records, file_sides, config.file)
         elif study in giving:
-            for group in study_groups:
-                for key in group:
-                    made[key] = False
-                    for i in graph.records_of[key]:
-                        sides[i] = records[i].split or "train"
-                        how[i] = "given" if records[i].split else "default"
+            _sides_given(decided, study_groups, graph, records)
         else:
             made_by.add(graph.by[study])
-            for group, side in zip(
-                study_groups, _make(study, study_groups, graph, records, config), strict=True
-            ):
-                for key in group:
-                    made[key] = True
-                    for i in graph.records_of[key]:
-                        sides[i] = side
-                        how[i] = "made"
+            _sides_made(decided, study, study_groups, graph, records, config)
     for study_groups in groups.values():
         for group in study_groups:
-            found = _group_leak(group, graph, records, sides, how)
+            found = _group_leak(group, graph, records, decided.sides, decided.how)
             if found is not None:
-                leaks.append(found)
-    _report(leaks, config.leak, log)
+                decided.leaks.append(found)
+    _report(decided.leaks, config.leak, log)
     out = [
-        record if record.split == sides[i] else attrs.evolve(record, split=sides[i])
+        record if record.split == decided.sides[i] else attrs.evolve(record, split=decided.sides[i])
         for i, record in enumerate(records)
     ]
+    table = _split_table(graph, decided, made_by, config)
+    log(table.describe())
+    return out, table
+
+
+def _sides_from_file(
+    decided: _Decided,
+    study: str,
+    study_groups: list[list[Key]],
+    graph: _Graph,
+    records: Sequence[StudyRecord],
+    file_sides: Mapping[Key, SplitRow],
+    file: str,
+) -> None:
+    """Every subject of the study takes the split file's side; a given split disagreeing leaks."""
+    for group in study_groups:
+        for key in group:
+            row = file_sides.get(key)
+            if row is None:
+                first = records[graph.records_of[key][0]]
+                raise DataError(
+                    f"{first.source or 'a record'}: subject {key[1]!r} of study "
+                    f"{study!r} is not in the split file {file}; add it there, "
+                    "or leave data.split.file empty to make a new split"
+                )
+            decided.made[key] = row.made
+            for i in graph.records_of[key]:
+                record = records[i]
+                if record.split is not None and record.split != row.split:
+                    decided.leaks.append(
+                        _Leak(
+                            f"split leak: {_describe(record, record.split, 'given')} "
+                            f"disagrees with {row.where} ({row.split})"
+                        )
+                    )
+                # A record naming several subjects takes its first subject's side;
+                # the group check below reports subjects the file splits apart.
+                if i not in decided.sides:
+                    decided.sides[i] = record.split or row.split
+                    decided.how[i] = "given" if record.split else "file"
+
+
+def _sides_given(
+    decided: _Decided,
+    study_groups: list[list[Key]],
+    graph: _Graph,
+    records: Sequence[StudyRecord],
+) -> None:
+    """Every record of a study that gives splits keeps its own; those without one train."""
+    for group in study_groups:
+        for key in group:
+            decided.made[key] = False
+            for i in graph.records_of[key]:
+                decided.sides[i] = records[i].split or "train"
+                decided.how[i] = "given" if records[i].split else "default"
+
+
+def _sides_made(
+    decided: _Decided,
+    study: str,
+    study_groups: list[list[Key]],
+    graph: _Graph,
+    records: Sequence[StudyRecord],
+    config: SplitConfig,
+) -> None:
+    """Every record of a study that gives no split takes the side made for its group."""
+    for group, side in zip(
+        study_groups, _make(study, study_groups, graph, records, config), strict=True
+    ):
+        for key in group:
+            decided.made[key] = True
+            for i in graph.records_of[key]:
+                decided.sides[i] = side
+                decided.how[i] = "made"
+
+
+def _split_table(
+    graph: _Graph, decided: _Decided, made_by: set[str], config: SplitConfig
+) -> SplitTable:
+    """The table of what was decided: one row per subject, sorted by key."""
     rows = [
         SplitRow(
             study=key[0],
             subject=key[1],
             family=graph.family.get(key),
             site=graph.site.get(key),
-            split=sides[graph.records_of[key][0]],
-            made=made[key],
+            split=decided.sides[graph.records_of[key][0]],
+            made=decided.made[key],
         )
         for key in sorted(graph.records_of)
     ]
-    table = SplitTable(
+    return SplitTable(
         rows=rows,
         by="/".join(sorted(made_by)),
         seed=config.seed if made_by else None,
         file=config.file,
     )
-    log(table.describe())
-    return out, table

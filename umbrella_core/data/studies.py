@@ -13,7 +13,7 @@ before step 1). ``umbrella train``, ``umbrella validate --config``,
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -24,6 +24,9 @@ from umbrella_core.data.split_table import SplitTable
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.plugins import PluginManager
 from umbrella_core.types import ModalitySpec, StudyRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from umbrella_core.data.checks import Problem
 
 __all__ = [
     "StudyData",
@@ -235,31 +238,71 @@ def read_studies(
     a subject or family across sides is raised as a DataError (unless
     ``data.split.leak`` is ``warn``), and what was decided is ``StudyData.split``.
     """
+    demo = not config.data.studies
+    specs, provenance = resolve_specs(config, pm, demo=demo)
+    studies = _studies_to_read(config, specs, provenance, log=log)
+    records, per_study, skipped, problems = _read_records(
+        studies, specs, pm, check_root=not demo and not config.data.allow_outside_root
+    )
+    _refuse_no_records(records, problems, specs, [study.location for study in studies])
+    _warn_about_copies(records, log)
+    # Every record gets a side here, groups kept together (data.split); the
+    # demo's manifest names its own sides, so nothing is made for it.
+    assigned, table = assign_splits(records, config.data.split, log=log)
+    sides = {id(r): a for r, a in zip(records, assigned, strict=True)}
+    per_study = [[sides[id(r)] for r in study_records] for study_records in per_study]
+    index = HeaderIndex.for_setting(config.data.header_index, plugin_versions(provenance), log=log)
+    return StudyData(
+        specs, provenance, studies, per_study, skipped, problems, split=table, header_index=index
+    )
+
+
+def _studies_to_read(
+    config: RunConfig,
+    specs: dict[str, ModalitySpec],
+    provenance: dict[str, tuple[str, str, str]],
+    *,
+    log: Callable[[str], None],
+) -> list[StudyConfig]:
+    """The run's studies, or the built-in demo's (written to the cache) when it names none."""
+    from umbrella_core.data.demo import cached_demo
+
+    if config.data.studies:
+        return list(config.data.studies)
+    log(
+        "no --study given: using the built-in demo "
+        f"({config.data.demo_subjects} subjects per modality)"
+    )
+    manifest = cached_demo(
+        specs,
+        plugin_versions(provenance),
+        subjects=config.data.demo_subjects,
+        seed=0,
+        log=log,
+    )
+    return [StudyConfig(location=str(manifest))]
+
+
+def _read_records(
+    studies: list[StudyConfig],
+    specs: dict[str, ModalitySpec],
+    pm: PluginManager,
+    *,
+    check_root: bool,
+) -> tuple[list[StudyRecord], list[list[StudyRecord]], dict[str, int], list[Problem]]:
+    """Every study's records of the active modalities: ``(records, per_study, skipped, problems)``.
+
+    Records outside their study's root (where ``check_root``) and records of
+    modalities no plugin provides become problems; those of inactive
+    modalities are counted in ``skipped`` by their modality key.
+    """
     from umbrella_core.data.checks import (
-        Problem,
         canonical_modalities,
         outside_root_problems,
         problem_from_error,
         study_root,
     )
-    from umbrella_core.data.demo import cached_demo
 
-    demo = not config.data.studies
-    specs, provenance = resolve_specs(config, pm, demo=demo)
-    studies = list(config.data.studies)
-    if demo:
-        log(
-            "no --study given: using the built-in demo "
-            f"({config.data.demo_subjects} subjects per modality)"
-        )
-        manifest = cached_demo(
-            specs,
-            plugin_versions(provenance),
-            subjects=config.data.demo_subjects,
-            seed=0,
-            log=log,
-        )
-        studies = [StudyConfig(location=str(manifest))]
     records: list[StudyRecord] = []
     per_study: list[list[StudyRecord]] = []
     skipped: dict[str, int] = {}
@@ -273,7 +316,7 @@ def read_studies(
         root = study_root(study.location)
         folders: dict[str, str] = {}
         for record in pm.read_study(study.location, study.options, refused):
-            if not demo and not config.data.allow_outside_root:
+            if check_root:
                 outside = outside_root_problems(record, root, folders)
                 if outside:
                     problems.extend(outside)
@@ -292,7 +335,16 @@ def read_studies(
                 record = canonical
             records.append(record)
             per_study[-1].append(record)
-    locations = [study.location for study in studies]
+    return records, per_study, skipped, problems
+
+
+def _refuse_no_records(
+    records: list[StudyRecord],
+    problems: list[Problem],
+    specs: dict[str, ModalitySpec],
+    locations: list[str],
+) -> None:
+    """Raise DataError when no record is left to train on, showing the first problems."""
     if not records and problems:
         shown = "\n  ".join(str(p) for p in problems[:5])
         more = f"\n  ... and {len(problems) - 5} more" if len(problems) > 5 else ""
@@ -304,16 +356,6 @@ def read_studies(
         raise DataError(
             f"no record of the active modalities ({', '.join(specs)}) in {', '.join(locations)}"
         )
-    _warn_about_copies(records, log)
-    # Every record gets a side here, groups kept together (data.split); the
-    # demo's manifest names its own sides, so nothing is made for it.
-    assigned, table = assign_splits(records, config.data.split, log=log)
-    sides = {id(r): a for r, a in zip(records, assigned, strict=True)}
-    per_study = [[sides[id(r)] for r in study_records] for study_records in per_study]
-    index = HeaderIndex.for_setting(config.data.header_index, plugin_versions(provenance), log=log)
-    return StudyData(
-        specs, provenance, studies, per_study, skipped, problems, split=table, header_index=index
-    )
 
 
 def check_headers_once(

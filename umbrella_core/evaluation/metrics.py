@@ -196,10 +196,34 @@ def categorical_metrics(
             class, a reference is not one of ``classes``, or
             ``probabilities`` has the wrong shape or rows not summing to 1.
     """
-    from sklearn.exceptions import UndefinedMetricWarning
-    from sklearn.metrics import confusion_matrix, f1_score, recall_score
+    from sklearn.metrics import confusion_matrix
 
     _same_length(references, predictions)
+    classes = _checked_classes(references, classes)
+    known = set(classes)
+    references = list(references)
+    predictions = [p if p in known else OTHER_LABEL for p in predictions]
+    labels = classes + ([OTHER_LABEL] if OTHER_LABEL in predictions else [])
+    present = [c for c in classes if c in set(references)]
+    n = len(references)
+
+    if n:
+        scores = _class_scores(references, predictions, present)
+        scores["auroc"] = _auroc(references, probabilities, classes, present)
+        matrix = confusion_matrix(references, predictions, labels=labels).tolist()
+    else:
+        scores = dict.fromkeys(("accuracy", "balanced_accuracy", "macro_f1", "auroc"))
+        matrix = [[0] * len(labels) for _ in labels]
+    return {
+        "n": n,
+        **scores,
+        "confusion": {"labels": labels, "matrix": matrix},
+        "reference": _categorical_reference(references, classes, train_references),
+    }
+
+
+def _checked_classes(references: Sequence[str], classes: Sequence[str]) -> list[str]:
+    """``classes`` as a list; ValueError when empty, repeating, or missing a reference."""
     classes = list(classes)
     if not classes or len(set(classes)) != len(classes):
         raise ValueError(f"classes must be distinct and not empty, got {classes!r}")
@@ -207,49 +231,43 @@ def categorical_metrics(
     for reference in references:
         if reference not in known:
             raise ValueError(f"reference answer {reference!r} is not one of {classes!r}")
-    references = list(references)
-    predictions = [p if p in known else OTHER_LABEL for p in predictions]
-    labels = classes + ([OTHER_LABEL] if OTHER_LABEL in predictions else [])
-    present = [c for c in classes if c in set(references)]
-    n = len(references)
+    return classes
 
-    result: dict[str, Any] = {
-        "n": n,
-        "accuracy": None,
-        "balanced_accuracy": None,
-        "macro_f1": None,
-        "auroc": None,
-    }
-    if n:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UndefinedMetricWarning)
-            result["accuracy"] = (
-                sum(r == p for r, p in zip(references, predictions, strict=True)) / n
-            )
-            # Macro recall over the present classes is balanced_accuracy_score's
-            # definition; recall_score takes the labels, so predictions outside
-            # the classes raise no "y_pred contains classes not in y_true".
-            result["balanced_accuracy"] = float(
-                recall_score(
-                    references, predictions, labels=present, average="macro", zero_division=0.0
-                )
-            )
-            result["macro_f1"] = float(
-                f1_score(
-                    references, predictions, labels=present, average="macro", zero_division=0.0
-                )
-            )
-        result["auroc"] = _auroc(references, probabilities, classes, present)
-    matrix = (
-        confusion_matrix(references, predictions, labels=labels).tolist()
-        if n
-        else [[0] * len(labels) for _ in labels]
-    )
-    result["confusion"] = {"labels": labels, "matrix": matrix}
 
+def _class_scores(
+    references: list[str], predictions: list[str], present: list[str]
+) -> dict[str, float | None]:
+    """Accuracy, and balanced accuracy and macro-F1 over the ``present`` classes."""
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import f1_score, recall_score
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        hits = sum(r == p for r, p in zip(references, predictions, strict=True))
+        accuracy = hits / len(references)
+        # Macro recall over the present classes is balanced_accuracy_score's
+        # definition; recall_score takes the labels, so predictions outside
+        # the classes raise no "y_pred contains classes not in y_true".
+        balanced = float(
+            recall_score(
+                references, predictions, labels=present, average="macro", zero_division=0.0
+            )
+        )
+        macro_f1 = float(
+            f1_score(references, predictions, labels=present, average="macro", zero_division=0.0)
+        )
+    return {"accuracy": accuracy, "balanced_accuracy": balanced, "macro_f1": macro_f1}
+
+
+def _categorical_reference(
+    references: list[str], classes: list[str], train_references: Sequence[str]
+) -> dict[str, Any]:
+    """What answering without the image scores: chance, and the training majority class."""
+    known = set(classes)
     counts = Counter(r for r in train_references if r in known)
     majority = max(classes, key=lambda c: counts[c]) if counts else None  # ties: first
-    result["reference"] = {
+    n = len(references)
+    return {
         "chance": 1 / len(classes),
         "majority_class": majority,
         "majority_accuracy": (
@@ -257,7 +275,6 @@ def categorical_metrics(
         ),
         "auroc": 0.5,
     }
-    return result
 
 
 def _auroc(

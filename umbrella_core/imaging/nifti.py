@@ -87,6 +87,23 @@ def load_nifti(
             message names the file.
     """
     name = os.fspath(path)
+    img = _open_nifti(name)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    check_affine(name, affine)
+    data = _decoded_voxels(name, img, native=native)
+    data, affine = reorient(data, affine, RAS)
+    if native:
+        return data, affine
+    # Flips are negative-stride views, which torch.from_numpy refuses. Copy
+    # them in the file's own memory order ("K"): turning NIfTI's x-fastest
+    # layout into C order would be a full transpose, slower than the decode.
+    if any(step < 0 for step in data.strides):
+        data = np.array(data, order="K")
+    return data, affine
+
+
+def _open_nifti(name: str) -> nib.Nifti1Image | nib.Nifti2Image:
+    """The file's NIfTI image, its header checked and its voxels not yet read."""
     # Before any voxel: what the header shows (non-regular files, pairs,
     # types, overflowing scaling, voxel ceilings, more voxels than the file holds).
     facts = read_nifti_header(name)
@@ -103,8 +120,13 @@ def load_nifti(
             f"{name}: not a NIfTI file (nibabel reads it as {type(img).__name__}); "
             "convert it to NIfTI (.nii or .nii.gz), e.g. with dcm2niix"
         )
-    affine = np.asarray(img.affine, dtype=np.float64)
-    check_affine(name, affine)
+    return img
+
+
+def _decoded_voxels(
+    name: str, img: nib.spatialimages.SpatialImage, *, native: bool
+) -> NDArray[Any]:
+    """The image's voxels as :func:`load_nifti` keeps them, checked: 3D+, not empty, finite."""
     try:
         # asarray with a dtype scales in float32: get_fdata would build a
         # float64 copy twice the size of what we keep.
@@ -127,15 +149,7 @@ def load_nifti(
             f"{name}: {bad} of {data.size} voxels are NaN or infinite; replace them "
             "(e.g. fslmaths IN -nan OUT) or re-export the file"
         )
-    data, affine = reorient(data, affine, RAS)
-    if native:
-        return data, affine
-    # Flips are negative-stride views, which torch.from_numpy refuses. Copy
-    # them in the file's own memory order ("K"): turning NIfTI's x-fastest
-    # layout into C order would be a full transpose, slower than the decode.
-    if any(step < 0 for step in data.strides):
-        data = np.array(data, order="K")
-    return data, affine
+    return data
 
 
 def _integers_fit_float32(img: nib.spatialimages.SpatialImage) -> bool:

@@ -148,6 +148,53 @@ class _Backend:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), []
 
 
+def _refuse_too_long(
+    messages: Sequence[Mapping[str, str]],
+    image_modalities: Sequence[str],
+    backend: _Backend,
+    tokens_per_modality: Mapping[str, int],
+    max_length: int,
+    where: str,
+) -> None:
+    """Raise DataError when the conversation's fewest possible tokens exceed ``max_length``."""
+    # A conversation far too long is refused before the template renders it
+    # and the tokenizer splits it (a 10 MB one took 40 s and 2 GB to refuse).
+    chars = sum(len(m["content"]) for m in messages)
+    chars -= len(IMAGE_PLACEHOLDER) * len(image_modalities)
+    least = chars // backend.longest + sum(tokens_per_modality.get(m, 0) for m in image_modalities)
+    if least > max_length:
+        raise DataError(
+            f"{where}: the conversation is at least {least} tokens long ({chars} "
+            f"characters, images included) but the model takes at most {max_length}; "
+            "shorten it or raise model.max_length",
+            source=where,
+            field="conversation",
+        )
+
+
+def _check_images(
+    placeholders: int,
+    image_modalities: Sequence[str],
+    tokens_per_modality: Mapping[str, int],
+    where: str,
+) -> None:
+    """Raise unless there is one placeholder per image and every image's modality is active."""
+    if placeholders > len(image_modalities):
+        raise TokenCountError(f"{where}: more {IMAGE_PLACEHOLDER} placeholders than images")
+    if placeholders < len(image_modalities):
+        raise TokenCountError(
+            f"{where}: {len(image_modalities)} image(s) but "
+            f"{placeholders} {IMAGE_PLACEHOLDER} placeholder(s)"
+        )
+    for modality in image_modalities:
+        if modality not in tokens_per_modality:
+            raise DataError(
+                f"{where}: image of modality {modality!r} is not active in this run",
+                source=where,
+                field="images",
+            )
+
+
 @attrs.frozen(eq=False)
 class ChatFormat:
     """A compiled chat template and what it needs to encode conversations.
@@ -317,38 +364,36 @@ class ChatFormat:
         if add_generation_prompt and messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         backend = self._backend(tokenizer)
-        # A conversation far too long is refused before the template renders it
-        # and the tokenizer splits it (a 10 MB one took 40 s and 2 GB to refuse).
-        chars = sum(len(m["content"]) for m in messages)
-        chars -= len(IMAGE_PLACEHOLDER) * len(image_modalities)
-        least = chars // backend.longest + sum(
-            tokens_per_modality.get(m, 0) for m in image_modalities
+        _refuse_too_long(
+            messages, image_modalities, backend, tokens_per_modality, max_length, where
         )
-        if least > max_length:
-            raise DataError(
-                f"{where}: the conversation is at least {least} tokens long ({chars} "
-                f"characters, images included) but the model takes at most {max_length}; "
-                "shorten it or raise model.max_length",
-                source=where,
-                field="conversation",
-            )
         text = self._render(messages, add_generation_prompt, where)
         spans = self.learned_spans(messages, text, where=where)
         pieces = text.split(IMAGE_PLACEHOLDER)
-        if len(pieces) - 1 > len(image_modalities):
-            raise TokenCountError(f"{where}: more {IMAGE_PLACEHOLDER} placeholders than images")
-        if len(pieces) - 1 < len(image_modalities):
-            raise TokenCountError(
-                f"{where}: {len(image_modalities)} image(s) but "
-                f"{len(pieces) - 1} {IMAGE_PLACEHOLDER} placeholder(s)"
+        _check_images(len(pieces) - 1, image_modalities, tokens_per_modality, where)
+        ids, labels = self._ids_and_labels(
+            backend, pieces, spans, image_modalities, image_token_id, tokens_per_modality
+        )
+        if len(ids) > max_length:
+            raise DataError(
+                f"{where}: the conversation is {len(ids)} tokens long (images included) but the "
+                f"model takes at most {max_length}; shorten it or raise model.max_length",
+                source=where,
+                field="conversation",
             )
-        for modality in image_modalities:
-            if modality not in tokens_per_modality:
-                raise DataError(
-                    f"{where}: image of modality {modality!r} is not active in this run",
-                    source=where,
-                    field="images",
-                )
+        return Encoded(ids, labels)
+
+    @classmethod
+    def _ids_and_labels(
+        cls,
+        backend: _Backend,
+        pieces: list[str],
+        spans: list[tuple[int, int]],
+        image_modalities: Sequence[str],
+        image_token_id: int,
+        tokens_per_modality: Mapping[str, int],
+    ) -> tuple[list[int], list[int]]:
+        """Ids and labels of the text ``pieces``, with each image's tokens between two of them."""
         cuts = sorted({c for span in spans for c in span})
         ids: list[int] = []
         labels: list[int] = []
@@ -358,16 +403,9 @@ class ChatFormat:
                 ids.extend([image_token_id] * tokens_per_modality[image_modalities[index - 1]])
                 labels.extend([IGNORE_INDEX] * tokens_per_modality[image_modalities[index - 1]])
                 offset += len(IMAGE_PLACEHOLDER)
-            self._add_piece(backend, piece, offset, spans, cuts, ids, labels)
+            cls._add_piece(backend, piece, offset, spans, cuts, ids, labels)
             offset += len(piece)
-        if len(ids) > max_length:
-            raise DataError(
-                f"{where}: the conversation is {len(ids)} tokens long (images included) but the "
-                f"model takes at most {max_length}; shorten it or raise model.max_length",
-                source=where,
-                field="conversation",
-            )
-        return Encoded(ids, labels)
+        return ids, labels
 
     @staticmethod
     def _add_piece(

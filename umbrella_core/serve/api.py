@@ -262,17 +262,7 @@ def api_router(
     def models(request: Request) -> Any:
         if not authorised(request):
             return refuse(denied)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": assistant.name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "umbrella",
-                }
-            ],
-        }
+        return _model_list(assistant.name, created)
 
     @router.post("/v1/chat/completions")
     def chat_completions(request: Request, body: dict[str, Any]) -> Any:
@@ -280,22 +270,7 @@ def api_router(
             return refuse(denied)
         images = _Images(root, max_upload_mb * 2**20)
         try:
-            model = body.get("model")
-            if model != assistant.name:
-                raise ApiError(
-                    404,
-                    f"model {model!r} is not served here; this server serves {assistant.name!r}",
-                    kind="not_found_error",
-                    param="model",
-                )
-            if body.get("n", 1) != 1:
-                raise ApiError(
-                    400, "n: only 1 (decoding is greedy: every choice would be the same)", param="n"
-                )
-            most = _int(body, ("max_completion_tokens", "max_tokens"), max_new_tokens)
-            turns, found, system = parse_messages(body.get("messages"), images)
-            read = [assistant.read(files, modality or None) for files, modality in found]
-            reply = assistant.reply(read, turns, max_new_tokens=most, system=system)
+            reply = _start_reply(assistant, body, images, max_new_tokens)
         except ApiError as error:
             images.close()
             return refuse(error)
@@ -311,31 +286,72 @@ def api_router(
             return StreamingResponse(
                 _events(reply, ident, assistant.name, usage, images), media_type="text/event-stream"
             )
-        try:
-            text = "".join(reply)
-        finally:
-            images.close()
-        answer = reply.answer
-        return {
-            "id": ident,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": assistant.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text.strip()},
-                    "finish_reason": answer.finish_reason,
-                }
-            ],
-            "usage": _usage(answer),
-        }
+        return _completion(reply, ident, assistant.name, images)
 
     @router.get("/health")
     def health() -> Any:
         return {"status": "ok", "model": assistant.name, "modalities": sorted(assistant.specs)}
 
     return router
+
+
+def _model_list(name: str, created: int) -> dict[str, Any]:
+    """``/v1/models``: the one model served, as OpenAI lists models."""
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": created, "owned_by": "umbrella"}],
+    }
+
+
+def _start_reply(
+    assistant: Any, body: Mapping[str, Any], images: _Images, max_new_tokens: int
+) -> Any:
+    """Check a chat request and start the assistant's reply (text pieces, as decoded).
+
+    Raises:
+        ApiError: The request names another model, asks for more than one
+            choice or too many tokens, or its messages are refused.
+        UmbrellaError: An image cannot be read, or the reply cannot start.
+    """
+    model = body.get("model")
+    if model != assistant.name:
+        raise ApiError(
+            404,
+            f"model {model!r} is not served here; this server serves {assistant.name!r}",
+            kind="not_found_error",
+            param="model",
+        )
+    if body.get("n", 1) != 1:
+        raise ApiError(
+            400, "n: only 1 (decoding is greedy: every choice would be the same)", param="n"
+        )
+    most = _int(body, ("max_completion_tokens", "max_tokens"), max_new_tokens)
+    turns, found, system = parse_messages(body.get("messages"), images)
+    read = [assistant.read(files, modality or None) for files, modality in found]
+    return assistant.reply(read, turns, max_new_tokens=most, system=system)
+
+
+def _completion(reply: Any, ident: str, model: str, images: _Images) -> dict[str, Any]:
+    """The whole reply as one ``chat.completion`` (the request's files removed once decoded)."""
+    try:
+        text = "".join(reply)
+    finally:
+        images.close()
+    answer = reply.answer
+    return {
+        "id": ident,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text.strip()},
+                "finish_reason": answer.finish_reason,
+            }
+        ],
+        "usage": _usage(answer),
+    }
 
 
 def _usage(answer: Any) -> dict[str, int]:

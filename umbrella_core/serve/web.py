@@ -157,93 +157,117 @@ def build_page(
     import gradio as gr
 
     page = _Page(assistant, write_demo_files(assistant, demo_folder), scratch)
-    questions = assistant.questions()
-    default_question = next(iter(questions.values()), "")
-    modalities = sorted(assistant.specs)
+    handlers = _Handlers(page, max_new_tokens)
+    with gr.Blocks(title="UMBRELLA", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
+        controls = _layout(page, handlers.default_question)
+        _connect(controls, handlers)
+    return blocks
 
-    def slider_updates(image: Image | None) -> list[Any]:
-        if image is None:
-            return [gr.Slider(maximum=1, value=0, interactive=False) for _ in PLANES] + [
-                gr.Slider(maximum=1, value=0, visible=False),
-                gr.Radio(choices=["0"], value="0", visible=False),
-            ]
-        volume = volume_of(image.tensor)
-        middle = volume.middle()
-        out = [
-            gr.Slider(maximum=volume.shape[axis] - 1, value=middle[plane], interactive=True)
-            for plane, axis in PLANES.items()
+
+def _slider_updates(image: Image | None) -> list[Any]:
+    """The plane sliders, frame slider and channel choice for ``image`` (off without one)."""
+    import gradio as gr
+
+    if image is None:
+        return [gr.Slider(maximum=1, value=0, interactive=False) for _ in PLANES] + [
+            gr.Slider(maximum=1, value=0, visible=False),
+            gr.Radio(choices=["0"], value="0", visible=False),
         ]
-        out.append(gr.Slider(maximum=max(volume.frames - 1, 1), value=0, visible=volume.frames > 1))
-        channels = int(image.tensor.shape[0])
-        out.append(
-            gr.Radio(choices=[str(c) for c in range(channels)], value="0", visible=channels > 1)
-        )
-        return out
+    volume = volume_of(image.tensor)
+    middle = volume.middle()
+    out = [
+        gr.Slider(maximum=volume.shape[axis] - 1, value=middle[plane], interactive=True)
+        for plane, axis in PLANES.items()
+    ]
+    out.append(gr.Slider(maximum=max(volume.frames - 1, 1), value=0, visible=volume.frames > 1))
+    channels = int(image.tensor.shape[0])
+    out.append(gr.Radio(choices=[str(c) for c in range(channels)], value="0", visible=channels > 1))
+    return out
 
-    def shown(loaded: dict[str, Any], selected: int = 0) -> list[Any]:
+
+class _Handlers:
+    """The page's event handlers: Gradio's inputs in, the updates of their outputs back."""
+
+    def __init__(self, page: _Page, max_new_tokens: int) -> None:
+        self.page = page
+        self.max_new_tokens = max_new_tokens
+        self.questions = page.assistant.questions()
+        self.default_question = next(iter(self.questions.values()), "")
+
+    def shown(self, loaded: dict[str, Any], selected: int = 0) -> list[Any]:
+        """Every output of a newly loaded set of images, showing image ``selected``."""
+        import gradio as gr
+
         images: list[Image] = loaded["images"]
         selected = min(selected, len(images) - 1) if images else 0
         first = images[selected] if images else None
         choices = [(image.label, i) for i, image in enumerate(images)]
-        volume_views = page.views(first, 0, volume_of(first.tensor).middle() if first else {}, 0)
+        middle = volume_of(first.tensor).middle() if first else {}
+        volume_views = self.page.views(first, 0, middle, 0)
+        question = self.default_question
+        if first:
+            question = self.questions.get(first.modality, self.default_question)
         return [
             loaded,
             _status(loaded),
             gr.Dropdown(choices=choices, value=selected if images else None),
             gr.Dropdown(value=first.modality if first else None),
             *volume_views,
-            *slider_updates(first),
+            *_slider_updates(first),
             [],  # a new scan, a new conversation
-            gr.Textbox(
-                value=questions.get(first.modality, default_question) if first else default_question
-            ),
+            gr.Textbox(value=question),
         ]
 
-    def on_upload(files: Any, _loaded: Any) -> list[Any]:
-        return shown(page.upload(files, None))
+    def on_upload(self, files: Any, _loaded: Any) -> list[Any]:
+        return self.shown(self.page.upload(files, None))
 
-    def on_demo(choice: str | None, _loaded: Any) -> list[Any]:
+    def on_demo(self, choice: str | None, _loaded: Any) -> list[Any]:
         if not choice:
-            return shown(dict(EMPTY))
-        return shown(page.load(page.demo[choice], None, None))
+            return self.shown(dict(EMPTY))
+        return self.shown(self.page.load(self.page.demo[choice], None, None))
 
-    def on_modality(modality: str | None, which: int | None, loaded: dict[str, Any]) -> list[Any]:
+    def on_modality(
+        self, modality: str | None, which: int | None, loaded: dict[str, Any]
+    ) -> list[Any]:
         images = list(loaded.get("images") or [])
         problems = list(loaded.get("problems") or [])
         pending = list(loaded.get("pending") or [])
         if not modality:
-            return shown(loaded, which or 0)
+            return self.shown(loaded, which or 0)
         folder = loaded.get("folder")
         if pending:
             # The files whose modality the name did not tell: read as the chosen one.
             selected = len(images)
             for files, _ in pending:
                 try:
-                    images.append(page.assistant.read(files, modality))
+                    images.append(self.page.assistant.read(files, modality))
                 except UmbrellaError as error:
-                    problems.append(page.message(error, folder))
-            return shown(
+                    problems.append(self.page.message(error, folder))
+            return self.shown(
                 {**loaded, "images": images, "problems": problems, "pending": []}, selected
             )
         if which is None or which >= len(images):
-            return shown(loaded)
+            return self.shown(loaded)
         try:
-            images[which] = page.assistant.read(images[which].files, modality)
+            images[which] = self.page.assistant.read(images[which].files, modality)
         except UmbrellaError as error:
-            problems.append(page.message(error, folder))
-        return shown({**loaded, "images": images, "problems": problems}, which)
+            problems.append(self.page.message(error, folder))
+        return self.shown({**loaded, "images": images, "problems": problems}, which)
 
-    def on_pick(which: int | None, loaded: dict[str, Any]) -> list[Any]:
+    def on_pick(self, which: int | None, loaded: dict[str, Any]) -> list[Any]:
+        import gradio as gr
+
         images = loaded.get("images") or []
         image = images[which] if which is not None and which < len(images) else None
         where = volume_of(image.tensor).middle() if image is not None else {}
         return [
             gr.Dropdown(value=image.modality if image else None),
-            *page.views(image, 0, where, 0),
-            *slider_updates(image),
+            *self.page.views(image, 0, where, 0),
+            *_slider_updates(image),
         ]
 
     def on_view(
+        self,
         loaded: dict[str, Any],
         which: int | None,
         channel: str,
@@ -255,11 +279,13 @@ def build_page(
         images = loaded.get("images") or []
         image = images[which] if which is not None and which < len(images) else None
         where = {"axial": int(axial), "coronal": int(coronal), "sagittal": int(sagittal)}
-        return page.views(image, int(channel or 0), where, int(frame))
+        return self.page.views(image, int(channel or 0), where, int(frame))
 
     def on_ask(
-        question: str, history: list[dict[str, Any]], loaded: dict[str, Any]
+        self, question: str, history: list[dict[str, Any]], loaded: dict[str, Any]
     ) -> Iterator[list[Any]]:
+        import gradio as gr
+
         question = (question or "").strip()
         images = loaded.get("images") or []
         history = list(history or [])
@@ -270,119 +296,154 @@ def build_page(
         turns.append(Turn(role="user", content=question))
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         try:
-            reply = page.assistant.reply(images, turns, max_new_tokens=max_new_tokens)
+            reply = self.page.assistant.reply(images, turns, max_new_tokens=self.max_new_tokens)
             for piece in reply:
                 history[-1]["content"] += piece
                 yield [history, gr.Textbox(value=""), _status(loaded)]
         except UmbrellaError as error:
             history = history[:-2]
-            problem = page.message(error, loaded.get("folder"))
+            problem = self.page.message(error, loaded.get("folder"))
             yield [history, gr.Textbox(value=question), _status(loaded, [problem])]
             return
         history[-1]["content"] = history[-1]["content"].strip()
         yield [history, gr.Textbox(value=""), _status(loaded)]
 
-    with gr.Blocks(title="UMBRELLA", analytics_enabled=False, delete_cache=(3600, 3600)) as blocks:
-        loaded = gr.State(dict(EMPTY))
-        gr.Markdown(
-            f"## UMBRELLA — {assistant.name}\n"
-            f"Modalities: {', '.join(modalities)}. Images are shown as the model reads them "
-            "(after its preprocessing), in the neurological convention: the patient's right "
-            "on the right."
-        )
-        with gr.Row():
-            with gr.Column(scale=3):
-                with gr.Row():
-                    upload = gr.File(
-                        label="NIfTI files (.nii, .nii.gz; with .bval/.bvec/.json sidecars)",
-                        file_count="multiple",
-                        elem_id="umbrella-upload",
-                    )
-                    demo = gr.Dropdown(
-                        choices=list(page.demo),
-                        value=None,
-                        label="or a demo file",
-                        elem_id="umbrella-demo",
-                    )
-                with gr.Row():
-                    which = gr.Dropdown(choices=[], label="Image", elem_id="umbrella-image")
-                    modality = gr.Dropdown(
-                        choices=modalities, label="Modality", elem_id="umbrella-modality"
-                    )
-                    channel = gr.Radio(
-                        choices=["0"],
-                        value="0",
-                        label="Channel",
-                        visible=False,
-                        elem_id="umbrella-view-channel",
-                    )
-                status = gr.HTML(_status(EMPTY), elem_id="umbrella-status")
-                with gr.Row():
-                    views = [
-                        gr.Image(
-                            label=plane.capitalize(),
-                            interactive=False,
-                            buttons=["download", "fullscreen"],
-                            elem_id=f"umbrella-{plane}",
-                        )
-                        for plane in PLANES
-                    ]
-                with gr.Row():
-                    sliders = [
-                        gr.Slider(
-                            0,
-                            1,
-                            value=0,
-                            step=1,
-                            label=f"{plane} slice",
-                            interactive=False,
-                            elem_id=f"umbrella-{plane}-slice",
-                        )
-                        for plane in PLANES
-                    ]
-                frame = gr.Slider(
-                    0, 1, value=0, step=1, label="frame", visible=False, elem_id="umbrella-frame"
-                )
-            with gr.Column(scale=2):
-                chat = gr.Chatbot(
-                    label="Conversation", height=420, buttons=["copy"], elem_id="umbrella-chat"
-                )
-                question = gr.Textbox(
-                    value=default_question,
-                    label="Question",
-                    lines=2,
-                    elem_id="umbrella-question",
-                )
-                with gr.Row():
-                    ask = gr.Button("Ask", variant="primary", elem_id="umbrella-ask")
-                    clear = gr.Button("New conversation", elem_id="umbrella-clear")
 
-        outputs = [
-            loaded,
-            status,
-            which,
-            modality,
-            *views,
-            *sliders,
-            frame,
-            channel,
-            chat,
-            question,
-        ]
-        upload.upload(on_upload, [upload, loaded], outputs)
-        demo.input(on_demo, [demo, loaded], outputs)
-        modality.select(on_modality, [modality, which, loaded], outputs)
-        which.input(on_pick, [which, loaded], [modality, *views, *sliders, frame, channel])
-        view_inputs = [loaded, which, channel, *sliders, frame]
-        for control in (*sliders, frame, channel):
-            control.change(
-                on_view, view_inputs, views, trigger_mode="always_last", show_progress="hidden"
+def _layout(page: _Page, default_question: str) -> dict[str, Any]:
+    """Make the page's components, in page order, inside the open ``Blocks``; by name."""
+    import gradio as gr
+
+    modalities = sorted(page.assistant.specs)
+    loaded = gr.State(dict(EMPTY))
+    gr.Markdown(
+        f"## UMBRELLA — {page.assistant.name}\n"
+        f"Modalities: {', '.join(modalities)}. Images are shown as the model reads them "
+        "(after its preprocessing), in the neurological convention: the patient's right "
+        "on the right."
+    )
+    with gr.Row():
+        with gr.Column(scale=3):
+            scan = _scan_controls(page, modalities)
+            scan |= _view_controls()
+        with gr.Column(scale=2):
+            talk = _chat_controls(default_question)
+    return {"loaded": loaded, **scan, **talk}
+
+
+def _scan_controls(page: _Page, modalities: list[str]) -> dict[str, Any]:
+    """The scan's sources (upload, demo file) and its image, modality and channel choices."""
+    import gradio as gr
+
+    with gr.Row():
+        upload = gr.File(
+            label="NIfTI files (.nii, .nii.gz; with .bval/.bvec/.json sidecars)",
+            file_count="multiple",
+            elem_id="umbrella-upload",
+        )
+        demo = gr.Dropdown(
+            choices=list(page.demo),
+            value=None,
+            label="or a demo file",
+            elem_id="umbrella-demo",
+        )
+    with gr.Row():
+        which = gr.Dropdown(choices=[], label="Image", elem_id="umbrella-image")
+        modality = gr.Dropdown(choices=modalities, label="Modality", elem_id="umbrella-modality")
+        channel = gr.Radio(
+            choices=["0"],
+            value="0",
+            label="Channel",
+            visible=False,
+            elem_id="umbrella-view-channel",
+        )
+    return {
+        "upload": upload,
+        "demo": demo,
+        "which": which,
+        "modality": modality,
+        "channel": channel,
+    }
+
+
+def _view_controls() -> dict[str, Any]:
+    """The status lines, the three planes, a slider for each and the frame slider."""
+    import gradio as gr
+
+    status = gr.HTML(_status(EMPTY), elem_id="umbrella-status")
+    with gr.Row():
+        views = [
+            gr.Image(
+                label=plane.capitalize(),
+                interactive=False,
+                buttons=["download", "fullscreen"],
+                elem_id=f"umbrella-{plane}",
             )
-        asked = [question, chat, loaded]
-        ask.click(on_ask, asked, [chat, question, status])
-        question.submit(on_ask, asked, [chat, question, status])
-        clear.click(lambda: [], None, chat)
-    return blocks
+            for plane in PLANES
+        ]
+    with gr.Row():
+        sliders = [
+            gr.Slider(
+                0,
+                1,
+                value=0,
+                step=1,
+                label=f"{plane} slice",
+                interactive=False,
+                elem_id=f"umbrella-{plane}-slice",
+            )
+            for plane in PLANES
+        ]
+    frame = gr.Slider(0, 1, value=0, step=1, label="frame", visible=False, elem_id="umbrella-frame")
+    return {"status": status, "views": views, "sliders": sliders, "frame": frame}
+
+
+def _chat_controls(default_question: str) -> dict[str, Any]:
+    """The conversation, the question box and its buttons."""
+    import gradio as gr
+
+    chat = gr.Chatbot(label="Conversation", height=420, buttons=["copy"], elem_id="umbrella-chat")
+    question = gr.Textbox(
+        value=default_question,
+        label="Question",
+        lines=2,
+        elem_id="umbrella-question",
+    )
+    with gr.Row():
+        ask = gr.Button("Ask", variant="primary", elem_id="umbrella-ask")
+        clear = gr.Button("New conversation", elem_id="umbrella-clear")
+    return {"chat": chat, "question": question, "ask": ask, "clear": clear}
+
+
+def _connect(c: Mapping[str, Any], handlers: _Handlers) -> None:
+    """Wire the components' events to the handlers (inside the open ``Blocks``)."""
+    loaded, which, modality = c["loaded"], c["which"], c["modality"]
+    chat, question, status = c["chat"], c["question"], c["status"]
+    views, sliders, frame, channel = c["views"], c["sliders"], c["frame"], c["channel"]
+    outputs = [
+        loaded,
+        status,
+        which,
+        modality,
+        *views,
+        *sliders,
+        frame,
+        channel,
+        chat,
+        question,
+    ]
+    c["upload"].upload(handlers.on_upload, [c["upload"], loaded], outputs)
+    c["demo"].input(handlers.on_demo, [c["demo"], loaded], outputs)
+    modality.select(handlers.on_modality, [modality, which, loaded], outputs)
+    which.input(handlers.on_pick, [which, loaded], [modality, *views, *sliders, frame, channel])
+    view_inputs = [loaded, which, channel, *sliders, frame]
+    for control in (*sliders, frame, channel):
+        control.change(
+            handlers.on_view, view_inputs, views, trigger_mode="always_last", show_progress="hidden"
+        )
+    asked = [question, chat, loaded]
+    c["ask"].click(handlers.on_ask, asked, [chat, question, status])
+    question.submit(handlers.on_ask, asked, [chat, question, status])
+    c["clear"].click(lambda: [], None, chat)
 
 
 def _plain(content: Any) -> str:

@@ -316,43 +316,12 @@ def check_loss(
     on the outcome with one all-reduce, and the report holds every rank's
     samples); the main process writes ``OUTPUT_DIR/nan_step.json``.
     """
-    import torch
-
     args = trainer.args
-    bad = (~torch.isfinite(loss.detach())).any().to(torch.int64).reshape(1)
-    distributed = False
-    if args.world_size > 1:
-        import torch.distributed as dist
-
-        distributed = dist.is_available() and dist.is_initialized()
-        if distributed:
-            bad = bad.to(args.device)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if not int(bad.item()):
+    bad, distributed = _non_finite_anywhere(args, loss)
+    if not bad:
         return
-    terms = {
-        name: _number(float(value.detach().float().mean()))
-        for name, value in (getattr(outputs, "terms", None) or {}).items()
-    }
-    nll = getattr(outputs, "nll", None)
-    mine = {
-        "rank": args.process_index,
-        "loss": _number(float(loss.detach().float().mean())),
-        "nll": None if nll is None else _number(float(nll.detach().float())),
-        "terms": terms,
-        "samples": [
-            {"source": source, "modality": key}
-            for source, key in zip(
-                sources or [None] * len(sample_keys or []), sample_keys or [], strict=False
-            )
-        ],
-    }
-    parts = [mine]
-    if distributed:
-        import torch.distributed as dist
-
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, mine)
+    mine = _rank_losses(args, loss, outputs, sample_keys, sources)
+    parts = _all_ranks(mine, distributed)
     step = trainer.state.global_step + 1
     checkpoint = last_complete_checkpoint(args.output_dir)
     report = {
@@ -365,6 +334,66 @@ def check_loss(
     if args.process_index == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")
+    raise NonFiniteLossError(_non_finite_message(report, path))
+
+
+def _non_finite_anywhere(args: Any, loss: Any) -> tuple[bool, bool]:
+    """Whether the loss is not finite on any rank, and whether the run is distributed."""
+    import torch
+
+    bad = (~torch.isfinite(loss.detach())).any().to(torch.int64).reshape(1)
+    distributed = False
+    if args.world_size > 1:
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            bad = bad.to(args.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(int(bad.item())), distributed
+
+
+def _rank_losses(
+    args: Any,
+    loss: Any,
+    outputs: Any,
+    sample_keys: Sequence[str] | None,
+    sources: Sequence[str | None] | None,
+) -> dict[str, Any]:
+    """This rank's part of the report: its loss, NLL, loss terms and samples."""
+    terms = {
+        name: _number(float(value.detach().float().mean()))
+        for name, value in (getattr(outputs, "terms", None) or {}).items()
+    }
+    nll = getattr(outputs, "nll", None)
+    return {
+        "rank": args.process_index,
+        "loss": _number(float(loss.detach().float().mean())),
+        "nll": None if nll is None else _number(float(nll.detach().float())),
+        "terms": terms,
+        "samples": [
+            {"source": source, "modality": key}
+            for source, key in zip(
+                sources or [None] * len(sample_keys or []), sample_keys or [], strict=False
+            )
+        ],
+    }
+
+
+def _all_ranks(mine: dict[str, Any], distributed: bool) -> list[Any]:
+    """Every rank's part of the report, in rank order (only ours when not distributed)."""
+    parts: list[Any] = [mine]
+    if distributed:
+        import torch.distributed as dist
+
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+    return parts
+
+
+def _non_finite_message(report: dict[str, Any], path: Path) -> str:
+    """The error's message: the step, its samples, the odd loss terms, and how to go on."""
+    parts, checkpoint = report["ranks"], report["last_checkpoint"]
     where = ", ".join(f"{s['source'] or '?'} ({s['modality']})" for s in report["samples"])
     odd = [
         f"{name}={value}"
@@ -373,9 +402,9 @@ def check_loss(
         if isinstance(value, str)
     ]
     losses = ", ".join(str(p["loss"]) for p in parts if isinstance(p["loss"], str))
-    raise NonFiniteLossError(
-        f"the loss is {losses or 'not finite'} at step {step}, before the optimizer applied it; "
-        f"samples of that step: {where or 'unknown'}"
+    return (
+        f"the loss is {losses or 'not finite'} at step {report['step']}, before the optimizer "
+        f"applied it; samples of that step: {where or 'unknown'}"
         + (f"; non-finite loss terms: {', '.join(odd)}" if odd else "")
         + f". Report: {path}. "
         + (

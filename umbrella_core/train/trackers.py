@@ -113,7 +113,32 @@ _OPEN_MLFLOW_RUNS: set[str] = set()
 
 
 def _make_classes() -> tuple[type, type]:
-    from transformers.integrations import MLflowCallback, WandbCallback
+    return _mlflow_callback_class(), _wandb_callback_class()
+
+
+def _mlflow_experiment_id(mlflow: Any, name: str, out_dir: Path, *, local: bool) -> str:
+    """The id of the MLflow experiment ``name``, made when the store has none of that name."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    # Left to itself a SQLite store puts artifacts in ./mlruns of
+    # whatever folder the run was started from.
+    location = (out_dir.resolve() / "mlruns" / "artifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location if local else None)
+
+
+def _log_mlflow_config(mlflow: Any, config: Mapping[str, Any], batch: int) -> None:
+    """Log the run's config: flattened as params, ``batch`` at a time, and as config.yaml."""
+    limit = mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+    params = list(flatten_params(config, limit).items())
+    for i in range(0, len(params), batch):
+        mlflow.log_params(dict(params[i : i + batch]))
+    mlflow.log_dict(dict(config), "config.yaml")
+
+
+def _mlflow_callback_class() -> type:
+    """transformers' MLflow callback made ours (a class made here: transformers is heavy)."""
+    from transformers.integrations import MLflowCallback
 
     class UmbrellaMLflowCallback(MLflowCallback):  # type: ignore[misc]
         """transformers' MLflow callback, started on the run's store with the run's config."""
@@ -140,26 +165,15 @@ def _make_classes() -> tuple[type, type]:
             stale = mlflow.active_run()
             if stale is not None and stale.info.run_id in _OPEN_MLFLOW_RUNS:
                 mlflow.end_run("FAILED")
-            experiment = mlflow.get_experiment_by_name(self.experiment)
-            if experiment is not None:
-                experiment_id = experiment.experiment_id
-            else:
-                # Left to itself a SQLite store puts artifacts in ./mlruns of
-                # whatever folder the run was started from.
-                location = (self.out_dir.resolve() / "mlruns" / "artifacts").as_uri()
-                experiment_id = mlflow.create_experiment(
-                    self.experiment, artifact_location=location if local else None
-                )
+            experiment_id = _mlflow_experiment_id(
+                mlflow, self.experiment, self.out_dir, local=local
+            )
             if mlflow.active_run() is None:
                 run = mlflow.start_run(experiment_id=experiment_id, run_name=self.out_dir.name)
                 self._auto_end_run = True
                 _OPEN_MLFLOW_RUNS.add(run.info.run_id)
             self.run_id = mlflow.active_run().info.run_id
-            limit = mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
-            params = list(flatten_params(self.config, limit).items())
-            for i in range(0, len(params), self._MAX_PARAMS_TAGS_PER_BATCH):
-                mlflow.log_params(dict(params[i : i + self._MAX_PARAMS_TAGS_PER_BATCH]))
-            mlflow.log_dict(dict(self.config), "config.yaml")
+            _log_mlflow_config(mlflow, self.config, self._MAX_PARAMS_TAGS_PER_BATCH)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             # The run stays open for the held-out table after training (finish()).
@@ -181,6 +195,13 @@ def _make_classes() -> tuple[type, type]:
                 uri = self.tracking_uri
                 return f"mlflow:      {uri}   (mlflow ui --backend-store-uri {uri})"
             return f"mlflow:      run {self.run_id} at {self.tracking_uri}"
+
+    return UmbrellaMLflowCallback
+
+
+def _wandb_callback_class() -> type:
+    """transformers' W&B callback made ours (a class made here: transformers is heavy)."""
+    from transformers.integrations import WandbCallback
 
     class UmbrellaWandbCallback(WandbCallback):  # type: ignore[misc]
         """transformers' W&B callback, offline into the output folder unless set up for online."""
@@ -238,7 +259,7 @@ def _make_classes() -> tuple[type, type]:
                 return f"wandb:       {self.run_dir}   (offline; upload: wandb sync {self.run_dir})"
             return f"wandb:       {self.run_dir}"
 
-    return UmbrellaMLflowCallback, UmbrellaWandbCallback
+    return UmbrellaWandbCallback
 
 
 def _no_mlflow_telemetry() -> None:
