@@ -25,6 +25,7 @@ def one_run(folder: str, count: int) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.data.conversation import Tokenization
     from umbrella_core.data.dataset import RecordDataset
     from umbrella_core.model.tokenizer import build_byte_tokenizer
     from umbrella_core.plugins import get_plugin_manager
@@ -44,9 +45,8 @@ def one_run(folder: str, count: int) -> dict[str, float]:
         for i in range(count)
     ]
     tokenizer = build_byte_tokenizer()
-    dataset = RecordDataset(
-        records, {"t1": spec}, tokenizer=tokenizer, image_token_id=4, max_length=2048
-    )
+    specs = {"t1": spec}
+    dataset = RecordDataset(records, specs, Tokenization.of(tokenizer, 4, specs, 2048))
     loader = DataLoader(
         dataset, batch_size=4, num_workers=2, collate_fn=UmbrellaCollator(0, ("t1",))
     )

@@ -84,6 +84,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     import numpy as np
 
     from umbrella_core.config import load_config
+    from umbrella_core.data.conversation import Tokenization
     from umbrella_core.data.dataset import RecordDataset, group_records
     from umbrella_core.data.interleave import Interleaving
     from umbrella_core.model.chat import chat_format
@@ -100,18 +101,22 @@ def prepare(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         RecordDataset(
             group,
             specs,
-            tokenizer=started.tokenizer,
-            image_token_id=started.model.image_token_id,
-            max_length=config.model.max_length,
-            name=name,
-            chat=chat,
+            Tokenization.of(
+                started.tokenizer,
+                started.model.image_token_id,
+                specs,
+                config.model.max_length,
+                chat,
+            ),
+            name=f"{study}/{key}",
+            key=key,
         )
-        for name, group in group_records(records).items()
+        for (study, key), group in group_records(records).items()
     ]
     lengths = np.concatenate([ds.lengths for ds in sets])
     interleaving = Interleaving(
         [len(ds) for ds in sets],
-        keys=[ds.name.rsplit("/", 1)[-1] for ds in sets],
+        keys=[ds.key for ds in sets],
         lengths=lengths,
     )
     return {
@@ -236,13 +241,10 @@ def counting(run: dict[str, Any], args: argparse.Namespace) -> dict[str, float]:
         report = f"Report {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60)))
         turns = (record.turns[0], Turn(role="assistant", content=report))
         distinct.append(attrs.evolve(record, turns=turns))
-    tokens = {m: s.num_tokens for m, s in run["specs"].items()}
     out = {}
     for name, records in (("templated", templated), ("distinct", distinct)):
         started = time.perf_counter()
-        conversation_lengths(
-            records, tokenizer=run["tokenizer"], tokens_per_modality=tokens, chat=run["chat"]
-        )
+        conversation_lengths(records, run["sets"][0].tokenization)
         out[name] = time.perf_counter() - started
     # A full encoding of each distinct conversation (what screening does), on a sample.
     sample = distinct[: args.encode_sample]

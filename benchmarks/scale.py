@@ -170,16 +170,16 @@ def stage_check_processes(manifest: Path, cache: Path, out: Path) -> dict[str, f
 def stage_check(
     manifest: Path, cache: Path, out: Path, extra: tuple[str, ...] | list[str] = ()
 ) -> dict[str, float]:
+    from umbrella_core.data.conversation import Tokenization
     from umbrella_core.data.studies import read_studies, screen_records
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import record_encoder
 
     pm = get_plugin_manager()
     config = _run_config(
         [*config_for(manifest, cache, out), *(x for e in extra for x in ("--set", e))]
     )
     data = read_studies(config, pm, log=lambda _: None)
-    encode = record_encoder(config, data.specs)
+    encode = Tokenization.for_run(config.model, data.specs).encode
     started = time.perf_counter()
     kept, problems = screen_records(
         data.per_study,

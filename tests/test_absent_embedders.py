@@ -65,11 +65,7 @@ def test_adamw_leaves_an_absent_modality_untouched_and_trains_it_when_present(
         train_dataset=ConcatDataset(prep.train_sets),
         data_collator=UmbrellaCollator(prep.tokenizer.pad_token_id, tuple(prep.specs)),
         processing_class=prep.tokenizer,
-        interleaving=Interleaving(
-            [len(d) for d in prep.train_sets],
-            keys=[d.name.rsplit("/", 1)[-1] for d in prep.train_sets],
-        ),
-        batching="modality",
+        interleaving=Interleaving.of_datasets(prep.train_sets, prep.weights, "modality"),
         provenance=prep.provenance,
         run_meta={},
         callbacks=[snapshots],

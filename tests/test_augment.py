@@ -13,12 +13,13 @@ from torch.utils.data import BatchSampler, DataLoader
 
 from umbrella_core import Augmentation, hookimpl
 from umbrella_core.augmentation import build_pipelines, run_pipelines
+from umbrella_core.augmentation.laterality import check_laterality, swap_sides
 from umbrella_core.config import load_config
 from umbrella_core.data.augmented import AugmentedDataset
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.data.dataset import RecordDataset
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
 from umbrella_core.errors import ConfigError, DuplicateNameError, PluginError
-from umbrella_core.laterality import check_laterality, swap_sides
 from umbrella_core.model.tokenizer import build_byte_tokenizer
 from umbrella_core.plugins import get_plugin_manager
 from umbrella_core.testing import fresh_plugin_manager
@@ -303,13 +304,8 @@ def anatomical(tmp_path):
 
 
 def _dataset(specs, records):
-    return RecordDataset(
-        records,
-        {"t1": specs["t1"]},
-        tokenizer=build_byte_tokenizer(),
-        image_token_id=4,
-        max_length=4096,
-    )
+    t1 = {"t1": specs["t1"]}
+    return RecordDataset(records, t1, Tokenization.of(build_byte_tokenizer(), 4, t1, 4096))
 
 
 def test_a_mirrored_sample_of_a_swap_study_has_its_sides_swapped(pm, specs, anatomical):

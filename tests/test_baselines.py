@@ -16,6 +16,7 @@ import torch
 from umbrella_core import Baseline, QuestionAnswers, hookimpl
 from umbrella_core.commands.listing import plugins_listing
 from umbrella_core.config import load_config
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.data.dataset import RecordDataset
 from umbrella_core.default_plugins.baselines import REGIONAL
 from umbrella_core.errors import ConfigError, DuplicateNameError, PluginError
@@ -85,10 +86,14 @@ def _records(sizes: dict[str, int], *, random_sides: bool = False) -> list[Study
     return records
 
 
+#: Baselines read images alone: no conversation is ever encoded.
+NO_TEXT = Tokenization(
+    tokenizer=None, image_token_id=0, tokens_per_modality={}, max_length=512, chat=None
+)
+
+
 def _dataset(records, name, spec=SPEC):
-    return Synthetic(
-        records, {spec.name: spec}, tokenizer=None, image_token_id=0, max_length=512, name=name
-    )
+    return Synthetic(records, {spec.name: spec}, NO_TEXT, name=name)
 
 
 def _stand_in_table(test_set, questions, max_samples=0):
@@ -371,7 +376,7 @@ def test_a_sample_of_several_images_concatenates_their_features():
 
     def dataset(split):
         mine = [r for r in records if r.split == split]
-        return Synthetic(mine, specs, tokenizer=None, image_token_id=0, max_length=512)
+        return Synthetic(mine, specs, NO_TEXT)
 
     test_set = dataset("test")
     evaluation = _stand_in_table(test_set, questions)

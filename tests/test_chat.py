@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tiny_models.families import FAMILIES, family_tokenizer
 from umbrella_core.constants import IGNORE_INDEX
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.errors import ConfigError, DataError, TokenCountError
 from umbrella_core.model.chat import chat_format
 from umbrella_core.model.chat_templates import TEMPLATE_NAMES, named_template, prepare_tokenizer
@@ -416,9 +417,7 @@ def test_datasets_and_encode_conversation_write_the_format_they_are_given():
     turns = [Turn(role="user", content="How old is the subject?"), *MULTI[3:]]
     record = StudyRecord(subject="sub-01", images=(), turns=turns, source="m.jsonl:1")
     chat = chat_format(tokenizer, "auto", "You are a careful radiologist.")
-    dataset = RecordDataset(
-        [record], {}, tokenizer=tokenizer, image_token_id=image_id, max_length=512, chat=chat
-    )
+    dataset = RecordDataset([record], {}, Tokenization.of(tokenizer, image_id, {}, 512, chat))
     encoded = dataset.encode(record)
     assert encoded == _encode(chat, tokenizer, image_id, turns, [])
     assert "careful radiologist" in tokenizer.decode(encoded.input_ids)

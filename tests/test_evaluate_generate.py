@@ -129,6 +129,7 @@ def test_generated_samples_with_their_slices_are_in_tensorboard(run):
 def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
     from umbrella_core.constants import IGNORE_INDEX
     from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.data.conversation import Tokenization
     from umbrella_core.data.dataset import RecordDataset
     from umbrella_core.data.studies import read_studies
     from umbrella_core.inference.generate import greedy_generate, load_for_inference, record_prompt
@@ -141,9 +142,7 @@ def test_greedy_generation_agrees_with_teacher_forced_accuracy(run):
     held_out = RecordDataset(
         [r for r in data.records if r.split == "test"],
         loaded.specs,
-        tokenizer=tokenizer,
-        image_token_id=model.image_token_id,
-        max_length=1024,
+        Tokenization.of(tokenizer, model.image_token_id, loaded.specs, 1024),
     )
     collator = UmbrellaCollator(tokenizer.pad_token_id, tuple(model.specs))
     correct = 0

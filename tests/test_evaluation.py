@@ -10,7 +10,7 @@ import torch
 
 from umbrella_core import MetricFamily, QuestionAnswers, hookimpl
 from umbrella_core.data.collate import UmbrellaCollator
-from umbrella_core.data.conversation import default_chat_format
+from umbrella_core.data.conversation import Tokenization, default_chat_format
 from umbrella_core.data.dataset import RecordDataset
 from umbrella_core.evaluation.engine import (
     evaluate_dataset,
@@ -64,7 +64,7 @@ def toy():
 def _dataset(toy, records):
     _, specs, model, tokenizer = toy
     return ImagesInMemory(
-        records, specs, tokenizer=tokenizer, image_token_id=model.image_token_id, max_length=512
+        records, specs, Tokenization.of(tokenizer, model.image_token_id, specs, 512)
     )
 
 

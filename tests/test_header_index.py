@@ -14,10 +14,10 @@ from nibabel.testing import data_path
 
 import umbrella_core.imaging.header as header_module
 from umbrella_core.config import load_config
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.data.header_index import MAX_SHARDS, HeaderIndex
 from umbrella_core.data.studies import check_headers_once, read_studies, screen_records
 from umbrella_core.plugins import get_plugin_manager
-from umbrella_core.train.run import record_encoder
 
 VERSIONS = {"t1": "umbrella-t1==test"}
 
@@ -98,7 +98,7 @@ def _launch(config, log=lambda _: None):
     kept, problems = screen_records(
         data.per_study,
         check="files",
-        encode=record_encoder(config, data.specs),
+        encode=Tokenization.for_run(config.model, data.specs).encode,
         pm=pm,
         specs=data.specs,
         index=data.header_index,

@@ -242,3 +242,32 @@ def test_the_door_check_finds_a_second_path():
         "tests/test_a.py: IGNORE_INDEX from umbrella_core.data.conversation "
         "(it lives in umbrella_core.constants)"
     ]
+
+
+# -- functions a reader takes in at once -----------------------------------------------
+
+LONGEST_FUNCTION = 80
+
+
+def long_functions(sources: dict[str, str], limit: int = LONGEST_FUNCTION) -> list[str]:
+    """``file:function (lines)`` for each function longer than ``limit`` lines, nested ones
+    included: a function that long holds several steps, which want names."""
+    found = []
+    for path, text in sorted(sources.items()):
+        for node in ast.walk(ast.parse(text, path)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    found.append(f"{path}:{node.name} ({lines})")
+    return found
+
+
+def test_no_core_function_is_longer_than_a_screen_or_two():
+    sources = {str(p.relative_to(REPOSITORY)): p.read_text() for p in ROOT.rglob("*.py")}
+    assert long_functions(sources) == []
+
+
+def test_the_length_check_counts_nested_functions():
+    body = "\n".join(f"        x{i} = {i}" for i in range(80))
+    text = f"def short():\n    pass\n\n\ndef outer():\n    def inner():\n{body}\n"
+    assert long_functions({"m.py": text}) == ["m.py:outer (82)", "m.py:inner (81)"]

@@ -9,6 +9,7 @@ import pytest
 from torch.utils.data import BatchSampler, DataLoader, Dataset
 
 from umbrella_core.config import load_config
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.data.dataset import RecordDataset
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
 from umbrella_core.errors import ConfigError
@@ -49,9 +50,7 @@ def _dataset(modality: str, n: int, seed: int, **kwargs) -> RecordDataset:
     return RecordDataset(
         [_record(i, modality, rng) for i in range(n)],
         SPECS,
-        tokenizer=TOKENIZER,
-        image_token_id=4,
-        max_length=4096,
+        Tokenization.of(TOKENIZER, 4, SPECS, 4096),
         **kwargs,
     )
 
@@ -64,6 +63,7 @@ def study():
         [len(ds) for ds in sets],
         keys=["t1", "dmri", "t1"],
         lengths=np.concatenate([ds.lengths for ds in sets]),
+        batching="length",
     )
 
 
@@ -160,7 +160,6 @@ def test_resuming_mid_epoch_through_the_trainer_gives_exactly_the_remaining_batc
             train_dataset=Indices(study.total),
             data_collator=lambda items: torch.tensor(items),
             interleaving=study,
-            batching="length",
             provenance={},
             run_meta={},
         )

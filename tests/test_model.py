@@ -235,3 +235,54 @@ def test_loss_hook_terms_are_added_with_their_weight(toy_specs):
     expected = out.nll + 0.5 * out.terms["feature_norm"]
     assert out.terms["feature_norm"] > 0
     assert torch.allclose(out.loss, expected)
+
+
+def test_a_loss_term_gets_the_batch_the_model_was_given(toy_specs):
+    """A term written from docs/PLUGINS.md: every key of the documented ``Batch``, as collated."""
+
+    from umbrella_core import Batch, LossTerm, hookimpl
+    from umbrella_core.testing import ToyModalityPlugin, fresh_plugin_manager
+
+    seen = []
+
+    class Watcher:
+        @hookimpl
+        def umbrella_loss_terms(self, modalities, settings):
+            def watch(outputs, batch):
+                seen.append(batch)
+                return outputs.nll * 0.0
+
+            return [LossTerm(name="watch", compute=watch)]
+
+    pm = fresh_plugin_manager(ToyModalityPlugin(*toy_specs), Watcher())
+    specs = {name: pm.resolve_modality(name).item for name in ("dmri", "t1")}
+    llava, tokenizer, _ = load_base("tiny")
+    model = build_model(
+        llava, specs, pm.patch_embedder, loss_terms=pm.loss_terms(("dmri", "t1"), {})
+    )
+    items = [
+        _item(tokenizer, model, [("t1", torch.rand(1, 8, 8, 8))]),
+        _item(tokenizer, model, [("dmri", torch.rand(1, 8, 8, 8)), ("t1", torch.rand(1, 8, 8, 8))]),
+    ]
+    items[0]["source"], items[1]["source"] = "m.jsonl:1", "m.jsonl:2"
+    batch = _batch(model, tokenizer, *items)
+    model(**batch)
+    (given,) = seen
+    assert set(given) == set(Batch.__required_keys__) == set(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(given[key], batch[key])
+    assert given["sample_sources"] == ["m.jsonl:1", "m.jsonl:2"]
+    assert given["sample_keys"] == ["t1", "dmri+t1"]
+    assert given["image_modalities"] == batch["image_modalities"] == ["t1", "dmri", "t1"]
+    assert {m: v.shape for m, v in given["pixel_values"].items()} == {
+        "dmri": (1, 1, 8, 8, 8),
+        "t1": (2, 1, 8, 8, 8),
+    }
+    assert given["image_places"] == batch["image_places"]
+
+
+def test_forward_takes_only_the_batch_and_its_options(assembled):
+    model, tokenizer, _ = assembled
+    batch = _batch(model, tokenizer, _item(tokenizer, model, [("t1", torch.rand(1, 8, 8, 8))]))
+    with pytest.raises(TypeError, match="num_items_in_batch"):
+        model(**batch, num_items_in_batch=3)

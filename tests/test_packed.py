@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.data.dataset import RecordDataset
 from umbrella_core.data.packed import PackedItems, PackedRecords
 from umbrella_core.model.tokenizer import build_byte_tokenizer
@@ -87,8 +88,9 @@ def test_a_packed_dataset_gives_the_same_samples_in_a_worker_too(tmp_path):
         )
         for i in range(200)
     ]
+    specs = {"t1": spec}
     dataset = RecordDataset(
-        originals, {"t1": spec}, tokenizer=build_byte_tokenizer(), image_token_id=4, max_length=4096
+        originals, specs, Tokenization.of(build_byte_tokenizer(), 4, specs, 4096)
     )
     before = [dataset.encode(dataset.record(r)) for r, _ in dataset.items]
     dataset.pack()

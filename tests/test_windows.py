@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from umbrella_core.data.cache import PreprocessedCache
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.data.dataset import RecordDataset, load_image
 from umbrella_core.errors import DataError
 from umbrella_core.imaging import save_nifti
@@ -49,9 +50,7 @@ def test_a_long_series_gives_one_sample_per_window(fmri, series_file):
     dataset = RecordDataset(
         [_record(series_file)],
         {"fmri": fmri},
-        tokenizer=build_byte_tokenizer(),
-        image_token_id=4,
-        max_length=512,
+        Tokenization.of(build_byte_tokenizer(), 4, {"fmri": fmri}, 512),
     )
     assert len(dataset) == 1 + (44 - 8) // 8 == 5
     windows = [dataset[i]["images"][0][1].numpy() for i in range(len(dataset))]
@@ -82,9 +81,7 @@ def test_series_shorter_than_a_window_is_refused_naming_the_file(fmri, tmp_path)
         RecordDataset(
             [_record(short)],
             {"fmri": fmri},
-            tokenizer=build_byte_tokenizer(),
-            image_token_id=4,
-            max_length=512,
+            Tokenization.of(build_byte_tokenizer(), 4, {"fmri": fmri}, 512),
         )
 
 

@@ -9,9 +9,7 @@ Importing this package loads neither torch nor any plugin.
 
 from __future__ import annotations
 
-from umbrella_core.augmentation import Augmentation
 from umbrella_core.constants import CORE_VERSION, IGNORE_INDEX
-from umbrella_core.data.batch import Batch
 from umbrella_core.errors import (
     ConfigError,
     DataError,
@@ -24,7 +22,9 @@ from umbrella_core.errors import (
 from umbrella_core.hookspecs import hookimpl
 from umbrella_core.types import (
     IMAGE_PLACEHOLDER,
+    Augmentation,
     Baseline,
+    Batch,
     Command,
     Demo,
     ImageRef,

@@ -23,4 +23,4 @@ IGNORE_INDEX = -100
 #: preprocessed cache and the header index key on it beside each modality
 #: plugin's version, so any change to those outputs raises it
 #: (tests/test_versions.py checks that the code and this number move together).
-IMAGING_VERSION = 1
+IMAGING_VERSION = 2

@@ -24,9 +24,9 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps torch out of import time
     import torch.nn as nn
 
-    from umbrella_core.augmentation import Augmentation
     from umbrella_core.errors import DataError
     from umbrella_core.types import (
+        Augmentation,
         Baseline,
         Command,
         LossTerm,

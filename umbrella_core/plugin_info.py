@@ -7,8 +7,7 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.augmentation import Augmentation
-from umbrella_core.types import Baseline, Command, LossTerm, MetricFamily
+from umbrella_core.types import Augmentation, Baseline, Command, LossTerm, MetricFamily
 
 __all__ = ["OFFERS", "PluginInfo"]
 

@@ -35,12 +35,12 @@ import attrs
 import pluggy
 
 import umbrella_core.hookspecs as hookspecs
-from umbrella_core.augmentation import Augmentation
 from umbrella_core.errors import DataError, DuplicateNameError, PluginError, UmbrellaError
 from umbrella_core.modality_registry import ModalityRegistry, Provided
 from umbrella_core.plugin_info import OFFERS as _OFFERS
 from umbrella_core.plugin_info import PluginInfo
 from umbrella_core.types import (
+    Augmentation,
     Baseline,
     Command,
     LossTerm,

@@ -27,7 +27,7 @@ would touch, its laterality decides (the record's own
 task; else ``data.laterality.<study>``; else ``refuse`` when a turn names a
 side): ``refuse`` is a config error naming the key and the record, ``swap``
 swaps left and right in its turns whenever its images were mirrored,
-``ignore`` lets it be (:mod:`umbrella_core.laterality`).
+``ignore`` lets it be (:mod:`umbrella_core.augmentation.laterality`).
 
 Answers that depend on position or intensity. A record's ``forbid_augment``
 names transforms that must not touch its images (``spatial`` stands for every
@@ -43,9 +43,7 @@ from __future__ import annotations
 
 from umbrella_core.augmentation.build import build_pipelines, run_pipelines
 from umbrella_core.augmentation.values import (
-    SIDES,
     SPATIAL,
-    Augmentation,
     AugmentStep,
     Pipeline,
     fold,
@@ -53,13 +51,11 @@ from umbrella_core.augmentation.values import (
 )
 
 __all__ = [
-    "Augmentation",
     "AugmentStep",
     "Pipeline",
     "build_pipelines",
     "run_pipelines",
     "fold",
     "unfold",
-    "SIDES",
     "SPATIAL",
 ]

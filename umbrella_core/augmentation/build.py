@@ -15,7 +15,6 @@ from umbrella_core.augmentation.monai_transforms import (
     monai_augmentation,
 )
 from umbrella_core.augmentation.values import (
-    Augmentation,
     AugmentStep,
     Pipeline,
     fold,
@@ -23,7 +22,7 @@ from umbrella_core.augmentation.values import (
     unfold,
 )
 from umbrella_core.errors import ConfigError, UmbrellaError
-from umbrella_core.types import ModalitySpec
+from umbrella_core.types import Augmentation, ModalitySpec
 
 __all__ = ["build_pipelines", "run_pipelines"]
 
@@ -203,7 +202,7 @@ def run_pipelines(
     settings = {k: v for k, v in config.data.augment.items() if not _is_off(v)}
     if not settings:
         return {}
-    from umbrella_core.laterality import check_laterality, check_swapped, skipped_steps
+    from umbrella_core.augmentation.laterality import check_laterality, check_swapped, skipped_steps
 
     pipelines = build_pipelines(
         settings,

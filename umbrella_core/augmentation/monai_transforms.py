@@ -8,9 +8,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from umbrella_core.augmentation.values import Augmentation
 from umbrella_core.errors import ConfigError
-from umbrella_core.types import ModalitySpec
+from umbrella_core.types import Augmentation, ModalitySpec
 
 __all__ = ["monai_augmentation", "is_monai_affine", "fixed_grid", "in_float32"]
 

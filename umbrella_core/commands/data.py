@@ -42,10 +42,10 @@ def _demo_data(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from umbrella_core.augmentation import run_pipelines
     from umbrella_core.config import load_config
+    from umbrella_core.data.conversation import Tokenization
     from umbrella_core.data.header_index import HeaderIndex
     from umbrella_core.data.studies import plugin_versions, resolve_specs
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.train.run import record_encoder
     from umbrella_core.validate import validate_locations
 
     # Judged as `umbrella train --study LOCATION [--config] [--set]` would
@@ -63,7 +63,7 @@ def _validate(args: argparse.Namespace) -> int:
     # which records a mirror would change, train judges: it knows the split.
     run_pipelines(config, pm, specs, (), lambda _: None)
     # A conversation too long for the run is found here, not at its step 1.
-    encode = record_encoder(config, specs)
+    encode = Tokenization.for_run(config.model, specs).encode
     # Images decoded by an earlier validate (unchanged since) are not decoded again.
     index = HeaderIndex.for_setting(config.data.header_index, plugin_versions(provenance))
     report = validate_locations(

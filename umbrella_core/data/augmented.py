@@ -22,7 +22,7 @@ from typing import Any
 from torch.utils.data import ConcatDataset
 
 from umbrella_core.augmentation import Pipeline
-from umbrella_core.laterality import effective_laterality, swapped
+from umbrella_core.augmentation.laterality import effective_laterality, swapped
 
 __all__ = ["AugmentedDataset", "log_augmented_slices"]
 

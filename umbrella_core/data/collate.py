@@ -1,7 +1,7 @@
 """The collator: pads text, masks labels, stacks images per modality, and records
 where each image goes.
 
-A batch (:class:`~umbrella_core.data.batch.Batch`) may mix modalities and
+A batch (:class:`~umbrella_core.types.Batch`) may mix modalities and
 samples may hold several images. Images are grouped by modality name
 (invariant I2: dispatch by name, never by shape); ``image_places`` records,
 for each stacked image, its row and the ordinal of its placeholder in that
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from umbrella_core.constants import IGNORE_INDEX
-from umbrella_core.data.batch import Batch
+from umbrella_core.types.batch import Batch
 
 __all__ = ["UmbrellaCollator"]
 
@@ -23,7 +23,7 @@ PADDING_SIDES = ("right", "left")
 
 
 class UmbrellaCollator:
-    """Collate dataset items into one :class:`~umbrella_core.data.batch.Batch`.
+    """Collate dataset items into one :class:`~umbrella_core.types.Batch`.
 
     An item holds ``input_ids``, ``labels`` (left out for a prompt to generate
     from: nothing is learned), ``images`` (``(modality, tensor)`` in placeholder

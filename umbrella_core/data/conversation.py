@@ -142,13 +142,29 @@ class Tokenization:
 
     def encode(self, record: StudyRecord, *, add_generation_prompt: bool = False) -> Encoded:
         """``record``'s token ids and labels; errors name the record's source."""
-        return self.chat.encode(
+        return self.encode_turns(
             record.turns,
             record.modalities,
+            add_generation_prompt=add_generation_prompt,
+            where=record.source or f"subject {record.subject}",
+        )
+
+    def encode_turns(
+        self,
+        turns: Sequence[Turn],
+        image_modalities: Sequence[str],
+        *,
+        add_generation_prompt: bool = False,
+        where: str = "",
+    ) -> Encoded:
+        """A conversation's token ids and labels (:func:`encode_conversation`'s arguments)."""
+        return self.chat.encode(
+            list(turns),
+            list(image_modalities),
             tokenizer=self.tokenizer,
             image_token_id=self.image_token_id,
             tokens_per_modality=self.tokens_per_modality,
             max_length=self.max_length,
             add_generation_prompt=add_generation_prompt,
-            where=record.source or f"subject {record.subject}",
+            where=where,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from umbrella_core.data.conversation import encode_conversation
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.errors import DataError
 from umbrella_core.types import ModalitySpec, StudyRecord
 
@@ -61,39 +61,42 @@ class RecordDataset:
     (list of ``(modality, tensor)`` in placeholder order), ``key`` (the record's
     modality key, for per-modality logging) and ``source``.
 
-    ``record_lengths`` (since 0.3): each record's encoded length, where the
-    caller already encoded them (screening does), so that :attr:`lengths`
-    needs no second pass over the conversations.
+    Args:
+        records: Its records.
+        specs: The run's modality specs (how each image is loaded).
+        tokenization: How a record becomes tokens (:class:`Tokenization`).
+        name: Shown in logs and tables (``demo/t1``, ``test``).
+        key: The interleaving key: samples of one key may share a batch under
+            ``data.batching: modality|length`` (the records' modality key for a
+            training set); default ``name``.
+        cache: The preprocessed cache, or None.
+        frames: ``frames(spec, paths)``: a series' frames (a HeaderIndex's, since
+            0.3, so a relaunch reads no fMRI header for them).
+        record_lengths: Each record's encoded length, where the caller already
+            encoded them (screening does), so that :attr:`lengths` needs no
+            second pass over the conversations (since 0.3).
     """
 
     def __init__(
         self,
         records: Sequence[StudyRecord],
         specs: Mapping[str, ModalitySpec],
+        tokenization: Tokenization,
         *,
-        tokenizer: Any,
-        image_token_id: int,
-        max_length: int,
         name: str = "",
+        key: str | None = None,
         cache: Any = None,
-        chat: Any = None,
         frames: Any = None,
         record_lengths: Sequence[int] | None = None,
     ) -> None:
         self.records: Sequence[StudyRecord] = list(records)
         self.specs = dict(specs)
-        self.tokenizer = tokenizer
-        self.image_token_id = image_token_id
-        self.max_length = max_length
+        self.tokenization = tokenization
         self.name = name
+        self.key = key if key is not None else name
         self.cache = cache
-        # The language model's conversation format (a ChatFormat); None: the
-        # tokenizer's own chat template, else LLaVA-1.5.
-        self.chat = chat
-        self.tokens_per_modality = {n: s.num_tokens for n, s in self.specs.items()}
-        # ``frames(spec, paths)``: a series' frames (a HeaderIndex's, since
-        # 0.3, so a relaunch reads no fMRI header for them). Not kept: workers
-        # started by spawn would get the whole index pickled.
+        # ``frames`` is not kept: workers started by spawn would get the whole
+        # index pickled.
         self.items = self._windows(frames or None)
         if record_lengths is not None and len(record_lengths) != len(self.records):
             raise ValueError(
@@ -147,12 +150,7 @@ class RecordDataset:
             if per_record is None:
                 from umbrella_core.data.lengths import conversation_lengths
 
-                per_record = conversation_lengths(
-                    self.records,
-                    tokenizer=self.tokenizer,
-                    tokens_per_modality=self.tokens_per_modality,
-                    chat=self.chat,
-                )
+                per_record = conversation_lengths(self.records, self.tokenization)
             owners = np.fromiter((r for r, _ in self.items), dtype=np.int64, count=len(self.items))
             self._lengths = np.asarray(per_record, dtype=np.int64)[owners]
         return self._lengths
@@ -176,17 +174,8 @@ class RecordDataset:
         return self.records[index]
 
     def encode(self, record: StudyRecord, *, add_generation_prompt: bool = False) -> Any:
-        return encode_conversation(
-            record.turns,
-            record.modalities,
-            tokenizer=self.tokenizer,
-            image_token_id=self.image_token_id,
-            tokens_per_modality=self.tokens_per_modality,
-            max_length=self.max_length,
-            add_generation_prompt=add_generation_prompt,
-            where=record.source or f"subject {record.subject}",
-            chat=self.chat,
-        )
+        """``record``'s token ids and labels (:meth:`Tokenization.encode`)."""
+        return self.tokenization.encode(record, add_generation_prompt=add_generation_prompt)
 
     def images(self, record: StudyRecord, window: int | None = None) -> list[tuple[str, Any]]:
         return [
@@ -212,9 +201,9 @@ class RecordDataset:
         }
 
 
-def group_records(records: Sequence[StudyRecord]) -> dict[str, list[StudyRecord]]:
-    """Records grouped by ``study/modality_key``, in first-seen order."""
-    groups: dict[str, list[StudyRecord]] = {}
+def group_records(records: Sequence[StudyRecord]) -> dict[tuple[str, str], list[StudyRecord]]:
+    """Records grouped by ``(study, modality_key)``, in first-seen order."""
+    groups: dict[tuple[str, str], list[StudyRecord]] = {}
     for record in records:
-        groups.setdefault(f"{record.study}/{record.modality_key}", []).append(record)
+        groups.setdefault((record.study, record.modality_key), []).append(record)
     return groups

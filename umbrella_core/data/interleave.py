@@ -26,7 +26,8 @@ of many global batches before cutting them, so a batch pads little (see
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,11 @@ class Interleaving:
             modality-homogeneous batches; default: every source its own key.
         lengths: Each sample's length in tokens, sources concatenated (as the
             global indices run), for ``length`` batching (since 0.3).
+        batching: How a sampler of it batches samples by default: ``mixed``,
+            ``modality`` or ``length`` (:data:`BATCHING`; since 0.6).
+
+    :meth:`of_datasets` builds one from a run's training sets, with what its
+    batching needs.
     """
 
     def __init__(
@@ -77,6 +83,7 @@ class Interleaving:
         weights: Sequence[float] | None = None,
         keys: Sequence[str] | None = None,
         lengths: Sequence[int] | None = None,
+        batching: str = "mixed",
     ) -> None:
         if not sizes or any(s <= 0 for s in sizes):
             raise ValueError(f"every source needs at least one sample, got sizes {list(sizes)}")
@@ -96,6 +103,40 @@ class Interleaving:
         self.lengths = None if lengths is None else np.asarray(lengths, dtype=np.int64)
         if self.lengths is not None and self.lengths.shape != (self.total,):
             raise ValueError(f"need {self.total} lengths, got {len(self.lengths)}")
+        _check_batching(batching, self)
+        self.batching = batching
+
+    @classmethod
+    def of_datasets(
+        cls,
+        datasets: Sequence[Any],
+        weights: Sequence[float],
+        batching: str = "mixed",
+        log: Callable[[str], None] | None = None,
+    ) -> Interleaving:
+        """The interleaving of a run's training sets (each with ``key`` and ``lengths``).
+
+        Counts the samples' lengths only where ``batching`` is ``length``, and
+        then before the records are packed (counting packed ones decodes each),
+        saying how long it took through ``log``.
+        """
+        lengths = None
+        if batching == "length":
+            started = time.perf_counter()
+            lengths = np.concatenate([ds.lengths for ds in datasets])
+            if log is not None:
+                log(
+                    f"length batching: {len(lengths)} samples, {int(np.median(lengths))} tokens "
+                    f"(median), {int(lengths.max())} the longest; counted in "
+                    f"{time.perf_counter() - started:.1f} s"
+                )
+        return cls(
+            [len(ds) for ds in datasets],
+            weights,
+            keys=[ds.key for ds in datasets],
+            lengths=lengths,
+            batching=batching,
+        )
 
     @property
     def total(self) -> int:
@@ -216,7 +257,8 @@ class InterleavedSampler:
             epoch is trimmed to a multiple of it (so no rank wraps around) and,
             with ``batching="modality"`` or ``"length"``, each global batch holds one key.
         batching: ``mixed``, ``modality`` or ``length`` (see :data:`BATCHING`;
-            ``length`` needs the interleaving's ``lengths``).
+            ``length`` needs the interleaving's ``lengths``); default: the
+            interleaving's.
         draws: Yield ``(index, epoch, position)`` instead of the index: what
             seeds a sample's augmentation (:mod:`umbrella_core.data.augmented`;
             since 0.3).
@@ -229,15 +271,11 @@ class InterleavedSampler:
         length: int | None = None,
         *,
         global_batch: int = 1,
-        batching: str = "mixed",
+        batching: str | None = None,
         draws: bool = False,
     ) -> None:
-        if batching not in BATCHING:
-            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
-        if batching == "length" and interleaving.lengths is None:
-            raise ValueError(
-                "batching 'length' needs the samples' lengths (Interleaving(lengths=))"
-            )
+        batching = interleaving.batching if batching is None else batching
+        _check_batching(batching, interleaving)
         self.interleaving = interleaving
         self.seed = int(seed)
         self.length = length
@@ -272,3 +310,10 @@ class InterleavedSampler:
         trimmed = total // self.global_batch * self.global_batch
         # Fewer samples than one global batch: keep them (a tiny study still trains).
         return trimmed or total
+
+
+def _check_batching(batching: str, interleaving: Interleaving) -> None:
+    if batching not in BATCHING:
+        raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {batching!r}")
+    if batching == "length" and interleaving.lengths is None:
+        raise ValueError("batching 'length' needs the samples' lengths (Interleaving(lengths=))")

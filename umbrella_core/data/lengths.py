@@ -30,12 +30,15 @@ encoding (``benchmarks/padding.py``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from umbrella_core.types import IMAGE_PLACEHOLDER, StudyRecord
+
+if TYPE_CHECKING:  # pragma: no cover
+    from umbrella_core.data.conversation import Tokenization
 
 __all__ = ["conversation_lengths"]
 
@@ -43,25 +46,16 @@ __all__ = ["conversation_lengths"]
 _CHUNK = 4096
 
 
-def conversation_lengths(
-    records: Sequence[StudyRecord],
-    *,
-    tokenizer: Any,
-    tokens_per_modality: Mapping[str, int],
-    chat: Any = None,
-) -> np.ndarray:
+def conversation_lengths(records: Sequence[StudyRecord], tokenization: Tokenization) -> np.ndarray:
     """Token count of each record's conversation, images included (int64, one per record).
 
     Args:
         records: The records, in the order the counts are wanted.
-        tokenizer: The run's tokenizer.
-        tokens_per_modality: Image tokens per image of each modality.
-        chat: The conversation format (a :class:`~umbrella_core.model.chat.ChatFormat`);
-            None: the tokenizer's default one, as :class:`RecordDataset` encodes.
+        tokenization: How the run encodes a record (its tokenizer, chat format and
+            image tokens per modality).
     """
-    from umbrella_core.data.conversation import default_chat_format
-
-    chat = chat if chat is not None else default_chat_format(tokenizer)
+    chat, tokenizer = tokenization.chat, tokenization.tokenizer
+    tokens_per_modality = tokenization.tokens_per_modality
     slot: dict[tuple[Any, ...], int] = {}
     of_record = np.empty(len(records), dtype=np.int64)
     texts: list[str] = []

@@ -39,32 +39,66 @@ def evaluate_checkpoint(
     records and chosen on their ``validation`` records, read as the run read
     them (geometry, preprocessing, cache), unless they are the split evaluated.
     """
+    from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.data.studies import read_studies
+    from umbrella_core.inference.generate import load_for_inference
+
+    loaded = load_for_inference(checkpoint, pm)
+    config = _studies_of(checkpoint, loaded.config, studies, log)
+    data = read_studies(config, pm, log=log)
+    dataset = _split_set(checkpoint, loaded, data, split)
+    if config.data.workers:
+        dataset.pack()  # forked workers then copy none of the records' pages
+    questions = index_questions(data.records, pm.metric_families(config.evaluation))
+    evaluation = evaluate_dataset(
+        loaded.model,
+        dataset,
+        UmbrellaCollator(loaded.tokenizer.pad_token_id, tuple(loaded.model.specs)),
+        questions,
+        batch_size=batch_size or config.trainer.batch_size,
+        workers=config.data.workers,
+        max_samples=max_samples,
+        max_new_tokens=config.trainer.eval_max_new_tokens,
+        progress=progress,
+        description=f"evaluating {split}",
+    )
+    _checkpoint_baselines(
+        evaluation, dataset, split, questions, loaded, config, data, pm, max_samples, log
+    )
+    return evaluation
+
+
+def _studies_of(
+    checkpoint: str, config: Any, studies: Sequence[str], log: Callable[[str], None]
+) -> Any:
+    """The run configuration with the studies to evaluate: ``studies``, else the run's own,
+    split as the run split them (its ``split.tsv``: the same test subjects)."""
     import attrs
 
     from umbrella_core.config import StudyConfig
-    from umbrella_core.data.collate import UmbrellaCollator
-    from umbrella_core.data.dataset import RecordDataset
     from umbrella_core.data.split_table import split_file_of_checkpoint
-    from umbrella_core.data.studies import read_studies
-    from umbrella_core.errors import DataError, ModelError
-    from umbrella_core.inference.generate import load_for_inference
-    from umbrella_core.model.chat import chat_format
 
-    loaded = load_for_inference(checkpoint, pm)
-    config = loaded.config
     if studies:
-        config = attrs.evolve(
-            config,
-            data=attrs.evolve(config.data, studies=tuple(StudyConfig(location=s) for s in studies)),
-        )
-    else:
-        written = split_file_of_checkpoint(checkpoint)
-        if written is not None and not config.data.split.file:
-            # The run's own split, as it was written: the same test subjects.
-            log(f"split of the run: {written}")
-            sides = attrs.evolve(config.data.split, file=str(written))
-            config = attrs.evolve(config, data=attrs.evolve(config.data, split=sides))
-    data = read_studies(config, pm, log=log)
+        given = tuple(StudyConfig(location=s) for s in studies)
+        return attrs.evolve(config, data=attrs.evolve(config.data, studies=given))
+    written = split_file_of_checkpoint(checkpoint)
+    if written is None or config.data.split.file:
+        return config
+    log(f"split of the run: {written}")
+    sides = attrs.evolve(config.data.split, file=str(written))
+    return attrs.evolve(config, data=attrs.evolve(config.data, split=sides))
+
+
+def _split_set(checkpoint: str, loaded: Any, data: Any, split: str) -> Any:
+    """The records of ``split`` as a dataset read as the checkpoint's run read its images.
+
+    Raises:
+        ModelError: the studies' geometry is not the checkpoint's.
+        DataError: no record of ``split``.
+    """
+    from umbrella_core.data.dataset import RecordDataset
+    from umbrella_core.errors import DataError, ModelError
+
     for name, spec in data.specs.items():
         have = loaded.specs.get(name)
         if have is None or have.input_shape != spec.input_shape:
@@ -82,38 +116,13 @@ def evaluate_checkpoint(
             f"no record of split {split!r} in {', '.join(data.locations)} "
             f"(splits there: {', '.join(present)})"
         )
-    model = loaded.model
-    dataset = RecordDataset(
+    return RecordDataset(
         wanted,
         loaded.specs,
-        tokenizer=loaded.tokenizer,
-        image_token_id=model.image_token_id,
-        max_length=config.model.max_length,
+        loaded.tokenization(),
         name=split,
-        # The checkpoint's tokenizer carries its chat template: "auto" finds it.
-        chat=chat_format(loaded.tokenizer, "auto", config.model.system_prompt),
         frames=data.header_index.frames if data.header_index is not None else None,
     )
-    if config.data.workers:
-        dataset.pack()  # forked workers then copy none of the records' pages
-    collator = UmbrellaCollator(loaded.tokenizer.pad_token_id, tuple(model.specs))
-    questions = index_questions(data.records, pm.metric_families(config.evaluation))
-    evaluation = evaluate_dataset(
-        model,
-        dataset,
-        collator,
-        questions,
-        batch_size=batch_size or config.trainer.batch_size,
-        workers=config.data.workers,
-        max_samples=max_samples,
-        max_new_tokens=config.trainer.eval_max_new_tokens,
-        progress=progress,
-        description=f"evaluating {split}",
-    )
-    _checkpoint_baselines(
-        evaluation, dataset, split, questions, loaded, config, data, pm, max_samples, log
-    )
-    return evaluation
 
 
 def _checkpoint_baselines(
@@ -150,9 +159,7 @@ def _checkpoint_baselines(
         return RecordDataset(
             records,
             loaded.specs,
-            tokenizer=loaded.tokenizer,
-            image_token_id=loaded.model.image_token_id,
-            max_length=config.model.max_length,
+            loaded.tokenization(),
             name=name,
             cache=cache,
             frames=data.header_index.frames if data.header_index is not None else None,

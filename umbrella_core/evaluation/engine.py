@@ -40,7 +40,6 @@ from typing import Any
 import attrs
 
 from umbrella_core.constants import IGNORE_INDEX
-from umbrella_core.data.batch import batch_to
 from umbrella_core.errors import DataError
 from umbrella_core.types import (
     IMAGE_PLACEHOLDER,
@@ -49,6 +48,7 @@ from umbrella_core.types import (
     StudyRecord,
     Turn,
 )
+from umbrella_core.types.batch import batch_to
 
 __all__ = [
     "Question",
@@ -212,7 +212,7 @@ class _Items:
         """Tokens worth decoding for an answer: twice the longest answer the question has
         in the run, at least 8 more (a number needs a few; an untrained model never stops)."""
         if asked.text not in self.limits:
-            tokenizer = self.dataset.tokenizer
+            tokenizer = self.dataset.tokenization.tokenizer
             n = len(tokenizer(asked.longest, add_special_tokens=False)["input_ids"]) + 1
             self.limits[asked.text] = max(2 * n, n + 8)
         return self.limits[asked.text]
@@ -258,14 +258,12 @@ def evaluate_dataset(
     import torch
     from torch.utils.data import DataLoader
 
-    from umbrella_core.data.conversation import default_chat_format
     from umbrella_core.inference.generate import decode, greedy_generate_batch
 
-    tokenizer = dataset.tokenizer
-    # The format the prompts are encoded with (the dataset's, else its default), and
-    # its stop tokens alone: what `umbrella generate` stops at (eos and end-of-turn).
-    chat = getattr(dataset, "chat", None) or default_chat_format(tokenizer)
-    stops = {int(token) for token in chat.stop_token_ids}
+    tokenizer = dataset.tokenization.tokenizer
+    # The stop tokens of the format the prompts are encoded with: what `umbrella
+    # generate` stops at (eos and end-of-turn).
+    stops = {int(token) for token in dataset.tokenization.chat.stop_token_ids}
     indices = spread_indices(len(dataset), max_samples)
     items = _Items(dataset, indices, questions)
     loader = DataLoader(

@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ModalitySpec, Turn
 
 if TYPE_CHECKING:  # pragma: no cover
-    from umbrella_core.data.batch import Batch
+    from umbrella_core.types.batch import Batch
 
 __all__ = [
     "Loaded",
@@ -52,6 +53,21 @@ class Loaded:
     config: Any
     #: The checkpoint's modalities with the run's geometry and preprocessing settings.
     specs: dict[str, ModalitySpec]
+
+    def tokenization(self, system_prompt: str | None = None) -> Tokenization:
+        """How a conversation becomes the checkpoint's tokens: its tokenizer carries the chat
+        template it was trained with (``auto`` finds it), its run configuration the system
+        prompt (unless ``system_prompt`` is given) and the longest sequence."""
+        from umbrella_core.model.chat import chat_format
+
+        system = self.config.model.system_prompt if system_prompt is None else system_prompt
+        return Tokenization.of(
+            self.tokenizer,
+            self.model.image_token_id,
+            self.specs,
+            self.config.model.max_length,
+            chat_format(self.tokenizer, "auto", system),
+        )
 
 
 def load_for_inference(checkpoint: str | os.PathLike, pm: Any, *, device: Any = None) -> Loaded:
@@ -127,8 +143,8 @@ def _prompt_batch(
 ) -> Batch:
     """The prompts as the collator batches them for generation (left padding, no labels),
     on ``device``."""
-    from umbrella_core.data.batch import batch_to
     from umbrella_core.data.collate import UmbrellaCollator
+    from umbrella_core.types.batch import batch_to
 
     # Modalities the model lacks are left in: the model names them (ModelError).
     given = {m for row in images for m, _ in row}
@@ -405,26 +421,12 @@ def encode_prompt(
 ) -> tuple[list[int], Any]:
     """The prompt ids of a conversation that ends with a user turn, and its chat format.
 
-    The checkpoint's tokenizer carries the chat template it was trained with
-    (``auto`` finds it), its run configuration the system prompt (unless
-    ``system_prompt`` is given); each ``<image>`` expands to its modality's
-    token count, in ``modalities`` order.
+    The checkpoint's :meth:`Loaded.tokenization` encodes it; each ``<image>``
+    expands to its modality's token count, in ``modalities`` order.
     """
-    from umbrella_core.model.chat import chat_format
-
-    system = loaded.config.model.system_prompt if system_prompt is None else system_prompt
-    chat = chat_format(loaded.tokenizer, "auto", system)
-    encoded = chat.encode(
-        list(turns),
-        list(modalities),
-        tokenizer=loaded.tokenizer,
-        image_token_id=loaded.model.image_token_id,
-        tokens_per_modality={n: s.num_tokens for n, s in loaded.specs.items()},
-        max_length=loaded.config.model.max_length,
-        add_generation_prompt=True,
-        where=where,
-    )
-    return encoded.input_ids, chat
+    tokenization = loaded.tokenization(system_prompt)
+    encoded = tokenization.encode_turns(turns, modalities, add_generation_prompt=True, where=where)
+    return encoded.input_ids, tokenization.chat
 
 
 def generate_answer(

@@ -1,7 +1,7 @@
 """Where each image's features go: a batch's placement record checked against its placeholders.
 
 A collated batch records, per modality, each image's ``(row, ordinal)``: the
-ordinal-th image of that row (:class:`umbrella_core.data.batch.Batch`,
+ordinal-th image of that row (:class:`umbrella_core.types.Batch`,
 ``image_places``). :func:`placement` checks that record against the rows'
 placeholder tokens (every image of a row present once, each image's tokens
 one unbroken run of placeholders, the counts agreeing) and gives the order in

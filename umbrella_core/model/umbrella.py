@@ -23,7 +23,7 @@ from umbrella_core.errors import ModelError, TokenCountError
 from umbrella_core.model.embeddings import ModalityEmbeddings
 from umbrella_core.model.loss import LogitHead, learned_token_loss
 from umbrella_core.model.placement import ordered_features
-from umbrella_core.types import LossTerm, ModalitySpec
+from umbrella_core.types import Batch, LossTerm, ModalitySpec
 
 __all__ = ["UmbrellaModel", "UmbrellaOutput", "TRAINABLE_SETS"]
 
@@ -415,16 +415,19 @@ class UmbrellaModel(nn.Module):
         image_places: Mapping[str, Sequence[tuple[int, int]]] | None = None,
         sample_keys: Sequence[str] | None = None,
         sample_sources: Sequence[str | None] | None = None,
+        *,
         return_logits: bool | None = None,
         return_correct: bool | None = None,
         loss_chunk_size: int | None = None,
-        **_: Any,
     ) -> UmbrellaOutput:
         """Run the model; with ``labels``, the unified loss over the learned tokens.
 
         Logits are computed where labels are learned only, in chunks that the
         backward pass recomputes (:func:`umbrella_core.model.loss.learned_token_loss`),
         with the text model's logit scaling and soft-capping applied.
+
+        The arguments before ``*`` are a :class:`~umbrella_core.types.Batch`'s
+        keys (``model(**batch)``); the loss terms get them back as that ``Batch``.
 
         Args:
             input_ids: ``(B, L)`` token ids with image placeholders.
@@ -435,8 +438,8 @@ class UmbrellaModel(nn.Module):
             image_places: Per modality, ``(row, ordinal)`` of each image of
                 ``pixel_values[m]``: where it goes (:meth:`splice`).
             sample_keys: Modality key per row, for :attr:`UmbrellaOutput.key_losses`.
-            sample_sources: Where each row's record was read; not used here
-                (the trainer's reports name them), taken so ``model(**batch)`` works.
+            sample_sources: Where each row's record was read, for the loss terms'
+                batch (the trainer's reports of a non-finite loss name it).
             return_logits: Full ``(B, L, vocab)`` logits. Default: without labels,
                 in eval mode, or when a loss term sets ``needs_logits``.
             return_correct: :attr:`UmbrellaOutput.token_correct`. Default: in eval mode.
@@ -463,45 +466,70 @@ class UmbrellaModel(nn.Module):
         result = UmbrellaOutput(logits=logits, image_features=features)
         if labels is None:
             return result
+        batch = Batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask
+            if attention_mask is not None
+            else torch.ones_like(input_ids),
+            labels=labels,
+            pixel_values=dict(pixel_values or {}),
+            image_places={m: list(p) for m, p in (image_places or {}).items()},
+            image_modalities=list(image_modalities or ()),
+            sample_keys=list(sample_keys or ()),
+            sample_sources=list(sample_sources or ()),
+        )
+        want_correct = not self.training if return_correct is None else return_correct
+        self._add_loss(result, head, hidden, batch, coverage, want_correct, loss_chunk_size)
+        if sample_keys is not None:
+            result.key_losses, result.key_tokens = _key_losses(
+                result.token_loss, labels[:, 1:].to(hidden.device) != IGNORE_INDEX, sample_keys
+            )
+        return result
+
+    def _add_loss(
+        self,
+        result: UmbrellaOutput,
+        head: LogitHead,
+        hidden: torch.Tensor,
+        batch: Batch,
+        coverage: torch.Tensor,
+        want_correct: bool,
+        chunk_size: int | None,
+    ) -> None:
+        """The unified loss into ``result``: the NLL of the learned tokens, the coverage
+        term (exactly 0), and each loss term's value, weighted."""
+        labels = batch["labels"]
         token_loss, token_correct = learned_token_loss(
             head,
             hidden,
             labels,
-            chunk_size=loss_chunk_size,
+            chunk_size=chunk_size,
             uniform=self.uniform_module_order,
-            want_correct=not self.training if return_correct is None else return_correct,
+            want_correct=want_correct,
         )
         learned = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
-        nll = token_loss.sum() / learned.sum().clamp(min=1)
-        loss = nll + coverage
-        terms: dict[str, torch.Tensor] = {}
-        result.nll = nll
-        result.loss = loss
+        result.nll = token_loss.sum() / learned.sum().clamp(min=1)
         result.token_loss = token_loss
         result.token_correct = token_correct
+        terms: dict[str, torch.Tensor] = {}
+        loss = result.loss = result.nll + coverage
         for term in self.loss_terms:
-            value = term.compute(
-                result,
-                {
-                    "input_ids": input_ids,
-                    "labels": labels,
-                    "pixel_values": pixel_values,
-                    "image_modalities": image_modalities,
-                    "image_places": image_places,
-                },
-            )
+            value = term.compute(result, batch)
             terms[term.name] = value
             loss = loss + term.weight * value
         result.loss = loss
         result.terms = terms
-        if sample_keys is not None:
-            per_row = token_loss.detach().sum(dim=1)
-            rows = learned.sum(dim=1)
-            key_sum: dict[str, float] = {}
-            key_tokens: dict[str, int] = {}
-            for key, s, n in zip(sample_keys, per_row.tolist(), rows.tolist(), strict=False):
-                key_sum[key] = key_sum.get(key, 0.0) + s
-                key_tokens[key] = key_tokens.get(key, 0) + int(n)
-            result.key_losses = {k: key_sum[k] / max(key_tokens[k], 1) for k in key_sum}
-            result.key_tokens = key_tokens
-        return result
+
+
+def _key_losses(
+    token_loss: torch.Tensor, learned: torch.Tensor, sample_keys: Sequence[str]
+) -> tuple[dict[str, float], dict[str, int]]:
+    """The mean NLL of each modality key's learned tokens, and how many there were."""
+    per_row = token_loss.detach().sum(dim=1)
+    rows = learned.sum(dim=1)
+    key_sum: dict[str, float] = {}
+    key_tokens: dict[str, int] = {}
+    for key, s, n in zip(sample_keys, per_row.tolist(), rows.tolist(), strict=False):
+        key_sum[key] = key_sum.get(key, 0.0) + s
+        key_tokens[key] = key_tokens.get(key, 0) + int(n)
+    return {k: key_sum[k] / max(key_tokens[k], 1) for k in key_sum}, key_tokens

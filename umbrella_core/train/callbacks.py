@@ -248,7 +248,6 @@ class GeneratedSamples(TrainerCallback):
         return None
 
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        from umbrella_core.data.conversation import default_chat_format
         from umbrella_core.evaluation.engine import question_and_answer
         from umbrella_core.inference.generate import decode, greedy_generate, record_prompt
 
@@ -256,7 +255,7 @@ class GeneratedSamples(TrainerCallback):
         writer = self._writer() if state.is_world_process_zero else None
         eos = self.tokenizer.eos_token_id
         # Stop at the chat format's end-of-turn too (<|eot_id|>, <end_of_turn>, ...).
-        chat = getattr(self.dataset, "chat", None) or default_chat_format(self.tokenizer)
+        chat = self.dataset.tokenization.chat
         for i, index in enumerate(self.indices):
             record = self.dataset.records[self.dataset.items[index][0]]
             _, reference = question_and_answer(record)

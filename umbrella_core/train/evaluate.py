@@ -80,8 +80,8 @@ def evaluate_trainer(
             questions,
             batch_size=trainer.args.per_device_eval_batch_size,
             workers=trainer.args.dataloader_num_workers,
-            max_samples=getattr(trainer, "eval_max_samples", 0),
-            max_new_tokens=getattr(trainer, "eval_max_new_tokens", 128),
+            max_samples=trainer.eval_max_samples,
+            max_new_tokens=trainer.eval_max_new_tokens,
             progress=not trainer.args.disable_tqdm and trainer.is_world_process_zero(),
         )
     metrics = summarize(evaluation.results, metric_key_prefix)

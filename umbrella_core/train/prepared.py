@@ -1,80 +1,101 @@
 """What a training run is made of before its first step, and the summary it prints of it.
 
-Part of :mod:`umbrella_core.train.run`, which builds a :class:`Prepared` in
-:func:`~umbrella_core.train.run.prepare` and re-exports this module's names.
+:func:`~umbrella_core.train.run.prepare` builds a :class:`Prepared`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import attrs
 
 from umbrella_core.config import RunConfig, learning_rate
+from umbrella_core.data.assemble import RunData
+from umbrella_core.data.conversation import Tokenization
 from umbrella_core.data.dataset import RecordDataset
-from umbrella_core.types import ModalitySpec, StudyRecord
+from umbrella_core.model.start import Started
+from umbrella_core.types import ModalitySpec
 
-__all__ = ["Prepared", "held_out_sets", "summary"]
+__all__ = ["Prepared", "summary"]
 
 
-@attrs.define
+@attrs.frozen
 class Prepared:
-    """Everything a training run is made of, before the first step."""
+    """Everything a training run is made of, before the first step: its data and its model."""
 
     config: RunConfig
-    specs: dict[str, ModalitySpec]
-    provenance: dict[str, tuple[str, str, str]]
-    model: Any
-    tokenizer: Any
-    train_sets: list[RecordDataset]
-    #: Evaluated during training, picks best/: the validation records (test
-    #: records where the studies have no validation split).
-    eval_set: RecordDataset | None
-    studies: list[str]
-    weights: list[float]
-    skipped: dict[str, int]
-    problems: list[Any]
-    trainable: str
-    base_is_random: bool
-    #: Why ``trainable`` was chosen (``trainable: auto`` explained).
-    trainable_reason: str = ""
-    #: What the model was built from: tiny | composed | llava | checkpoint.
-    start_kind: str = ""
-    #: Reported by the table at the end: the test records (the validation
-    #: records where there are none; then ``test_set is eval_set``).
-    test_set: RecordDataset | None = None
-    #: Modality -> its augmentation of training images (umbrella_core.augmentation).
-    augment: dict[str, Any] = attrs.field(factory=dict)
+    data: RunData
+    started: Started
 
+    def datasets(self) -> list[RecordDataset]:
+        """Every dataset of the run, each once (the held-out sets may be one)."""
+        found = {id(ds): ds for ds in (*self.train_sets, self.eval_set, self.test_set) if ds}
+        return list(found.values())
 
-def held_out_sets(
-    records: list[StudyRecord], dataset: Callable[[list[StudyRecord], str], RecordDataset]
-) -> tuple[RecordDataset | None, RecordDataset | None]:
-    """``(eval_set, test_set)``: what evaluation during training sees, what the end reports.
+    @property
+    def specs(self) -> dict[str, ModalitySpec]:
+        return self.data.studies.specs
 
-    Evaluation during training (and so the choice of ``best/``) uses the
-    ``validation`` records and the table at the end the ``test`` ones, so that
-    the reported figures are not of the records that chose the weights. Studies
-    with only one held-out split use it for both (records of any split but
-    ``train`` and ``validation`` count as test), as before there was a choice.
-    """
-    validation = [r for r in records if r.split == "validation"]
-    test = [r for r in records if r.split not in ("train", "validation")]
-    if validation and test:
-        return dataset(validation, "validation"), dataset(test, "test")
-    held_out = validation or test
-    if not held_out:
-        return None, None
-    both = dataset(held_out, "held-out")
-    return both, both
+    @property
+    def provenance(self) -> dict[str, tuple[str, str, str]]:
+        return self.data.studies.provenance
+
+    @property
+    def studies(self) -> list[str]:
+        return self.data.studies.locations
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.data.studies.skipped
+
+    @property
+    def train_sets(self) -> list[RecordDataset]:
+        return self.data.train_sets
+
+    @property
+    def weights(self) -> list[float]:
+        return self.data.weights
+
+    @property
+    def eval_set(self) -> RecordDataset | None:
+        return self.data.eval_set
+
+    @property
+    def test_set(self) -> RecordDataset | None:
+        return self.data.test_set
+
+    @property
+    def problems(self) -> list[Any]:
+        return self.data.problems
+
+    @property
+    def augment(self) -> dict[str, Any]:
+        return self.data.augment
+
+    @property
+    def tokenization(self) -> Tokenization:
+        return self.data.tokenization
+
+    @property
+    def model(self) -> Any:
+        return self.started.model
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.started.tokenizer
+
+    @property
+    def trainable(self) -> str:
+        return self.started.trainable
+
+    @property
+    def base_is_random(self) -> bool:
+        return self.started.base_is_random
 
 
 def _chat_line(prep: Prepared) -> str:
     """Which template conversations are written with, and where an answer ends."""
-    chat = prep.train_sets[0].chat
-    if chat is None:
-        return "no chat template"
+    chat = prep.tokenization.chat
     from umbrella_core.model.chat_templates import TEMPLATE_NAMES
 
     said = (
@@ -109,8 +130,8 @@ def summary(prep: Prepared) -> str:
         f"  trainable    {prep.trainable}: {trainable:,} of {total:,} parameters "
         f"({trainable / total:.1%})"
     )
-    if prep.trainable_reason:
-        lines.append(f"               ({prep.trainable_reason})")
+    if prep.started.reason:
+        lines.append(f"               ({prep.started.reason})")
     lines.append(f"  chat         {_chat_line(prep)}")
     t = prep.config.trainer
     lines.append(

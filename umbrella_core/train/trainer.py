@@ -10,8 +10,10 @@ from transformers import Trainer, TrainerCallback
 
 from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
+from umbrella_core.evaluation.engine import Question
 from umbrella_core.model.build import save_checkpoint
 from umbrella_core.train.faults import check_loss, save_training_checkpoint
+from umbrella_core.types import Batch
 
 __all__ = ["UmbrellaTrainer"]
 
@@ -90,7 +92,9 @@ class UmbrellaTrainer(Trainer):
         interleaving: Interleaving,
         provenance: Mapping[str, tuple[str, str, str]],
         run_meta: Mapping[str, Any],
-        batching: str = "mixed",
+        questions: Mapping[str, Question] | None = None,
+        eval_max_samples: int = 0,
+        eval_max_new_tokens: int = 128,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -100,7 +104,11 @@ class UmbrellaTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
         self.interleaving = interleaving
-        self.batching = batching
+        # Each held-out question with its metric family, from every record of the
+        # run (evaluate() scores with them); how many samples and tokens it may use.
+        self.questions = dict(questions or {})
+        self.eval_max_samples = eval_max_samples
+        self.eval_max_new_tokens = eval_max_new_tokens
         self.provenance = dict(provenance)
         self.run_meta = dict(run_meta)
         self._key_sum: dict[str, float] = {}
@@ -121,7 +129,6 @@ class UmbrellaTrainer(Trainer):
             global_batch=args.per_device_train_batch_size
             * args.world_size
             * args.gradient_accumulation_steps,
-            batching=self.batching,
             # An augmented dataset seeds each sample from its epoch and position.
             draws=getattr(self.train_dataset, "wants_draws", False),
         )
@@ -130,10 +137,12 @@ class UmbrellaTrainer(Trainer):
     def compute_loss(
         self,
         model: torch.nn.Module,
-        inputs: dict[str, Any],
+        inputs: Batch,
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        """The step's loss from the collator's :class:`Batch` (the model hands its loss
+        terms the same ``Batch``), as a share of the optimizer step's learned tokens."""
         outputs = model(**inputs)
         loss = outputs.loss
         if num_items_in_batch is not None and outputs.nll is not None:

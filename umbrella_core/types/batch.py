@@ -11,11 +11,12 @@ plain ``dict`` at run time, so all of that keeps working, while mypy and
 readers get each key's type here, in one place. (A ``dict`` subclass would
 work too, but types no key and must survive every ``type(data)(...)``.)
 
-Keys the model's ``forward`` does not use (``sample_sources``) are taken and
-ignored there, so ``model(**batch)`` needs no filtering.
+Its keys are the arguments of the model's ``forward`` (``model(**batch)``), which
+hands the loss terms the same ``Batch``.
 
 The module imports neither torch (until :func:`batch_to` runs) nor anything
-of the core: ``import umbrella_core`` exports :class:`Batch`.
+of the core: ``import umbrella_core`` exports :class:`Batch`. It is what loss
+terms (``umbrella_loss_terms``) get beside the model's outputs.
 """
 
 from __future__ import annotations

@@ -12,11 +12,9 @@ from typing import Any
 
 import attrs
 
+from umbrella_core.augmentation.values import AugmentStep, Pipeline
 from umbrella_core.errors import ConfigError, DataError
 from umbrella_core.types import StudyRecord, Turn
-
-# The pipelines and their steps are umbrella_core.augmentation's Pipeline and
-# AugmentStep, whose builder imports this module: they are typed Any here.
 
 __all__ = [
     "LATERALITY",
@@ -71,7 +69,7 @@ def swapped(record: StudyRecord) -> StudyRecord:
 
 
 def check_laterality(
-    pipelines: Mapping[str, Any],
+    pipelines: Mapping[str, Pipeline],
     records: Sequence[StudyRecord],
     by_study: Mapping[str, str],
 ) -> None:
@@ -129,7 +127,7 @@ def check_laterality(
 
 
 def check_swapped(
-    pipelines: Mapping[str, Any],
+    pipelines: Mapping[str, Pipeline],
     records: Sequence[StudyRecord],
     by_study: Mapping[str, str],
     encode: Callable[[StudyRecord], Any],
@@ -156,7 +154,7 @@ def check_swapped(
             ) from None
 
 
-def skipped_steps(pipelines: Mapping[str, Any], records: Iterable[StudyRecord]) -> list[str]:
+def skipped_steps(pipelines: Mapping[str, Pipeline], records: Iterable[StudyRecord]) -> list[str]:
     """One line per modality and step that some records' ``forbid_augment`` skips, counted."""
     counts: dict[tuple[str, str], int] = {}
     for record in records:
@@ -177,12 +175,12 @@ def skipped_steps(pipelines: Mapping[str, Any], records: Iterable[StudyRecord]) 
     ]
 
 
-def _steps_of(pipelines: Mapping[str, Any], modality: str) -> tuple[Any, ...]:
+def _steps_of(pipelines: Mapping[str, Pipeline], modality: str) -> tuple[AugmentStep, ...]:
     pipeline = pipelines.get(modality)
     return pipeline.steps if pipeline is not None else ()
 
 
-def _reaching(pipelines: Mapping[str, Any], record: StudyRecord) -> list[Any]:
+def _reaching(pipelines: Mapping[str, Pipeline], record: StudyRecord) -> list[AugmentStep]:
     """The steps that touch ``record``'s images: those it forbids are skipped for them."""
     return [
         step
