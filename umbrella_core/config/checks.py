@@ -1,6 +1,6 @@
 """Validators and converters of run-configuration settings (attrs ``validator=`` / ``converter=``).
 
-Part of :mod:`umbrella_core.config`, which re-exports :data:`TRACKERS`. Each
+Part of :mod:`umbrella_core.config`. Each
 validator raises :class:`~umbrella_core.errors.ConfigError` naming the setting;
 :func:`umbrella_core.config.structure` puts the section in front of it.
 """

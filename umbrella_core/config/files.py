@@ -2,7 +2,7 @@
 
 Part of :mod:`umbrella_core.config`: :func:`~umbrella_core.config.load_config`
 reads a file with :func:`read_config_file`, applies the overrides with
-:func:`apply_overrides` (re-exported there), then checks every value's type.
+:func:`apply_overrides`, then checks every value's type.
 """
 
 from __future__ import annotations
