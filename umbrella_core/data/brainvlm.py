@@ -58,7 +58,7 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.data.manifest import _optional_text, _require, check_record
+from umbrella_core.data.manifest import check_record, optional_text, require_field
 from umbrella_core.errors import DataError
 from umbrella_core.types import IMAGE_PLACEHOLDER, ImageRef, StudyRecord, Turn
 
@@ -338,9 +338,9 @@ def record_from_brainvlm(
         images=images,
         turns=turns,
         study=study,
-        split=_optional_text(obj, "split", where) or split,
-        family=_optional_text(obj, "family", where),
-        site=_optional_text(obj, "site", where),
+        split=optional_text(obj, "split", where) or split,
+        family=optional_text(obj, "family", where),
+        site=optional_text(obj, "site", where),
         phenotypes=phenotypes,
         source=where,
     )
@@ -360,7 +360,7 @@ def _paths(raw: Any, root: Path, where: str, field: str) -> list[str]:
 def _v1(
     obj: Mapping[str, Any], root: Path, where: str, index: str
 ) -> tuple[str, list[ImageRef], list[Turn], dict[str, Any]]:
-    modality_paths = _require(obj, "modality_paths", Mapping, where)
+    modality_paths = require_field(obj, "modality_paths", Mapping, where)
     images = []
     for name, raw in modality_paths.items():
         if raw is None:
@@ -368,7 +368,7 @@ def _v1(
         field = f"modality_paths.{name}"
         images.append(ImageRef(modality=str(name), paths=_paths(raw, root, where, field)))
     turns = []
-    for i, turn in enumerate(_require(obj, "conversations", list, where)):
+    for i, turn in enumerate(require_field(obj, "conversations", list, where)):
         if not isinstance(turn, Mapping):
             raise DataError(
                 f"{where}: field 'conversations[{i}]' must be an object",
@@ -424,7 +424,7 @@ def _v2(
     obj: Mapping[str, Any], root: Path, where: str
 ) -> tuple[str, list[ImageRef], list[Turn], dict[str, Any]]:
     images = []
-    for i, image in enumerate(_require(obj, "images", list, where)):
+    for i, image in enumerate(require_field(obj, "images", list, where)):
         field = f"images[{i}]"
         if not isinstance(image, Mapping):
             raise DataError(
@@ -432,11 +432,11 @@ def _v2(
                 source=where,
                 field=field,
             )
-        modality = _require(image, "modality", str, where, field)
-        raw = _require(image, "path", (str, list), where, field)
+        modality = require_field(image, "modality", str, where, field)
+        raw = require_field(image, "path", (str, list), where, field)
         images.append(ImageRef(modality=modality, paths=_paths(raw, root, where, f"{field}.path")))
     turns = []
-    for i, turn in enumerate(_require(obj, "conversations", list, where)):
+    for i, turn in enumerate(require_field(obj, "conversations", list, where)):
         field = f"conversations[{i}]"
         if not isinstance(turn, Mapping):
             raise DataError(

@@ -66,7 +66,7 @@ def find_manifest(location: str) -> Path | None:
 _MISSING = object()
 
 
-def _require(
+def require_field(
     obj: Mapping[str, Any],
     key: str,
     kind: type | tuple[type, ...],
@@ -97,7 +97,7 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
             source=where,
             field="record",
         )
-    subject = _require(obj, "subject", (str, int), where)
+    subject = require_field(obj, "subject", (str, int), where)
     base = "" if str(root) == "." else str(root)
     images = []
     for i, image in enumerate(obj.get("images", [])):
@@ -108,8 +108,8 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
                 source=where,
                 field=field,
             )
-        modality = _require(image, "modality", str, where, field)
-        raw = _require(image, "path", (str, list), where, field)
+        modality = require_field(image, "modality", str, where, field)
+        raw = require_field(image, "path", (str, list), where, field)
         paths = [raw] if isinstance(raw, str) else raw
         if not paths or not all(isinstance(p, str) and p for p in paths):
             raise DataError(
@@ -120,7 +120,7 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
         # os.path.join, not Path /: a third of reading a 100,000-record manifest.
         images.append(ImageRef(modality=modality, paths=[os.path.join(base, p) for p in paths]))
     turns = []
-    for i, turn in enumerate(_require(obj, "conversation", list, where)):
+    for i, turn in enumerate(require_field(obj, "conversation", list, where)):
         if not isinstance(turn, Mapping):
             raise DataError(
                 f"{where}: field 'conversation[{i}]' must be an object",
@@ -138,9 +138,9 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
     record = StudyRecord(
         subject=subject,
         session=obj.get("session"),
-        split=_optional_text(obj, "split", where),
-        family=_optional_text(obj, "family", where),
-        site=_optional_text(obj, "site", where),
+        split=optional_text(obj, "split", where),
+        family=optional_text(obj, "family", where),
+        site=optional_text(obj, "site", where),
         images=images,
         turns=turns,
         study=str(obj.get("study", study)),
@@ -153,7 +153,7 @@ def record_from_json(obj: Any, *, root: Path, where: str, study: str) -> StudyRe
     return record
 
 
-def _optional_text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
+def optional_text(obj: Mapping[str, Any], key: str, where: str) -> str | None:
     """An optional string field (numbers accepted, as ids often are); None when absent."""
     value = obj.get(key)
     if value is None:
@@ -269,7 +269,7 @@ def read_manifest(
             ) from None
         if isinstance(obj, Mapping):
             study = str(obj.get("study", study))
-            records = _require(obj, "records", list, str(path))
+            records = require_field(obj, "records", list, str(path))
         elif isinstance(obj, list):
             records = obj
         else:

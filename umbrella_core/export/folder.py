@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from umbrella_core.constants import CORE_VERSION
 from umbrella_core.errors import ConfigError, ModelError
 from umbrella_core.export.model_card import (
     CARD,
@@ -46,7 +47,6 @@ from umbrella_core.export.model_card import (
     split_counts,
 )
 from umbrella_core.model.build import (
-    _core_version,
     load_checkpoint,
     merge_lora,
     swap_into_place,
@@ -316,5 +316,5 @@ def _export_meta(
         out["evaluation"] = {"source": evaluated, "results": evaluation}
     if subjects:
         out["subjects"] = subjects
-    out["umbrella_core"] = _core_version()
+    out["umbrella_core"] = CORE_VERSION
     return out

@@ -10,7 +10,7 @@ from umbrella_core.errors import ConfigError
 from umbrella_core.hookspecs import hookimpl
 from umbrella_core.launch.scripts import log_path, render_script, script_path
 from umbrella_core.launch.spec import SCHEDULERS, LaunchSpec
-from umbrella_core.launch.submit import _job_id, submit, submit_command
+from umbrella_core.launch.submit import job_id, submit, submit_command
 from umbrella_core.types import Command
 
 __all__ = ["LAUNCH", "umbrella_commands"]
@@ -48,7 +48,7 @@ def _launch(args: argparse.Namespace) -> int:
         return 0
     answer = submit(spec, path)
     print(answer)
-    job = _job_id(answer)
+    job = job_id(answer)
     if job:
         print(f"script: {path}\nlog: {log_path(spec, job)}")
     return 0

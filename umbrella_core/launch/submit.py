@@ -46,6 +46,6 @@ def submit(spec: LaunchSpec, script: Path) -> str:
     return out
 
 
-def _job_id(answer: str) -> str | None:
+def job_id(answer: str) -> str | None:
     found = re.search(r"Submitted batch job (\d+)|Job <(\d+)>", answer)
     return next((g for g in found.groups() if g), None) if found else None

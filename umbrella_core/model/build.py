@@ -41,6 +41,7 @@ from typing import Any
 
 import attrs
 
+from umbrella_core.constants import CORE_VERSION
 from umbrella_core.errors import ModelError, PluginError
 from umbrella_core.model.exported import (
     CHECKPOINT_META,
@@ -255,7 +256,7 @@ def save_checkpoint(
     }
     meta["lora"] = getattr(model, "lora_settings", None)
     meta["vision_new"] = bool(getattr(model, "vision_is_new", False))
-    meta["umbrella_core"] = _core_version()
+    meta["umbrella_core"] = CORE_VERSION
     (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     swap_into_place(tmp, target)
     return target
@@ -276,15 +277,6 @@ def swap_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(target)
-
-
-def _core_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("umbrella-core")
-    except PackageNotFoundError:  # pragma: no cover - a source tree without metadata
-        return ""
 
 
 def is_checkpoint(location: str | os.PathLike) -> bool:

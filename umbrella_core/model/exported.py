@@ -94,7 +94,7 @@ def vision_weight_names(model: Any) -> dict[str, str]:
     Derived from the model's structure, so the writer and the reader agree for
     any vision tower and language model.
     """
-    from umbrella_core.model.umbrella import _vision_tower
+    from umbrella_core.model.umbrella import vision_tower
 
     llava = model.llava
     where = {id(module): name for name, module in model.named_modules()}
@@ -104,7 +104,7 @@ def vision_weight_names(model: Any) -> dict[str, str]:
         for name, module in model.embeddings.embedders.items()
     ]
     parts += [
-        (where[id(_vision_tower(llava))] + ".", "vision."),
+        (where[id(vision_tower(llava))] + ".", "vision."),
         (where[id(llava.model.multi_modal_projector)] + ".", "projector."),
     ]
     language = (

@@ -68,7 +68,7 @@ class UmbrellaOutput(ModelOutput):
     image_features: dict[str, torch.Tensor] | None = field(default=None)
 
 
-def _vision_tower(llava: nn.Module) -> nn.Module:
+def vision_tower(llava: nn.Module) -> nn.Module:
     tower = llava.model.vision_tower
     return getattr(tower, "vision_model", tower)
 
@@ -106,7 +106,7 @@ class UmbrellaModel(nn.Module):
         #: rank calls the same modules in the same order: DeepSpeed ZeRO needs
         #: this (UmbrellaTrainer sets it); DDP and one process do not.
         self.uniform_module_order = False
-        tower = _vision_tower(llava)
+        tower = vision_tower(llava)
         hidden = int(getattr(tower.config, "hidden_size", llava.config.vision_config.hidden_size))
         for name, module in embedders.items():
             if sum(p.numel() for p in module.parameters()) == 0:
@@ -124,7 +124,7 @@ class UmbrellaModel(nn.Module):
 
     @property
     def embeddings(self) -> ModalityEmbeddings:
-        return _vision_tower(self.llava).embeddings
+        return vision_tower(self.llava).embeddings
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -145,7 +145,7 @@ class UmbrellaModel(nn.Module):
         A LLaVA-1.5 tower selects the penultimate layer (``vision_feature_layer
         = -2``): its last layer never runs, so its parameters are ``unused``.
         """
-        layers = list(_vision_tower(self.llava).encoder.layers)
+        layers = list(vision_tower(self.llava).encoder.layers)
         index = self.config.vision_feature_layer
         wanted = [index] if isinstance(index, int) else list(index)
         # hidden_states[i] is the output of layer i (0: the embeddings).
@@ -154,7 +154,7 @@ class UmbrellaModel(nn.Module):
 
     def _has_body(self) -> bool:
         """Whether image tokens pass a vision body (``model.vision: none`` has no layer)."""
-        return len(_vision_tower(self.llava).encoder.layers) > 0
+        return len(vision_tower(self.llava).encoder.layers) > 0
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role: ``embedders``, ``projector``, ``vision``, ``language``,
@@ -169,7 +169,7 @@ class UmbrellaModel(nn.Module):
         ``image_newline``). They never train, or DDP would wait for their
         gradients forever.
         """
-        tower = _vision_tower(self.llava)
+        tower = vision_tower(self.llava)
         lora_ids = {id(p) for n, p in self.language_model.named_parameters() if ".lora_" in n}
         embed_ids = {id(p) for p in self.embeddings.parameters()}
         proj_ids = {id(p) for p in self.llava.model.multi_modal_projector.parameters()}
@@ -299,7 +299,7 @@ class UmbrellaModel(nn.Module):
     # -- vision path ----------------------------------------------------------
 
     def _vision_body(self, tokens: torch.Tensor) -> torch.Tensor:
-        tower = _vision_tower(self.llava)
+        tower = vision_tower(self.llava)
         has_body = self._has_body()
         hidden = tokens
         if has_body and hasattr(tower, "pre_layrnorm"):  # CLIP has one, SigLIP does not
