@@ -128,3 +128,71 @@ def test_install_uninstall_reinstall_a_modality_plugin(scratch_env):
     fmri = tomllib.loads((ROOT / "plugins/umbrella_fmri/pyproject.toml").read_text())
     assert f"umbrella-fmri {fmri['project']['version']}" in trained.stdout
     assert "checkpoint:" in trained.stdout
+
+
+def _fake_core_wheel(folder: Path, version: str) -> Path:
+    """A wheel of an ``umbrella-core`` at ``version`` holding nothing: what an index would
+    offer of an old release."""
+    import base64
+    import hashlib
+    import zipfile
+
+    name = f"umbrella_core-{version}"
+    files = {
+        f"{name}.dist-info/METADATA": (
+            f"Metadata-Version: 2.1\nName: umbrella-core\nVersion: {version}\n"
+        ),
+        f"{name}.dist-info/WHEEL": (
+            "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    files[f"{name}.dist-info/RECORD"] = "\n".join([*record, f"{name}.dist-info/RECORD,,"]) + "\n"
+    wheel = folder / f"{name}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_a_plugin_refuses_a_core_older_than_it_needs(tmp_path):
+    """pip's resolver, not an ImportError at run time, tells a user the core is too old."""
+    import sys
+
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    plugin = ROOT / "plugins" / "umbrella_fmri"
+    required = next(
+        r
+        for r in tomllib.loads((plugin / "pyproject.toml").read_text())["project"]["dependencies"]
+        if r.startswith("umbrella-core")
+    )
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"]
+        + ["-w", str(wheels), str(plugin)],
+        check=True,
+        capture_output=True,
+    )
+    _fake_core_wheel(wheels, "0.3.0")
+    venv.create(tmp_path / "venv", with_pip=True)
+    pip = [str(tmp_path / "venv" / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
+    refused = subprocess.run(
+        [*pip, "install", "--no-index", "--find-links", str(wheels), "umbrella-fmri"],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0
+    said = refused.stderr
+    assert f"Could not find a version that satisfies the requirement {required}" in said, said
+    assert "from versions: 0.3.0" in said
+    # The same index with a core the plugin accepts installs.
+    _fake_core_wheel(wheels, required.split(">=")[1].split(",")[0])
+    accepted = subprocess.run(
+        [*pip, "install", "-q", "--no-index", "--find-links", str(wheels), "umbrella-fmri"],
+        capture_output=True,
+        text=True,
+    )
+    assert accepted.returncode == 0, accepted.stderr
