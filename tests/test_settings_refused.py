@@ -45,6 +45,9 @@ SMALL = [
         ("trainer.generate_samples=-1", "trainer.generate_samples: must be 0 or more"),
         ("trainer.early_stopping_patience=-2", "trainer.early_stopping_patience: must be 0"),
         ("evaluation.baselines=maybe", "evaluation.baselines: expected one of auto, on, off"),
+        ("trainer.seed=-1", "trainer.seed: expected a whole number from 0 to 4294967295, got -1"),
+        ("trainer.seed=99999999999999999999", "trainer.seed: expected a whole number from 0"),
+        ("data.split.seed=-3", "data.split.seed: expected a whole number from 0 to 4294967295"),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(override, message, tmp_path, capsys):
@@ -70,6 +73,63 @@ def test_a_misspelt_weights_group_is_refused_naming_the_groups(tmp_path, capsys,
     error = capsys.readouterr().err
     assert "data.weights.demo/t1w: no such group of training records" in error
     assert "the groups are " in error and "/t1" in error
+
+
+@pytest.mark.parametrize("given", [["--output-dir", ""], ["--set", "trainer.output_dir= "]])
+def test_an_empty_output_folder_is_refused_not_the_working_folder(
+    given, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *given]) == 2
+    assert "trainer.output_dir: must not be empty" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_seed_flag_out_of_range_is_one_line(tmp_path, capsys):
+    assert main(["train", "--seed", "-1", "--output-dir", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "trainer.seed: expected a whole number" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            ["--set", "data.weights={demo/t1: 0}"],
+            "data.weights: every group of training records has weight 0, so nothing would be "
+            "drawn; give one of demo/t1 a positive weight",
+        ),
+        (
+            ["--batch-size", "100000000"],
+            "trainer.batch_size: an optimizer step of 100000000 samples (batch size 100000000 "
+            "x 1 process(es) x 1 accumulation) is more than the 8 training samples",
+        ),
+        (
+            ["--set", "model.max_length=10000000000000"],
+            "model.max_length: 10000000000000 tokens, but the language model takes at most",
+        ),
+    ],
+)
+def test_a_setting_that_would_train_nothing_sensible_is_refused_before_step_1(
+    settings, message, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", *SMALL, *settings, "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (out / "checkpoint-1").exists()
+
+
+def test_numbers_in_exponent_form_are_numbers(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "trainer:\n  learning_rate: 3e-4\ndata:\n  augment:\n"
+        "    t1: [{name: RandGaussianNoise, prob: 1.0, std: 1e-2}]\n"
+    )
+    loaded = load_config(config, ["trainer.weight_decay=1e-2"])
+    assert loaded.trainer.learning_rate == 3e-4 and loaded.trainer.weight_decay == 0.01
+    assert loaded.data.augment["t1"][0]["std"] == 0.01  # a number, as MONAI needs it
 
 
 def test_max_steps_0_says_that_epochs_decide(tmp_path, capsys, monkeypatch):

@@ -23,6 +23,9 @@ __all__ = [
     "positive",
     "not_negative",
     "fraction",
+    "seed",
+    "not_blank",
+    "SEED_RANGE",
     "unit_interval",
     "sampling_weights",
     "BASELINE_MODES",
@@ -78,6 +81,26 @@ def not_negative(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
     """Refuses a value that is not a finite number, 0 or more."""
     if not (value >= 0 and math.isfinite(value)):
         raise ConfigError(f"{attribute.name}: must be 0 or more, got {value!r}")
+
+
+#: The seeds every library takes: numpy's legacy seeding (which transformers' set_seed
+#: calls) refuses anything outside [0, 2**32).
+SEED_RANGE = (0, 2**32 - 1)
+
+
+def seed(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Refuses a seed outside :data:`SEED_RANGE`."""
+    low, high = SEED_RANGE
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{attribute.name}: expected a whole number from {low} to {high}, got {value!r}"
+        )
+
+
+def not_blank(instance: Any, attribute: attrs.Attribute, value: Any) -> None:
+    """Refuses an empty or blank string (a path that would mean the working folder)."""
+    if not str(value).strip():
+        raise ConfigError(f"{attribute.name}: must not be empty")
 
 
 def fraction(instance: Any, attribute: attrs.Attribute, value: Any) -> None:

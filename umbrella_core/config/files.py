@@ -7,6 +7,7 @@ reads a file with :func:`read_config_file`, applies the overrides with
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 (PyYAML's) reads 1e-5 and 1e30 as strings: only 1.0e-5 is a float there. A
+# setting written so would reach a transform or an optimizer as text; read it as YAML
+# 1.2 and every other tool does, a number.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The sections of a YAML config file, as a dict (values not checked yet).
 
@@ -51,7 +66,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             one mapping, or is not a mapping at the top level.
     """
     try:
-        loaded = yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
+        loaded = _yaml(Path(path).read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
     except _DuplicateKey as exc:
@@ -72,7 +87,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         dotted, raw = item.split("=", 1)
         parts = dotted.strip().split(".")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = out

@@ -12,10 +12,12 @@ from umbrella_core.config.checks import (
     fraction,
     known_baselines,
     known_trackers,
+    not_blank,
     not_negative,
     one_of,
     positive,
     sampling_weights,
+    seed,
     tracker_names,
     unit_interval,
 )
@@ -210,7 +212,7 @@ class SplitConfig:
     stratify: str | None = attrs.field(default=None, converter=lambda v: v or None)
     test: float = attrs.field(default=0.1, validator=fraction)
     validation: float = attrs.field(default=0.1, validator=fraction)
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=seed)
     file: str = ""
     leak: str = attrs.field(default="error", validator=one_of("error", "warn"))
 
@@ -365,7 +367,7 @@ class TrainerConfig:
             folder). (Since 0.3.)
     """
 
-    output_dir: str = "runs/umbrella"
+    output_dir: str = attrs.field(default="runs/umbrella", validator=not_blank)
     # The demo's validation accuracy levels off by step ~100; more steps only
     # go on fitting its 336 training images (see benchmarks/demo_seeds.py).
     max_steps: int = attrs.field(default=200, validator=not_negative)
@@ -377,7 +379,7 @@ class TrainerConfig:
     warmup_ratio: float = attrs.field(default=0.05, validator=unit_interval)
     weight_decay: float = attrs.field(default=0.0, validator=not_negative)
     adam_beta2: float = attrs.field(default=0.95, validator=fraction)
-    seed: int = 0
+    seed: int = attrs.field(default=0, validator=seed)
     logging_steps: int = attrs.field(default=10, validator=positive)
     save_steps: int = attrs.field(default=0, validator=not_negative)
     save_total_limit: int = attrs.field(default=0, validator=not_negative)

@@ -178,6 +178,11 @@ def _training_sets(
             weights.append(float(config.data.weights.get(ds.name, weight)))
     if not train_sets:
         raise DataError(f"no training record (split: train) in {', '.join(data.locations)}")
+    if not any(weights):
+        raise ConfigError(
+            "data.weights: every group of training records has weight 0, so nothing would "
+            f"be drawn; give one of {', '.join(ds.name for ds in train_sets)} a positive weight"
+        )
     unknown = sorted(set(config.data.weights) - {ds.name for ds in train_sets})
     if unknown:
         raise ConfigError(

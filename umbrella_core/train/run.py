@@ -106,6 +106,7 @@ def _train(
         data = read_studies(config, pm, log=log)
         check_headers_once(data, config, log=log)
     prep = prepare(config, pm, log=log, data=data)
+    _check_batch(prep, args)
     log(summary(prep))
     if resume is not None:
         log(f"resuming from {resume}")
@@ -144,12 +145,38 @@ def prepare(
     terms = pm.loss_terms(tuple(specs), dict(config.loss))
     started = start_model(config.model, specs, pm, loss_terms=terms, seed=config.trainer.seed)
     tokenization = assembled.tokenization
+    _check_length(config, started.model)
     if started.model.image_token_id != tokenization.image_token_id:
         raise ModelError(  # both come from one tokenizer: a builder that disagrees is a bug
             f"model.base: the model's image token is {started.model.image_token_id}, its "
             f"tokenizer's {tokenization.image_token_id}"
         )
     return Prepared(config=config, data=assembled, started=started)
+
+
+def _check_length(config: RunConfig, model: Any) -> None:
+    """Refuse a ``model.max_length`` the language model cannot attend over."""
+    text = model.config.get_text_config()
+    most = getattr(text, "max_position_embeddings", None)
+    if most is not None and config.model.max_length > most:
+        raise ConfigError(
+            f"model.max_length: {config.model.max_length} tokens, but the language model "
+            f"takes at most {most} (its max_position_embeddings); give {most} or less"
+        )
+
+
+def _check_batch(prep: Prepared, args: Any) -> None:
+    """Refuse an optimizer step larger than the training samples: each step would be an
+    epoch of repeated samples, which nobody asks for on purpose."""
+    step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    samples = sum(len(ds) for ds in prep.train_sets)
+    if step > samples:
+        raise ConfigError(
+            f"trainer.batch_size: an optimizer step of {step} samples (batch size "
+            f"{args.per_device_train_batch_size} x {args.world_size} process(es) x "
+            f"{args.gradient_accumulation_steps} accumulation) is more than the {samples} "
+            "training samples; give a smaller batch size"
+        )
 
 
 def _write_inputs(prep: Prepared, data: StudyData, out_dir: Path) -> None:
