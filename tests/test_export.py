@@ -540,3 +540,27 @@ def test_umbrella_train_starts_from_an_exported_folder(tmp_path, monkeypatch):
         again, _, meta = load_checkpoint(run / "final", pm)
         assert meta["format"] == "umbrella-checkpoint" and set(again.specs) == {"t1"}
     assert losses["from-export"] == pytest.approx(losses["from-checkpoint"], rel=1e-4)
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:999])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: _truncate(c / "model.safetensors"),
+         r"model\.safetensors: cannot be read .*truncated or damaged; copy the checkpoint again"),
+        (lambda c: (c / "umbrella.json").write_text('{"format": '),
+         r"umbrella\.json: cannot be read as JSON .*the checkpoint is damaged"),
+        (lambda c: (c / "umbrella.json").write_bytes(b"\xff\xfe\x00"),
+         r"umbrella\.json: cannot be read as JSON"),
+        (lambda c: (c / "umbrella.json").write_text("[1, 2]"),
+         r"umbrella\.json: expected a JSON object, got list"),
+    ],
+)  # fmt: skip
+def test_a_damaged_checkpoint_is_one_error_naming_its_file(checkpoint, tmp_path, damage, message):
+    damage(checkpoint)
+    with pytest.raises(ModelError, match=message):
+        export_checkpoint(checkpoint, tmp_path / "out", _pm())
+    assert not (tmp_path / "out").exists()

@@ -413,3 +413,35 @@ def test_a_learning_rate_allowed_to_change_takes_effect_from_the_resumed_step(tm
     assert rates(second, (1, 2)) == rates(first, (1, 2))  # restored as they were
     assert rates(second, (3, 4)) == pytest.approx([2 * r for r in rates(first, (3, 4))])
     assert all(r > 0 for r in rates(first, (3,)))
+
+
+@pytest.mark.parametrize(
+    ("make", "remove"),
+    [
+        (lambda path: path.write_bytes(b"\xff\xfe{pid"), "rm "),
+        (lambda path: path.mkdir(), "rm -r "),
+    ],
+)
+def test_a_lock_that_is_not_text_or_a_folder_is_refused_saying_how_to_remove_it(
+    tmp_path, make, remove
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    make(out / LOCK_FILE)
+    with pytest.raises(ConfigError) as caught:
+        RunLock.acquire(out)
+    message = str(caught.value)
+    assert "locked by a lock file that cannot be read" in message
+    assert f"{remove}{out / LOCK_FILE}" in message
+
+
+@pytest.mark.slow
+def test_resuming_from_truncated_weights_is_one_line_naming_the_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, "--max-steps", "4", *CADENCE) == 0
+    weights = out / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert _train(out, "--max-steps", "6", *CADENCE, "--resume") == 2
+    error = _error(capsys)
+    assert f"{out / 'checkpoint-4'}: its weights cannot be read" in error
+    assert "resume from an earlier one" in error

@@ -50,6 +50,7 @@ from umbrella_core.model.exported import (
     is_export,
     load_export,
     misfit,
+    read_meta,
 )
 from umbrella_core.model.llava import llava_class, read_llava_config
 from umbrella_core.types import LossTerm, ModalitySpec
@@ -299,14 +300,12 @@ def load_checkpoint(
             distribution to install), or the installed plugin builds an
             embedder that does not fit the saved weights.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model
     from transformers import AutoTokenizer
 
     folder = Path(directory)
-    meta_path = folder / CHECKPOINT_META
-    if not meta_path.is_file():
-        raise ModelError(f"{folder}: not an UMBRELLA checkpoint (no {CHECKPOINT_META})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(folder)
     specs = _checkpoint_specs(folder, meta, plugin_manager)
     if meta.get("format") == EXPORT_FORMAT:
         return load_export(
@@ -326,6 +325,11 @@ def load_checkpoint(
         load_model(model, str(folder / WEIGHTS), strict=True)
     except RuntimeError as exc:
         raise misfit(folder, meta, exc) from None
+    except (OSError, SafetensorError) as exc:
+        raise ModelError(
+            f"{folder / WEIGHTS}: cannot be read ({exc}): the file is truncated or damaged; "
+            "copy the checkpoint again, or use another checkpoint of the run"
+        ) from None
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -367,7 +371,7 @@ def checkpoint_config(folder: Path) -> Any:
 
     folder = Path(folder)
     if is_export(folder):
-        return export_config(folder, json.loads((folder / CHECKPOINT_META).read_text()))
+        return export_config(folder, read_meta(folder))
     return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 

@@ -47,13 +47,33 @@ LANGUAGE_DIR = "language"
 VISION_WEIGHTS = "vision.safetensors"
 
 
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's or export's ``umbrella.json``.
+
+    Raises:
+        ModelError: it is missing, unreadable, not JSON or not an object, naming the file.
+    """
+    path = Path(folder) / CHECKPOINT_META
+    if not path.is_file():
+        raise ModelError(f"{Path(folder)}: not an UMBRELLA checkpoint (no {CHECKPOINT_META})")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError too
+        raise ModelError(
+            f"{path}: cannot be read as JSON ({exc}); the checkpoint is damaged: copy it "
+            "again, or use another checkpoint of the run"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
 def is_export(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is one ``umbrella export`` wrote (its ``umbrella.json`` says
     format ``umbrella-export``); False for a checkpoint, or a folder without one."""
-    meta_path = Path(folder) / CHECKPOINT_META
-    if not meta_path.is_file():
+    if not (Path(folder) / CHECKPOINT_META).is_file():
         return False
-    return json.loads(meta_path.read_text()).get("format") == EXPORT_FORMAT
+    return read_meta(folder).get("format") == EXPORT_FORMAT
 
 
 def language_folder(folder: str | os.PathLike) -> Path:

@@ -218,6 +218,8 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
             text = path.read_text()
         except FileNotFoundError:
             return None
+        except (OSError, UnicodeDecodeError):  # a folder, unreadable, not text
+            return {}
         with contextlib.suppress(ValueError):
             held = json.loads(text)
             if isinstance(held, dict) and isinstance(held.get("pid"), int):
@@ -232,7 +234,8 @@ def _refuse_or_take_over(path: Path, held: dict[str, Any], out_dir: Path) -> Non
     if not held:
         raise ConfigError(
             f"{out_dir}: locked by a lock file that cannot be read ({path}); if no "
-            f"umbrella train is using the folder, remove it: rm {path}"
+            f"umbrella train is using the folder, remove it: rm {'-r ' if path.is_dir() else ''}"
+            f"{path}"
         )
     pid, host, since = held["pid"], held.get("host", "?"), held.get("started", "?")
     if host == here and (_alive(pid) or pid == os.getpid()):

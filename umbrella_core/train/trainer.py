@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback
 
 from umbrella_core.constants import IGNORE_INDEX
 from umbrella_core.data.interleave import InterleavedSampler, Interleaving
+from umbrella_core.errors import DataError
 from umbrella_core.evaluation.engine import Question
 from umbrella_core.model.build import save_checkpoint
 from umbrella_core.train.faults import check_loss, save_training_checkpoint
@@ -211,6 +212,19 @@ class UmbrellaTrainer(Trainer):
                 term_sum[name] = term_sum.get(name, 0.0) + value
         self._key_sum, self._key_tokens, self._term_sum = key_sum, key_tokens, term_sum
         self._term_count = sum(part[3] for part in parts)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        from safetensors import SafetensorError
+
+        try:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        except SafetensorError as exc:
+            # A truncated copy, or a disk that filled while it was written elsewhere.
+            raise DataError(
+                f"{resume_from_checkpoint}: its weights cannot be read ({exc}): the "
+                "checkpoint is truncated or damaged; resume from an earlier one (--resume "
+                "CHECKPOINT) or start afresh without --resume"
+            ) from None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         # The restored scheduler brings back the learning rates it was made
