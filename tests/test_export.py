@@ -418,8 +418,12 @@ def test_export_refuses_to_write_over_the_checkpoint_or_a_full_folder(checkpoint
         export_checkpoint(checkpoint, tmp_path / "file", pm)
     (tmp_path / "empty").mkdir()
     export_checkpoint(checkpoint, tmp_path / "empty", pm)  # an empty folder is fine
-    export_checkpoint(checkpoint, busy, pm, overwrite=True)
-    assert sorted(p.name for p in busy.iterdir()) == [
+    # --overwrite replaces an earlier export, never a folder of the user's own files.
+    with pytest.raises(ConfigError, match=r"holds files that are not an umbrella export \(notes"):
+        export_checkpoint(checkpoint, busy, pm, overwrite=True)
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    export_checkpoint(checkpoint, tmp_path / "empty", pm, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [
         "README.md",
         "language",
         "umbrella.json",
@@ -433,16 +437,16 @@ def test_a_failed_export_leaves_nothing_half_written(checkpoint, tmp_path, monke
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    kept = tmp_path / "kept"
+    export_checkpoint(checkpoint, kept, _pm())
+    earlier = {p.name: p.stat().st_mtime_ns for p in kept.iterdir()}
     monkeypatch.setattr(export, "render_card", broken)
     with pytest.raises(OSError):
         export_checkpoint(checkpoint, tmp_path / "new", _pm())
     assert not (tmp_path / "new").exists()
-    kept = tmp_path / "kept"
-    kept.mkdir()
-    (kept / "notes.txt").write_text("mine")
     with pytest.raises(OSError):
         export_checkpoint(checkpoint, kept, _pm(), overwrite=True)
-    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    assert {p.name: p.stat().st_mtime_ns for p in kept.iterdir()} == earlier  # kept whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept", "run"]  # no scratch folders
 
 

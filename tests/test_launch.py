@@ -525,6 +525,26 @@ def test_only_a_lock_of_this_jobs_previous_hosts_is_released(tmp_path):
     assert release_stale_lock(tmp_path, tmp_path / "none.hosts") is None  # a first start
 
 
+def test_the_lock_of_a_live_process_of_this_host_is_never_released(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    hosts = tmp_path / "9.hosts"
+    hosts.write_text(f"{socket.gethostname()}\n")
+    os.utime(hosts, (time.time() - 600, time.time() - 600))
+    lock = tmp_path / "umbrella.lock"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        held = {"pid": live.pid, "host": socket.gethostname(), "started": _stamp(time.time())}
+        lock.write_text(json.dumps(held))
+        assert release_stale_lock(tmp_path, hosts) is None and lock.exists()
+    finally:
+        live.kill()
+        live.wait()
+    assert release_stale_lock(tmp_path, hosts) == lock and not lock.exists()  # now stale
+
+
 def test_rendering_is_pure(tmp_path):
     spec = LaunchSpec(
         scheduler="SLURM",

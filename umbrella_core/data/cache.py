@@ -71,6 +71,7 @@ from umbrella_core.data.cache_format import (
     converted,
 )
 from umbrella_core.errors import ConfigError, DataError
+from umbrella_core.processes import process_alive
 from umbrella_core.types import ModalitySpec
 
 __all__ = ["PreprocessedCache", "default_cache_root", "CacheStats", "bound_settings"]
@@ -141,16 +142,6 @@ def _verdict(array: np.ndarray, meta: dict[str, Any], window: int | None = None)
     if not _all_finite(array):
         return "NaN or infinite values"
     return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError):
-        return True  # someone else's live process (or not a pid: leave it to the age)
-    return True
 
 
 @attrs.define
@@ -450,7 +441,7 @@ class PreprocessedCache:
                     old = now - tmp.stat().st_mtime > max_age_s
                 except FileNotFoundError:
                     continue  # its writer just renamed it into place
-                dead = where == host and pid.isdigit() and not _pid_alive(int(pid))
+                dead = where == host and pid.isdigit() and not process_alive(int(pid))
                 if old or dead:
                     tmp.unlink(missing_ok=True)
                     removed.append(tmp)

@@ -56,6 +56,7 @@ from umbrella_core.model.exported import (
     EXPORT_FORMAT,
     LANGUAGE_DIR,
     VISION_WEIGHTS,
+    is_export,
     vision_weight_names,
 )
 
@@ -91,14 +92,15 @@ def export_checkpoint(
         plugin_manager: Provides the modalities' embedders (to load ``source``).
         merge: Accepted for callers of the earlier ``export_checkpoint``; LoRA
             adapters are always merged, since ``language/`` must load without peft.
-        overwrite: Replace a non-empty ``target``.
+        overwrite: Replace an earlier export at ``target``.
 
     Returns:
         ``(folder, merged)``: the written folder, and whether LoRA adapters were merged.
 
     Raises:
         ModelError: ``target`` is ``source`` or holds it; ``source`` does not load.
-        ConfigError: ``target`` is not empty (or not a folder) and ``overwrite`` is off.
+        ConfigError: ``target`` is not a folder, or not empty and ``overwrite`` is off,
+            or, with ``overwrite``, holds something other than an earlier export.
     """
     del merge  # always merged (see Args)
     source = Path(source).expanduser()
@@ -127,9 +129,19 @@ def _check_target(target: Path, overwrite: bool) -> None:
         return
     if not target.is_dir():
         raise ConfigError(f"{target}: exists and is not a folder; give a new folder to export to")
-    if any(target.iterdir()) and not overwrite:
+    held = sorted(p.name for p in target.iterdir())
+    if not held:
+        return
+    if not overwrite:
         raise ConfigError(
             f"{target}: the folder is not empty; give a new one, or --overwrite to replace it"
+        )
+    if not is_export(target):
+        # --overwrite replaces an earlier export, never a folder of the user's own files.
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ConfigError(
+            f"{target}: holds files that are not an umbrella export ({shown}); --overwrite "
+            "replaces an earlier export only: give a new or empty folder"
         )
 
 

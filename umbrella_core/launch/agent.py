@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -168,6 +169,7 @@ def release_stale_lock(run_dir: str | os.PathLike, hosts_file: str | os.PathLike
     modification time: that start). A lock of one of them, taken since, is
     that start's: its hosts are no longer this job's, or they were lost.
     """
+    from umbrella_core.processes import process_alive
     from umbrella_core.train.run_folder import LOCK_FILE
 
     lock = Path(run_dir) / LOCK_FILE
@@ -182,6 +184,9 @@ def release_stale_lock(run_dir: str | os.PathLike, hosts_file: str | os.PathLike
     # A minute of slack for clocks that differ between hosts.
     if held.get("host") not in hosts or started < since - 60:
         return None
+    pid = held.get("pid")
+    if held.get("host") == socket.gethostname() and isinstance(pid, int) and process_alive(pid):
+        return None  # a run of this host is still at work: its lock is not stale
     with contextlib.suppress(FileNotFoundError):
         lock.unlink()
     return lock

@@ -38,6 +38,7 @@ import attrs
 
 from umbrella_core.config import RunConfig, learning_rate
 from umbrella_core.errors import ConfigError, OutputError
+from umbrella_core.processes import process_alive
 
 __all__ = [
     "LOCK_FILE",
@@ -117,16 +118,6 @@ NEVER_ALLOWED = (
 
 
 # -- the lock ----------------------------------------------------------------
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 @attrs.define
@@ -238,7 +229,7 @@ def _refuse_or_take_over(path: Path, held: dict[str, Any], out_dir: Path) -> Non
             f"{path}"
         )
     pid, host, since = held["pid"], held.get("host", "?"), held.get("started", "?")
-    if host == here and (_alive(pid) or pid == os.getpid()):
+    if host == here and (process_alive(pid) or pid == os.getpid()):
         raise ConfigError(
             f"{out_dir}: in use by another umbrella train (pid {pid} on {host}, since {since}); "
             "wait for it to end, or give another --output-dir"
