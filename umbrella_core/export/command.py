@@ -18,7 +18,7 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accepted for old scripts: LoRA adapters are always merged into language/",
     )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export at OUTPUT")
 
 
 def _export(args: argparse.Namespace) -> int:
