@@ -83,6 +83,22 @@ def test_a_fresh_run_in_a_folder_of_another_run_is_refused(tmp_path, capsys):
     assert sorted(p.name for p in out.iterdir()) == before  # nothing written, nothing removed
 
 
+def test_a_run_that_died_before_saving_anything_does_not_block_its_retry(tmp_path, capsys):
+    out = tmp_path / "run"
+    # What a run that died at step 4 leaves: its split, its logs, its refused samples.
+    (out / "tensorboard").mkdir(parents=True)
+    (out / "tensorboard" / "events.out.tfevents.1").write_bytes(b"")
+    (out / "split.tsv").write_text("study\tsubject\tsplit\tmade\n")
+    (out / "bad_samples.json").write_text("[]")
+    (out / ".partial-checkpoint-4").mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert _train(out, "--max-steps", "2", *CADENCE) == 0
+    said = capsys.readouterr().out
+    assert "removed the outputs of an earlier run" in said and ".partial-checkpoint-4" in said
+    assert (out / "final").is_dir() and (out / "notes.txt").read_text() == "mine"
+    assert not (out / ".partial-checkpoint-4").exists()
+
+
 def test_resume_with_no_checkpoint_in_a_folder_of_a_finished_run_is_refused(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "final").mkdir(parents=True)

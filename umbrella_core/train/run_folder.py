@@ -269,6 +269,16 @@ def run_outputs(out_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+#: Outputs a run writes before it has trained anything worth keeping: a retry of a run
+#: that left only these starts afresh.
+LEFTOVERS = ("tensorboard", "split.tsv", "bad_samples.json", "nan_step.json")
+
+
+def _saved(path: Path) -> bool:
+    """Whether ``path`` (one of :func:`run_outputs`) holds something a run trained."""
+    return path.name not in LEFTOVERS and not path.name.startswith((".partial-", "..partial-"))
+
+
 def remove_outputs(out_dir: Path, keep: tuple[Path, ...] = ()) -> list[Path]:
     """Remove the outputs of a run in ``out_dir`` but those in ``keep``; returns the removed."""
     removed = []
@@ -412,6 +422,10 @@ def check_run_folder(config: RunConfig, out_dir: Path, resume: str | None) -> No
             return
     outputs = run_outputs(out_dir)
     if not outputs or t.overwrite:
+        return
+    if not any(_saved(p) for p in outputs):
+        # A run that stopped before it saved anything (its split, its logs, its refused
+        # samples are all that is left): the retry starts afresh and the leftovers go.
         return
     if t.resume == "auto" and not any(p.name in ("final", "metrics.json") for p in outputs):
         return  # a run stopped before its first checkpoint: afresh (the leftovers go)
