@@ -341,3 +341,35 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_its_samples(tmp_path, umbr
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and (out / "checkpoint-2").is_dir()
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in state["log_history"] if "loss" in e)
+
+
+def test_a_stop_runs_no_evaluation_and_no_second_save_at_the_end_of_the_epoch():
+    """After SIGTERM the Trainer still ends the epoch; with eval_strategy: epoch that ran a
+    whole validation pass before exiting (365 s), past a scheduler's grace period."""
+    import signal
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+    from transformers.trainer_callback import DefaultFlowCallback
+    from transformers.trainer_utils import IntervalStrategy
+
+    from umbrella_core.train.faults import StopOnSignal
+
+    args = SimpleNamespace(
+        world_size=1,
+        eval_strategy=IntervalStrategy.EPOCH,
+        save_strategy=IntervalStrategy.EPOCH,
+        logging_strategy=IntervalStrategy.NO,
+        eval_delay=0,
+    )
+    state = SimpleNamespace(global_step=85, epoch=1.0)
+    stopper, control = StopOnSignal(log=lambda _: None), TrainerControl()
+    stopper.handle(signal.SIGTERM)
+    control = stopper.on_step_end(args, state, control)
+    assert control.should_save and control.should_training_stop and not control.should_evaluate
+    control.should_save = False  # the Trainer saved checkpoint-85
+    flow = DefaultFlowCallback()
+    control = flow.on_epoch_end(args, state, control)
+    assert control.should_evaluate and control.should_save  # what the Trainer would do
+    control = stopper.on_epoch_end(args, state, control)
+    assert not control.should_evaluate and not control.should_save

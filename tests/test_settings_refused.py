@@ -140,6 +140,9 @@ def test_max_steps_0_says_that_epochs_decide(tmp_path, capsys, monkeypatch):
     assert main(args) == 0
     said = capsys.readouterr().out
     assert "length       1 epoch(s) (trainer.max_steps is 0: epochs decide)" in said
+    # With eval_strategy: no the header announces no evaluation it will not run.
+    assert "samples, not evaluated (trainer.eval_strategy=no" in said
+    assert "evaluation, best/" not in said and "the table at the end" not in said
     # 4 training subjects x 2 questions at 4 a step: one epoch is 2 steps.
     assert json.loads((out / "metrics.json").read_text())["steps"] == 2
 

@@ -262,6 +262,18 @@ class StopOnSignal(TrainerCallback):
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
+        if self.stopped_at is not None:
+            # A stop saves and exits: an evaluation due at this step would outlast a
+            # scheduler's grace period (the held-out set can take minutes).
+            control.should_evaluate = False
+        return control
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.stopped_at is not None:
+            # The Trainer ends the epoch after a stop too, and would evaluate (and save the
+            # same step again) for eval_strategy/save_strategy "epoch".
+            control.should_evaluate = False
+            control.should_save = False
         return control
 
 

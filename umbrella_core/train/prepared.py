@@ -158,7 +158,13 @@ def summary(prep: Prepared) -> str:
     total_weight = sum(prep.weights)
     for ds, weight in zip(prep.train_sets, prep.weights, strict=True):
         lines.append(f"    {ds.name:<24} {len(ds)} samples, {weight / total_weight:.0%} of draws")
-    if prep.test_set is not None and prep.test_set is not prep.eval_set:
+    if prep.config.trainer.eval_strategy == "no" and prep.eval_set is not None:
+        held = sum(len(ds) for ds in prep.datasets() if ds is prep.eval_set or ds is prep.test_set)
+        lines.append(
+            f"    {'(held out)':<24} {held} samples, not evaluated (trainer.eval_strategy=no; "
+            "umbrella evaluate scores final/ on them)"
+        )
+    elif prep.test_set is not None and prep.test_set is not prep.eval_set:
         lines.append(f"    {'(validation)':<24} {len(prep.eval_set)} samples: evaluation, best/")
         lines.append(f"    {'(test)':<24} {len(prep.test_set)} samples: the table at the end")
     elif prep.eval_set is not None:
