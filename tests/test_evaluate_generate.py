@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import attrs
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -17,6 +18,7 @@ import torch
 from umbrella_core.commands import main
 from umbrella_core.config import load_config
 from umbrella_core.errors import ConfigError
+from umbrella_core.inference.generate import load_for_inference
 from umbrella_core.plugins import get_plugin_manager
 
 SMALL = [
@@ -199,6 +201,20 @@ def test_umbrella_generate_answers_about_a_demo_file(run, capsys):
     assert main(["generate", "--checkpoint", str(run_dir / "final"), "--image", path,
                  "--modality", "T1w", "--prompt", f"<image>\n{prompt}"]) == 0  # fmt: skip
     assert capsys.readouterr().out.strip() == answer
+    # What the model is given: the rendered prompt, and the image as it reads it.
+    seen = run_dir.parent / "seen"
+    assert main(["generate", "--checkpoint", str(run_dir / "final"), "--image", path,
+                 "--prompt", prompt, "--show-prompt", "--save-input", str(seen)]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert out.strip() == answer
+    spec = load_for_inference(run_dir / "final", get_plugin_manager()).specs["t1"]
+    assert f"<image x {spec.num_tokens}>" in err and prompt in err and "prompt (" in err
+    (written,) = seen.iterdir()
+    assert written.name == "input-1-t1.nii.gz" and f"model input: {written}" in err
+    image = nib.load(written).get_fdata()
+    assert image.shape == spec.shape
+    expected = spec.load(spec, (path,))[0]
+    assert np.allclose(image, expected, atol=1e-5)
 
 
 def test_umbrella_export_writes_a_model_that_answers_the_same(run, tmp_path, capsys):

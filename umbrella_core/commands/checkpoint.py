@@ -32,15 +32,41 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt", required=True, help="the question; <image> lines are put first if absent"
     )
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--show-prompt",
+        action="store_true",
+        help="print the prompt as the model reads it (chat template, special tokens, each "
+        "image's tokens) on stderr, before the answer",
+    )
+    p.add_argument(
+        "--save-input",
+        metavar="DIR",
+        help="write each image as the model reads it (preprocessed, at the run's geometry) "
+        "to DIR as NIfTI: input-1-t1.nii.gz, ...",
+    )
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from umbrella_core.inference.generate import generate_answer, load_for_inference
+    from umbrella_core.inference.generate import (
+        generate_answer,
+        load_for_inference,
+        render_prompt,
+        save_inputs,
+    )
     from umbrella_core.plugins import get_plugin_manager
 
     pm = get_plugin_manager()
     loaded = load_for_inference(args.checkpoint, pm)
     installed = {name: p.item for name, p in pm.modality_registry().items()}
+
+    def seen(ids: list[int], images: list[tuple[str, object]]) -> None:
+        if args.show_prompt:
+            shown = render_prompt(loaded.tokenizer, ids, loaded.model.image_token_id)
+            print(f"prompt ({len(ids)} tokens):\n{shown}", file=sys.stderr)
+        if args.save_input:
+            for path in save_inputs(images, args.save_input):
+                print(f"model input: {path}", file=sys.stderr)
+
     answer = generate_answer(
         loaded,
         [[f for f in image.split(",") if f] for image in args.image],
@@ -48,8 +74,11 @@ def _generate(args: argparse.Namespace) -> int:
         modalities=args.modality or (),
         max_new_tokens=args.max_new_tokens,
         installed=installed,
+        seen=seen,
     )
     print(answer)
+    if not answer:
+        print("umbrella: the answer is empty (the model ended its turn at once)", file=sys.stderr)
     return 0
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +39,8 @@ __all__ = [
     "resolve_modality",
     "generate_answer",
     "record_prompt",
+    "render_prompt",
+    "save_inputs",
 ]
 
 
@@ -437,11 +439,18 @@ def generate_answer(
     modalities: Sequence[str] = (),
     max_new_tokens: int = 64,
     installed: Mapping[str, ModalitySpec] | None = None,
+    seen: Callable[[list[int], list[tuple[str, Any]]], None] | None = None,
 ) -> str:
-    """``umbrella generate``: the answer to ``prompt`` about the images (:func:`read_images`)."""
+    """``umbrella generate``: the answer to ``prompt`` about the images (:func:`read_images`).
+
+    ``seen(prompt_ids, images)``, when given, gets what the model is given: the
+    prompt's token ids and each image as it reads it (``(modality, tensor)``).
+    """
     tensors = read_images(loaded, images, modalities=modalities, installed=installed)
     turn = Turn(role="user", content=with_placeholders(prompt, len(images)))
     ids, chat = encode_prompt(loaded, [turn], [name for name, _ in tensors])
+    if seen is not None:
+        seen(list(ids), list(tensors))
     generated = greedy_generate(
         loaded.model,
         ids,
@@ -450,6 +459,51 @@ def generate_answer(
         stop_token_ids=chat.stop_token_ids,
     )
     return decode(loaded.tokenizer, generated)
+
+
+def render_prompt(tokenizer: Any, ids: Sequence[int], image_token_id: int) -> str:
+    """The prompt as the language model reads it: special tokens kept, each run of image
+    tokens shown once as ``<image x N>``."""
+    parts: list[str] = []
+    run: list[int] = []
+    count = 0
+    for token in list(ids) + [None]:
+        if token == image_token_id:
+            if run:
+                parts.append(tokenizer.decode(run, skip_special_tokens=False))
+                run = []
+            count += 1
+            continue
+        if count:
+            parts.append(f"<image x {count}>")
+            count = 0
+        if token is not None:
+            run.append(int(token))
+    if run:
+        parts.append(tokenizer.decode(run, skip_special_tokens=False))
+    return "".join(parts)
+
+
+def save_inputs(images: Sequence[tuple[str, Any]], folder: str | os.PathLike) -> list[Path]:
+    """Each image as the model reads it, as NIfTI (channels last; voxel grid, no anatomy:
+    the affine is the identity), ``input-1-t1.nii.gz``, ... in placeholder order."""
+    import numpy as np
+
+    from umbrella_core.imaging import save_nifti
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, (modality, tensor) in enumerate(images, start=1):
+        array = np.asarray(tensor.detach().cpu().float(), dtype=np.float32)
+        array = np.moveaxis(array, 0, -1)
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+        elif array.ndim == 5:  # a 4D series of several channels: frames x channels in one axis
+            array = array.reshape(*array.shape[:3], -1)
+        path = folder / f"input-{index}-{modality}.nii.gz"
+        written.append(Path(save_nifti(path, array, np.eye(4))))
+    return written
 
 
 def resolve_modality(name: str, specs: Mapping[str, ModalitySpec]) -> str:
