@@ -486,8 +486,7 @@ class UmbrellaModel(nn.Module):
         )
         want_correct = not self.training if return_correct is None else return_correct
         self._add_loss(result, head, hidden, batch, coverage, want_correct, loss_chunk_size)
-        if sample_keys is not None:
-            assert result.token_loss is not None  # _add_loss set it
+        if sample_keys is not None and result.token_loss is not None:  # _add_loss set it
             result.key_losses, result.key_tokens = _key_losses(
                 result.token_loss, labels[:, 1:].to(hidden.device) != IGNORE_INDEX, sample_keys
             )
