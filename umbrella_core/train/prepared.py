@@ -159,6 +159,7 @@ def summary(prep: Prepared) -> str:
     for ds, weight in zip(prep.train_sets, prep.weights, strict=True):
         lines.append(f"    {ds.name:<24} {len(ds)} samples, {weight / total_weight:.0%} of draws")
     if prep.test_set is not None and prep.test_set is not prep.eval_set:
+        assert prep.eval_set is not None  # held_out_sets: a test set comes with an eval set
         lines.append(f"    {'(validation)':<24} {len(prep.eval_set)} samples: evaluation, best/")
         lines.append(f"    {'(test)':<24} {len(prep.test_set)} samples: the table at the end")
     elif prep.eval_set is not None:
