@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 PACKAGES := -e ".[serve]" -e plugins/umbrella_t1 -e plugins/umbrella_fmri -e plugins/umbrella_dmri -e plugins/umbrella_studies
 
-.PHONY: install demo test test-install test-fast lint
+.PHONY: install demo test test-install test-fast lint typecheck
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,9 @@ test-fast: test-install
 lint: test-install
 	$(VENV)/bin/ruff check umbrella_core plugins examples tests benchmarks
 	$(VENV)/bin/ruff format --check umbrella_core plugins examples tests benchmarks
+
+# mypy over the core and the first-party plugins (pyproject.toml's [tool.mypy]);
+# .ci/run runs it after lint.
+typecheck: test-install
+	$(VENV)/bin/mypy umbrella_core plugins/umbrella_t1/umbrella_t1 plugins/umbrella_fmri/umbrella_fmri \
+		plugins/umbrella_dmri/umbrella_dmri plugins/umbrella_studies/umbrella_studies

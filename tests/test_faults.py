@@ -23,7 +23,7 @@ from umbrella_core.train.faults import NAN_REPORT, PARTIAL_PREFIX
 MAX_STEPS = 28
 SAVE_STEPS = 7
 
-# The process under test: `umbrella train` (cli.main), each step slowed down so
+# The process under test: `umbrella train` (commands.main), each step slowed down so
 # that the test can act at a step of its choosing, and optionally crashing
 # (os._exit: no cleanup, like a kill) while checkpoint-CRASH_AT is half written.
 RUNNER = """

@@ -490,7 +490,7 @@ def test_umbrella_train_composes_in_two_stages_by_default(tmp_path, demo_env, ca
     """``umbrella train --language DIR`` with the defaults: LLaVA's two stages, printed first;
     the fresh vision body trains in both; generation then reads OUTPUT_DIR/final."""
     from tiny_models.families import save_tiny_language_model
-    from umbrella_core import cli
+    from umbrella_core.commands import main
     from umbrella_core.model.compose import compose
 
     folder = save_tiny_language_model(
@@ -501,7 +501,7 @@ def test_umbrella_train_composes_in_two_stages_by_default(tmp_path, demo_env, ca
     argv += ["--max-steps", "4", "--batch-size", "2", "--demo-subjects", "5", "--no-progress"]
     # No warm-up: stage 1's one step would be taken at a learning rate of 0.
     argv += ["--set", "trainer.eval_strategy=no", "--set", "trainer.warmup_ratio=0"]
-    assert cli.main(argv) == 0
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "LLaVA's two stages" in printed
     assert "stage 1: model.trainable=projector, trainer.max_steps=1" in printed

@@ -248,12 +248,9 @@ class PluginManager:
                 plugin = self.pm.get_plugin(name)
                 hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
                 found = offers.get(name, {})
-                info = attrs.evolve(
-                    info,
-                    hooks=tuple(hooks),
-                    error=found.pop("error", None),
-                    **{field: tuple(values) for field, values in found.items()},
-                )
+                failed = found.pop("error", None)
+                offered: dict[str, Any] = {field: tuple(values) for field, values in found.items()}
+                info = attrs.evolve(info, hooks=tuple(hooks), error=failed, **offered)
             out.append(info)
         return out
 

@@ -34,8 +34,8 @@ def _demo_data(args: argparse.Namespace) -> int:
     specs = with_phantoms(specs)
     manifest = write_demo(args.directory, specs, subjects=args.subjects, seed=args.seed)
     print(f"wrote {args.subjects} subjects for each of {', '.join(specs)}: {manifest}")
-    config = manifest.parent / RUN_CONFIG
-    print(f"train or validate it at its geometry: umbrella train --config {config}")
+    run_config = manifest.parent / RUN_CONFIG
+    print(f"train or validate it at its geometry: umbrella train --config {run_config}")
     return 0
 
 

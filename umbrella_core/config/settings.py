@@ -22,6 +22,7 @@ from umbrella_core.config.checks import (
     unit_interval,
 )
 from umbrella_core.errors import ConfigError
+from umbrella_core.types._convert import as_tuple
 
 __all__ = [
     "StudyConfig",
@@ -66,7 +67,7 @@ class LoraConfig:
     alpha: float = attrs.field(default=16.0, validator=positive)
     dropout: float = attrs.field(default=0.05, validator=fraction)
     target_modules: tuple[str, ...] = attrs.field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj"), converter=tuple
+        default=("q_proj", "k_proj", "v_proj", "o_proj"), converter=as_tuple
     )
 
     @target_modules.validator
@@ -279,8 +280,8 @@ class DataConfig:
             ``refuse``, ``swap`` or ``ignore``, for records that declare none. Since 0.3.
     """
 
-    modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=tuple)
+    modalities: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
+    studies: tuple[StudyConfig, ...] = attrs.field(default=(), converter=as_tuple)
     weights: dict[str, float] = attrs.field(factory=dict, validator=sampling_weights)
     temperature: float = attrs.field(default=1.0, validator=positive)
     batching: str = attrs.field(default="mixed", validator=one_of("mixed", "modality", "length"))
@@ -401,7 +402,7 @@ class TrainerConfig:
     deepspeed: str = ""
     resume: str = ""
     overwrite: bool = False
-    resume_allow: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    resume_allow: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
     report_to: tuple[str, ...] = attrs.field(
         default=("tensorboard",), converter=tracker_names, validator=known_trackers
     )
@@ -421,7 +422,7 @@ class RunConfig:
     )
     # Training stages run one after the other, each from the previous one's
     # checkpoint: overrides of this config per stage (umbrella_core.train.recipes).
-    stages: tuple[dict[str, Any], ...] = attrs.field(default=(), converter=tuple)
+    stages: tuple[dict[str, Any], ...] = attrs.field(default=(), converter=as_tuple)
 
     def to_dict(self) -> dict[str, Any]:
         return attrs.asdict(self)

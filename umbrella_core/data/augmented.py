@@ -40,6 +40,8 @@ class AugmentedDataset(ConcatDataset):
 
     #: Tells the trainer to make its sampler yield draws (index, epoch, position).
     wants_draws = True
+    #: The parts: RecordDatasets (ConcatDataset types them as bare Datasets).
+    datasets: list[Any]
 
     def __init__(
         self,
@@ -95,7 +97,7 @@ def log_augmented_slices(writer: Any, dataset: AugmentedDataset, samples: int = 
 
     tags = []
     for modality, pipeline in dataset.pipelines.items():
-        rows = []
+        rows: list[torch.Tensor] = []
         start = 0
         for part in dataset.datasets:
             # A RecordDataset holds one modality key: a part without the modality is

@@ -228,6 +228,7 @@ class PreprocessedCache:
     def window_entry(self, spec: ModalitySpec, paths: Sequence[str]) -> Path:
         """Where the windows of a windowed modality's series are stored."""
         key = self.key(spec, paths, series=True)
+        assert spec.windows is not None  # only windowed modalities have window entries
         return self.root / spec.name / f"{key}-w{spec.shape[-1]}s{spec.windows.stride}.npy"
 
     def load(self, spec: ModalitySpec, paths: Sequence[str]) -> np.ndarray:
@@ -257,6 +258,7 @@ class PreprocessedCache:
             self.stats.hits += 1
         else:
             self.stats.misses += 1
+            assert spec.windows is not None  # window_entry has checked it
             series = np.asarray(spec.windows.series(spec, tuple(paths)), dtype=np.float32)
             length, count = spec.shape[-1], spec.window_count(series.shape[-1])
             if count == 0:

@@ -41,7 +41,10 @@ _MAX_TRAILER = 1 << 20
 
 
 #: What an entry's array may be stored as (``data.cache_dtype``).
-DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
+DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+}
 
 
 def converted(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
@@ -67,7 +70,7 @@ def converted(array: np.ndarray, dtype: np.dtype | type) -> np.ndarray:
 
 def checksum(array: np.ndarray) -> int:
     """CRC-32 of a C-contiguous array's bytes (what an entry's trailer records)."""
-    return _crc32(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return _crc32(np.ascontiguousarray(array).data.cast("B"))
 
 
 class _Corrupt(Exception):
@@ -122,7 +125,7 @@ def _read_in_memory(
         if tuple(found) != tuple(shape):
             raise _Corrupt(f"shape {tuple(found)}, expected {tuple(shape)}")
         array = np.empty(shape, dtype)  # the expected shape, never the header's claim
-        if handle.readinto(memoryview(array).cast("B")) != array.nbytes:
+        if handle.readinto(array.data.cast("B")) != array.nbytes:
             raise _Corrupt("truncated")
         meta = _parse_trailer(handle.read(_MAX_TRAILER + _TAIL.size + 1))
     return array, meta

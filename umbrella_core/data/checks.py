@@ -257,6 +257,7 @@ def check_headers(spec: ModalitySpec, paths: Sequence[str]) -> list[str]:
                 f"shape {shape}; give the {spec.name} series, not a single volume"
             )
     if not messages and spec.windowed:
+        assert spec.windows is not None  # windowed
         try:
             frames = spec.windows.frames(spec, tuple(paths))
         except DataError as error:

@@ -31,6 +31,7 @@ def load_image(
     import torch
 
     if window is not None and spec.windowed:
+        assert spec.windows is not None  # windowed
         if cache is not None:
             array = cache.window(spec, tuple(paths), window)
         elif spec.windows.window is not None:
@@ -97,7 +98,7 @@ class RecordDataset:
         self.cache = cache
         # ``frames`` is not kept: workers started by spawn would get the whole
         # index pickled.
-        self.items = self._windows(frames or None)
+        self.items: Sequence[tuple[int, int | None]] = self._windows(frames or None)
         if record_lengths is not None and len(record_lengths) != len(self.records):
             raise ValueError(
                 f"record_lengths: {len(record_lengths)} lengths for {len(self.records)} records"
@@ -115,6 +116,7 @@ class RecordDataset:
             for image in record.images:
                 spec = self.specs.get(image.modality)
                 if spec is not None and spec.windowed:
+                    assert spec.windows is not None  # windowed
                     frames = (frames_of or spec.windows.frames)(spec, tuple(image.paths))
                     count = spec.window_count(frames)
                     if count == 0:
@@ -146,7 +148,7 @@ class RecordDataset:
         if self._lengths is None:
             import numpy as np
 
-            per_record = self._record_lengths
+            per_record: Sequence[int] | np.ndarray | None = self._record_lengths
             if per_record is None:
                 from umbrella_core.data.lengths import conversation_lengths
 

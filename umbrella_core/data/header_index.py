@@ -136,6 +136,7 @@ class HeaderIndex:
     # -- storage -------------------------------------------------------------------
 
     def _load(self) -> None:
+        assert self.root is not None  # __init__ loads an index that has a root
         try:
             shards = sorted(p for p in self.root.glob(f"*{_SUFFIX}") if not p.name.startswith("."))
         except OSError as error:
@@ -309,6 +310,7 @@ class HeaderIndex:
         entry = self.get(key)
         if entry is not None and entry.get("frames") is not None:
             return int(entry["frames"])
+        assert spec.windows is not None  # asked of windowed modalities only
         frames = spec.windows.frames(spec, tuple(paths))
         self.put(key, {**(entry or {}), "frames": int(frames)})
         return frames
@@ -337,6 +339,7 @@ def _check_one(spec: ModalitySpec | None, paths: tuple[str, ...], decode: bool) 
     messages = check_image(spec, paths, decode=decode)
     frames = None
     if not messages and spec.windowed:
+        assert spec.windows is not None  # windowed
         try:
             frames = int(spec.windows.frames(spec, paths))
         except DataError:

@@ -82,7 +82,7 @@ class Interleaving:
         sizes: Sequence[int],
         weights: Sequence[float] | None = None,
         keys: Sequence[str] | None = None,
-        lengths: Sequence[int] | None = None,
+        lengths: Sequence[int] | np.ndarray | None = None,
         batching: str = "mixed",
     ) -> None:
         if not sizes or any(s <= 0 for s in sizes):

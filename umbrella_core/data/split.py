@@ -193,7 +193,9 @@ def _group_leak(
     how: Mapping[int, str],
 ) -> _Leak | None:
     """The first two records of ``group`` on different sides, named with what joins them."""
-    indices = sorted({i for key in group for i in graph.records_of[key]}, key=graph.rank.get)
+    indices = sorted(
+        {i for key in group for i in graph.records_of[key]}, key=graph.rank.__getitem__
+    )
     if len({sides[i] for i in indices}) < 2:
         return None
     study = group[0][0]
@@ -214,10 +216,11 @@ def _group_leak(
         for label, values in (("family", graph.family), ("site", graph.site)):
             by_value: dict[str, list[int]] = {}
             for key in group:
-                if values.get(key) is not None:
-                    by_value.setdefault(values[key], []).extend(graph.records_of[key])
+                shared = values.get(key)
+                if shared is not None:
+                    by_value.setdefault(shared, []).extend(graph.records_of[key])
             for value, members in sorted(by_value.items()):
-                found = pair(sorted(set(members), key=graph.rank.get))
+                found = pair(sorted(set(members), key=graph.rank.__getitem__))
                 if found:
                     what = f"{label} {value} of study {study!r}"
                     break
@@ -350,7 +353,9 @@ def _make(
     """The side of each of a study's groups (same order)."""
     if config.stratify:
         firsts = [
-            records[min((i for key in g for i in graph.records_of[key]), key=graph.rank.get)]
+            records[
+                min((i for key in g for i in graph.records_of[key]), key=graph.rank.__getitem__)
+            ]
             for g in groups
         ]
         strata = _strata([r.phenotypes.get(config.stratify) for r in firsts])
@@ -366,9 +371,9 @@ def _make(
         # Every study trains on something: give one held-out group back,
         # validation first (test is what the run reports).
         for side in (1, 0):
-            stratum = next((s for s in sorted(plan, reverse=True) if plan[s][side]), None)
-            if stratum is not None:
-                plan[stratum][side] -= 1
+            given = next((s for s in sorted(plan, reverse=True) if plan[s][side]), None)
+            if given is not None:
+                plan[given][side] -= 1
                 break
     sides = ["train"] * len(groups)
     for stratum in sorted(by_stratum):

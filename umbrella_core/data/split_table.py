@@ -13,6 +13,7 @@ from pathlib import Path
 import attrs
 
 from umbrella_core.errors import DataError
+from umbrella_core.types._convert import as_tuple
 
 __all__ = ["SPLITS", "SPLIT_FILE", "COLUMNS", "SplitRow", "SplitTable", "split_file_of_checkpoint"]
 
@@ -66,7 +67,7 @@ class SplitTable:
         file: The file the sides came from (``data.split.file``), if any.
     """
 
-    rows: tuple[SplitRow, ...] = attrs.field(converter=tuple)
+    rows: tuple[SplitRow, ...] = attrs.field(converter=as_tuple)
     by: str = ""
     seed: int | None = None
     file: str = ""

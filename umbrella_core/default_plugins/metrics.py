@@ -131,11 +131,11 @@ def _numeric_figure(answers: QuestionAnswers, m: Mapping[str, Any]) -> Any:
     from umbrella_core.evaluation.figures import scatter_figure
     from umbrella_core.evaluation.metrics import parse_number
 
-    pairs = [
+    parsed = [
         (parse_number(r), parse_number(p))
         for r, p in zip(answers.references, answers.predictions, strict=True)
     ]
-    pairs = [(r, p) for r, p in pairs if r is not None and p is not None]
+    pairs = [(r, p) for r, p in parsed if r is not None and p is not None]
     return scatter_figure(
         [r for r, _ in pairs],
         [p for _, p in pairs],

@@ -34,7 +34,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -260,9 +260,12 @@ def _features(plans: list[_Plan], workers: int) -> dict[tuple[Any, ...], Any]:
     order = list(jobs)
     reads = _Reads([jobs[job] for job in order])
     if workers:
-        from torch.utils.data import DataLoader
+        from torch.utils.data import DataLoader, Dataset
 
-        loader = DataLoader(reads, batch_size=8, collate_fn=list, num_workers=workers)
+        # _Reads is a map-style dataset by its methods, not by subclassing.
+        loader: DataLoader[Any] = DataLoader(
+            cast("Dataset[Any]", reads), batch_size=8, collate_fn=list, num_workers=workers
+        )
         results = [vector for batch in loader for vector in batch]
     else:
         results = [reads[i] for i in range(len(reads))]
@@ -365,7 +368,9 @@ def _choose_value(
     }
 
 
-def _categorical(plan: _Plan, train: Any, validation: Any, test: Any) -> tuple[list, list, dict]:
+def _categorical(
+    plan: _Plan, train: Any, validation: Any, test: Any
+) -> tuple[list[str], tuple[tuple[float, ...], ...], dict[str, Any]]:
     import numpy as np
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -389,10 +394,12 @@ def _categorical(plan: _Plan, train: Any, validation: Any, test: Any) -> tuple[l
     for column, name in enumerate(model.classes_):
         probabilities[:, classes.index(name)] = given[:, column]
     predictions = [classes[i] for i in probabilities.argmax(axis=1)]
-    return predictions, [tuple(map(float, row)) for row in probabilities], regularisation
+    return predictions, tuple(tuple(map(float, row)) for row in probabilities), regularisation
 
 
-def _numeric(plan: _Plan, train: Any, validation: Any, test: Any) -> tuple[list, None, dict]:
+def _numeric(
+    plan: _Plan, train: Any, validation: Any, test: Any
+) -> tuple[list[str], None, dict[str, Any]]:
     import numpy as np
     from sklearn.linear_model import Ridge
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import attrs
 
@@ -256,7 +256,7 @@ def evaluate_dataset(
     rank: they follow from the items and the run's answers alone.
     """
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Dataset
 
     from umbrella_core.inference.generate import decode, greedy_generate_batch
 
@@ -266,8 +266,9 @@ def evaluate_dataset(
     stops = {int(token) for token in dataset.tokenization.chat.stop_token_ids}
     indices = spread_indices(len(dataset), max_samples)
     items = _Items(dataset, indices, questions)
-    loader = DataLoader(
-        items,
+    # _Items is a map-style dataset by its methods, not by subclassing.
+    loader: DataLoader[Any] = DataLoader(
+        cast("Dataset[Any]", items),
         # Items per chunk; their rows (one per candidate) go in batches of batch_size.
         batch_size=batch_size,
         shuffle=False,

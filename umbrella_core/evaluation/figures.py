@@ -66,10 +66,11 @@ def confusion_figure(confusion: Mapping, *, title: str) -> Figure:
     size = 2.5 + 0.6 * len(labels)
     figure = _new_figure(size + 1.0, size)
     axes = figure.add_subplot()
-    image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=max(1, int(matrix.max(initial=0))))
+    vmax = max(1, int(matrix.max(initial=0)))
+    image = axes.imshow(matrix, cmap="Blues", vmin=0, vmax=vmax)
     figure.colorbar(image, ax=axes, shrink=0.8)
     # White text on the dark half of the colour map stays legible.
-    threshold = image.norm.vmax / 2
+    threshold = vmax / 2
     for (row, column), count in np.ndenumerate(matrix):
         axes.text(
             column,

@@ -243,7 +243,7 @@ def _baseline_cells(
     entry = q.get("baseline") or {}
     if "metrics" not in entry:
         return [""] * len(rows)
-    given = _default_rows(entry["metrics"])
+    given: Sequence[tuple[str, str, str]] = _default_rows(entry["metrics"])
     if family is not None and family.table is not None:
         try:
             given = family.table(entry["metrics"])

@@ -124,7 +124,8 @@ def _metric_rows(
 ) -> list[tuple]:
     """The rows ``umbrella evaluate`` prints of a question's ``metrics`` (default: the VLM's)."""
     metrics = (question.get("metrics") or {}) if metrics is None else metrics
-    family = families.get(question.get("family"))
+    name = question.get("family")
+    family = None if name is None else families.get(name)
     if family is not None and family.table is not None:
         try:
             return [tuple(row) for row in family.table(metrics)]
@@ -180,7 +181,7 @@ _FORM_ROWS = frozenset({"ended", "parsed", "unparsed"})
 
 def _baselines_said(results: Mapping[str, Any]) -> list[str]:
     """A sentence per baseline in the table: what it reads and how it was fitted."""
-    said: dict[str, str] = {}
+    said: dict[str | None, str] = {}  # by baseline name (None: an entry without one)
     for r in results.values():
         for q in (r.get("questions") or {}).values():
             entry = q.get("baseline") or {}

@@ -175,7 +175,8 @@ def _read_plain(name: str, begin: int, buffer: NDArray[np.uint8]) -> None:
 
 
 def _fill(handle: Any, buffer: NDArray[np.uint8]) -> int:
-    view = memoryview(buffer)
+    # mypy: numpy's stubs give ndarray __buffer__ on Python >= 3.12 only.
+    view = memoryview(buffer)  # type: ignore[arg-type]
     filled = 0
     while filled < buffer.size:
         count = handle.readinto(view[filled:])
@@ -284,7 +285,8 @@ def _frames(
                 "(e.g. fslmaths IN -nan OUT) or re-export the file"
             )
     affine = np.asarray(facts.header.get_best_affine(), dtype=np.float64)
-    data, affine = reorient(data, affine, RAS)
+    # mypy: reorient returns the array's own dtype, which its annotation does not carry.
+    data, affine = reorient(data, affine, RAS)  # type: ignore[assignment]
     if any(step < 0 for step in data.strides):
         data = np.array(data, order="K")
     return data, affine

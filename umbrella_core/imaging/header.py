@@ -208,7 +208,8 @@ def inflate(name: str, raw: bytes, expected: int) -> bytes:
     try:
         from isal import isal_zlib as inflater_module
     except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-        inflater_module = zlib
+        # mypy: isal_zlib and zlib are one interface (the ImportError fallback).
+        inflater_module = zlib  # type: ignore[misc]
     limit = expected + INFLATE_MARGIN
     parts: list[bytes] = []
     total = 0

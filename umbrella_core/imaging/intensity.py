@@ -208,21 +208,23 @@ def robust_zscore(
         out[...] = 0.0
         return out
     np.clip(volume, lo, hi, out=volume)
-    head = mask if mask is not None else volume > lo + float(foreground) * (hi - lo)
+    # mypy: without a mask the callers give foreground (robust_zscore's contract).
+    head = mask if mask is not None else volume > lo + float(foreground) * (hi - lo)  # type: ignore[arg-type]
     # Masked sums as dot products with a 0/1 float copy of the mask: numpy's
     # boolean indexing and where= reductions are several times slower.
     # One flattening order for every operand (volume's own, so it is a view).
     order = "F" if volume.flags.f_contiguous and not volume.flags.c_contiguous else "C"
-    weight = head.astype(np.float32).ravel(order=order)
+    # mypy: order is "F" or "C" (a str to mypy, a Literal to numpy's stubs).
+    weight = head.astype(np.float32).ravel(order=order)  # type: ignore[arg-type]
     count = float(weight.sum())
     if count == 0.0:
         out[...] = 0.0
         return out
-    flat = volume.ravel(order=order)
+    flat = volume.ravel(order=order)  # type: ignore[arg-type]  # order: as above
     mean = float(np.dot(flat, weight)) / count
     # where, not a product with the mask: that would leave -0.0 outside.
     centred = np.where(head, volume - np.float32(mean), np.float32(0.0))
-    spread = centred.ravel(order=order)
+    spread = centred.ravel(order=order)  # type: ignore[arg-type]  # order: as above
     variance = float(np.dot(spread, spread)) / count
     if not variance > 0.0:
         out[...] = 0.0

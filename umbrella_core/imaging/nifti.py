@@ -143,7 +143,8 @@ def _decoded_voxels(
     # the scan (read_nifti_header refuses scaling that overflows; scan anyway
     # should that ever change).
     finite = True if _integers_fit_float32(img) else np.isfinite(data)
-    if finite is not True and not finite.all():
+    # mypy: past `is not True`, finite is np.isfinite's array.
+    if finite is not True and not finite.all():  # type: ignore[union-attr]
         bad = int(data.size - np.count_nonzero(finite))
         raise DataError(
             f"{name}: {bad} of {data.size} voxels are NaN or infinite; replace them "
@@ -157,7 +158,8 @@ def _integers_fit_float32(img: nib.spatialimages.SpatialImage) -> bool:
     dtype = np.dtype(img.get_data_dtype())
     if dtype.kind not in "iu":
         return False
-    slope, inter = img.header.get_slope_inter()
+    # mypy: nibabel types img.header as SpatialHeader; a NIfTI header has get_slope_inter.
+    slope, inter = img.header.get_slope_inter()  # type: ignore[attr-defined]
     if slope is None:
         return True
     info = np.iinfo(dtype)
@@ -195,12 +197,14 @@ def _voxels(img: nib.spatialimages.SpatialImage, *, native: bool = False) -> NDA
         buffer = stream.getvalue()
         if offset + count * dtype.itemsize <= len(buffer):
             raw = np.frombuffer(buffer, dtype=dtype, count=count, offset=int(offset))
-            slope, inter = float(proxy.slope), float(proxy.inter)
+            # mypy: nibabel types dataobj as ArrayLike; with an offset it is an ArrayProxy.
+            slope, inter = float(proxy.slope), float(proxy.inter)  # type: ignore[attr-defined]
             if native and slope == 1.0 and inter == 0.0:
                 # Callers may normalise in place: views of the read-only bytes
                 # are copied here, the only path that needs a second buffer.
-                return raw.reshape(shape, order=order).copy(order="K")
-            data = raw.reshape(shape, order=order).astype(np.float32)
+                # mypy: the proxy's shape and order ("C"/"F") are untyped to numpy's stubs.
+                return raw.reshape(shape, order=order).copy(order="K")  # type: ignore[arg-type]
+            data = raw.reshape(shape, order=order).astype(np.float32)  # type: ignore[arg-type]
             if slope != 1.0:
                 data *= np.float32(slope)
             if inter != 0.0:
@@ -227,7 +231,8 @@ def _read_image(name: str, expected: int, *, gzipped: bool) -> nib.spatialimages
     compressed), which nibabel would take by its name, is read up to ``expected``.
     """
     if not gzipped and name.lower().endswith(".nii"):
-        return nib.load(name)
+        # mypy: nib.load types any image; a single .nii file is a Nifti1Image (SpatialImage).
+        return nib.load(name)  # type: ignore[return-value]
     with open_regular(name) as handle:
         raw = handle.read() if gzipped else handle.read(expected)
     data = inflate(name, raw, expected) if gzipped else raw

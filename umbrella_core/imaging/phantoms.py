@@ -55,7 +55,7 @@ class HeadPhantom:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.wm.shape)  # type: ignore[return-value]
+        return tuple(self.wm.shape)
 
     @property
     def brain(self) -> NDArray[np.float32]:
@@ -234,7 +234,7 @@ def hemisphere_mask(phantom: HeadPhantom, side: str) -> NDArray[np.float32]:
 def blob(
     shape: Sequence[int],
     affine: ArrayLike,
-    centre: Sequence[float],
+    centre: ArrayLike,
     radius: float,
 ) -> NDArray[np.float32]:
     """A soft-edged sphere in world coordinates: 1 inside, 0 outside.

@@ -332,11 +332,14 @@ def _kv_cache(llava: Any, out: Any) -> dict[str, Any]:
     cache = getattr(out, "cache", None)
     if cache is None:
         cache = out.past_key_values
-    return {_cache_argument(type(llava)): cache}
+    # Declared a plain type: mypy matches type[Any] against functools.cache's
+    # Hashable by its instances' __hash__, though a class is hashable.
+    kind: type = type(llava)
+    return {_cache_argument(kind): cache}
 
 
 @functools.cache
-def _cache_argument(cls: type) -> str:
+def _cache_argument(cls: type[Any]) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"

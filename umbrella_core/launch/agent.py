@@ -151,7 +151,7 @@ def _agent(argv: Sequence[str]) -> int:
                 time.sleep(0.2)
         close(self, death_sig, timeout)
 
-    api.PContext.close = patient_close
+    api.PContext.close = patient_close  # type: ignore[method-assign]  # the patch is the point
     forward_stop_file(args.stop_file, stopping=stopping)
     try:
         run.main(torchrun_args)

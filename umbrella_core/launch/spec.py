@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from umbrella_core.errors import ConfigError
+from umbrella_core.types._convert import as_tuple
 
 __all__ = ["SCHEDULERS", "RESUME_MODES", "LaunchSpec", "parse_duration"]
 
@@ -90,6 +91,11 @@ def _env_pairs(instance: Any, attribute: attrs.Attribute, value: tuple[tuple[str
             raise ConfigError(f"launch --env {key}=...: {key!r} is not a variable name")
 
 
+def _lower(value: str) -> str:
+    # str.lower itself: mypy's attrs plugin takes no method as a converter.
+    return str.lower(value)
+
+
 @attrs.frozen(kw_only=True)
 class LaunchSpec:
     """One cluster job running ``umbrella train``.
@@ -121,11 +127,11 @@ class LaunchSpec:
             asked to save and stop (0: no warning).
     """
 
-    scheduler: str = attrs.field(converter=str.lower, validator=_one_of(SCHEDULERS))
+    scheduler: str = attrs.field(converter=_lower, validator=_one_of(SCHEDULERS))
     nodes: int = attrs.field(validator=_at_least(1))
     gpus_per_node: int = attrs.field(validator=_at_least(0))
     procs_per_node: int | None = attrs.field(default=None, validator=_at_least(1))
-    train_args: tuple[str, ...] = attrs.field(converter=tuple, validator=_train_args)
+    train_args: tuple[str, ...] = attrs.field(converter=as_tuple, validator=_train_args)
     run_dir: str = attrs.field(validator=_absolute)
     launch_dir: str = attrs.field(validator=_absolute)
     workdir: str = attrs.field(validator=_absolute)
@@ -144,7 +150,7 @@ class LaunchSpec:
     env: tuple[tuple[str, str], ...] = attrs.field(
         default=(), converter=lambda pairs: tuple(tuple(p) for p in pairs), validator=_env_pairs
     )
-    setup: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    setup: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
     signal_grace: int = attrs.field(default=300, validator=_at_least(0))
 
     def __attrs_post_init__(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import nn
@@ -109,8 +110,10 @@ class PatchEmbedding(nn.Module):
         self.grid = tuple(s // p for s, p in zip(self.shape, self.patch_size, strict=False))
         self.num_tokens = math.prod(self.grid)
         if len(self.shape) == 3:
+            # 3 entries, as shape has (checked above).
+            kernel = cast("tuple[int, int, int]", self.patch_size)
             self.proj: nn.Module = nn.Conv3d(
-                self.in_channels, self.hidden_size, self.patch_size, stride=self.patch_size
+                self.in_channels, self.hidden_size, kernel, stride=kernel
             )
         else:
             self.proj = nn.Linear(self.in_channels * math.prod(self.patch_size), self.hidden_size)

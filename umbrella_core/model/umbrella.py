@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +24,9 @@ from umbrella_core.model.embeddings import ModalityEmbeddings
 from umbrella_core.model.loss import LogitHead, learned_token_loss
 from umbrella_core.model.placement import ordered_features
 from umbrella_core.types import Batch, LossTerm, ModalitySpec
+
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from transformers import PreTrainedModel
 
 __all__ = ["UmbrellaModel", "UmbrellaOutput", "TRAINABLE_SETS"]
 
@@ -68,7 +71,7 @@ class UmbrellaOutput(ModelOutput):
     image_features: dict[str, torch.Tensor] | None = field(default=None)
 
 
-def vision_tower(llava: nn.Module) -> nn.Module:
+def vision_tower(llava: Any) -> Any:
     tower = llava.model.vision_tower
     return getattr(tower, "vision_model", tower)
 
@@ -86,7 +89,7 @@ class UmbrellaModel(nn.Module):
 
     def __init__(
         self,
-        llava: nn.Module,
+        llava: Any,
         specs: Mapping[str, ModalitySpec],
         embedders: Mapping[str, nn.Module],
         *,
@@ -96,6 +99,9 @@ class UmbrellaModel(nn.Module):
         super().__init__()
         if not specs:
             raise ModelError("no active modality: install a modality plugin or check --modalities")
+        # Any: a transformers Llava model (of whichever llava_class), whose parts
+        # (model.vision_tower, model.multi_modal_projector, config.vision_config,
+        # ...) are reached by name; nn.Module's stubs type those as Tensor | Module.
         self.llava = llava
         self.config = llava.config
         # Our embedders emit no CLS token: keep every token (see ARCHITECTURE pitfalls).
@@ -135,7 +141,7 @@ class UmbrellaModel(nn.Module):
         return self.embeddings.specs
 
     @property
-    def language_model(self) -> nn.Module:
+    def language_model(self) -> PreTrainedModel:
         """The Llava model's decoder (without its ``lm_head``)."""
         return self.llava.model.language_model
 
@@ -242,7 +248,7 @@ class UmbrellaModel(nn.Module):
         """
         from peft import LoraConfig, inject_adapter_in_model
 
-        settings = {
+        settings: dict[str, Any] = {
             "r": int(r),
             "alpha": float(alpha),
             "dropout": float(dropout),
@@ -480,7 +486,7 @@ class UmbrellaModel(nn.Module):
         )
         want_correct = not self.training if return_correct is None else return_correct
         self._add_loss(result, head, hidden, batch, coverage, want_correct, loss_chunk_size)
-        if sample_keys is not None:
+        if sample_keys is not None and result.token_loss is not None:  # _add_loss set it
             result.key_losses, result.key_tokens = _key_losses(
                 result.token_loss, labels[:, 1:].to(hidden.device) != IGNORE_INDEX, sample_keys
             )

@@ -97,11 +97,13 @@ def group_files(
         name = os.path.basename(path)
         if not name.lower().endswith(NIFTI_SUFFIXES):
             continue
-        candidates = {modality: specs[modality]} if modality in specs else specs
+        candidates = (
+            {modality: specs[modality]} if modality is not None and modality in specs else specs
+        )
         found = _match(name, candidates)
         chosen = modality if modality is not None else (found[0] if found else None)
         key, rank = path, 0
-        if found and chosen in specs and specs[chosen].channels > 1:
+        if found and chosen is not None and chosen in specs and specs[chosen].channels > 1:
             key, rank = os.path.join(os.path.dirname(path), found[2]), found[1]
         groups.setdefault(key, (chosen, []))[1].append((rank, path))
     return [(m, [p for _, p in sorted(files)]) for m, files in groups.values()]
@@ -205,6 +207,7 @@ class Assistant:
         reply = self.reply(images, turns, max_new_tokens=max_new_tokens)
         for _ in reply:
             pass
+        assert reply.answer is not None  # set when the reply has been read to its end
         return reply.answer
 
 

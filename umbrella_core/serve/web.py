@@ -175,7 +175,7 @@ def _slider_updates(image: Image | None) -> list[Any]:
         ]
     volume = volume_of(image.tensor)
     middle = volume.middle()
-    out = [
+    out: list[Any] = [
         gr.Slider(maximum=volume.shape[axis] - 1, value=middle[plane], interactive=True)
         for plane, axis in PLANES.items()
     ]

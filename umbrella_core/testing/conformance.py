@@ -259,11 +259,10 @@ def write_phantom(
 
     from umbrella_core.imaging import save_nifti
 
-    _require(
-        spec.demo is not None and spec.demo.phantom is not None,
-        f"modality {spec.name!r} has no phantom",
-    )
-    files = spec.demo.phantom(spec, np.random.default_rng(seed), label)
+    demo = spec.demo
+    if demo is None or demo.phantom is None:
+        raise ConformanceError(f"modality {spec.name!r} has no phantom")
+    files = demo.phantom(spec, np.random.default_rng(seed), label)
     _require(
         files and all(isinstance(f, PhantomFile) for f in files),
         f"modality {spec.name!r}: phantom must return a non-empty list of PhantomFile",
@@ -326,13 +325,12 @@ def check_phantom_round_trip(
     """
     import numpy as np
 
-    _require(
-        spec.demo is not None and spec.demo.phantom is not None,
-        f"modality {spec.name!r} has no phantom",
-    )
+    demo = spec.demo
+    if demo is None or demo.phantom is None:
+        raise ConformanceError(f"modality {spec.name!r} has no phantom")
     folder = Path(folder)
     loaded: dict[str, list[Any]] = {}
-    for label in spec.demo.labels:
+    for label in demo.labels:
         for seed in seeds:
             paths = write_phantom(spec, folder / f"{label}-{seed}", label, seed=seed)
             loaded.setdefault(label, []).append(check_loader(spec, paths))

@@ -48,6 +48,7 @@ def _toy_phantom(spec: ModalitySpec, rng: Any, label: str) -> list[PhantomFile]:
     shape = spec.shape
     data = rng.normal(0.0, 0.1, size=shape).astype(np.float32)
     half = shape[0] // 2
+    assert spec.demo is not None  # the toy modality's own phantom: it has a demo
     if label == spec.demo.labels[0]:
         data[:half] += 1.0
     else:
@@ -149,7 +150,7 @@ def registered_hooks(plugin: object) -> Any:
 
 
 def embed_and_backpropagate(
-    plugin: object, spec: ModalitySpec, *, hidden_size: int = 16, batch: int = 2
+    plugin: Any, spec: ModalitySpec, *, hidden_size: int = 16, batch: int = 2
 ) -> tuple[Any, Any, Any]:
     """Run ``plugin``'s patch embedder for ``spec`` on random input and backpropagate.
 
@@ -192,7 +193,9 @@ def modules_imported_by(code: str, modules: Sequence[str] = ("torch", "nibabel")
     return json.loads(out.strip().splitlines()[-1])
 
 
-def rank_order(sampler: Any, rank: int, world_size: int, batch_size: int, epoch: int | None = None):
+def rank_order(
+    sampler: Any, rank: int, world_size: int, batch_size: int, epoch: int | None = None
+) -> Any:
     """The indices rank ``rank`` draws from an InterleavedSampler, batch after batch.
 
     Each global batch of ``sampler.order(epoch)`` is cut into ``world_size``

@@ -163,17 +163,18 @@ def check_reports_bad_records(
             f"plugin {name!r}: reading {location!r} raised {error}; report a bad record "
             "through on_error (umbrella_study_reader's argument) and go on with the next"
         ) from error
-    _require(records is not None, f"plugin {name!r} does not recognise its sample {location!r}")
+    if records is None:
+        raise ConformanceError(f"plugin {name!r} does not recognise its sample {location!r}")
     _require(reported, f"plugin {name!r}: no bad record of {location!r} reached on_error")
-    for error in reported:
+    for bad in reported:
         _require(
-            isinstance(error, DataError),
-            f"plugin {name!r}: on_error got {type(error).__name__}, expected a DataError",
+            isinstance(bad, DataError),
+            f"plugin {name!r}: on_error got {type(bad).__name__}, expected a DataError",
         )
-        check_source(error.source, f"plugin {name!r}: the error {str(error)!r}")
+        check_source(bad.source, f"plugin {name!r}: the error {str(bad)!r}")
         _require(
-            error.field,
-            f"plugin {name!r}: the error {str(error)!r} names no field (DataError.field)",
+            bad.field,
+            f"plugin {name!r}: the error {str(bad)!r} names no field (DataError.field)",
         )
     _require(
         len(records) >= min_records,

@@ -176,9 +176,15 @@ class BestCheckpoint(TrainerCallback):
         }
 
     def on_evaluate(
-        self, args: Any, state: Any, control: Any, metrics: dict[str, float], **kwargs: Any
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
     ) -> None:
-        value = metrics.get(self.metric)
+        # TrainerCallback declares metrics among **kwargs: the handler always passes them.
+        value = None if metrics is None else metrics.get(self.metric)
         if value is None:
             return
         if self._improves(value):

@@ -165,6 +165,7 @@ def summary(prep: Prepared) -> str:
             "umbrella evaluate scores final/ on them)"
         )
     elif prep.test_set is not None and prep.test_set is not prep.eval_set:
+        assert prep.eval_set is not None  # held_out_sets: a test set comes with an eval set
         lines.append(f"    {'(validation)':<24} {len(prep.eval_set)} samples: evaluation, best/")
         lines.append(f"    {'(test)':<24} {len(prep.test_set)} samples: the table at the end")
     elif prep.eval_set is not None:

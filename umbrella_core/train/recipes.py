@@ -90,6 +90,7 @@ def default_stages(config: RunConfig) -> RunConfig:
             "trainer.max_steps: a model composed from a language model trains in two stages "
             "(model.trainable: auto), which needs at least 2 steps; or set model.trainable"
         )
+    length: tuple[dict[str, float], dict[str, float]]
     if t.max_steps:
         first = max(1, round(t.max_steps * STAGE_ONE_SHARE))
         length = ({"trainer.max_steps": first}, {"trainer.max_steps": t.max_steps - first})
@@ -155,7 +156,7 @@ def stage_configs(config: RunConfig) -> list[RunConfig]:
     # Left to choose, the rate is the run's: a later stage starts from a checkpoint,
     # which would choose the pretrained rate for a tiny model's run.
     run_rate = learning_rate(config)[0]
-    configs = []
+    configs: list[RunConfig] = []
     for index, stage in enumerate(config.stages):
         key = f"stages[{index}]"
         if not isinstance(stage, Mapping):
@@ -179,12 +180,14 @@ def stage_configs(config: RunConfig) -> list[RunConfig]:
             # Composed once, in stage 1; later stages go on from its weights.
             data["model"]["language"] = ""
         try:
-            stage = structure(RunConfig, data)
+            staged = structure(RunConfig, data)
         except ConfigError as exc:
             raise ConfigError(f"{key}: {exc}") from None
-        if learning_rate(stage)[0] != run_rate and "trainer.learning_rate" not in overrides:
-            stage = attrs.evolve(stage, trainer=attrs.evolve(stage.trainer, learning_rate=run_rate))
-        configs.append(stage)
+        if learning_rate(staged)[0] != run_rate and "trainer.learning_rate" not in overrides:
+            staged = attrs.evolve(
+                staged, trainer=attrs.evolve(staged.trainer, learning_rate=run_rate)
+            )
+        configs.append(staged)
     return configs
 
 

@@ -15,7 +15,7 @@ import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from umbrella_core.config import RunConfig
 from umbrella_core.data.assemble import assemble_data
@@ -246,10 +246,11 @@ def run_meta(prep: Prepared) -> dict[str, Any]:
 
 def _training_dataset(prep: Prepared, out_dir: Path, main_process: bool) -> Any:
     """The training samples, augmented where ``data.augment`` says (held-out ones never)."""
-    from torch.utils.data import ConcatDataset
+    from torch.utils.data import ConcatDataset, Dataset
 
     if not prep.augment:
-        return ConcatDataset(prep.train_sets)
+        # RecordDatasets are map-style datasets by their methods, not by subclassing.
+        return ConcatDataset(cast("list[Dataset[Any]]", prep.train_sets))
     from torch.utils.tensorboard import SummaryWriter
 
     from umbrella_core.data.augmented import AugmentedDataset, log_augmented_slices

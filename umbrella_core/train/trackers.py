@@ -140,7 +140,7 @@ def _mlflow_callback_class() -> type:
     """transformers' MLflow callback made ours (a class made here: transformers is heavy)."""
     from transformers.integrations import MLflowCallback
 
-    class UmbrellaMLflowCallback(MLflowCallback):  # type: ignore[misc]
+    class UmbrellaMLflowCallback(MLflowCallback):
         """transformers' MLflow callback, started on the run's store with the run's config."""
 
         def __init__(self, out_dir: Path, config: Mapping[str, Any], experiment: str) -> None:
@@ -203,7 +203,7 @@ def _wandb_callback_class() -> type:
     """transformers' W&B callback made ours (a class made here: transformers is heavy)."""
     from transformers.integrations import WandbCallback
 
-    class UmbrellaWandbCallback(WandbCallback):  # type: ignore[misc]
+    class UmbrellaWandbCallback(WandbCallback):
         """transformers' W&B callback, offline into the output folder unless set up for online."""
 
         def __init__(self, out_dir: Path, config: Mapping[str, Any], project: str) -> None:

@@ -14,7 +14,6 @@ from umbrella_core.errors import DataError
 from umbrella_core.evaluation.engine import Question
 from umbrella_core.model.build import save_checkpoint
 from umbrella_core.train.faults import check_loss, save_training_checkpoint
-from umbrella_core.types import Batch
 
 __all__ = ["UmbrellaTrainer"]
 
@@ -138,7 +137,7 @@ class UmbrellaTrainer(Trainer):
     def compute_loss(
         self,
         model: torch.nn.Module,
-        inputs: Batch,
+        inputs: Mapping[str, Any],
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
@@ -231,6 +230,8 @@ class UmbrellaTrainer(Trainer):
         # with; a learning rate allowed to change on resuming
         # (trainer.resume_allow) takes effect from the resumed step on.
         scheduler = self.lr_scheduler
+        # Called once the Trainer has made both, to restore their states.
+        assert self.optimizer is not None and scheduler is not None
         wanted = [g.get("initial_lr", g["lr"]) for g in self.optimizer.param_groups]
         super()._load_optimizer_and_scheduler(checkpoint)
         lambdas = getattr(scheduler, "lr_lambdas", None)
@@ -250,10 +251,12 @@ class UmbrellaTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        target = output_dir or self.args.output_dir
+        assert target is not None  # TrainingArguments defaults output_dir to trainer_output
         save_checkpoint(
             model,
             self.processing_class,
-            output_dir or self.args.output_dir,
+            target,
             provenance=self.provenance,
             extra=self.run_meta,
             state_dict=state_dict,

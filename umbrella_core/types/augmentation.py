@@ -7,6 +7,8 @@ from typing import Any
 
 import attrs
 
+from umbrella_core.types._convert import as_tuple
+
 __all__ = ["Augmentation", "SIDES"]
 
 #: What an augmentation can do to the left-right axis: nothing, mirror it, or
@@ -44,7 +46,7 @@ class Augmentation:
 
     name: str = attrs.field(converter=str)
     build: Callable[..., Any] = attrs.field(eq=False, repr=False)
-    modalities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    modalities: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
     description: str = ""
     spatial: bool = False
     sides: str | Callable[[Mapping[str, Any]], str] = attrs.field(

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from umbrella_core.types._convert import lowered
+from umbrella_core.types._convert import as_tuple, lowered
 
 #: How a metric family gets the model's answers: ``candidates`` scores every
 #: answer the question has in the run (one teacher-forced pass, no sampling);
 #: ``generate`` decodes the answer greedily.
 SCORINGS = ("candidates", "generate")
+
+
+def _flags(values: Iterable[Any]) -> tuple[bool, ...]:
+    return tuple(bool(e) for e in values)
 
 
 @attrs.frozen(kw_only=True)
@@ -47,17 +51,17 @@ class QuestionAnswers:
 
     question: str
     modality_key: str
-    references: tuple[str, ...] = attrs.field(converter=tuple)
-    predictions: tuple[str, ...] = attrs.field(converter=tuple)
-    classes: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    references: tuple[str, ...] = attrs.field(converter=as_tuple)
+    predictions: tuple[str, ...] = attrs.field(converter=as_tuple)
+    classes: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
     probabilities: tuple[tuple[float, ...], ...] | None = None
-    train_references: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    sources: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    generated: tuple[str, ...] = attrs.field(default=(), converter=tuple)
-    ended: tuple[bool, ...] = attrs.field(default=(), converter=lambda v: tuple(bool(e) for e in v))
+    train_references: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
+    sources: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
+    generated: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
+    ended: tuple[bool, ...] = attrs.field(default=(), converter=_flags)
 
     @ended.validator
-    def _one_per_generated(self, attribute: attrs.Attribute, value: tuple[bool, ...]) -> None:
+    def _one_per_generated(self, attribute: attrs.Attribute[Any], value: tuple[bool, ...]) -> None:
         given = len(self.generated)
         if len(value) != given or given and given != len(self.references):
             raise ValueError(
@@ -67,7 +71,7 @@ class QuestionAnswers:
             )
 
 
-def _scoring(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+def _scoring(instance: Any, attribute: attrs.Attribute[Any], value: str) -> None:
     if value not in SCORINGS:
         raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {value!r}")
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from umbrella_core.types._convert import lowered
+from umbrella_core.types._convert import as_tuple, lowered
 
 
 def positive_settings(
@@ -36,7 +36,11 @@ def _int_tuple(value: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-def _check_geometry(instance: ModalitySpec, attribute: attrs.Attribute, value: Any) -> None:
+def _aliases(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(lowered(a) for a in values)
+
+
+def _check_geometry(instance: ModalitySpec, attribute: attrs.Attribute[Any], value: Any) -> None:
     ndim = instance.ndim
     if ndim not in (3, 4):
         raise ValueError(f"modality {instance.name!r}: ndim must be 3 or 4, got {ndim}")
@@ -99,7 +103,7 @@ class Demo:
     """
 
     phantom: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
-    labels: tuple[str, ...] = attrs.field(default=("left", "right"), converter=tuple)
+    labels: tuple[str, ...] = attrs.field(default=("left", "right"), converter=as_tuple)
     question: str = "Which hemisphere holds the lesion?"
     measure: str = ""
     measure_unit: str = ""
@@ -135,7 +139,7 @@ class Windows:
     window: Callable[..., Any] | None = attrs.field(default=None, eq=False, repr=False)
 
     @stride.validator
-    def _positive(self, attribute: attrs.Attribute, value: int | None) -> None:
+    def _positive(self, attribute: attrs.Attribute[Any], value: int | None) -> None:
         if value is not None and value <= 0:
             raise ValueError(f"window stride must be positive, got {value}")
 
@@ -187,10 +191,8 @@ class ModalitySpec:
     patch_size: tuple[int, ...] = attrs.field(converter=_int_tuple, validator=_check_geometry)
     channels: int = attrs.field(default=1, converter=int)
     load: Callable[..., Any] = attrs.field(eq=False, repr=False)
-    aliases: tuple[str, ...] = attrs.field(
-        default=(), converter=lambda v: tuple(lowered(a) for a in v)
-    )
-    file_patterns: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    aliases: tuple[str, ...] = attrs.field(default=(), converter=_aliases)
+    file_patterns: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
     description: str = ""
     demo: Demo | None = None
     windows: Windows | None = None
@@ -220,12 +222,18 @@ class ModalitySpec:
         length = self.shape[-1]
         if frames < length:
             return 0
-        if not self.windowed:
+        stride = self._window_stride()
+        if stride is None:
             return 1
-        return 1 + (frames - length) // self.windows.stride
+        return 1 + (frames - length) // stride
 
     def window_start(self, index: int) -> int:
-        return index * (self.windows.stride if self.windowed else 0)
+        stride = self._window_stride()
+        return index * (0 if stride is None else stride)
+
+    def _window_stride(self) -> int | None:
+        """``windows.stride``: None when the modality is not windowed."""
+        return None if self.windows is None else self.windows.stride
 
     def window_slice(self, index: int) -> slice:
         """The frames of window ``index``, for indexing the last axis of a series."""

@@ -8,14 +8,14 @@ from typing import Any
 
 import attrs
 
-from umbrella_core.types._convert import lowered
+from umbrella_core.types._convert import as_tuple, lowered
 
 #: The placeholder that marks where an image goes in a user turn.
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def _paths(value: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[str, ...]:
-    if type(value) in (list, tuple) and all(type(v) is str for v in value):
+def _paths(value: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> tuple[str, ...]:
+    if (type(value) is list or type(value) is tuple) and all(type(v) is str for v in value):
         # A reader's list of strings: the isinstance checks below against the
         # os.PathLike ABC were a tenth of reading a 100,000-record manifest.
         return tuple(value)
@@ -95,8 +95,8 @@ class StudyRecord:
     """
 
     subject: str = attrs.field(converter=str)
-    images: tuple[ImageRef, ...] = attrs.field(converter=tuple)
-    turns: tuple[Turn, ...] = attrs.field(converter=tuple)
+    images: tuple[ImageRef, ...] = attrs.field(converter=as_tuple)
+    turns: tuple[Turn, ...] = attrs.field(converter=as_tuple)
     study: str = "default"
     session: str | None = None
     split: str | None = attrs.field(default=None, converter=attrs.converters.optional(lowered))
@@ -105,7 +105,7 @@ class StudyRecord:
     phenotypes: Mapping[str, Any] = attrs.field(factory=dict)
     source: str = ""
     laterality: str | None = attrs.field(default=None, validator=_laterality)
-    forbid_augment: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    forbid_augment: tuple[str, ...] = attrs.field(default=(), converter=as_tuple)
 
     @property
     def subjects(self) -> tuple[str, ...]:

@@ -73,8 +73,13 @@ def make_dmri_phantom(
     md = head.image(MD_CONTRAST)
 
     scaled = imaging.world_grid(head.shape, head.affine) / np.asarray(head.brain_radii, np.float32)
-    for centre, radii, value in _TRACTS:
-        d = np.sqrt(np.sum(((scaled - np.float32(centre)) / np.float32(radii)) ** 2, axis=-1))
+    for middle, radii, value in _TRACTS:
+        d = np.sqrt(
+            np.sum(
+                ((scaled - np.asarray(middle, np.float32)) / np.asarray(radii, np.float32)) ** 2,
+                axis=-1,
+            )
+        )
         tract = head.wm * np.clip(1.5 - d, 0.0, 1.0)  # fades out over the ellipsoid's rim
         fa = fa * (1.0 - tract) + np.float32(value) * tract
     fa *= imaging.bias_field(rng, head.shape, strength=0.15)  # subject variation along the tracts
@@ -96,7 +101,7 @@ def make_dmri_phantom(
     md = np.where(mask, md, 0.0).astype(np.float32)
 
     codes = tuple(orientation) if orientation is not None else imaging.random_orientation(rng)
-    files = []
+    files: list[PhantomFile] = []
     for suffix, data in (("FA", fa), ("MD", md)):
         oriented, affine = imaging.reorient(data, head.affine, codes)
         files.append(

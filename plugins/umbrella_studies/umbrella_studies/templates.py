@@ -47,7 +47,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +111,11 @@ def last_stats(folder: str | None = None) -> dict[str, TaskStats]:
     return {key: _STATS[key]} if key in _STATS else {}
 
 
+def _tables(tables: Iterable[Any]) -> tuple[Any, ...]:
+    # A named converter: mypy's attrs plugin cannot type ``converter=tuple``.
+    return tuple(tables)
+
+
 @attrs.frozen
 class MergedTables:
     """Several phenotype tables of one cohort looked up as one (HCP's unrestricted and
@@ -120,7 +125,7 @@ class MergedTables:
     value winning where two have the same column; ``where`` is the first row's.
     """
 
-    tables: tuple[Any, ...] = attrs.field(converter=tuple)
+    tables: tuple[Any, ...] = attrs.field(converter=_tables)
 
     @property
     def path(self) -> Any:
@@ -242,7 +247,7 @@ def _joined(values: list[str | None]) -> str | None:
 
 def _pairs(subjects: list[Subject], rng: random.Random) -> list[tuple[Subject, Subject, bool]]:
     """Pairs of different subjects, alternately same- and different-sex while both are possible."""
-    groups = {"male": [], "female": []}
+    groups: dict[str, list[Subject]] = {"male": [], "female": []}
     for subject in subjects:
         groups[subject.phenotypes["sex"]].append(subject)
     for group in groups.values():
@@ -325,7 +330,7 @@ def make_records(
                 scan=scan,
                 phenotypes=phenotypes,
                 split=split,
-                row=row and row.where,
+                row=None if row is None else row.where,
                 family=family,
                 site=site,
             )
@@ -376,7 +381,7 @@ def make_records(
 
 def _comparisons(
     study: str, subjects: list[Subject], options: Mapping[str, Any], stats: TaskStats
-) -> Iterator[StudyRecord]:
+) -> Generator[StudyRecord, None, int]:
     seed = options.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"seed: expected an integer, got {seed!r}")

@@ -162,7 +162,12 @@ def load_t1(
     if mask is not None:
         brain = resize(mask[tuple(crop)], size)[src] > 0.5
         robust_zscore(
-            region, lower=LOWER_PERCENTILE, upper=UPPER_PERCENTILE, mask=brain, out=out[(0, *dst)]
+            region,
+            lower=LOWER_PERCENTILE,
+            upper=UPPER_PERCENTILE,
+            mask=brain,
+            # mypy: numpy's stubs take no (int, *slices) index tuple; numpy does.
+            out=out[(0, *dst)],  # type: ignore[arg-type]
         )
     else:
         robust_zscore(
@@ -170,7 +175,8 @@ def load_t1(
             lower=LOWER_PERCENTILE,
             upper=UPPER_PERCENTILE,
             foreground=FOREGROUND_THRESHOLD,
-            out=out[(0, *dst)],
+            # mypy: as above, numpy's stubs refuse the (int, *slices) index.
+            out=out[(0, *dst)],  # type: ignore[arg-type]
         )
     return out
 
