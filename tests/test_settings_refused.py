@@ -95,11 +95,6 @@ def test_seed_flag_out_of_range_is_one_line(tmp_path, capsys):
     ("settings", "message"),
     [
         (
-            ["--set", "data.weights={demo/t1: 0}"],
-            "data.weights: every group of training records has weight 0, so nothing would be "
-            "drawn; give one of demo/t1 a positive weight",
-        ),
-        (
             ["--batch-size", "100000000"],
             "trainer.batch_size: an optimizer step of 100000000 samples (batch size 100000000 "
             "x 1 process(es) x 1 accumulation) is more than the 8 training samples",
@@ -119,6 +114,22 @@ def test_a_setting_that_would_train_nothing_sensible_is_refused_before_step_1(
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
     assert not (out / "checkpoint-1").exists()
+
+
+def test_every_group_at_weight_0_is_refused_naming_the_groups(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("UMBRELLA_CACHE", str(tmp_path / "cache"))
+    overrides = ["data.modalities=t1", "data.demo_subjects=6", SMALL[SMALL.index("--set") + 1]]
+    (study,) = {
+        r.study for r in read_studies(load_config(None, overrides), get_plugin_manager()).records
+    }
+    out = tmp_path / "run"
+    weights = f"data.weights={{{study}/t1: 0}}"
+    assert main(["train", *SMALL, "--set", weights, "--output-dir", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert (
+        "data.weights: every group of training records has weight 0, so nothing would be "
+        f"drawn; give one of {study}/t1 a positive weight"
+    ) in error
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path):
