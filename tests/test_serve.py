@@ -400,6 +400,139 @@ def test_without_a_data_root_no_path_is_read_and_the_page_is_off_with_api(tmp_pa
     assert keyed.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
+class _Reads:
+    """An assistant that records what it was asked to read, and answers nothing."""
+
+    name = "umbrella/final"
+    specs: dict = {"t1": None}
+
+    def __init__(self):
+        self.read_files = []
+
+    def read(self, files, modality):
+        self.read_files.append(files)
+        from umbrella_core.errors import DataError
+
+        raise DataError(f"{files[0]}: cannot tell the modality from the file name; give --modality")
+
+
+def _client(tmp_path, **settings):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from umbrella_core.serve.server import build_app
+
+    assistant = _Reads()
+    return TestClient(build_app(assistant, web=False, **settings)), assistant
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "said"),
+    [
+        ("sub-01\x00_T1w.nii.gz", 400, "not a file path (a NUL byte, a name over 255"),
+        ("a" * 6000 + ".nii.gz", 400, "not a file path"),
+        ("/".join(["b" * 250] * 3) + ".nii.gz", 400, "not a file path"),
+        ("loop/scan.nii.gz", 400, "not a usable path"),
+        ("folder", 400, "folder: a folder, not an image file"),
+        ("pipe_T1w.nii.gz", 400, "pipe_T1w.nii.gz: not a regular file (a pipe or device)"),
+    ],
+)
+def test_a_path_that_is_no_image_file_is_a_400_in_openais_shape(tmp_path, url, status, said):
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "pipe_T1w.nii.gz")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    client, assistant = _client(tmp_path, data_root=tmp_path)
+    answer = client.post(
+        "/v1/chat/completions", json={"model": "umbrella/final", "messages": ask([url], "Side?")}
+    )
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert said in error["message"] and error["type"] == "invalid_request_error"
+    assert assistant.read_files == []  # refused before anything is opened
+
+
+def test_a_body_that_is_not_json_is_an_openai_error_not_fastapis(tmp_path):
+    client, _ = _client(tmp_path)
+    for body in (b"{not json", b"[1, 2]"):
+        answer = client.post(
+            "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert answer.status_code == 400, answer.text
+        error = answer.json()["error"]
+        assert error["message"].startswith("the request body is not a JSON object")
+        assert error["type"] == "invalid_request_error" and "detail" not in answer.json()
+
+
+def test_the_apis_messages_speak_http_not_the_command_line(tmp_path):
+    (tmp_path / "scan.nii.gz").write_bytes(b"")
+    client, _ = _client(tmp_path, data_root=tmp_path)
+    answer = client.post(
+        "/v1/chat/completions",
+        json={"model": "umbrella/final", "messages": ask(["scan.nii.gz"], "Side?")},
+    )
+    message = answer.json()["error"]["message"]
+    assert 'give "modality" in the image_url part' in message and "--modality" not in message
+
+
+def test_with_a_key_health_answers_only_with_it(tmp_path):
+    client, _ = _client(tmp_path, api_key="s3cret")
+    assert client.get("/health").status_code == 401
+    assert (
+        client.get("/health", headers={"Authorization": "Bearer s3cret"}).json()["status"] == "ok"
+    )
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::"])
+def test_a_host_other_than_loopback_needs_a_key_or_a_choice_not_to(host, tmp_path, capsys):
+    pytest.importorskip("fastapi")
+    from umbrella_core.commands import main
+
+    args = ["serve", "--checkpoint", str(tmp_path / "none"), "--host", host, "--api"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--host {host}: the API would answer anyone who reaches this host" in err
+    assert "--api-key" in err and "--no-api-key" in err
+
+
+def test_image_decoding_is_bounded_over_all_requests(tmp_path):
+    """Concurrent requests decode at most DECODING_AT_ONCE images at a time: memory follows
+    that bound, not the number of clients."""
+    import threading
+    import time
+
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from umbrella_core.serve import api
+    from umbrella_core.serve.server import build_app
+
+    (tmp_path / "sub-01_T1w.nii.gz").write_bytes(b"")
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+
+    class Slow(_Reads):
+        def read(self, files, modality):
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            time.sleep(0.2)
+            with lock:
+                state["now"] -= 1
+            return super().read(files, modality)
+
+    client = TestClient(build_app(Slow(), web=False, data_root=tmp_path))
+    body = {"model": "umbrella/final", "messages": ask(["sub-01_T1w.nii.gz"], "Side?")}
+    threads = [
+        threading.Thread(target=client.post, args=("/v1/chat/completions",), kwargs={"json": body})
+        for _ in range(8)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert state["most"] == api.DECODING_AT_ONCE
+
+
 # -- the page, in a real browser ---------------------------------------------------
 
 CHROMIUM = "/usr/bin/chromium"

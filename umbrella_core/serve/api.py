@@ -34,6 +34,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -48,6 +49,13 @@ __all__ = ["api_router", "ApiError", "parse_messages"]
 
 #: Most new tokens one request may ask for.
 MAX_TOKENS = 1024
+#: Longest file path a request may name (Linux's PATH_MAX).
+MAX_PATH = 4096
+#: Image decodings at once, over all requests: each holds a volume's voxels (and a
+#: gzip's inflation) in memory, so memory is bounded by this many, not by the clients.
+DECODING_AT_ONCE = 2
+#: Seconds a request waits for a decoding slot before it is told the server is busy.
+DECODING_WAIT = 120
 
 
 class ApiError(Exception):
@@ -98,15 +106,31 @@ class _Images:
                 param=where,
             )
         text = unquote(urlsplit(url).path) if url.startswith("file://") else url
-        path = Path(text).expanduser()
-        full = (path if path.is_absolute() else self.data_root / path).resolve()
+        shown = text if len(text) <= 200 else f"{text[:200]}..."
+        if "\x00" in text or len(text) > MAX_PATH or any(len(n) > 255 for n in text.split("/")):
+            raise ApiError(
+                400,
+                f"{where}: not a file path (a NUL byte, a name over 255 characters, or over "
+                f"{MAX_PATH} in all)",
+                param=where,
+            )
+        try:
+            path = Path(text).expanduser()
+            full = (path if path.is_absolute() else self.data_root / path).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a name too long, a link loop
+            raise ApiError(
+                400, f"{where}: {shown}: not a usable path ({exc})", param=where
+            ) from None
         if not full.is_relative_to(self.data_root):
             raise ApiError(
                 403,
-                f"{where}: {url}: outside the data root {self.data_root}",
+                f"{where}: {shown}: outside the data root {self.data_root}",
                 kind="permission_error",
                 param=where,
             )
+        if full.exists() and not full.is_file():
+            kind = "a folder" if full.is_dir() else "not a regular file (a pipe or device)"
+            raise ApiError(400, f"{where}: {shown}: {kind}, not an image file", param=where)
         return str(full)
 
     def data(self, url: str, where: str, index: int) -> str:
@@ -245,6 +269,7 @@ def api_router(
     router = APIRouter()
     root = Path(data_root).expanduser() if data_root else None
     created = int(time.time())
+    decoding = threading.BoundedSemaphore(DECODING_AT_ONCE)
 
     def refuse(error: ApiError) -> Any:
         return JSONResponse(error.body(), status_code=error.status)
@@ -270,7 +295,7 @@ def api_router(
             return refuse(denied)
         images = _Images(root, max_upload_mb * 2**20)
         try:
-            reply = _start_reply(assistant, body, images, max_new_tokens)
+            reply = _start_reply(assistant, body, images, max_new_tokens, decoding)
         except ApiError as error:
             images.close()
             return refuse(error)
@@ -289,7 +314,9 @@ def api_router(
         return _completion(reply, ident, assistant.name, images)
 
     @router.get("/health")
-    def health() -> Any:
+    def health(request: Request) -> Any:
+        if not authorised(request):
+            return refuse(denied)
         return {"status": "ok", "model": assistant.name, "modalities": sorted(assistant.specs)}
 
     return router
@@ -304,7 +331,11 @@ def _model_list(name: str, created: int) -> dict[str, Any]:
 
 
 def _start_reply(
-    assistant: Any, body: Mapping[str, Any], images: _Images, max_new_tokens: int
+    assistant: Any,
+    body: Mapping[str, Any],
+    images: _Images,
+    max_new_tokens: int,
+    decoding: threading.BoundedSemaphore,
 ) -> Any:
     """Check a chat request and start the assistant's reply (text pieces, as decoded).
 
@@ -327,7 +358,15 @@ def _start_reply(
         )
     most = _int(body, ("max_completion_tokens", "max_tokens"), max_new_tokens)
     turns, found, system = parse_messages(body.get("messages"), images)
-    read = [assistant.read(files, modality or None) for files, modality in found]
+    if found and not decoding.acquire(timeout=DECODING_WAIT):
+        raise ApiError(
+            503, "the server is busy decoding other requests' images; retry", kind="server_error"
+        )
+    try:
+        read = [assistant.read(files, modality or None) for files, modality in found]
+    finally:
+        if found:
+            decoding.release()
     return assistant.reply(read, turns, max_new_tokens=most, system=system)
 
 
@@ -367,7 +406,9 @@ def _one_line(error: BaseException, images: _Images) -> str:
     message = str(error)
     if images.scratch is not None:
         message = re.sub(re.escape(str(images.scratch)) + r"/\d+/", "", message)
-    return message
+    # The command line's words, as an HTTP caller says the same.
+    message = message.replace("give --modality", 'give "modality" in the image_url part')
+    return re.sub(r"--modality (\S+)", r'"modality": \1', message)
 
 
 def _events(reply: Any, ident: str, model: str, usage: bool, images: _Images) -> Iterator[str]:

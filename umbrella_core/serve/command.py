@@ -30,6 +30,11 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--api-key", help="require this key (Authorization: Bearer KEY); or $UMBRELLA_API_KEY"
     )
+    p.add_argument(
+        "--no-api-key",
+        action="store_true",
+        help="serve on a --host other than loopback without a key (refused otherwise)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="default answer length in tokens")
     p.add_argument("--max-upload-mb", type=int, default=512, help="largest file accepted")
     p.add_argument(

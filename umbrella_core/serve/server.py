@@ -36,10 +36,12 @@ def build_app(
 ) -> Any:
     """The FastAPI app: the API's routes, and the page at ``/`` unless ``web`` is false."""
     from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
 
     from umbrella_core.serve.api import api_router
 
     app = FastAPI(title="UMBRELLA", docs_url="/v1/docs", openapi_url="/v1/openapi.json")
+    app.add_exception_handler(RequestValidationError, _not_a_request)
     app.include_router(
         api_router(
             assistant,
@@ -79,6 +81,19 @@ def build_app(
     )
 
 
+def _not_a_request(request: Any, error: Exception) -> Any:
+    """A body that is not a JSON object: OpenAI's error object, as every other refusal
+    (FastAPI's own answer is a 422 ``{"detail": [...]}`` no OpenAI client reads)."""
+    from fastapi.responses import JSONResponse
+
+    from umbrella_core.serve.api import ApiError
+
+    problems = getattr(error, "errors", lambda: [])()
+    said = "; ".join(str(p.get("msg", "")) for p in problems[:3]) or str(error)
+    refusal = ApiError(400, f"the request body is not a JSON object ({said})")
+    return JSONResponse(refusal.body(), status_code=refusal.status)
+
+
 def _check_port(host: str, port: int) -> None:
     """Refuse a taken address before the checkpoint is loaded, in one line."""
     import socket
@@ -107,6 +122,13 @@ def serve(args: argparse.Namespace) -> int:
         )
     if args.data_root and not Path(args.data_root).is_dir():
         raise ConfigError(f"--data-root {args.data_root}: not a folder")
+    key = args.api_key or os.environ.get("UMBRELLA_API_KEY") or None
+    if not key and not args.no_api_key and not _loopback(args.host):
+        raise ConfigError(
+            f"--host {args.host}: the API would answer anyone who reaches this host, and read "
+            "its files under --data-root; give --api-key KEY (or $UMBRELLA_API_KEY), or "
+            "--no-api-key to serve without one on purpose"
+        )
     _check_port(args.host, args.port)
     import uvicorn
 
@@ -120,7 +142,7 @@ def serve(args: argparse.Namespace) -> int:
             assistant,
             web=web,
             data_root=args.data_root,
-            api_key=args.api_key or os.environ.get("UMBRELLA_API_KEY") or None,
+            api_key=key,
             max_upload_mb=args.max_upload_mb,
             max_new_tokens=args.max_new_tokens,
             scratch=scratch,
@@ -141,3 +163,15 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return 0
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine alone (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
