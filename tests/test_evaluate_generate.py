@@ -269,6 +269,20 @@ def test_generate_and_cache_build_refuse_what_validate_and_train_refuse(run, tmp
     assert not list((tmp_path / "cache").rglob("*.npy"))  # nothing built from it
 
 
+def test_generate_gives_no_answer_about_an_all_zero_image(run, tmp_path, capsys):
+    """validate refuses an image that is all zeros once read; generate (and serve, through
+    the same read_images) answered on it."""
+    from umbrella_core.imaging import save_nifti
+
+    run_dir, _, _ = run
+    empty = tmp_path / "empty_T1w.nii.gz"
+    save_nifti(empty, np.zeros((16, 16, 16), np.float32), np.eye(4))
+    ask = ["generate", "--checkpoint", str(run_dir / "final"), "--image", str(empty)]
+    assert main([*ask, "--prompt", "Which hemisphere?"]) == 2
+    out, err = capsys.readouterr()
+    assert "empty_T1w.nii.gz: all voxels are zero after preprocessing" in err and not out
+
+
 def test_umbrella_generate_says_when_the_modality_cannot_be_told(run, tmp_path, capsys):
     run_dir, _, _ = run
     odd = tmp_path / "scan.nii.gz"

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "VOXEL_SIZE_RANGE",
     "check_image",
+    "decoded_problems",
     "STUDY_FIELD",
     "Problem",
     "problem_from_error",
@@ -281,8 +282,6 @@ def check_image(spec: ModalitySpec, paths: Sequence[str], *, decode: bool) -> li
     modality's loader at the demo geometry: undecodable data, NaN or
     infinite values, all-zero images.
     """
-    import numpy as np
-
     messages = check_headers(spec, tuple(paths))
     if messages or not decode:
         return messages
@@ -296,6 +295,15 @@ def check_image(spec: ModalitySpec, paths: Sequence[str], *, decode: bool) -> li
     except Exception as error:  # a loader bug is still a problem to report, not a crash
         failed = f"{type(error).__name__}: {error}"
         return [f"{', '.join(paths)}: the {spec.name} loader failed: {failed}"]
+    return decoded_problems(paths, array)
+
+
+def decoded_problems(paths: Sequence[str], array: Any) -> list[str]:
+    """What is wrong with an image as its loader gave it: NaN or infinite values, all
+    zeros. Training (``data.check: full``), validate, generate and serve judge alike."""
+    import numpy as np
+
+    array = np.asarray(array)
     if not np.isfinite(array).all():
         return [f"{', '.join(paths)}: NaN or infinite values after preprocessing"]
     if not array.any():

@@ -379,7 +379,7 @@ def read_images(
         DataError: a file is missing or refused by the checks training applies.
         ConfigError: a modality cannot be told or the checkpoint lacks it.
     """
-    from umbrella_core.data.checks import check_image
+    from umbrella_core.data.checks import check_image, decoded_problems
     from umbrella_core.data.dataset import load_image
 
     if not images:
@@ -410,10 +410,15 @@ def read_images(
         if problems:
             raise DataError("; ".join(problems))
         names.append(name)
-    return [
-        (name, load_image(specs[name], tuple(files), where=files[0]))
-        for name, files in zip(names, images, strict=True)
-    ]
+    read = []
+    for name, files in zip(names, images, strict=True):
+        tensor = load_image(specs[name], tuple(files), where=files[0])
+        # An image training would have refused (all zeros, NaN) gets no answer either.
+        problems = decoded_problems(files, tensor.numpy())
+        if problems:
+            raise DataError("; ".join(problems))
+        read.append((name, tensor))
+    return read
 
 
 def encode_prompt(
