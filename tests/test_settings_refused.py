@@ -178,3 +178,8 @@ def test_a_record_repeated_many_times_is_warned_about(tmp_path):
     (warning,) = [s for s in said if s.startswith("warning:")]
     assert "213 record(s) repeat another exactly" in warning
     assert f"{manifest}:1, appears 200 times (93% of the records)" in warning
+    # umbrella validate says it as training does (and in its JSON).
+    from umbrella_core.validate import validate_locations
+
+    report = validate_locations([str(manifest)], get_plugin_manager())
+    assert report.warnings == (warning,) and report.to_json()["warnings"] == [warning]

@@ -39,6 +39,7 @@ from umbrella_core.data.checks import (
     read_study_tolerantly,
     study_root,
 )
+from umbrella_core.data.studies import warn_about_copies
 from umbrella_core.types import ModalitySpec, StudyRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -67,6 +68,8 @@ class Report:
     images: int
     bad_records: int
     inactive: dict[str, int] = attrs.field(factory=dict)
+    #: What is not wrong but would surprise (records repeated exactly), as training says it.
+    warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -93,6 +96,7 @@ class Report:
             "problem_records": self.bad_records,
             "inactive_records": dict(self.inactive),
             "problems": [p.to_json() for p in self.problems],
+            "warnings": list(self.warnings),
         }
 
 
@@ -130,12 +134,14 @@ def validate_locations(
     problems: list[Problem] = []
     n_records = n_images = n_bad = 0
     inactive: dict[str, int] = {}
+    everything: list[StudyRecord] = []
     for item in locations:
         location, options = (item, {}) if isinstance(item, str) else item
         records, located, refused = read_study_tolerantly(location, pm, options)
         n_records += len(records) + refused
         if specs is not None:
             records = _active(records, pm, specs, inactive)
+        everything += records
         # (records read before it, 0 for the reader's own report or 1 for a check, problem):
         # sorted, a refused line 3 comes before a missing file on line 5.
         found = _study_problems(location, records, located)
@@ -158,12 +164,15 @@ def validate_locations(
     if specs is not None and inactive and n_images == 0 and not problems:
         # Training would stop here: nothing of its modalities to train on.
         problems.append(_no_active_record(", ".join(map(_location, locations)), specs))
+    warnings: list[str] = []
+    warn_about_copies(everything, warnings.append)
     return Report(
         problems=tuple(problems),
         records=n_records,
         images=n_images,
         bad_records=n_bad,
         inactive=inactive,
+        warnings=tuple(warnings),
     )
 
 

@@ -81,6 +81,8 @@ def _validate(args: argparse.Namespace) -> int:
     else:
         for problem in report.problems:
             print(problem)
+        for warning in report.warnings:
+            print(warning)
         print(report.summary())
     return 0 if report.ok else 1
 

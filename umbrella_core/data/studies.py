@@ -245,7 +245,7 @@ def read_studies(
         studies, specs, pm, check_root=not demo and not config.data.allow_outside_root
     )
     _refuse_no_records(records, problems, specs, [study.location for study in studies])
-    _warn_about_copies(records, log)
+    warn_about_copies(records, log)
     # Every record gets a side here, groups kept together (data.split); the
     # demo's manifest names its own sides, so nothing is made for it.
     assigned, table = assign_splits(records, config.data.split, log=log)
@@ -380,7 +380,7 @@ def check_headers_once(
     data.header_index.save()
 
 
-def _warn_about_copies(records: list[StudyRecord], log: Callable[[str], None]) -> None:
+def warn_about_copies(records: list[StudyRecord], log: Callable[[str], None]) -> None:
     """Say when records repeat exactly: each copy is one more draw of the same sample.
 
     200 copies of one record among 215 make it 93 % of the draws; a user who
