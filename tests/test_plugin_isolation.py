@@ -271,6 +271,18 @@ def test_a_reader_that_raises_is_named():
         pm.read_study("/nowhere")
 
 
+def test_a_built_in_may_be_named_in_the_allow_list_but_not_blocked(entry_points, monkeypatch):
+    entry_points(other=_good)
+    monkeypatch.setenv(ALLOW_ENV, "good,manifest")
+    infos = {info.name: info for info in PluginManager().plugins()}
+    assert infos["manifest"].status == "loaded" and infos["good"].status == "loaded"
+    assert infos["other"].status == "blocked"  # the list still restricts the installed ones
+    monkeypatch.setenv(ALLOW_ENV, "")
+    monkeypatch.setenv(BLOCK_ENV, "manifest")
+    with pytest.raises(PluginError, match="'manifest' is built into umbrella-core and always"):
+        PluginManager().plugins()
+
+
 def test_an_unknown_name_in_the_env_lists_is_refused(entry_points, monkeypatch, capsys):
     entry_points(other=_good)
     monkeypatch.setenv(BLOCK_ENV, "gooood")

@@ -181,6 +181,15 @@ class PluginManager:
         eps = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name)
         names = {ep.name.lower() for ep in eps}
         names |= {_normalise_dist(ep.dist.name) for ep in eps if ep.dist is not None}
+        built_in = {*DEFAULT_PLUGINS, CORE_DISTRIBUTION}
+        if blocked & built_in:
+            raise PluginError(
+                f"{BLOCK_ENV}: {', '.join(map(repr, sorted(blocked & built_in)))} "
+                f"{'is' if len(blocked & built_in) == 1 else 'are'} built into "
+                f"{CORE_DISTRIBUTION} and always loaded; block installed plugins only"
+            )
+        # A built-in named in the allow list is allowed: it is loaded in any case.
+        restricted, allowed = bool(allowed), allowed - built_in
         for variable, wanted in ((BLOCK_ENV, blocked), (ALLOW_ENV, allowed)):
             unknown = sorted(wanted - names)
             if unknown:
@@ -198,7 +207,7 @@ class PluginManager:
             summary = _summary(ep.dist)
             unloaded = PluginInfo(ep.name, dist, version, ep.value, "blocked", description=summary)
             keys = {ep.name.lower(), _normalise_dist(dist)}
-            if keys & blocked or (allowed and not keys & allowed):
+            if keys & blocked or (restricted and not keys & allowed):
                 why = f"blocked by {BLOCK_ENV}" if keys & blocked else f"not in {ALLOW_ENV}"
                 self._infos[ep.name] = attrs.evolve(unloaded, error=why)
                 continue
