@@ -188,3 +188,32 @@ def test_study_weights_split_draws_between_studies_by_weight(tmp_path, toy_pm):
         log=lambda _: None,
     )
     assert unweighted.weights == [28.0, 7.0]  # by size
+
+
+def test_an_image_found_bad_only_when_decoded_names_its_record_and_the_check(tmp_path):
+    """data.check: files reads headers only: truncated voxel data surfaces at the sample's
+    first read, mid-run; the error names the record's line and data.check=full."""
+    from umbrella_core.data.conversation import Tokenization
+    from umbrella_core.data.dataset import RecordDataset
+    from umbrella_core.imaging import save_nifti
+    from umbrella_core.plugins import get_plugin_manager
+    from umbrella_core.types import ImageRef, StudyRecord
+
+    spec = get_plugin_manager().resolve_modality("t1").item.for_demo()
+    path = tmp_path / "sub-01_T1w.nii.gz"
+    save_nifti(path, np.random.default_rng(0).random((32, 32, 32)).astype(np.float32), np.eye(4))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    record = StudyRecord(
+        subject="sub-01",
+        images=[ImageRef(modality="t1", paths=str(path))],
+        turns=[Turn(role="user", content="<image>\nSide?"), Turn(role="gpt", content="left")],
+        source="manifest.jsonl:7",
+    )
+    tokenizer = build_byte_tokenizer()
+    specs = {"t1": spec}
+    dataset = RecordDataset([record], specs, Tokenization.of(tokenizer, 4, specs, 4096))
+    with pytest.raises(DataError) as caught:
+        dataset[0]
+    message = str(caught.value)
+    assert message.startswith("manifest.jsonl:7: ") and "sub-01_T1w.nii.gz" in message
+    assert message.endswith("data.check=full (or umbrella validate) finds such files before step 1")

@@ -194,10 +194,20 @@ class RecordDataset:
         record_index, window = self.items[index]
         record = self.record(record_index)
         encoded = self.encode(record)
+        try:
+            images = self.images(record, window)
+        except DataError as error:
+            # Found only when decoded, mid-run: name the record (its manifest line) and
+            # the check that finds such files before step 1.
+            where = record.source or f"subject {record.subject}"
+            said = str(error) if str(error).startswith(where) else f"{where}: {error}"
+            raise DataError(
+                f"{said}; data.check=full (or umbrella validate) finds such files before step 1"
+            ) from None
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
-            "images": self.images(record, window),
+            "images": images,
             "key": record.modality_key,
             "source": record.source,
         }
