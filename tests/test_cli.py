@@ -356,3 +356,16 @@ def test_every_command_answers_help_in_a_fresh_process():
     helped = _umbrella("launch", "--help")
     assert helped.returncode == 0 and "--scheduler" in helped.stdout
     assert "umbrella launch --scheduler slurm|lsf" in helped.stdout
+
+
+def test_the_listing_shows_each_modalitys_description():
+    from umbrella_core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    listing = plugins_listing(pm)
+    described = {m["name"]: m["description"] for m in listing.payload["modalities"]}
+    for name, provided in pm.modality_registry().items():
+        assert described[name] == provided.item.description
+        if provided.item.description:
+            assert provided.item.description in listing.text
+    assert any(described.values())

@@ -50,3 +50,21 @@ def test_the_kit_catches_the_mistakes_the_example_once_had(tmp_path, monkeypatch
     plugin = _package(tmp_path, monkeypatch, "heavy_pet", "import umbrella_core.imaging\n" + code)
     with pytest.raises(ConformanceError, match="imports nibabel"):
         check_modality_plugin(plugin, tmp_path / "kit2")
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/PLUGINS.md"])
+def test_the_pyproject_examples_are_what_pip_installs(doc):
+    """A plugin's pyproject.toml copied from the docs must build: pip needs a build backend
+    and a version, and the core version the plugin needs belongs in its requirement."""
+    import tomllib
+
+    text = (ROOT / doc).read_text()
+    blocks = re.findall(r"```toml\n(# pyproject\.toml\n.*?)```", text, re.S)
+    assert blocks, f"{doc}: no pyproject.toml example"
+    for block in blocks:
+        project = tomllib.loads(block)
+        assert project["build-system"]["build-backend"] and project["build-system"]["requires"]
+        assert project["project"]["version"]
+        (core,) = [d for d in project["project"]["dependencies"] if d.startswith("umbrella-core")]
+        assert ">=" in core, f"{doc}: {core!r}: say which core the plugin needs"
+        assert project["project"]["entry-points"]["umbrella"]

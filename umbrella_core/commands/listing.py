@@ -46,6 +46,7 @@ def plugins_listing(pm: PluginManager) -> Listing:
                 "shape": list(p.item.shape),
                 "patch_size": list(p.item.patch_size),
                 "tokens": p.item.num_tokens,
+                "description": p.item.description,
                 "plugin": p.plugin,
                 "distribution": p.distribution,
                 "version": p.version,
@@ -68,6 +69,8 @@ def plugins_listing(pm: PluginManager) -> Listing:
             f"shape {'x'.join(map(str, spec.shape))}  patch {'x'.join(map(str, spec.patch_size))}  "
             f"{spec.num_tokens} tokens{aliases}"
         )
+        if spec.description:
+            lines.append(f"          {spec.description}")
     lines.append("plugins")
     for info in infos:
         line = f"  {info.name:<10} {info.distribution} {info.version}  [{info.status}]"

@@ -245,3 +245,12 @@ def test_scaled_fa_is_refused(tmp_path: Path, real_maps) -> None:
     )
     with pytest.raises(DataError, match=r"big_FA.nii.gz: FA values reach .* FA lies in \[0, 1\]"):
         DEMO.load(DEMO, [path, real_maps["MD"]])
+
+
+def test_a_raw_dwi_series_is_told_to_be_dmri_by_its_bids_name():
+    from umbrella_core.inference.generate import guess_modality
+    from umbrella_core.plugins import get_plugin_manager
+
+    specs = {name: p.item for name, p in get_plugin_manager().modality_registry().items()}
+    assert guess_modality("/data/sub-01/dwi/sub-01_dwi.nii.gz", specs) == "dmri"
+    assert guess_modality("sub-01_FA.nii.gz", specs) == "dmri"

@@ -5,4 +5,4 @@ The hooks live in :mod:`umbrella_dmri.plugin`, registered through the
 into a model input and :mod:`umbrella_dmri.phantom` makes synthetic maps.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"

@@ -77,7 +77,15 @@ DMRI = ModalitySpec(
         patch_size=(8, 8, 8),
     ),
     aliases=("dwi", "dti", "diffusion"),
-    file_patterns=("*_FA.nii.gz", "*_MD.nii.gz", "*_FA.nii", "*_MD.nii"),
+    # A raw DWI series is fitted (dipy DTI) from the .bval/.bvec beside it.
+    file_patterns=(
+        "*_FA.nii.gz",
+        "*_MD.nii.gz",
+        "*_FA.nii",
+        "*_MD.nii",
+        "*_dwi.nii.gz",
+        "*_dwi.nii",
+    ),
     description="Diffusion MRI as FA and MD maps (2 channels), RAS, resampled, normalised per map",
     augment_presets={"light": LIGHT},
 )
