@@ -461,3 +461,32 @@ def test_resuming_from_truncated_weights_is_one_line_naming_the_checkpoint(tmp_p
     error = _error(capsys)
     assert f"{out / 'checkpoint-4'}: its weights cannot be read" in error
     assert "resume from an earlier one" in error
+
+
+def test_torchs_short_write_is_told_as_the_file_size_limit_or_a_full_disk(tmp_path):
+    """torch.save (optimizer.pt) drops the OS error: 'unexpected pos 576 vs 534'. Told by
+    the limit in force: EFBIG under ulimit -f, ENOSPC otherwise; other errors stay None."""
+    import errno
+
+    from umbrella_core.train.run_folder import write_failure
+
+    code = (
+        "import resource, signal, sys, torch\n"
+        "from umbrella_core.train.run_folder import write_failure\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))\n"
+        "try:\n"
+        f"    torch.save({{'a': torch.zeros(10**6)}}, {str(tmp_path / 'o.pt')!r})\n"
+        "except Exception as exc:\n"
+        "    print(write_failure(exc))\n"
+    )
+    ran = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert ran.stdout.strip() == str(errno.EFBIG), ran.stderr[-2000:]
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] == resource.RLIM_INFINITY:
+        short = RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+        )
+        assert write_failure(short) == errno.ENOSPC
+    assert write_failure(RuntimeError("shape mismatch")) is None

@@ -188,7 +188,10 @@ def write_failure(exc: BaseException) -> int | None:
     """The errno of a write the file system refused (:data:`NO_ROOM`) behind ``exc``, or None.
 
     Looks through the chain of causes, and at messages of libraries that
-    report the OS error as text (safetensors: ``... (os error 28)``).
+    report the OS error as text (safetensors: ``... (os error 28)``). torch's
+    writer (``torch.save`` of ``optimizer.pt``) says only ``unexpected pos`` or
+    ``iostream error``: then the file-size limit when one is set
+    (``ulimit -f``), else a full disk or quota.
     """
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -198,8 +201,23 @@ def write_failure(exc: BaseException) -> int | None:
         found = re.search(r"\(os error (\d+)\)", str(exc))
         if found and int(found.group(1)) in NO_ROOM:
             return int(found.group(1))
+        if isinstance(exc, RuntimeError) and _TORCH_WRITE_FAILED.search(str(exc)):
+            return errno.EFBIG if _file_size_limited() else errno.ENOSPC
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
     return None
+
+
+#: What torch's zip writer says when a write came short (it drops the OS error).
+_TORCH_WRITE_FAILED = re.compile(
+    r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing|basic_ios::clear"
+)
+
+
+def _file_size_limited() -> bool:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return soft != resource.RLIM_INFINITY
 
 
 def _read_lock(path: Path) -> dict[str, Any] | None:
