@@ -15,7 +15,7 @@ from nibabel.testing import data_path
 import umbrella_core.imaging.header as header_module
 from umbrella_core.config import load_config
 from umbrella_core.data.conversation import Tokenization
-from umbrella_core.data.header_index import MAX_SHARDS, HeaderIndex
+from umbrella_core.data.header_index import MAX_SHARDS, HeaderIndex, _digest
 from umbrella_core.data.studies import check_headers_once, read_studies, screen_records
 from umbrella_core.plugins import get_plugin_manager
 
@@ -211,6 +211,53 @@ def test_shards_are_merged_and_an_unreadable_one_is_skipped(tmp_path):
     index = HeaderIndex(root, VERSIONS, log=said.append)
     assert len(index.entries) == MAX_SHARDS + 1
     assert said and "0-garbage.json" in said[0] and "ignored" in said[0]
+
+
+def _one_shard(tmp_path):
+    spec = get_plugin_manager().resolve_modality("t1").item
+    root = tmp_path / "index"
+    path = _aged_copy(Path(data_path) / "anatomical.nii", tmp_path / "images" / "s_T1w.nii")
+    index = HeaderIndex(root, VERSIONS)
+    index.check_images([("t1", (str(path),))], {"t1": spec}, decode=False)
+    (shard,) = [index.save()]
+    return root, shard
+
+
+@pytest.mark.parametrize(
+    ("edit", "why"),
+    [
+        # Someone (or a damaged disk) lets a refused image through: the checksum says so.
+        (lambda d: [e.update(headers=[]) for e in d["entries"].values()], "checksum does not"),
+        (lambda d: d.update(entries=[1, 2]), "its entries are a list, not an object"),
+        (lambda d: d["entries"].update(x="no entry"), "entry 'x' has a wrong shape"),
+        (lambda d: d["entries"].update(y={"headers": "ok"}), "entry 'y' has a wrong shape"),
+        (lambda d: d["entries"].update(z={"frames": "8"}), "entry 'z' has a wrong shape"),
+    ],
+)
+def test_an_edited_or_misshapen_shard_is_ignored_with_a_warning_not_a_crash(tmp_path, edit, why):
+    root, shard = _one_shard(tmp_path)
+    data = json.loads(shard.read_text())
+    assert HeaderIndex(root, VERSIONS).entries  # as written, it is used
+    for entry in data["entries"].values():
+        entry["headers"] = ["a refusal"]
+    data["sha256"] = _digest(data["entries"])  # a refusal, recorded as the index would
+    edit(data)
+    shard.write_text(json.dumps(data))
+    said = []
+    index = HeaderIndex(root, VERSIONS, log=said.append)
+    assert index.entries == {}
+    assert len(said) == 1 and str(shard) in said[0] and why in said[0] and "ignored" in said[0]
+
+
+def test_outcomes_are_keyed_on_the_cores_rules(tmp_path, monkeypatch):
+    """A tightened check (CHECKS_VERSION raised) sees every image again."""
+    import umbrella_core.data.header_index as header_index
+
+    spec = get_plugin_manager().resolve_modality("t1").item
+    before = HeaderIndex(None, VERSIONS).key(spec, (str(Path(data_path) / "anatomical.nii"),))
+    monkeypatch.setattr(header_index, "CHECKS_VERSION", 2)
+    after = HeaderIndex(None, VERSIONS).key(spec, (str(Path(data_path) / "anatomical.nii"),))
+    assert before != after
 
 
 @pytest.mark.parametrize("off", ["off", "false", "none"])

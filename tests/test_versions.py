@@ -5,8 +5,10 @@
   published (0.4.0).
 * The preprocessed cache and the header index key their entries on the
   version of the plugin that loaded an image (and on
-  ``umbrella_core.constants.IMAGING_VERSION`` for the shared helpers): a change
-  to loading code without a version bump would serve arrays of the old code.
+  ``umbrella_core.constants.IMAGING_VERSION`` for the shared helpers), and the
+  header index on ``CHECKS_VERSION`` for the core's rules (data/checks.py): a
+  change to that code without a version bump would serve arrays, or check
+  outcomes, of the old code.
   ``tests/versions.json`` records, per unit, a digest of that code beside its
   version; the code changing while the version stays is a failure that says
   what to bump.
@@ -24,7 +26,7 @@ import pytest
 import tomllib
 
 import umbrella_core
-from umbrella_core.constants import IMAGING_VERSION
+from umbrella_core.constants import CHECKS_VERSION, IMAGING_VERSION
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD = ROOT / "tests" / "versions.json"
@@ -40,6 +42,9 @@ LOADING_CODE = {
         "umbrella_core/imaging/header.py": None,
         "umbrella_core/imaging/intensity.py": None,
         "umbrella_core/imaging/nifti.py": None,
+    },
+    "umbrella-core checks": {
+        "umbrella_core/data/checks.py": None,
     },
     "umbrella-t1": {
         "plugins/umbrella_t1/umbrella_t1/preprocess.py": None,
@@ -75,6 +80,8 @@ def _pyproject(folder: str) -> dict:
 def _unit_version(unit: str) -> str:
     if unit == "umbrella-core imaging":
         return str(IMAGING_VERSION)
+    if unit == "umbrella-core checks":
+        return str(CHECKS_VERSION)
     return _pyproject(PLUGINS[unit])["project"]["version"]
 
 
@@ -134,11 +141,10 @@ def stale_units(record: dict, root: Path = ROOT, version=_unit_version) -> list[
             for path, funcs in files.items()
         )
         if now != recorded.get("sha256") and version_now == recorded.get("version"):
-            bump = (
-                "IMAGING_VERSION in umbrella_core/constants.py"
-                if unit == "umbrella-core imaging"
-                else f"the version in {PLUGINS[unit]}/pyproject.toml (and its CHANGELOG)"
-            )
+            bump = {
+                "umbrella-core imaging": "IMAGING_VERSION in umbrella_core/constants.py",
+                "umbrella-core checks": "CHECKS_VERSION in umbrella_core/constants.py",
+            }.get(unit) or f"the version in {PLUGINS[unit]}/pyproject.toml (and its CHANGELOG)"
             problems.append(
                 f"{unit}: its loading code changed ({where}) but its version is still "
                 f"{version_now}; the preprocessed cache and the header index key on it and "

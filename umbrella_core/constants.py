@@ -7,7 +7,7 @@ imports nothing.
 
 from __future__ import annotations
 
-__all__ = ["CORE_VERSION", "IGNORE_INDEX", "IMAGING_VERSION"]
+__all__ = ["CHECKS_VERSION", "CORE_VERSION", "IGNORE_INDEX", "IMAGING_VERSION"]
 
 #: umbrella-core's version (``umbrella_core.__version__``; pyproject.toml says the
 #: same, tests/test_versions.py checks).
@@ -24,3 +24,9 @@ IGNORE_INDEX = -100
 #: plugin's version, so any change to those outputs raises it
 #: (tests/test_versions.py checks that the code and this number move together).
 IMAGING_VERSION = 2
+
+#: The version of the core's rules for an image (``umbrella_core/data/checks.py``:
+#: what a header or a decoded image is refused for). The header index keys its
+#: outcomes on it, so a tightened rule is applied to every image again instead of
+#: serving the outcome of the old one (tests/test_versions.py ties it to the code).
+CHECKS_VERSION = 1

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from umbrella_core.constants import IMAGING_VERSION
+from umbrella_core.constants import CHECKS_VERSION, IMAGING_VERSION
 from umbrella_core.data.cache import bound_settings
 from umbrella_core.types import ModalitySpec
 
@@ -50,7 +50,8 @@ MAX_SHARDS = 16
 #: Files changed more recently than this (ns) are checked but not saved (as
 #: git's "racily clean" entries): their timestamps may not show the next change.
 RACY_NS = 2_000_000_000
-FORMAT = 1
+#: 2: each shard holds the sha256 of its entries, checked when read.
+FORMAT = 2
 _SUFFIX = ".json"
 
 #: (modality, paths): one image as the checks see it.
@@ -81,6 +82,7 @@ def spec_identity(spec: ModalitySpec, version: str) -> str:
             version,
             # Version 1's identities are those of earlier versions.
             *([IMAGING_VERSION] if IMAGING_VERSION != 1 else []),
+            CHECKS_VERSION,
         ]
     )
 
@@ -151,9 +153,15 @@ class HeaderIndex:
             except (OSError, ValueError) as error:
                 self.log(f"warning: header index shard {shard}: unreadable ({error}); ignored")
                 continue
-            if isinstance(data, dict) and data.get("format") == FORMAT:
-                self.entries.update(data.get("entries", {}))
-                self._shards.append(shard)
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                continue  # another version's shard: its outcomes are checked again
+            entries = data.get("entries")
+            why = _shard_problem(entries, data.get("sha256"))
+            if why:
+                self.log(f"warning: header index shard {shard}: {why}; ignored")
+                continue
+            self.entries.update(entries)
+            self._shards.append(shard)
 
     def save(self) -> Path | None:
         """Write this launch's new entries as one shard (merging all when there are many)."""
@@ -165,7 +173,8 @@ class HeaderIndex:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_SUFFIX, dir=self.root)
             with os.fdopen(fd, "w") as handle:
-                json.dump({"format": FORMAT, "entries": entries}, handle, separators=(",", ":"))
+                shard_data = {"format": FORMAT, "sha256": _digest(entries), "entries": entries}
+                json.dump(shard_data, handle, separators=(",", ":"))
             name = f"{time.time_ns():020d}-{os.getpid()}{_SUFFIX}"
             shard = self.root / name
             os.replace(tmp, shard)
@@ -314,6 +323,29 @@ class HeaderIndex:
         frames = spec.windows.frames(spec, tuple(paths))
         self.put(key, {**(entry or {}), "frames": int(frames)})
         return frames
+
+
+def _digest(entries: Mapping[str, Any]) -> str:
+    """The sha256 of a shard's entries (as canonical JSON): an edited shard is not used."""
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _shard_problem(entries: Any, digest: Any) -> str | None:
+    """Why a shard's entries may not be used (their shape, their checksum), or None."""
+    if not isinstance(entries, dict):
+        return f"its entries are a {type(entries).__name__}, not an object"
+    for key, entry in entries.items():
+        if not isinstance(entry, dict) or not all(
+            isinstance(entry.get(field, []), list) for field in ("headers", "decoded")
+        ):
+            return f"entry {str(key)[:40]!r} has a wrong shape"
+        frames = entry.get("frames")
+        if frames is not None and (isinstance(frames, bool) or not isinstance(frames, int)):
+            return f"entry {str(key)[:40]!r} has a wrong shape"
+    if digest != _digest(entries):
+        return "its checksum does not match its entries (edited or damaged)"
+    return None
 
 
 def _stamp(path: str) -> tuple[str, int]:
