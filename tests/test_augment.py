@@ -97,6 +97,11 @@ def _record(i, answer, *, study="cohort", laterality=None, forbid=(), split="tra
         ),
         ("t1=[{prob: 0.5}]", r"data.augment.t1\[0\]: a transform needs a name"),
         (
+            "t1=[{name: RandAffine, prob: 1.0, spatial_size: [2000, 2000, 2000]}]",
+            r"data.augment.t1\[0\]: RandAffine: spatial_size \[2000, 2000, 2000\] is "
+            r"8,000,000,000 voxels, over 8x the t1 image's 13,824 \(24x24x24\)",
+        ),
+        (
             "t1=[light, {name: RandGaussianNoise, std: -1}]",
             r"data.augment.t1\[1\]: "
             r"RandGaussianNoise",

@@ -86,6 +86,34 @@ def _check_arguments(key: str, name: str, build: Any, arguments: Mapping[str, An
             )
 
 
+#: How much larger than the image an augmentation's output grid may be: a grid that
+#: size is allocated for every sample (and again in the probe below) before anything
+#: would refuse it.
+MAX_GRID_FACTOR = 8
+
+
+def _check_sizes(key: str, name: str, arguments: Mapping[str, Any], spec: ModalitySpec) -> None:
+    """Refuse a ``*size`` argument (``spatial_size``, ``roi_size``) whose grid is far larger
+    than the image's: ``[2000, 2000, 2000]`` tried to allocate 64 GB before MONAI refused."""
+    image = 1
+    for extent in spec.shape[:3]:
+        image *= int(extent)
+    for argument, value in arguments.items():
+        if "size" not in argument or not isinstance(value, (list, tuple)) or not value:
+            continue
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            continue
+        grid = 1
+        for extent in value:
+            grid *= max(int(extent), 1)
+        if grid > MAX_GRID_FACTOR * image:
+            raise ConfigError(
+                f"{key}: {name}: {argument} {list(value)} is {grid:,} voxels, over "
+                f"{MAX_GRID_FACTOR}x the {spec.name} image's {image:,} "
+                f"({'x'.join(map(str, spec.shape[:3]))}); give a size near the image's"
+            )
+
+
 def _step(
     key: str, entry: Mapping[str, Any], augmentation: Augmentation, spec: ModalitySpec
 ) -> AugmentStep:
@@ -96,6 +124,7 @@ def _step(
     if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
         # MONAI would clip it silently.
         raise ConfigError(f"{key}: {name}: prob must be a number from 0 to 1, got {prob!r}")
+    _check_sizes(key, name, arguments, spec)
     try:
         transform = augmentation.build(**arguments, **fixed_grid(augmentation, arguments, spec))
         if is_monai_affine(augmentation):
