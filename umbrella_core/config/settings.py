@@ -213,7 +213,7 @@ class SplitConfig:
     stratify: str | None = attrs.field(default=None, converter=lambda v: v or None)
     test: float = attrs.field(default=0.1, validator=fraction)
     validation: float = attrs.field(default=0.1, validator=fraction)
-    seed: int = attrs.field(default=0, validator=seed)
+    seed: int = 0
     file: str = ""
     leak: str = attrs.field(default="error", validator=one_of("error", "warn"))
 
