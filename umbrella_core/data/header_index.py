@@ -157,7 +157,7 @@ class HeaderIndex:
                 continue  # another version's shard: its outcomes are checked again
             entries = data.get("entries")
             why = _shard_problem(entries, data.get("sha256"))
-            if why:
+            if why or not isinstance(entries, dict):
                 self.log(f"warning: header index shard {shard}: {why}; ignored")
                 continue
             self.entries.update(entries)

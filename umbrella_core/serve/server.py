@@ -88,7 +88,7 @@ def _not_a_request(request: Any, error: Exception) -> Any:
 
     from umbrella_core.serve.api import ApiError
 
-    problems = getattr(error, "errors", lambda: [])()
+    problems: list[dict[str, Any]] = list(getattr(error, "errors", lambda: [])())
     said = "; ".join(str(p.get("msg", "")) for p in problems[:3]) or str(error)
     refusal = ApiError(400, f"the request body is not a JSON object ({said})")
     return JSONResponse(refusal.body(), status_code=refusal.status)

@@ -99,7 +99,8 @@ def load_bold(
             instead of a series, or a series shorter than ``T`` frames. The
             message names the file.
     """
-    path = _one_series(spec, paths)
+    # mypy: _one_series (as_paths) takes path-like items too; its annotation says str.
+    path = _one_series(spec, paths)  # type: ignore[arg-type]
     frames = spec.shape[3]
     repetition_time(path, max_tr=MAX_TR if max_tr is None else max_tr)
     data, _ = load_nifti(path)
@@ -339,7 +340,8 @@ def prepare_series(
     shape = read_nifti_header(path).shape
     if len(shape) != 4:
         raise DataError(f"{path}: expected a 4D series (x, y, z, time), got shape {shape}")
-    plan = None if tr is None else _time_plan(path, shape, tr, target_tr)
+    # mypy: _target_tr gives a TR only when target_tr is set.
+    plan = None if tr is None else _time_plan(path, shape, tr, target_tr)  # type: ignore[arg-type]
     count = int(shape[3]) if plan is None else len(plan[0])
     if count < spec.shape[3]:
         raise DataError(
@@ -349,13 +351,15 @@ def prepare_series(
     if start is None:
         start, stop = 0, count
     begin = start // CHUNK * CHUNK
-    end = min(count, -(-stop // CHUNK) * CHUNK)
+    # mypy: callers give stop with start (start None: both set above).
+    end = min(count, -(-stop // CHUNK) * CHUNK)  # type: ignore[operator]
     # The whole series reads every frame, even those a coarser target TR skips:
     # one inflate and no index.
     first, last = (0, int(shape[3])) if end - begin == count else _source_frames(plan, begin, end)
     data, _ = read_frames(path, first, last, index_dir=index_dir)
     prepared = _prepared(data, first, plan, begin, end, spec.shape[:3])
-    return prepared[..., start - begin : stop - begin]
+    # mypy: stop is set here, as above.
+    return prepared[..., start - begin : stop - begin]  # type: ignore[index, operator]
 
 
 def _target_tr(path: str, target_tr: float | None, max_tr: float | None) -> float | None:
@@ -396,7 +400,8 @@ def bold_frames(
     if len(shape) != 4:
         raise DataError(f"{path}: expected a 4D series (x, y, z, time), got shape {shape}")
     tr = _target_tr(path, target_tr, max_tr)
-    return int(shape[3]) if tr is None else _resampled_count(path, shape, tr, target_tr)
+    # mypy: _target_tr gives a TR only when target_tr is set.
+    return int(shape[3]) if tr is None else _resampled_count(path, shape, tr, target_tr)  # type: ignore[arg-type]
 
 
 def bold_series(

@@ -143,7 +143,8 @@ def _load(entry: Path, shape: Sequence[int]) -> np.ndarray | None:
         stats.dtype != np.float32
         or stats.shape != (3, *shape)
         or crc.shape != (1,)
-        or int(crc[0]) != zlib.crc32(np.ascontiguousarray(stats))
+        # mypy: numpy's stubs give ndarray __buffer__ on Python >= 3.12 only.
+        or int(crc[0]) != zlib.crc32(np.ascontiguousarray(stats))  # type: ignore[arg-type]
     ):
         entry.unlink(missing_ok=True)
         return None
@@ -152,7 +153,8 @@ def _load(entry: Path, shape: Sequence[int]) -> np.ndarray | None:
 
 def _save(entry: Path, stats: np.ndarray) -> None:
     stats = np.ascontiguousarray(stats, dtype=np.float32)
-    crc = np.array([zlib.crc32(stats)], dtype=np.uint32)
+    # mypy: numpy's stubs give ndarray __buffer__ on Python >= 3.12 only.
+    crc = np.array([zlib.crc32(stats)], dtype=np.uint32)  # type: ignore[arg-type]
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         handle, tmp = tempfile.mkstemp(dir=entry.parent, prefix=".tmp-", suffix=".npz")
