@@ -66,6 +66,19 @@ def test_validate_judges_the_study_as_train_would(demo, tmp_path, capsys):
     assert "no record of the run's modalities (dmri)" in capsys.readouterr().out
 
 
+def test_validate_refuses_a_mirror_of_side_answers_as_train_does(demo, capsys):
+    """validate --config built the run's augmentation but judged it on no record; train
+    then refused RandFlip across x for the demo's hemisphere questions."""
+    flip = "data.augment.t1=[{name: RandFlip, prob: 0.5, spatial_axis: 0}]"
+    config = ["--config", str(demo.parent / "run.yaml")]
+    assert main(["validate", *config, "--set", flip]) == 1
+    said = capsys.readouterr().out
+    assert "data.augment.t1[0]: RandFlip can mirror left and right" in said
+    assert said.splitlines()[-1].endswith("1 problem in 0 records")
+    along_y = flip.replace("spatial_axis: 0", "spatial_axis: 1")
+    assert main(["validate", *config, "--set", along_y]) == 0  # the sides are kept
+
+
 @pytest.fixture
 def broken(tmp_path, demo):
     """A manifest whose lines 2-11 each hold one problem; line 1 is fine."""

@@ -40,6 +40,7 @@ from umbrella_core.data.checks import (
     study_root,
 )
 from umbrella_core.data.studies import warn_about_copies
+from umbrella_core.errors import ConfigError
 from umbrella_core.types import ModalitySpec, StudyRecord
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,6 +110,7 @@ def validate_locations(
     allow_outside_root: bool = False,
     encode: Callable[[StudyRecord], Any] | None = None,
     index: Any = None,
+    augment: Callable[[list[StudyRecord]], Any] | None = None,
 ) -> Report:
     """Read and check every study; see the module docstring.
 
@@ -126,6 +128,10 @@ def validate_locations(
         index: A :class:`~umbrella_core.data.header_index.HeaderIndex`: images
             an earlier check decoded are not decoded again, and those decoded
             now are added to it (the caller saves it). Since 0.3.
+        augment: The run's augmentation judge (``run_pipelines`` with its
+            settings), given the records training could augment (those no study
+            holds out): a transform that would change an answer is a problem,
+            as it stops ``umbrella train``.
     """
     if pm is None:
         from umbrella_core.plugins import get_plugin_manager
@@ -164,6 +170,7 @@ def validate_locations(
     if specs is not None and inactive and n_images == 0 and not problems:
         # Training would stop here: nothing of its modalities to train on.
         problems.append(_no_active_record(", ".join(map(_location, locations)), specs))
+    problems += _augmentation_problems(augment, everything)
     warnings: list[str] = []
     warn_about_copies(everything, warnings.append)
     return Report(
@@ -174,6 +181,20 @@ def validate_locations(
         inactive=inactive,
         warnings=tuple(warnings),
     )
+
+
+def _augmentation_problems(
+    augment: Callable[[list[StudyRecord]], Any] | None, records: list[StudyRecord]
+) -> list[Problem]:
+    """What the run's augmentation would stop training on, judged on the records training
+    could augment (those no study holds out)."""
+    if augment is None:
+        return []
+    try:
+        augment([r for r in records if r.split in (None, "train")])
+    except ConfigError as error:  # what train would stop on before step 1
+        return [Problem("", "", str(error))]
+    return []
 
 
 def _study_problems(

@@ -59,8 +59,8 @@ def _validate(args: argparse.Namespace) -> int:
         )
     pm = get_plugin_manager()
     specs, provenance = resolve_specs(config, pm, demo=False)
-    # The run's augmentation is built as train builds it (names, arguments, shapes);
-    # which records a mirror would change, train judges: it knows the split.
+    # The run's augmentation is built as train builds it (names, arguments, shapes),
+    # then judged against the records training could augment, as train judges it.
     run_pipelines(config, pm, specs, (), lambda _: None)
     # A conversation too long for the run is found here, not at its step 1.
     encode = Tokenization.for_run(config.model, specs).encode
@@ -74,6 +74,9 @@ def _validate(args: argparse.Namespace) -> int:
         encode=encode,
         index=index,
         workers=config.data.workers or None,
+        augment=lambda records: run_pipelines(
+            config, pm, specs, records, lambda _: None, encode=encode
+        ),
     )
     index.save()
     if args.json:
