@@ -149,6 +149,19 @@ def test_a_series_window_moves_alike_in_every_frame(pm, specs):
         assert torch.equal(out[..., t], out[..., 0])
 
 
+def test_a_mirror_by_a_negative_scale_is_said_to_be_one(pm, specs):
+    records = [_record(0, "left")]
+    scaled = _pipelines(pm, specs, "t1=[{name: RandAffine, prob: 0.5, scale_range: 1.2}]")
+    with pytest.raises(ConfigError) as caught:
+        check_laterality(scaled, records, {})
+    message = str(caught.value)
+    assert message.startswith(
+        "data.augment.t1[0]: RandAffine can mirror left and right through a negative scale "
+        "factor (scale_range of 1 or more)"
+    )
+    assert "turn the left-right axis" not in message
+
+
 def test_a_flip_along_x_is_refused_for_answers_that_name_a_side(pm, specs):
     records = [_record(0, "left"), _record(1, "The right hemisphere.")]
     flip_x = _pipelines(pm, specs, "t1=[{name: RandFlip, prob: 0.5, spatial_axis: 0}]")

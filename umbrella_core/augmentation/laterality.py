@@ -102,11 +102,7 @@ def check_laterality(
                 "has several: laterality swap cannot rewrite an answer about images mirrored "
                 "differently; leave the transform out for such studies"
             )
-        what = (
-            "can mirror left and right"
-            if step.sides == "mirror"
-            else "can turn the left-right axis onto another"
-        )
+        what = _what_it_does(step)
         named = mentions_side(record)
         if record.laterality is not None:
             why, fix = f"declares laterality {record.laterality} (its reader's word)", ""
@@ -173,6 +169,30 @@ def skipped_steps(pipelines: Mapping[str, Pipeline], records: Iterable[StudyReco
         "that forbid it (forbid_augment)"
         for (modality, name), count in counts.items()
     ]
+
+
+def _what_it_does(step: AugmentStep) -> str:
+    """How ``step`` can change a side, in words: a mirror, a negative scale, a turn."""
+    if step.sides == "mirror":
+        return "can mirror left and right"
+    if _magnitude(step.arguments.get("scale_range")) >= 1.0:
+        # MONAI draws each factor as 1 + U(-range, range): from 1 on, it can be negative.
+        return (
+            "can mirror left and right through a negative scale factor (scale_range of 1 "
+            "or more), which no rewrite of an answer follows"
+        )
+    return "can turn the left-right axis onto another"
+
+
+def _magnitude(value: Any) -> float:
+    """The largest absolute number in a setting (a number or nested sequences of them)."""
+    if isinstance(value, bool) or value is None:
+        return 0.0
+    if isinstance(value, int | float):
+        return abs(float(value))
+    if isinstance(value, list | tuple):
+        return max((_magnitude(v) for v in value), default=0.0)
+    return 0.0
 
 
 def _steps_of(pipelines: Mapping[str, Pipeline], modality: str) -> tuple[AugmentStep, ...]:
