@@ -45,6 +45,20 @@ def test_the_pytest_plugin_fixtures_are_registered(
     assert umbrella_plugin_manager.modality_registry() == {}
 
 
+def test_a_loader_that_skips_the_reorientation_to_ras_is_caught(tmp_path):
+    """Reading the voxels in storage order swaps left and right for files stored LAS."""
+    import nibabel as nib
+
+    def storage_order(spec, paths):
+        data = np.asarray(nib.load(paths[0]).get_fdata(), dtype=np.float32)[None]
+        return data / (float(np.abs(data).max()) or 1.0)
+
+    careless = attrs.evolve(TOY, load=storage_order)
+    with pytest.raises(ConformanceError, match="does not reorient to RAS"):
+        check_phantom_round_trip(careless, tmp_path)
+    check_phantom_round_trip(TOY, tmp_path / "toy")  # load_nifti reorients: it passes
+
+
 def test_a_loader_returning_float64_is_caught(tmp_path):
     spec = attrs.evolve(TOY, load=lambda s, p: TOY.load(TOY, p).astype(np.float64))
     paths = write_phantom(spec, tmp_path, "left")

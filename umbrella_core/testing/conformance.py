@@ -39,6 +39,7 @@ __all__ = [
     "check_spec",
     "check_loader",
     "check_phantom_round_trip",
+    "check_orientation",
     "check_patch_embedder",
     "check_augment_presets",
     "check_modality_plugin",
@@ -335,6 +336,7 @@ def check_phantom_round_trip(
             paths = write_phantom(spec, folder / f"{label}-{seed}", label, seed=seed)
             loaded.setdefault(label, []).append(check_loader(spec, paths))
     labels = list(loaded)
+    check_orientation(spec, folder / "orientation", label=labels[0], seed=seeds[0])
     for i, seed in enumerate(seeds):
         arrays = [loaded[label][i] for label in labels]
         for a in range(len(labels)):
@@ -368,6 +370,42 @@ def check_phantom_round_trip(
                 "(if the label is not in the voxel values themselves, pass label_of)",
             )
     return loaded
+
+
+def check_orientation(
+    spec: ModalitySpec, folder: str | os.PathLike[str], *, label: str, seed: int = 0
+) -> None:
+    """The loader reads a file by its anatomy, not its storage order (reoriented to RAS).
+
+    The phantom is written twice: as it is, and stored left-to-right the other way
+    (LAS: the voxels reversed along the first axis, the affine saying so), the same
+    image in the scanner's space. Both must load to the same input; a loader that
+    skips the reorientation swaps left and right for every file stored LAS.
+    """
+    import numpy as np
+
+    from umbrella_core.imaging import save_nifti
+
+    demo = spec.demo
+    if demo is None or demo.phantom is None:
+        raise ConformanceError(f"modality {spec.name!r} has no phantom")
+    folder = Path(folder)
+    ras = write_phantom(spec, folder / "ras", label, seed=seed)
+    (folder / "las").mkdir(parents=True, exist_ok=True)
+    las = []
+    for f in demo.phantom(spec, np.random.default_rng(seed), label):
+        data = np.asarray(f.data)
+        flip = np.eye(4)
+        flip[0, 0], flip[0, 3] = -1.0, data.shape[0] - 1
+        path = folder / "las" / f"sub-01_{f.suffix}.nii.gz"
+        las.append(save_nifti(path, data[::-1].copy(), np.asarray(f.affine) @ flip, tr=f.tr))
+    as_stored, reversed_ = spec.load(spec, tuple(ras)), spec.load(spec, tuple(las))
+    _require(
+        np.allclose(as_stored, reversed_, atol=1e-4),
+        f"modality {spec.name!r}: the same phantom stored RAS and LAS loads to different "
+        "inputs: the loader does not reorient to RAS (umbrella_core.imaging.load_nifti does), "
+        "so left and right would be swapped for files stored the other way",
+    )
 
 
 def _coarse(array: Any, blocks: int = 4) -> Any:
