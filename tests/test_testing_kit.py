@@ -106,8 +106,10 @@ def test_a_loader_that_loses_the_label_is_caught(tmp_path):
         seed_one = Path(paths[0]).parent.name.endswith("-1")
         return np.ascontiguousarray(out[:, ::-1]) if seed_one else out
 
-    with pytest.raises(ConformanceError, match="does not survive writing and loading"):
+    with pytest.raises(ConformanceError, match="does not survive writing and loading") as caught:
         check_phantom_round_trip(attrs.evolve(TOY, load=flipped), tmp_path, seeds=(0, 1, 2))
+    # The hint names the likelier cause first: a normalisation that clips a small lesion.
+    assert "robust_normalise clips at the 99.5th percentile" in str(caught.value)
 
 
 class _Greedy(ToyModalityPlugin):

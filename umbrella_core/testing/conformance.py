@@ -367,7 +367,10 @@ def check_phantom_round_trip(
                 nearest == label,
                 f"modality {spec.name!r}: the loaded phantom {label!r} is nearer the other "
                 f"label's samples ({nearest!r}): the label does not survive writing and loading "
-                "(if the label is not in the voxel values themselves, pass label_of)",
+                "(a loader's intensity normalisation may erase it: robust_normalise clips at "
+                "the 99.5th percentile, which removes a small bright lesion, so normalise "
+                "without clipping, or with a higher upper percentile, for such modalities; if "
+                "the label is not in the voxel values themselves, pass label_of)",
             )
     return loaded
 
