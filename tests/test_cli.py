@@ -210,6 +210,9 @@ def test_bad_sample_is_skipped_and_counted_when_asked(tmp_path):
     assert "length batching:" in result.stdout and "answers of final/" in result.stdout
     bad = json.loads((out / "bad_samples.json").read_text())
     assert {b["source"] for b in bad} == {f"{manifest}:1"}
+    # Each problem once, with how many records it refused.
+    assert sum(b["records"] for b in bad) == 2
+    assert len({json.dumps(b, sort_keys=True) for b in bad}) == len(bad)
     assert (out / "final" / "model.safetensors").is_file()
 
 

@@ -267,3 +267,12 @@ def test_skip_removes_every_bad_record_of_a_shared_source(pm, demo, tmp_path):
     # `umbrella validate` counts them as the 4 records they are, not 2 sources.
     report = validate_locations([(f"bids:{root}", {"tasks": ["sex", "age"]})])
     assert report.summary() == "checked 8 records, 8 images: 4 problems in 4 records"
+
+
+def test_a_problem_many_records_share_is_listed_once_with_its_count():
+    from umbrella_core.validate import distinct_problems
+
+    truncated = Problem("scan.nii.gz (participants.tsv:3)", "images[0]", "scan.nii.gz: truncated")
+    missing = Problem("manifest.jsonl:4", "images[0].path", "gone.nii.gz: not found")
+    # The sex and the age questions of one scan share its source: one line, not two.
+    assert distinct_problems([truncated, missing, truncated]) == [(truncated, 2), (missing, 1)]

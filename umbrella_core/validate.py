@@ -46,7 +46,7 @@ from umbrella_core.types import ModalitySpec, StudyRecord
 if TYPE_CHECKING:  # pragma: no cover
     from umbrella_core.plugins import PluginManager
 
-__all__ = ["Report", "validate_locations"]
+__all__ = ["Report", "distinct_problems", "validate_locations"]
 
 
 @attrs.frozen
@@ -99,6 +99,15 @@ class Report:
             "problems": [p.to_json() for p in self.problems],
             "warnings": list(self.warnings),
         }
+
+
+def distinct_problems(problems: Sequence[Problem]) -> list[tuple[Problem, int]]:
+    """Each problem once, in order, with how many records have it: the questions of one
+    scan share its source, and a bad file is one problem however many ask about it."""
+    counts: dict[Problem, int] = {}
+    for problem in problems:
+        counts[problem] = counts.get(problem, 0) + 1
+    return list(counts.items())
 
 
 def validate_locations(

@@ -46,7 +46,7 @@ def _validate(args: argparse.Namespace) -> int:
     from umbrella_core.data.header_index import HeaderIndex
     from umbrella_core.data.studies import plugin_versions, resolve_specs
     from umbrella_core.plugins import get_plugin_manager
-    from umbrella_core.validate import validate_locations
+    from umbrella_core.validate import distinct_problems, validate_locations
 
     # Judged as `umbrella train --study LOCATION [--config] [--set]` would
     # judge it: the run's modalities, geometry, tokenizer and max_length.
@@ -82,8 +82,8 @@ def _validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
     else:
-        for problem in report.problems:
-            print(problem)
+        for problem, n in distinct_problems(report.problems):
+            print(f"{problem} ({n} records)" if n > 1 else problem)
         for warning in report.warnings:
             print(warning)
         print(report.summary())

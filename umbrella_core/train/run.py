@@ -187,9 +187,10 @@ def _write_inputs(prep: Prepared, data: StudyData, out_dir: Path) -> None:
         # Subject -> side, given back with data.split.file to reproduce it (I10).
         data.split.write(out_dir / SPLIT_FILE)
     if prep.problems:
-        (out_dir / "bad_samples.json").write_text(
-            json.dumps([p.to_json() for p in prep.problems], indent=2) + "\n"
-        )
+        from umbrella_core.validate import distinct_problems
+
+        listed = [p.to_json() | {"records": n} for p, n in distinct_problems(prep.problems)]
+        (out_dir / "bad_samples.json").write_text(json.dumps(listed, indent=2) + "\n")
 
 
 def build_trainer(
