@@ -160,11 +160,18 @@ def _fake_core_wheel(folder: Path, version: str) -> Path:
 
 def test_a_plugin_refuses_a_core_older_than_it_needs(tmp_path):
     """pip's resolver, not an ImportError at run time, tells a user the core is too old."""
+    import shutil
     import sys
 
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    plugin = ROOT / "plugins" / "umbrella_fmri"
+    # Built from a copy: setuptools writes build/ beside the sources it builds.
+    plugin = tmp_path / "umbrella_fmri"
+    shutil.copytree(
+        ROOT / "plugins" / "umbrella_fmri",
+        plugin,
+        ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"),
+    )
     required = next(
         r
         for r in tomllib.loads((plugin / "pyproject.toml").read_text())["project"]["dependencies"]
